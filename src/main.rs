@@ -1,0 +1,29 @@
+use clap::Parser;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // The job's stage-1 helper must stay single-threaded (it unshares a user
+    // namespace): dispatch it before any runtime or logging starts.
+    if args.get(1).map(String::as_str) == Some(berth::sandbox::child::HIDDEN_SUBCOMMAND) {
+        berth::sandbox::child::stage1_main(args.get(2).map(String::as_str).unwrap_or(""));
+    }
+    let cli = berth::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(berth::cli::run(cli)) {
+        eprintln!("error: {e}");
+        std::process::exit(e.exit_code());
+    }
+}

@@ -1,0 +1,357 @@
+//! Code that runs inside a job: the stage-1 helper (unshares the namespaces
+//! and waits for the agent to map ids and hand over the link) and pid 1 of
+//! the job's pid namespace (mounts the job's view, starts dockerd, reaps
+//! zombies, forwards signals). Runs single-threaded, outside any tokio
+//! runtime: `unshare(CLONE_NEWUSER)` refuses multi-threaded callers.
+//!
+//! Sync protocol on fd 3 (a socketpair with the agent):
+//!   agent → 'G'  the helper is in the job's cgroups: unshare now
+//!   child → 'U'  unshared: write uid/gid maps, move the link in
+//!   agent → 'M'  mapped
+//!   child → "P<host pid of init>\n", then "R\n" once dockerd is started,
+//!           or "E<message>\n" on failure.
+
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::mount::MsFlags;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use super::cgroup::Layout;
+use super::sys;
+
+pub const SYNC_FD: i32 = 3;
+pub const HIDDEN_SUBCOMMAND: &str = "__sandbox-stage1";
+
+/// Everything the job's side needs, passed as JSON on the command line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChildSpec {
+    pub job_id: String,
+    pub dockerd: PathBuf,
+    /// The job's private root (owned by the job's root): data, exec, home.
+    pub root: PathBuf,
+    /// Unix socket dockerd serves its API on.
+    pub api_socket: PathBuf,
+    /// Bound over /etc/docker.
+    pub etc_docker: PathBuf,
+    /// Bound over /etc/resolv.conf (or the file it links to).
+    pub resolv_conf: PathBuf,
+    pub hostname: String,
+    /// Delegated cgroups to mount inside (ordinary dockerd); None runs
+    /// dockerd --rootless.
+    pub cgroup: Option<Layout>,
+    pub cgroupns: bool,
+    pub peer_ifname: String,
+    pub job_ip: Ipv4Addr,
+    pub host_ip: Ipv4Addr,
+    pub mtu: u32,
+    /// dockerd's --shutdown-timeout, in seconds.
+    pub shutdown_timeout: u64,
+}
+
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn fail(sync: &mut UnixStream, what: &str) -> ! {
+    eprintln!("berth sandbox: {what}");
+    let _ = sync.write_all(format!("E{}\n", what.replace('\n', " ")).as_bytes());
+    std::process::exit(1);
+}
+
+fn expect(sync: &mut UnixStream, want: u8) -> bool {
+    let mut b = [0u8];
+    sync.read_exact(&mut b).is_ok() && b[0] == want
+}
+
+fn exit_code(ws: WaitStatus) -> Option<i32> {
+    match ws {
+        WaitStatus::Exited(_, c) => Some(c),
+        WaitStatus::Signaled(_, s, _) => Some(128 + s as i32),
+        _ => None,
+    }
+}
+
+/// Entry of `berth __sandbox-stage1 <json>`. Never returns.
+pub fn stage1_main(spec_json: &str) -> ! {
+    // SAFETY: the agent passes the sync socket as fd 3 and nothing else owns it.
+    let mut sync = unsafe { UnixStream::from_raw_fd(SYNC_FD) };
+    let spec: ChildSpec = match serde_json::from_str(spec_json) {
+        Ok(s) => s,
+        Err(e) => fail(&mut sync, &format!("bad spec: {e}")),
+    };
+    // Own session: a Ctrl-C on the agent's terminal must not reach the job.
+    if let Err(e) = sys::setsid() {
+        fail(&mut sync, &e.to_string());
+    }
+    if !expect(&mut sync, b'G') {
+        fail(&mut sync, "agent went away before start");
+    }
+    if let Err(e) = sys::unshare(sys::job_namespaces(spec.cgroupns)) {
+        fail(&mut sync, &e.to_string());
+    }
+    if sync.write_all(b"U").is_err() || !expect(&mut sync, b'M') {
+        fail(&mut sync, "agent went away while mapping ids");
+    }
+    if let Err(e) = sys::become_ns_root() {
+        fail(&mut sync, &e.to_string());
+    }
+    match sys::fork() {
+        Err(e) => fail(&mut sync, &e.to_string()),
+        Ok(None) => init_main(&spec, sync),
+        Ok(Some(init)) => {
+            let _ = sync.write_all(format!("P{init}\n").as_bytes());
+            drop(sync);
+            // The monitor: lives as long as the job's init and reports its end.
+            loop {
+                match waitpid(Pid::from_raw(init), None) {
+                    Ok(ws) => {
+                        if let Some(c) = exit_code(ws) {
+                            std::process::exit(c);
+                        }
+                    }
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => std::process::exit(125),
+                }
+            }
+        }
+    }
+}
+
+fn init_main(spec: &ChildSpec, mut sync: UnixStream) -> ! {
+    if let Err(e) = setup(spec) {
+        fail(&mut sync, &e);
+    }
+    let forwarded = [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ];
+    let mut all = forwarded.to_vec();
+    all.push(Signal::SIGCHLD);
+    let set = match sys::catch_and_block(&all) {
+        Ok(s) => s,
+        Err(e) => fail(&mut sync, &e.to_string()),
+    };
+    let dockerd = match dockerd_command(spec).spawn() {
+        Ok(c) => c.id() as i32,
+        Err(e) => fail(
+            &mut sync,
+            &format!(
+                "cannot start {}: {e} (install Debian's docker.io or set dockerd in the configuration)",
+                spec.dockerd.display()
+            ),
+        ),
+    };
+    let _ = sync.write_all(b"R\n");
+    drop(sync);
+    loop {
+        let Ok(sig) = set.wait() else { continue };
+        if sig == Signal::SIGCHLD {
+            // Reap everything; re-parented orphans land here too.
+            loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(ws) => {
+                        if ws.pid() == Some(Pid::from_raw(dockerd)) {
+                            let code = exit_code(ws).unwrap_or(1);
+                            eprintln!("berth sandbox: dockerd exited ({ws:?})");
+                            std::process::exit(code);
+                        }
+                    }
+                }
+            }
+        } else {
+            let _ = sys::kill(dockerd, sig);
+        }
+    }
+}
+
+fn dockerd_command(spec: &ChildSpec) -> Command {
+    let r = &spec.root;
+    let mut c = Command::new(&spec.dockerd);
+    c.env_clear()
+        .env("PATH", PATH)
+        .env("HOME", r.join("home"))
+        .env("XDG_RUNTIME_DIR", r.join("xdg"))
+        .env("TMPDIR", r.join("tmp"))
+        .arg("--data-root")
+        .arg(r.join("data"))
+        .arg("--exec-root")
+        .arg(r.join("exec"))
+        .arg("--pidfile")
+        .arg(r.join("dockerd.pid"))
+        .arg("--config-file")
+        .arg(r.join("daemon.json"))
+        .arg("--host")
+        .arg(format!("unix://{}", spec.api_socket.display()))
+        .arg("--mtu")
+        .arg(spec.mtu.to_string())
+        .arg("--shutdown-timeout")
+        .arg(spec.shutdown_timeout.to_string());
+    if spec.cgroup.is_some() {
+        c.args(["--exec-opt", "native.cgroupdriver=cgroupfs"]);
+    } else {
+        c.arg("--rootless");
+    }
+    c.stdin(std::process::Stdio::null());
+    c
+}
+
+fn mnt(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    sys::mount(src, Path::new(target), Some(fstype), flags, data).map_err(|e| e.to_string())
+}
+
+fn setup(spec: &ChildSpec) -> Result<(), String> {
+    let hard = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    sys::make_rprivate().map_err(|e| e.to_string())?;
+    mnt("proc", "/proc", "proc", hard, None)?;
+    mnt("sysfs", "/sys", "sysfs", hard, None)?;
+    match &spec.cgroup {
+        Some(Layout::V1 { hierarchies }) => {
+            mnt("tmpfs", "/sys/fs/cgroup", "tmpfs", hard, Some("mode=755"))?;
+            for h in hierarchies {
+                let name = h
+                    .mount
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .ok_or("bad cgroup mount name")?;
+                let dir = format!("/sys/fs/cgroup/{name}");
+                std::fs::create_dir(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+                mnt("cgroup", &dir, "cgroup", hard, Some(&h.mount_options()))?;
+                // `cpu` and `cpuacct` as links to a joint `cpu,cpuacct`.
+                for c in &h.controllers {
+                    if c != name && !c.starts_with("name=") {
+                        let _ = std::os::unix::fs::symlink(name, format!("/sys/fs/cgroup/{c}"));
+                    }
+                }
+            }
+        }
+        Some(Layout::V2 { .. }) => {
+            mnt("cgroup2", "/sys/fs/cgroup", "cgroup2", hard, None)?;
+            // No internal processes: init and dockerd move to a leaf so that
+            // the delegated root can enable controllers for containers.
+            let leaf = Path::new("/sys/fs/cgroup/init");
+            std::fs::create_dir_all(leaf).map_err(|e| format!("mkdir {}: {e}", leaf.display()))?;
+            std::fs::write(leaf.join("cgroup.procs"), "0")
+                .map_err(|e| format!("join {}: {e}", leaf.display()))?;
+            let ctl =
+                std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+            let want: Vec<String> = ctl.split_whitespace().map(|c| format!("+{c}")).collect();
+            if !want.is_empty() {
+                std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", want.join(" "))
+                    .map_err(|e| format!("enable controllers: {e}"))?;
+            }
+        }
+        None => {}
+    }
+    // The job's own /run, /tmp and shared memory: nothing of the host's
+    // (its docker.sock included) is visible, nothing the job writes lands there.
+    mnt(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=755"),
+    )?;
+    for d in ["/tmp", "/var/tmp", "/dev/shm"] {
+        if Path::new(d).is_dir() {
+            mnt(
+                "tmpfs",
+                d,
+                "tmpfs",
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some("mode=1777"),
+            )?;
+        }
+    }
+    if Path::new("/dev/mqueue").is_dir() {
+        mnt("mqueue", "/dev/mqueue", "mqueue", hard, None)?;
+    }
+    bind_resolv_conf(&spec.resolv_conf)?;
+    sys::mount(
+        &spec.etc_docker.to_string_lossy(),
+        Path::new("/etc/docker"),
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    sys::sethostname(&spec.hostname).map_err(|e| e.to_string())?;
+    setup_link(spec)
+}
+
+/// /etc/resolv.conf is often a link into /run (systemd-resolved), which is
+/// now the job's own tmpfs: recreate the link target there.
+fn bind_resolv_conf(src: &Path) -> Result<(), String> {
+    let mut target = PathBuf::from("/etc/resolv.conf");
+    for _ in 0..8 {
+        match std::fs::read_link(&target) {
+            Ok(l) => target = Path::new("/etc").join(l),
+            Err(_) => break,
+        }
+    }
+    if !target.exists() {
+        if let Some(p) = target.parent() {
+            std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))?;
+        }
+        std::fs::write(&target, "").map_err(|e| format!("create {}: {e}", target.display()))?;
+    }
+    sys::mount(
+        &src.to_string_lossy(),
+        &target,
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn setup_link(spec: &ChildSpec) -> Result<(), String> {
+    let script = format!(
+        "link set lo up\n\
+         link set {peer} name eth0\n\
+         addr add {ip}/30 dev eth0\n\
+         link set eth0 mtu {mtu} up\n\
+         route add default via {gw}\n",
+        peer = spec.peer_ifname,
+        ip = spec.job_ip,
+        mtu = spec.mtu,
+        gw = spec.host_ip
+    );
+    let mut child = Command::new("ip")
+        .env("PATH", PATH)
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run ip (install iproute2): {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or("ip: no stdin")?
+        .write_all(script.as_bytes())
+        .map_err(|e| format!("ip: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "configuring the job's link failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}

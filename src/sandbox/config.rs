@@ -1,0 +1,327 @@
+//! Sandbox engine configuration: where state lives, which dockerd to run, the
+//! uid and address pools, cgroup placement and default limits. Validated as a
+//! whole before anything is created.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Size of the uid/gid range every job gets (a full 16-bit id space, as
+/// Docker images expect).
+pub const RANGE_SIZE: u32 = 65536;
+
+/// Resource limits applied to a whole job (dockerd, containerd and every
+/// container it runs) through the host's cgroups.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Memory limit in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Maximum number of processes and threads.
+    pub pids: Option<u64>,
+    /// CPU bandwidth in cores (1.5 = one and a half cores).
+    pub cpus: Option<f64>,
+}
+
+impl Limits {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(m) = self.memory_bytes
+            && m < 64 << 20
+        {
+            return Err(ConfigError::Invalid {
+                key: "limits.memory_bytes",
+                why: format!("{m} is below 64 MiB; dockerd alone needs about 100 MiB"),
+            });
+        }
+        if let Some(p) = self.pids
+            && p < 32
+        {
+            return Err(ConfigError::Invalid {
+                key: "limits.pids",
+                why: format!("{p} is below 32; dockerd and containerd start dozens of threads"),
+            });
+        }
+        if let Some(c) = self.cpus
+            && !(c.is_finite() && c >= 0.01)
+        {
+            return Err(ConfigError::Invalid {
+                key: "limits.cpus",
+                why: format!("{c} must be a positive number of cores (>= 0.01)"),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Root of berth's state: job records, per-job data-roots, slot claims.
+    pub state_dir: PathBuf,
+    /// The dockerd binary started in every job.
+    pub dockerd: PathBuf,
+    /// The berth binary used as the job's stage-1 helper and pid 1.
+    /// Empty means the running executable.
+    pub helper: PathBuf,
+    /// First host uid/gid of the pool; job n maps 0..65536 onto
+    /// `uid_base + n * 65536`.
+    pub uid_base: u32,
+    /// Number of 65536-id ranges in the pool (= maximum concurrent jobs).
+    pub uid_ranges: u32,
+    /// Files whose ranges the pool never overlaps.
+    pub subuid_file: PathBuf,
+    pub subgid_file: PathBuf,
+    /// IPv4 pool for job links, carved into /30s (host end .1, job end .2).
+    pub net_pool: Ipv4Addr,
+    pub net_pool_prefix: u8,
+    /// MTU of job links; 0 means that of the host's default-route interface.
+    pub mtu: u32,
+    /// Resolvers the per-job DNS relay forwards to; empty means the
+    /// nameservers of the host's /etc/resolv.conf (loopback ones included).
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// Where cgroup hierarchies are mounted on the host.
+    pub cgroup_root: PathBuf,
+    /// Cgroup (relative to each hierarchy's root) under which jobs are placed.
+    pub cgroup_parent: String,
+    /// procfs of the host (injectable for tests).
+    pub proc_root: PathBuf,
+    /// SIGTERM-to-SIGKILL grace at teardown.
+    #[serde(with = "secs")]
+    pub stop_grace: Duration,
+    /// How long start waits for the job's `/_ping`.
+    #[serde(with = "secs")]
+    pub ready_timeout: Duration,
+    /// Limits for jobs that do not ask for their own.
+    pub default_limits: Limits,
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            state_dir: "/var/lib/berth".into(),
+            dockerd: "/usr/sbin/dockerd".into(),
+            helper: PathBuf::new(),
+            uid_base: 1_000_000_000,
+            uid_ranges: 512,
+            subuid_file: "/etc/subuid".into(),
+            subgid_file: "/etc/subgid".into(),
+            net_pool: Ipv4Addr::new(10, 213, 0, 0),
+            net_pool_prefix: 16,
+            mtu: 0,
+            dns_upstreams: Vec::new(),
+            cgroup_root: "/sys/fs/cgroup".into(),
+            cgroup_parent: "berth".into(),
+            proc_root: "/proc".into(),
+            stop_grace: Duration::from_secs(5),
+            ready_timeout: Duration::from_secs(30),
+            default_limits: Limits {
+                memory_bytes: Some(4 << 30),
+                pids: Some(4096),
+                cpus: None,
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {key}: {why}")]
+    Invalid { key: &'static str, why: String },
+}
+
+impl SandboxConfig {
+    /// Checks every key; the error names the key and what would be valid.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let inv = |key, why: String| Err(ConfigError::Invalid { key, why });
+        if !self.state_dir.is_absolute() {
+            return inv(
+                "state_dir",
+                format!("{} must be absolute", self.state_dir.display()),
+            );
+        }
+        // These are private tmpfs mounts inside every job: the job's dockerd
+        // could not see its own data-root below them.
+        for private in ["/tmp", "/var/tmp", "/run", "/var/run", "/dev/shm"] {
+            if self.state_dir.starts_with(private) {
+                return inv(
+                    "state_dir",
+                    format!(
+                        "{} is below {private}, which every job replaces with a private tmpfs; \
+                         use a directory such as /var/lib/berth",
+                        self.state_dir.display()
+                    ),
+                );
+            }
+        }
+        if self.uid_base == 0 {
+            return inv(
+                "uid_base",
+                "must not be 0: host root is never handed out".into(),
+            );
+        }
+        if self.uid_ranges == 0 {
+            return inv("uid_ranges", "must be at least 1".into());
+        }
+        let end = u64::from(self.uid_base) + u64::from(self.uid_ranges) * u64::from(RANGE_SIZE);
+        // 4294967295 is (uid_t)-1, never a valid id.
+        if end > u64::from(u32::MAX) {
+            return inv(
+                "uid_ranges",
+                format!(
+                    "uid_base {} + {} ranges of {RANGE_SIZE} ends past 4294967294",
+                    self.uid_base, self.uid_ranges
+                ),
+            );
+        }
+        if !(8..=28).contains(&self.net_pool_prefix) {
+            return inv(
+                "net_pool_prefix",
+                format!("{} must be between 8 and 28", self.net_pool_prefix),
+            );
+        }
+        let mask = u32::MAX << (32 - u32::from(self.net_pool_prefix));
+        if u32::from(self.net_pool) & !mask != 0 {
+            return inv(
+                "net_pool",
+                format!(
+                    "{}/{} has host bits set",
+                    self.net_pool, self.net_pool_prefix
+                ),
+            );
+        }
+        if self.mtu != 0 && !(1280..=65535).contains(&self.mtu) {
+            return inv(
+                "mtu",
+                format!("{} must be 0 (auto) or 1280..=65535", self.mtu),
+            );
+        }
+        if self.cgroup_parent.is_empty()
+            || self
+                .cgroup_parent
+                .split('/')
+                .any(|c| c.is_empty() || c == "..")
+        {
+            return inv(
+                "cgroup_parent",
+                format!(
+                    "{:?} must be a relative path without '..'",
+                    self.cgroup_parent
+                ),
+            );
+        }
+        if self.stop_grace > Duration::from_secs(600) {
+            return inv("stop_grace", "must be at most 600 seconds".into());
+        }
+        if self.ready_timeout < Duration::from_secs(1) {
+            return inv("ready_timeout", "must be at least 1 second".into());
+        }
+        self.default_limits.validate()?;
+        Ok(())
+    }
+
+    /// Number of job slots: bounded by both the uid pool and the address pool.
+    pub fn slots(&self) -> u32 {
+        let nets = 1u64 << (32 - u32::from(self.net_pool_prefix) - 2);
+        u64::from(self.uid_ranges).min(nets) as u32
+    }
+
+    /// Host and job addresses of slot `n`'s /30.
+    pub fn link_addrs(&self, slot: u32) -> (Ipv4Addr, Ipv4Addr) {
+        let net = u32::from(self.net_pool) + slot * 4;
+        (Ipv4Addr::from(net + 1), Ipv4Addr::from(net + 2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        SandboxConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_state_dir_below_job_private_mounts() {
+        let c = SandboxConfig {
+            state_dir: "/tmp/berth".into(),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("state_dir"));
+    }
+
+    #[test]
+    fn rejects_uid_zero_and_overflow() {
+        let c = SandboxConfig {
+            uid_base: 0,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("uid_base"));
+        let c = SandboxConfig {
+            uid_base: u32::MAX - 65536,
+            uid_ranges: 2,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("uid_ranges"));
+    }
+
+    #[test]
+    fn rejects_bad_net_pool_and_parent() {
+        let c = SandboxConfig {
+            net_pool: Ipv4Addr::new(10, 213, 0, 1),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("net_pool"));
+        let c = SandboxConfig {
+            cgroup_parent: "../escape".into(),
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cgroup_parent")
+        );
+    }
+
+    #[test]
+    fn slots_and_addresses() {
+        let c = SandboxConfig {
+            net_pool_prefix: 28,
+            ..Default::default()
+        };
+        assert_eq!(c.slots(), 4);
+        assert_eq!(
+            c.link_addrs(1),
+            (Ipv4Addr::new(10, 213, 0, 5), Ipv4Addr::new(10, 213, 0, 6))
+        );
+    }
+
+    #[test]
+    fn limits_validation() {
+        let l = Limits {
+            memory_bytes: Some(1 << 20),
+            ..Default::default()
+        };
+        assert!(l.validate().is_err());
+        let l = Limits {
+            cpus: Some(f64::NAN),
+            ..Default::default()
+        };
+        assert!(l.validate().is_err());
+    }
+}

@@ -1,0 +1,334 @@
+//! Host side of a job's network: a veth pair (host end `bh<id>`, job end moved
+//! into the job's network namespace), forwarding, NAT, and filter rules. Every
+//! rule berth adds lives in its own chains (BERTH-*) and carries the comment
+//! `berth-job-<id>`, so teardown and recovery find exactly the job's rules.
+//!
+//! A job may open connections to the outside (NATed), and to its DNS relay on
+//! the host end of its link; nothing else on the host, no other job, and
+//! nothing from outside reaches it.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot run {cmd}: {source} (install iproute2 and iptables)")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("`{cmd}` failed: {stderr}")]
+    Failed { cmd: String, stderr: String },
+    #[error("cannot enable IPv4 forwarding ({path}): {source}")]
+    Forwarding {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+const FILTER_CHAINS: [(&str, &str); 2] = [("INPUT", "BERTH-INPUT"), ("FORWARD", "BERTH-FORWARD")];
+const NAT_CHAINS: [(&str, &str); 1] = [("POSTROUTING", "BERTH-POSTROUTING")];
+
+pub fn host_ifname(job_id: &str) -> String {
+    format!("bh{}", &job_id[..job_id.len().min(12)])
+}
+
+pub fn peer_ifname(job_id: &str) -> String {
+    format!("bj{}", &job_id[..job_id.len().min(12)])
+}
+
+pub fn comment(job_id: &str) -> String {
+    format!("berth-job-{job_id}")
+}
+
+fn run(prog: &str, args: &[&str]) -> Result<String, NetError> {
+    let cmd = format!("{prog} {}", args.join(" "));
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .map_err(|source| NetError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(NetError::Failed {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// MTU of the interface carrying the host's IPv4 default route (1500 when
+/// there is none).
+pub fn default_route_mtu() -> u32 {
+    let Ok(out) = run("ip", &["-4", "route", "show", "default"]) else {
+        return 1500;
+    };
+    let dev = out
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .map(str::to_string);
+    dev.and_then(|d| std::fs::read_to_string(format!("/sys/class/net/{d}/mtu")).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1500)
+}
+
+pub fn enable_forwarding(proc_root: &Path) -> Result<(), NetError> {
+    let p = proc_root.join("sys/net/ipv4/ip_forward");
+    if std::fs::read_to_string(&p)
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    std::fs::write(&p, "1").map_err(|source| NetError::Forwarding {
+        path: p.display().to_string(),
+        source,
+    })
+}
+
+/// Creates the pair with the host end addressed and up.
+pub fn create_link(job_id: &str, host_ip: Ipv4Addr, mtu: u32) -> Result<(), NetError> {
+    let (h, p, m) = (host_ifname(job_id), peer_ifname(job_id), mtu.to_string());
+    run(
+        "ip",
+        &[
+            "link", "add", &h, "mtu", &m, "type", "veth", "peer", "name", &p, "mtu", &m,
+        ],
+    )?;
+    run("ip", &["addr", "add", &format!("{host_ip}/30"), "dev", &h])?;
+    run("ip", &["link", "set", &h, "up"])?;
+    Ok(())
+}
+
+pub fn move_peer(job_id: &str, pid: u32) -> Result<(), NetError> {
+    run(
+        "ip",
+        &[
+            "link",
+            "set",
+            &peer_ifname(job_id),
+            "netns",
+            &pid.to_string(),
+        ],
+    )
+    .map(|_| ())
+}
+
+/// Deletes the pair (both ends go). Idempotent.
+pub fn delete_link(job_id: &str) -> Result<(), NetError> {
+    for name in [host_ifname(job_id), peer_ifname(job_id)] {
+        if Path::new("/sys/class/net").join(&name).exists() {
+            match run("ip", &["link", "del", &name]) {
+                Ok(_) => {}
+                Err(NetError::Failed { stderr, .. }) if stderr.contains("Cannot find") => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ensure_chains() -> Result<(), NetError> {
+    for (table, chains) in [("filter", &FILTER_CHAINS[..]), ("nat", &NAT_CHAINS[..])] {
+        for (builtin, ours) in chains {
+            if run("iptables", &["-w", "-t", table, "-n", "-L", ours]).is_err() {
+                // Another agent may create it between the check and here.
+                let _ = run("iptables", &["-w", "-t", table, "-N", ours]);
+            }
+            if run("iptables", &["-w", "-t", table, "-C", builtin, "-j", ours]).is_err() {
+                run(
+                    "iptables",
+                    &["-w", "-t", table, "-I", builtin, "1", "-j", ours],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The rules of one job, as `iptables` argument lists (table, chain, spec).
+pub fn job_rules(
+    job_id: &str,
+    host_ip: Ipv4Addr,
+    job_ip: Ipv4Addr,
+) -> Vec<(&'static str, &'static str, Vec<String>)> {
+    let h = host_ifname(job_id);
+    let c = comment(job_id);
+    let net = format!("{}/30", Ipv4Addr::from(u32::from(job_ip) & !3));
+    let s = |v: &[&str]| -> Vec<String> {
+        let mut out: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+        out.extend(["-m", "comment", "--comment", &c].map(String::from));
+        out
+    };
+    let hip = host_ip.to_string();
+    vec![
+        // The job's DNS relay answers on the host end of the link.
+        (
+            "filter",
+            "BERTH-INPUT",
+            s(&[
+                "-i", &h, "-d", &hip, "-p", "udp", "--dport", "53", "-j", "ACCEPT",
+            ]),
+        ),
+        (
+            "filter",
+            "BERTH-INPUT",
+            s(&[
+                "-i", &h, "-d", &hip, "-p", "tcp", "--dport", "53", "-j", "ACCEPT",
+            ]),
+        ),
+        // Replies to connections the host opened (a published port of the job).
+        (
+            "filter",
+            "BERTH-INPUT",
+            s(&[
+                "-i",
+                &h,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                "-j",
+                "ACCEPT",
+            ]),
+        ),
+        // Nothing else on the host: no host service, whatever it listens on.
+        ("filter", "BERTH-INPUT", s(&["-i", &h, "-j", "DROP"])),
+        // No job reaches another job.
+        (
+            "filter",
+            "BERTH-FORWARD",
+            s(&["-i", &h, "-o", "bh+", "-j", "DROP"]),
+        ),
+        (
+            "filter",
+            "BERTH-FORWARD",
+            s(&["-i", &h, "-s", &net, "-j", "ACCEPT"]),
+        ),
+        ("filter", "BERTH-FORWARD", s(&["-i", &h, "-j", "DROP"])),
+        // Replies come back; nothing from outside opens a connection in.
+        (
+            "filter",
+            "BERTH-FORWARD",
+            s(&[
+                "-o",
+                &h,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                "-j",
+                "ACCEPT",
+            ]),
+        ),
+        ("filter", "BERTH-FORWARD", s(&["-o", &h, "-j", "DROP"])),
+        (
+            "nat",
+            "BERTH-POSTROUTING",
+            s(&["-s", &net, "!", "-o", &h, "-j", "MASQUERADE"]),
+        ),
+    ]
+}
+
+pub fn add_rules(job_id: &str, host_ip: Ipv4Addr, job_ip: Ipv4Addr) -> Result<(), NetError> {
+    ensure_chains()?;
+    for (table, chain, spec) in job_rules(job_id, host_ip, job_ip) {
+        let mut args = vec!["-w", "-t", table, "-A", chain];
+        args.extend(spec.iter().map(String::as_str));
+        run("iptables", &args)?;
+    }
+    Ok(())
+}
+
+/// Rules (as `-S` lines) tagged with `job_id`'s comment, in every berth chain.
+pub fn rules_of(job_id: &str) -> Vec<(String, String)> {
+    let tag = comment(job_id);
+    let mut out = Vec::new();
+    for (table, chains) in [("filter", &FILTER_CHAINS[..]), ("nat", &NAT_CHAINS[..])] {
+        for (_, chain) in chains {
+            if let Ok(s) = run("iptables", &["-w", "-t", table, "-S", chain]) {
+                out.extend(
+                    s.lines()
+                        .filter(|l| l.starts_with("-A ") && l.split_whitespace().any(|w| w == tag))
+                        .map(|l| (table.to_string(), l.to_string())),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Deletes every rule of the job. Idempotent.
+pub fn delete_rules(job_id: &str) -> Result<(), NetError> {
+    for (table, line) in rules_of(job_id) {
+        let mut args: Vec<&str> = vec!["-w", "-t", &table];
+        let mut words = line.split_whitespace();
+        words.next(); // "-A"
+        args.push("-D");
+        args.extend(words);
+        match run("iptables", &args) {
+            Ok(_) => {}
+            // Already gone (another teardown of the same job got there first).
+            Err(NetError::Failed { stderr, .. })
+                if stderr.contains("does a matching rule exist") => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Nameservers of a resolv.conf text.
+pub fn nameservers(resolv_conf: &str) -> Vec<std::net::IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver"))
+                .then(|| w.next())
+                .flatten()
+                .and_then(|a| a.split('%').next()?.parse().ok())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_ifnamsiz() {
+        let id = "0123456789abcdef0123";
+        assert!(host_ifname(id).len() <= 15);
+        assert!(peer_ifname(id).len() <= 15);
+        assert_ne!(host_ifname(id), peer_ifname(id));
+    }
+
+    #[test]
+    fn every_rule_is_tagged_and_in_our_chains() {
+        let r = job_rules(
+            "abc",
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+        );
+        for (_, chain, spec) in &r {
+            assert!(chain.starts_with("BERTH-"));
+            assert!(
+                spec.windows(2)
+                    .any(|w| w[0] == "--comment" && w[1] == "berth-job-abc")
+            );
+        }
+        // Masquerade covers exactly the job's /30.
+        assert!(
+            r.iter()
+                .any(|(t, _, s)| *t == "nat" && s.contains(&"10.0.0.0/30".to_string()))
+        );
+    }
+
+    #[test]
+    fn parses_nameservers() {
+        let ns = nameservers("# x\nnameserver 127.0.0.53\nsearch a\nnameserver fe80::1%eth0\n");
+        assert_eq!(ns.len(), 2);
+        assert!(ns[0].is_loopback());
+    }
+}

@@ -1,0 +1,401 @@
+//! Shared fixtures for the privileged integration tests: prerequisite checks
+//! that fail loudly, an engine per test on its own state dir, uid pool and
+//! address pool, a busybox base image made from Debian's busybox-static, the
+//! docker CLI as the client, and a scan for anything a job left behind.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use berth::sandbox::{Engine, SandboxConfig};
+
+/// Only this variable skips the privileged tests; CI never sets it.
+pub const OPT_OUT: &str = "BERTH_SKIP_PRIVILEGED_TESTS";
+
+/// Panics, naming the fix, when something the privileged tests need is
+/// missing. Returns false only under the explicit opt-out.
+pub fn prerequisites() -> bool {
+    if std::env::var_os(OPT_OUT).is_some() {
+        eprintln!("{OPT_OUT} is set: privileged test not run");
+        return false;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "privileged tests need root (set {OPT_OUT}=1 to opt out explicitly)"
+    );
+    for (bin, pkg) in [
+        ("/usr/sbin/dockerd", "docker.io"),
+        ("/bin/busybox", "busybox-static"),
+        ("/usr/sbin/iptables", "iptables"),
+    ] {
+        assert!(
+            Path::new(bin).exists(),
+            "{bin} is missing: apt-get install {pkg}"
+        );
+    }
+    assert!(
+        Command::new("docker").arg("--version").output().is_ok(),
+        "the docker CLI is missing: apt-get install docker.io"
+    );
+    true
+}
+
+/// A per-test engine. `n` (unique per test, < 64) selects a disjoint uid
+/// pool, address pool and state dir so tests run in parallel.
+pub fn engine_config(n: u32, name: &str) -> SandboxConfig {
+    let state_dir = PathBuf::from(format!("/var/lib/bt/{name}"));
+    if state_dir.exists() {
+        // Left by an interrupted earlier run: recover it before reuse.
+        if let Ok(e) = Engine::new(SandboxConfig {
+            state_dir: state_dir.clone(),
+            helper: env!("CARGO_BIN_EXE_berth").into(),
+            ..Default::default()
+        }) {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let _ = rt.block_on(e.recover());
+        }
+    }
+    SandboxConfig {
+        state_dir,
+        helper: env!("CARGO_BIN_EXE_berth").into(),
+        uid_base: 1_600_000_000 + n * 8 * 65536,
+        uid_ranges: 8,
+        net_pool: Ipv4Addr::new(10, 214, n as u8, 0),
+        net_pool_prefix: 24,
+        // Loopback only: tests never send DNS anywhere else.
+        dns_upstreams: vec![SocketAddr::from(([127, 0, 0, 1], 9))],
+        stop_grace: Duration::from_secs(3),
+        ..Default::default()
+    }
+}
+
+pub fn engine(n: u32, name: &str) -> Engine {
+    Engine::new(engine_config(n, name)).expect("engine")
+}
+
+/// Runs the docker CLI against a job's socket.
+pub fn docker(sock: &Path, args: &[&str]) -> Output {
+    docker_stdin(sock, args, None)
+}
+
+pub fn docker_stdin(sock: &Path, args: &[&str], input: Option<&[u8]>) -> Output {
+    let mut c = Command::new("docker");
+    c.env("DOCKER_HOST", format!("unix://{}", sock.display()))
+        .env("DOCKER_BUILDKIT", "0")
+        .env_remove("DOCKER_TLS_VERIFY")
+        .env_remove("DOCKER_CERT_PATH")
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn docker");
+    if let Some(bytes) = input {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(bytes).unwrap();
+    }
+    child.wait_with_output().expect("docker output")
+}
+
+/// Runs docker and returns stdout, panicking with stderr on failure.
+pub fn docker_ok(sock: &Path, args: &[&str]) -> String {
+    let out = docker(sock, args);
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tarball of a busybox rootfs (Debian's busybox-static, every applet a
+/// link to it), built once per test process.
+pub fn busybox_tar() -> &'static [u8] {
+    static TAR: OnceLock<Vec<u8>> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let root = std::env::temp_dir().join(format!("berth-busybox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+        for applet in String::from_utf8_lossy(&list.stdout).lines() {
+            // `busybox` is itself in the list: linking it would replace the binary.
+            if applet != "busybox" {
+                let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+            }
+        }
+        let out = Command::new("tar")
+            .args(["-C", root.to_str().unwrap(), "-c", "."])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tar failed");
+        let _ = std::fs::remove_dir_all(&root);
+        out.stdout
+    })
+}
+
+/// Imports the busybox rootfs as `busybox:test` into the job behind `sock`.
+pub fn import_busybox(sock: &Path) {
+    let out = docker_stdin(
+        sock,
+        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
+        Some(busybox_tar()),
+    );
+    assert!(
+        out.status.success(),
+        "docker import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What a job might leave on the host, captured while it runs.
+pub struct Traces {
+    pub id: String,
+    pub pids: Vec<u32>,
+    pub net_ns: Option<u64>,
+    pub job_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub slot: u32,
+}
+
+impl Traces {
+    pub fn capture(engine: &Engine, sb: &berth::sandbox::Sandbox) -> Traces {
+        let pids = sb.pids();
+        assert!(!pids.is_empty(), "a live job has processes");
+        let init = sb.record().init_pid.expect("init pid");
+        let net_ns = std::fs::metadata(format!("/proc/{init}/ns/net"))
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        Traces {
+            id: sb.id().to_string(),
+            pids,
+            net_ns,
+            job_dir: engine.config().state_dir.join("jobs").join(sb.id()),
+            state_dir: engine.config().state_dir.clone(),
+            slot: sb.record().slot,
+        }
+    }
+
+    /// Scans /proc, every mountinfo, cgroupfs, links and iptables for the job.
+    pub fn assert_gone(&self) {
+        let id = &self.id;
+        for p in &self.pids {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap_or_default();
+            assert!(
+                !stat.contains(id.as_str()),
+                "process {p} of job {id} survived"
+            );
+        }
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            assert!(
+                !cg.contains(id.as_str()),
+                "pid {pid} is still in a cgroup of job {id}"
+            );
+            let mi = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+            assert!(
+                !mi.contains(id.as_str()),
+                "pid {pid} still sees a mount of job {id}"
+            );
+            if let (Some(ns), Ok(m)) = (
+                self.net_ns,
+                std::fs::metadata(format!("/proc/{pid}/ns/net")),
+            ) {
+                assert_ne!(
+                    std::os::unix::fs::MetadataExt::ino(&m),
+                    ns,
+                    "pid {pid} is still in job {id}'s network namespace"
+                );
+            }
+        }
+        for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            let d = h.path().join("berth").join(id);
+            assert!(!d.exists(), "cgroup {} survived", d.display());
+        }
+        let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+        let short = &id[..12.min(id.len())];
+        assert!(
+            !String::from_utf8_lossy(&links.stdout).contains(short),
+            "a link of job {id} survived"
+        );
+        for table in ["filter", "nat"] {
+            let rules = Command::new("iptables")
+                .args(["-w", "-t", table, "-S"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&rules.stdout);
+            assert!(
+                !text.contains(id.as_str()),
+                "an iptables rule of job {id} survived: {text}"
+            );
+        }
+        assert!(
+            !self.job_dir.exists(),
+            "{} survived",
+            self.job_dir.display()
+        );
+        assert!(
+            !self
+                .state_dir
+                .join("slots")
+                .join(self.slot.to_string())
+                .exists(),
+            "slot {} of job {id} was not released",
+            self.slot
+        );
+    }
+}
+
+/// A network namespace that plays "the outside world" for egress tests:
+/// `10.215.<n>.2` inside, `10.215.<n>.1` on the host end.
+pub struct Outside {
+    pub name: String,
+    host_if: String,
+    pub addr: Ipv4Addr,
+}
+
+impl Outside {
+    pub fn create(n: u8) -> Outside {
+        let name = format!("bt-out{n}");
+        let host_if = format!("bto{n}h");
+        let peer = format!("bto{n}n");
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).status();
+        let sh = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sh(&["netns", "add", &name]);
+        sh(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer,
+        ]);
+        sh(&["link", "set", &peer, "netns", &name]);
+        sh(&["addr", "add", &format!("10.215.{n}.1/24"), "dev", &host_if]);
+        sh(&["link", "set", &host_if, "up"]);
+        sh(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("10.215.{n}.2/24"),
+            "dev",
+            &peer,
+        ]);
+        sh(&["-n", &name, "link", "set", &peer, "up"]);
+        sh(&["-n", &name, "link", "set", "lo", "up"]);
+        Outside {
+            name,
+            host_if,
+            addr: Ipv4Addr::new(10, 215, n, 2),
+        }
+    }
+
+    /// Binds a TCP listener inside the namespace (from a thread that joins
+    /// it; the listening socket stays in that namespace).
+    fn listen(&self, port: u16) -> std::net::TcpListener {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let ns = std::fs::File::open(&path).unwrap();
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                std::net::TcpListener::bind(("0.0.0.0", port)).unwrap()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// Answers every connection on `port` with `reply`, then closes it.
+    pub fn serve_reply(&self, port: u16, reply: &'static str) {
+        let l = self.listen(port);
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                use std::io::Write;
+                let mut c = c;
+                let _ = c.write_all(reply.as_bytes());
+            }
+        });
+    }
+
+    /// Counts the bytes of the first connection on `port` until EOF.
+    pub fn serve_count(&self, port: u16) -> std::thread::JoinHandle<u64> {
+        let l = self.listen(port);
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            std::io::copy(&mut c, &mut std::io::sink()).unwrap()
+        })
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+    }
+}
+
+/// A DNS server on loopback that answers every A question with `answer`.
+pub fn spawn_dns(answer: Ipv4Addr) -> SocketAddr {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            if n < 12 {
+                continue;
+            }
+            // Header: same id, QR|RD|RA, one question, one answer.
+            let mut r = Vec::with_capacity(n + 16);
+            r.extend_from_slice(&buf[0..2]);
+            r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
+            // The question as asked (name, type, class).
+            let mut i = 12;
+            while i < n && buf[i] != 0 {
+                i += buf[i] as usize + 1;
+            }
+            let qend = (i + 5).min(n);
+            r.extend_from_slice(&buf[12..qend]);
+            let qtype = if qend >= 4 {
+                u16::from_be_bytes([buf[qend - 4], buf[qend - 3]])
+            } else {
+                0
+            };
+            if qtype != 1 {
+                // Not an A question: answer with no records.
+                r[7] = 0;
+                let _ = sock.send_to(&r, peer);
+                continue;
+            }
+            r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+            r.extend_from_slice(&answer.octets());
+            let _ = sock.send_to(&r, peer);
+        }
+    });
+    addr
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}

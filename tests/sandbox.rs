@@ -1,0 +1,878 @@
+//! The sandbox engine against the real dockerd, with the real docker CLI as
+//! the client. Runs as root (CI does); fails loudly when a prerequisite is
+//! missing.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use berth::sandbox::{Limits, SandboxError, Status};
+use common::*;
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn docker_run_build_networks_and_cgroup_features_work_inside_a_job() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let e = engine(1, "features");
+    assert!(e.delegates_cgroups(), "this host can delegate cgroups");
+    let sb = rt.block_on(e.start(None)).unwrap();
+    let s = sb.socket();
+    import_busybox(&s);
+
+    // Ordinary mode with the cgroupfs driver (not --rootless).
+    let info = docker_ok(&s, &["info", "--format", "{{.CgroupDriver}} {{.Driver}}"]);
+    assert_eq!(info.trim(), "cgroupfs overlay2");
+    let who = docker_ok(
+        &s,
+        &["run", "--rm", "busybox:test", "sh", "-c", "id -u; hostname"],
+    );
+    assert!(who.starts_with("0\n"), "{who}");
+
+    // A two-stage build with the legacy builder.
+    let ctx = std::env::temp_dir().join(format!("berth-build-{}", std::process::id()));
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:test AS build\nRUN echo built-in-stage-one > /artifact\n\
+         FROM busybox:test\nCOPY --from=build /artifact /artifact\nCMD [\"cat\", \"/artifact\"]\n",
+    )
+    .unwrap();
+    docker_ok(
+        &s,
+        &["build", "-q", "-t", "app:test", ctx.to_str().unwrap()],
+    );
+    let _ = std::fs::remove_dir_all(&ctx);
+    assert_eq!(
+        docker_ok(&s, &["run", "--rm", "app:test"]).trim(),
+        "built-in-stage-one"
+    );
+
+    // A user-defined network: two containers talk by name.
+    docker_ok(&s, &["network", "create", "appnet"]);
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--net",
+            "appnet",
+            "--name",
+            "server",
+            "busybox:test",
+            "sh",
+            "-c",
+            "while true; do echo hello-from-server | nc -l -p 7000; done",
+        ],
+    );
+    let mut got = String::new();
+    for _ in 0..50 {
+        got = stdout(&docker(
+            &s,
+            &[
+                "run",
+                "--rm",
+                "--net",
+                "appnet",
+                "busybox:test",
+                "nc",
+                "server",
+                "7000",
+            ],
+        ));
+        if got.contains("hello-from-server") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(got.contains("hello-from-server"), "client got {got:?}");
+
+    // docker top, pause/unpause, stats with a real per-container limit.
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "sleeper",
+            "--memory",
+            "64m",
+            "busybox:test",
+            "sleep",
+            "300",
+        ],
+    );
+    assert!(docker_ok(&s, &["top", "sleeper"]).contains("sleep 300"));
+    docker_ok(&s, &["pause", "sleeper"]);
+    assert_eq!(
+        docker_ok(&s, &["inspect", "-f", "{{.State.Status}}", "sleeper"]).trim(),
+        "paused"
+    );
+    docker_ok(&s, &["unpause", "sleeper"]);
+    let stats = docker_ok(
+        &s,
+        &[
+            "stats",
+            "--no-stream",
+            "--format",
+            "{{.MemUsage}}",
+            "sleeper",
+        ],
+    );
+    assert!(stats.contains("64MiB"), "stats shows the limit: {stats}");
+
+    // --memory is enforced: 200 MB in a 64 MB container is OOM-killed.
+    let hog = docker(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "--memory",
+            "64m",
+            "--memory-swap",
+            "64m",
+            "busybox:test",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=200M",
+            "count=1",
+        ],
+    );
+    assert_eq!(hog.status.code(), Some(137), "hog: {}", stderr(&hog));
+    // --pids-limit is enforced.
+    let forks = docker(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "--pids-limit",
+            "8",
+            "busybox:test",
+            "sh",
+            "-c",
+            "for i in $(seq 1 20); do sleep 5 & done; wait",
+        ],
+    );
+    assert!(
+        stderr(&forks).contains("fork") || stderr(&forks).contains("resource"),
+        "pids: {}",
+        stderr(&forks)
+    );
+    // --cpus is written as a CFS quota on the container's cgroup.
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "capped",
+            "--cpus",
+            "0.5",
+            "busybox:test",
+            "sleep",
+            "300",
+        ],
+    );
+    let cid = docker_ok(&s, &["inspect", "-f", "{{.Id}}", "capped"]);
+    let quota = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/cpu/berth/{}/job/docker/{}/cpu.cfs_quota_us",
+        sb.id(),
+        cid.trim()
+    ))
+    .unwrap();
+    assert_eq!(quota.trim(), "50000");
+
+    rt.block_on(e.teardown(sb.id())).unwrap();
+}
+
+#[test]
+fn a_job_cannot_touch_the_host_nor_raise_its_limits() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let e = engine(2, "isolation");
+    let limits = Limits {
+        memory_bytes: Some(600 << 20),
+        pids: Some(2000),
+        cpus: None,
+    };
+    let sb = rt.block_on(e.start(Some(limits))).unwrap();
+    let s = sb.socket();
+    import_busybox(&s);
+
+    // Host root's files appear as nobody's: /etc is not writable.
+    let marker = format!("berth-escape-{}", sb.id());
+    let out = docker(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "/:/host",
+            "busybox:test",
+            "touch",
+            &format!("/host/etc/{marker}"),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!Path::new("/etc").join(&marker).exists());
+    let out = docker(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "--privileged",
+            "-v",
+            "/:/host",
+            "busybox:test",
+            "sh",
+            "-c",
+            &format!("echo x > /host/etc/{marker}"),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(!Path::new("/etc").join(&marker).exists());
+
+    // The host's /run (where a docker.sock would live) is not the job's.
+    let host_marker = Path::new("/run").join(format!("berth-host-marker-{}", sb.id()));
+    std::fs::write(&host_marker, "host").unwrap();
+    let ls = docker_ok(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "/run:/hostrun",
+            "busybox:test",
+            "ls",
+            "/hostrun",
+        ],
+    );
+    std::fs::remove_file(&host_marker).unwrap();
+    assert!(!ls.contains("berth-host-marker"), "host /run visible: {ls}");
+
+    // A privileged container cannot reach the host's block devices.
+    let (major, minor) = root_device();
+    let out = docker(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "--privileged",
+            "busybox:test",
+            "sh",
+            "-c",
+            &format!("mknod /tmp/disk b {major} {minor} && mount /tmp/disk /mnt && echo MOUNTED"),
+        ],
+    );
+    assert!(
+        !stdout(&out).contains("MOUNTED"),
+        "mounted the host disk: {}",
+        stdout(&out)
+    );
+    // Nor the host's sysrq trigger ('h' only prints help, if it ever got through).
+    let out = docker(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "--privileged",
+            "busybox:test",
+            "sh",
+            "-c",
+            "echo h > /proc/sysrq-trigger && echo WROTE",
+        ],
+    );
+    assert!(!stdout(&out).contains("WROTE"), "wrote sysrq-trigger");
+
+    // A privileged container that mounts the cgroup hierarchy cannot raise the
+    // job's own limit: the limit lives above the job's cgroup namespace.
+    let cg = sb.record().cgroup.clone().unwrap();
+    assert_eq!(cg.memory_limit(), Some(600 << 20));
+    let _ = docker(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "--privileged",
+            "busybox:test",
+            "sh",
+            "-c",
+            "mkdir -p /cg && mount -t cgroup -o memory cgroup /cg; \
+         for f in /cg/memory.limit_in_bytes /cg/../memory.limit_in_bytes; do echo 8589934592 > $f; done; \
+         echo 8589934592 > /sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ],
+    );
+    assert_eq!(
+        cg.memory_limit(),
+        Some(600 << 20),
+        "the job raised its own memory limit"
+    );
+    // And the limit still holds for the whole job: 800 MB in one container is killed.
+    let hog = docker(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "busybox:test",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=800M",
+            "count=1",
+        ],
+    );
+    assert_eq!(hog.status.code(), Some(137), "{}", stderr(&hog));
+    // The job's dockerd survived its container's OOM kill.
+    docker_ok(&s, &["version"]);
+
+    rt.block_on(e.teardown(sb.id())).unwrap();
+}
+
+/// (major, minor) of the block device holding the host's root filesystem.
+fn root_device() -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata("/").unwrap().dev();
+    (nix::sys::stat::major(dev), nix::sys::stat::minor(dev))
+}
+
+#[test]
+fn two_jobs_see_nothing_of_each_other() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let e = engine(3, "twojobs");
+    let a = rt.block_on(e.start(None)).unwrap();
+    let b = rt.block_on(e.start(None)).unwrap();
+    assert_ne!(a.record().host_id, b.record().host_id);
+    let (sa, sbk) = (a.socket(), b.socket());
+    import_busybox(&sa);
+    import_busybox(&sbk);
+    docker_ok(&sa, &["tag", "busybox:test", "only-in-a:1"]);
+    docker_ok(
+        &sa,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "a-secret",
+            "-p",
+            "8080:8080",
+            "busybox:test",
+            "sh",
+            "-c",
+            "while true; do echo from-a | nc -l -p 8080; done",
+        ],
+    );
+    docker_ok(
+        &sa,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "a-sleeper",
+            "busybox:test",
+            "sleep",
+            "4242",
+        ],
+    );
+
+    // Containers, images.
+    assert!(!docker_ok(&sbk, &["ps", "-a"]).contains("a-secret"));
+    assert!(!docker_ok(&sbk, &["images"]).contains("only-in-a"));
+    // Processes: B's view of its own pid namespace has none of A's.
+    let ps = docker_ok(
+        &sbk,
+        &[
+            "run",
+            "--rm",
+            "--pid",
+            "host",
+            "busybox:test",
+            "ps",
+            "-o",
+            "args",
+        ],
+    );
+    assert!(!ps.contains("4242"), "B sees A's processes: {ps}");
+    // Files: A's state dir is closed to B's root, even through a bind mount.
+    let a_dir = e.config().state_dir.join("jobs").join(a.id()).join("root");
+    let out = docker(
+        &sbk,
+        &[
+            "run",
+            "--rm",
+            "--privileged",
+            "-v",
+            &format!("{}:/a", a_dir.display()),
+            "busybox:test",
+            "ls",
+            "/a/data",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "B listed A's data-root: {}",
+        stdout(&out)
+    );
+
+    // Network: A's published port answers at A's address (from the host)...
+    let a_ip = a.record().job_ip;
+    let mut seen = String::new();
+    for _ in 0..50 {
+        if let Ok(mut c) =
+            std::net::TcpStream::connect_timeout(&(a_ip, 8080).into(), Duration::from_secs(1))
+        {
+            use std::io::Read;
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let _ = c.read_to_string(&mut seen);
+            if seen.contains("from-a") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        seen.contains("from-a"),
+        "A's published port did not answer: {seen:?}"
+    );
+    // ...but never to B.
+    let out = docker(
+        &sbk,
+        &[
+            "run",
+            "--rm",
+            "busybox:test",
+            "nc",
+            "-w",
+            "2",
+            &a_ip.to_string(),
+            "8080",
+        ],
+    );
+    assert!(!stdout(&out).contains("from-a"), "B reached A's port");
+
+    rt.block_on(e.teardown(a.id())).unwrap();
+    rt.block_on(e.teardown(b.id())).unwrap();
+}
+
+#[test]
+fn containers_reach_the_outside_with_dns_and_the_right_mtu_but_not_the_host() {
+    if !prerequisites() {
+        return;
+    }
+    let outside = Outside::create(7);
+    outside.serve_reply(9000, "pong-from-outside\n");
+    // A resolver on the host's loopback: the job must reach it through its relay.
+    let dns = spawn_dns(outside.addr);
+    // Host services the job must never reach: one on loopback, one on all addresses.
+    let lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let any = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let (lo_port, any_port) = (
+        lo.local_addr().unwrap().port(),
+        any.local_addr().unwrap().port(),
+    );
+
+    let rt = rt();
+    let mut cfg = engine_config(4, "egress");
+    cfg.dns_upstreams = vec![dns];
+    let e = berth::sandbox::Engine::new(cfg).unwrap();
+    let sb = rt.block_on(e.start(None)).unwrap();
+    let s = sb.socket();
+    import_busybox(&s);
+
+    let target = outside.addr.to_string();
+    let mut got = String::new();
+    for _ in 0..30 {
+        got = stdout(&docker(
+            &s,
+            &[
+                "run",
+                "--rm",
+                "busybox:test",
+                "nc",
+                "-w",
+                "3",
+                &target,
+                "9000",
+            ],
+        ));
+        if got.contains("pong") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        got.contains("pong-from-outside"),
+        "egress by address: {got:?}"
+    );
+    // By name, on the default bridge and through the embedded DNS of a
+    // user-defined network; the host's resolver listens on loopback.
+    let by_name = docker_ok(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "busybox:test",
+            "nc",
+            "-w",
+            "3",
+            "egress.berth.test",
+            "9000",
+        ],
+    );
+    assert!(by_name.contains("pong"), "egress by name: {by_name:?}");
+    docker_ok(&s, &["network", "create", "udn"]);
+    let by_name = docker_ok(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "--net",
+            "udn",
+            "busybox:test",
+            "nc",
+            "-w",
+            "3",
+            "egress.berth.test",
+            "9000",
+        ],
+    );
+    assert!(
+        by_name.contains("pong"),
+        "egress by name on a user network: {by_name:?}"
+    );
+
+    // The link and the containers' interfaces carry the host's MTU.
+    let mtu = docker_ok(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "busybox:test",
+            "cat",
+            "/sys/class/net/eth0/mtu",
+        ],
+    );
+    assert_eq!(mtu.trim(), e.mtu().to_string());
+    // A large transfer completes intact (an MTU mismatch hangs here).
+    let sink = outside.serve_count(9002);
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "busybox:test",
+            "sh",
+            "-c",
+            &format!("head -c 3000000 /dev/zero | nc {target} 9002"),
+        ],
+    );
+    assert_eq!(sink.join().unwrap(), 3_000_000);
+
+    // Host services: neither the loopback one nor the all-addresses one.
+    let host_ip = sb.record().host_ip.to_string();
+    for (addr, port) in [
+        ("127.0.0.1", lo_port),
+        (host_ip.as_str(), any_port),
+        (host_ip.as_str(), lo_port),
+    ] {
+        let out = docker(
+            &s,
+            &[
+                "run",
+                "--rm",
+                "busybox:test",
+                "sh",
+                "-c",
+                &format!("echo x | nc -w 2 {addr} {port} && echo CONNECTED"),
+            ],
+        );
+        assert!(
+            !stdout(&out).contains("CONNECTED"),
+            "reached host service {addr}:{port}"
+        );
+    }
+
+    rt.block_on(e.teardown(sb.id())).unwrap();
+    drop((lo, any));
+}
+
+#[test]
+fn a_memory_hog_is_killed_while_the_host_and_other_jobs_are_unharmed() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let e = engine(5, "limits");
+    let small = Limits {
+        memory_bytes: Some(300 << 20),
+        pids: Some(500),
+        cpus: Some(1.0),
+    };
+    let a = rt.block_on(e.start(Some(small))).unwrap();
+    let b = rt.block_on(e.start(None)).unwrap();
+    import_busybox(&a.socket());
+    import_busybox(&b.socket());
+    let hog = docker(
+        &a.socket(),
+        &[
+            "run",
+            "--rm",
+            "busybox:test",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=500M",
+            "count=1",
+        ],
+    );
+    assert_eq!(hog.status.code(), Some(137), "{}", stderr(&hog));
+    // The job's own daemon, the other job and the host carry on.
+    assert_eq!(a.status(), Status::Running);
+    docker_ok(&a.socket(), &["version"]);
+    assert_eq!(
+        docker_ok(
+            &b.socket(),
+            &["run", "--rm", "busybox:test", "echo", "fine"]
+        )
+        .trim(),
+        "fine"
+    );
+    // The same allocation is fine in the job without the small limit.
+    let ok = docker(
+        &b.socket(),
+        &[
+            "run",
+            "--rm",
+            "busybox:test",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=500M",
+            "count=1",
+        ],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // A fork bomb stops at the job's pids limit.
+    let _ = docker(
+        &a.socket(),
+        &[
+            "run",
+            "--rm",
+            "busybox:test",
+            "sh",
+            "-c",
+            "for i in $(seq 1 800); do sleep 30 & done; wait",
+        ],
+    );
+    let cg = a.record().cgroup.clone().unwrap();
+    let pids_max =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{}/pids.max", cg.rel.display()))
+            .unwrap();
+    assert_eq!(pids_max.trim(), "500");
+    docker_ok(&b.socket(), &["version"]);
+    rt.block_on(e.teardown(a.id())).unwrap();
+    rt.block_on(e.teardown(b.id())).unwrap();
+}
+
+#[test]
+fn teardown_leaves_nothing_behind() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let e = engine(6, "teardown");
+    let sb = rt.block_on(e.start(None)).unwrap();
+    let s = sb.socket();
+    import_busybox(&s);
+    docker_ok(&s, &["network", "create", "n1"]);
+    docker_ok(&s, &["volume", "create", "v1"]);
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--net",
+            "n1",
+            "-v",
+            "v1:/data",
+            "busybox:test",
+            "sleep",
+            "600",
+        ],
+    );
+    docker_ok(&s, &["run", "-d", "busybox:test", "sleep", "600"]);
+    let traces = Traces::capture(&e, &sb);
+    assert!(
+        traces.pids.len() >= 5,
+        "dockerd, containerd, shims, containers: {:?}",
+        traces.pids
+    );
+    let t = rt.block_on(e.teardown(sb.id())).unwrap();
+    assert!(t.took < Duration::from_secs(15));
+    traces.assert_gone();
+    assert_eq!(sb.status(), Status::Stopped);
+    // A second teardown finds nothing to do and says so.
+    assert!(matches!(
+        rt.block_on(e.teardown(sb.id())),
+        Err(SandboxError::NoSuchJob(_))
+    ));
+}
+
+#[test]
+fn a_killed_dockerd_is_noticed_and_the_job_reported_failed() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let e = engine(8, "killed");
+    let sb = rt.block_on(e.start(None)).unwrap();
+    let dockerd = sb
+        .pids()
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .map(|c| c.trim() == "dockerd")
+                .unwrap_or(false)
+        })
+        .expect("dockerd in the job");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dockerd as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), sb.ended()).await })
+        .expect("the failure is noticed within 10 s");
+    match status {
+        Status::Failed(why) => assert!(why.contains("SIGKILL"), "{why}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    let traces = Traces {
+        id: sb.id().into(),
+        pids: vec![dockerd],
+        net_ns: None,
+        job_dir: e.config().state_dir.join("jobs").join(sb.id()),
+        state_dir: e.config().state_dir.clone(),
+        slot: sb.record().slot,
+    };
+    rt.block_on(e.teardown(sb.id())).unwrap();
+    traces.assert_gone();
+}
+
+#[test]
+fn a_sandbox_left_by_a_killed_agent_is_cleaned_on_restart() {
+    if !prerequisites() {
+        return;
+    }
+    let cfg = engine_config(9, "recovery");
+    let conf_path = Path::new("/var/lib/bt/recovery.toml");
+    std::fs::create_dir_all("/var/lib/bt").unwrap();
+    std::fs::write(
+        conf_path,
+        format!(
+            "[sandbox]\nstate_dir = {:?}\nuid_base = {}\nuid_ranges = {}\nnet_pool = \"{}\"\nnet_pool_prefix = {}\ndns_upstreams = [\"127.0.0.1:9\"]\n",
+            cfg.state_dir, cfg.uid_base, cfg.uid_ranges, cfg.net_pool, cfg.net_pool_prefix
+        ),
+    )
+    .unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["sandbox", "up", "--config", conf_path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(agent.stdout.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
+    let id = first.split_whitespace().nth(1).expect("job id").to_string();
+    let export = lines.next().unwrap().unwrap();
+    assert!(export.starts_with("export DOCKER_HOST=unix://"), "{export}");
+    let sock = export
+        .trim_start_matches("export DOCKER_HOST=unix://")
+        .to_string();
+    docker_ok(Path::new(&sock), &["version"]);
+    // The agent dies without a chance to clean up.
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let rec = berth::sandbox::JobRecord::load(&cfg.state_dir, &id).unwrap();
+    let cg = rec.cgroup.clone().unwrap();
+    let pids = cg.pids();
+    assert!(!pids.is_empty(), "the job outlived its agent");
+    docker_ok(Path::new(&sock), &["version"]);
+
+    let rt = rt();
+    let e = berth::sandbox::Engine::new(cfg.clone()).unwrap();
+    let recovered: Vec<String> = rt
+        .block_on(e.recover())
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(recovered, vec![id.clone()]);
+    Traces {
+        id,
+        pids,
+        net_ns: None,
+        job_dir: cfg.state_dir.join("jobs").join(&rec.id),
+        state_dir: cfg.state_dir.clone(),
+        slot: rec.slot,
+    }
+    .assert_gone();
+}
+
+#[test]
+fn missing_prerequisites_and_exhausted_pools_name_the_fix() {
+    if !prerequisites() {
+        return;
+    }
+    let mut cfg = engine_config(10, "prereq");
+    cfg.dockerd = "/nonexistent/dockerd".into();
+    let err = berth::sandbox::Engine::new(cfg)
+        .err()
+        .expect("no dockerd is an error")
+        .to_string();
+    assert!(err.contains("apt-get install docker.io"), "{err}");
+
+    let mut cfg = engine_config(10, "prereq");
+    cfg.uid_ranges = 1;
+    let rt = rt();
+    let e = berth::sandbox::Engine::new(cfg.clone()).unwrap();
+    // A second engine on the same state dir would tear down the first's jobs.
+    let err = berth::sandbox::Engine::new(cfg)
+        .err()
+        .expect("state dir is locked")
+        .to_string();
+    assert!(err.contains("another berth agent"), "{err}");
+    let a = rt.block_on(e.start(None)).unwrap();
+    let err = rt
+        .block_on(e.start(None))
+        .err()
+        .expect("pool of one")
+        .to_string();
+    assert!(
+        err.contains("no free uid range") && err.contains("uid_ranges"),
+        "{err}"
+    );
+    // The first job keeps serving.
+    docker_ok(&a.socket(), &["version"]);
+    rt.block_on(e.teardown(a.id())).unwrap();
+}
