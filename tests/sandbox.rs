@@ -194,6 +194,19 @@ fn docker_run_build_networks_and_cgroup_features_work_inside_a_job() {
     .unwrap();
     assert_eq!(quota.trim(), "50000");
 
+    // Nothing of the job listens in the host's network namespace.
+    let range = sb.record().host_id..sb.record().host_id + 65536;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(f).unwrap().lines().skip(1) {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let uid: u32 = w[7].parse().unwrap();
+            assert!(
+                !(w[3] == "0A" && range.contains(&uid)),
+                "job listens on the host: {line}"
+            );
+        }
+    }
+
     rt.block_on(e.teardown(sb.id())).unwrap();
 }
 
@@ -589,6 +602,19 @@ fn containers_reach_the_outside_with_dns_and_the_right_mtu_but_not_the_host() {
     );
     assert_eq!(sink.join().unwrap(), 3_000_000);
 
+    // The host end of the link speaks no IPv6 (the rules are IPv4 only).
+    let host_if = format!("bh{}", sb.id());
+    let v6 = Command::new("ip")
+        .args(["-6", "addr", "show", "dev", &host_if])
+        .output()
+        .unwrap();
+    assert!(v6.status.success());
+    assert!(
+        stdout(&v6).trim().is_empty(),
+        "IPv6 on the host end: {}",
+        stdout(&v6)
+    );
+
     // Host services: neither the loopback one nor the all-addresses one.
     let host_ip = sb.record().host_ip.to_string();
     for (addr, port) in [
@@ -875,4 +901,72 @@ fn missing_prerequisites_and_exhausted_pools_name_the_fix() {
     // The first job keeps serving.
     docker_ok(&a.socket(), &["version"]);
     rt.block_on(e.teardown(a.id())).unwrap();
+    drop(e);
+
+    // A dockerd that dies at start: a clear error, and nothing left behind.
+    let mut cfg = engine_config(10, "prereq");
+    cfg.dockerd = "/bin/false".into();
+    let e = berth::sandbox::Engine::new(cfg).unwrap();
+    let err = rt
+        .block_on(e.start(None))
+        .err()
+        .expect("dockerd exits")
+        .to_string();
+    assert!(
+        err.contains("dockerd exited") && err.contains("dockerd.log"),
+        "{err}"
+    );
+    let id = err
+        .split_whitespace()
+        .nth(1)
+        .expect("job id in the error")
+        .to_string();
+    assert!(e.list().is_empty());
+    let jobs = std::fs::read_dir(e.config().state_dir.join("jobs"))
+        .unwrap()
+        .count();
+    assert_eq!(jobs, 0, "a failed start left a job directory");
+    let slots = std::fs::read_dir(e.config().state_dir.join("slots"))
+        .unwrap()
+        .count();
+    assert_eq!(slots, 0, "a failed start kept its slot");
+    for table in ["filter", "nat"] {
+        let rules = Command::new("iptables")
+            .args(["-w", "-t", table, "-S"])
+            .output()
+            .unwrap();
+        assert!(!stdout(&rules).contains(&id), "a failed start left rules");
+    }
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    assert!(
+        !stdout(&links).contains(&id),
+        "a failed start left its link"
+    );
+}
+
+#[test]
+fn without_delegable_cgroups_jobs_fall_back_to_rootless_dockerd() {
+    if !prerequisites() {
+        return;
+    }
+    // A cgroup root with no hierarchy mounted: nothing can be delegated.
+    let mut cfg = engine_config(11, "rootless");
+    cfg.cgroup_root = "/var/lib/bt/no-cgroups-here".into();
+    std::fs::create_dir_all(&cfg.cgroup_root).unwrap();
+    let rt = rt();
+    let e = berth::sandbox::Engine::new(cfg).unwrap();
+    assert!(!e.delegates_cgroups());
+    let sb = rt.block_on(e.start(None)).unwrap();
+    assert!(sb.record().cgroup.is_none());
+    let s = sb.socket();
+    let info = docker_ok(&s, &["info", "--format", "{{.CgroupDriver}}"]);
+    assert_eq!(info.trim(), "none", "rootless dockerd has no cgroup driver");
+    import_busybox(&s);
+    assert_eq!(
+        docker_ok(&s, &["run", "--rm", "busybox:test", "echo", "hi"]).trim(),
+        "hi"
+    );
+    let traces = Traces::capture(&e, &sb);
+    rt.block_on(e.teardown(sb.id())).unwrap();
+    traces.assert_gone();
 }

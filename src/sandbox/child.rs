@@ -220,7 +220,42 @@ fn setup(spec: &ChildSpec) -> Result<(), String> {
     let hard = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     sys::make_rprivate().map_err(|e| e.to_string())?;
     mnt("proc", "/proc", "proc", hard, None)?;
+    // The job's own /run first: it briefly holds the host's cgroup tree
+    // while the fresh sysfs is mounted (rootless fallback only).
+    mnt(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=755"),
+    )?;
+    let stash = Path::new("/run/.berth-host-cgroup");
+    let keep_host_cgroup = spec.cgroup.is_none() && Path::new("/sys/fs/cgroup").is_dir();
+    if keep_host_cgroup {
+        std::fs::create_dir(stash).map_err(|e| format!("mkdir {}: {e}", stash.display()))?;
+        sys::mount(
+            "/sys/fs/cgroup",
+            stash,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+    }
     mnt("sysfs", "/sys", "sysfs", hard, None)?;
+    if keep_host_cgroup {
+        // Without delegation, runc's rootless cgroup manager must find the
+        // hierarchies (root-owned, so unwritable to the job) and skip them.
+        sys::mount(
+            &stash.to_string_lossy(),
+            Path::new("/sys/fs/cgroup"),
+            None,
+            MsFlags::MS_MOVE,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir(stash);
+    }
     match &spec.cgroup {
         Some(Layout::V1 { hierarchies }) => {
             mnt("tmpfs", "/sys/fs/cgroup", "tmpfs", hard, Some("mode=755"))?;
@@ -259,15 +294,9 @@ fn setup(spec: &ChildSpec) -> Result<(), String> {
         }
         None => {}
     }
-    // The job's own /run, /tmp and shared memory: nothing of the host's
-    // (its docker.sock included) is visible, nothing the job writes lands there.
-    mnt(
-        "tmpfs",
-        "/run",
-        "tmpfs",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=755"),
-    )?;
+    // The job's own /run (above), /tmp and shared memory: nothing of the
+    // host's (its docker.sock included) is visible, nothing the job writes
+    // lands there.
     for d in ["/tmp", "/var/tmp", "/dev/shm"] {
         if Path::new(d).is_dir() {
             mnt(

@@ -126,17 +126,42 @@ impl Sandbox {
             .map(|s| s.clone());
         s.unwrap_or(Status::Stopped)
     }
-    /// Host pids of every process of the job.
+    /// Host pids of every process of the job: from its cgroups, or (without
+    /// delegated cgroups) every process running as an id of its exclusive range.
     pub fn pids(&self) -> Vec<u32> {
-        match &self.record().cgroup {
+        let rec = self.record();
+        match &rec.cgroup {
             Some(cg) => cg.pids(),
-            None => Vec::new(),
+            None => pids_in_range(rec.host_id, config::RANGE_SIZE),
         }
     }
     /// Resident memory of every process of the job, in bytes.
     pub fn rss_bytes(&self) -> u64 {
         self.pids().iter().map(|p| rss_of(*p)).sum()
     }
+}
+
+fn pids_in_range(first: u32, len: u32) -> Vec<u32> {
+    let range = u64::from(first)..u64::from(first) + u64::from(len);
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("Uid:"))?
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .is_some_and(|uid| range.contains(&uid))
+        })
+        .collect()
 }
 
 fn rss_of(pid: u32) -> u64 {
@@ -681,13 +706,22 @@ impl Engine {
             });
             let mut exited = sb.inner.exited.clone();
             if exited.borrow().is_none() {
-                if let Some(init) = rec.init_pid {
+                // With no container running, a graceful stop protects nothing
+                // (the job's state is discarded) and dockerd 20.10 spends a
+                // fixed second waiting for its containerd: go straight to the kill.
+                let idle = ping::running_containers(&sb.socket()).await == Some(0);
+                if let (Some(init), false) = (rec.init_pid, idle) {
                     sys::kill(init as i32, nix::sys::signal::Signal::SIGTERM).ok();
                 }
-                let grace = self.cfg.stop_grace;
-                if tokio::time::timeout(grace, exited.wait_for(|e| e.is_some()))
-                    .await
-                    .is_err()
+                let grace = if idle {
+                    Duration::ZERO
+                } else {
+                    self.cfg.stop_grace
+                };
+                if grace.is_zero()
+                    || tokio::time::timeout(grace, exited.wait_for(|e| e.is_some()))
+                        .await
+                        .is_err()
                 {
                     killed = true;
                     if let Some(init) = rec.init_pid {

@@ -17,7 +17,7 @@ pub enum NetError {
     Spawn { cmd: String, source: std::io::Error },
     #[error("`{cmd}` failed: {stderr}")]
     Failed { cmd: String, stderr: String },
-    #[error("cannot enable IPv4 forwarding ({path}): {source}")]
+    #[error("cannot write {path}: {source}")]
     Forwarding {
         path: String,
         source: std::io::Error,
@@ -96,6 +96,12 @@ pub fn create_link(job_id: &str, host_ip: Ipv4Addr, mtu: u32) -> Result<(), NetE
             "link", "add", &h, "mtu", &m, "type", "veth", "peer", "name", &p, "mtu", &m,
         ],
     )?;
+    // The filter rules are IPv4: the host end must not speak IPv6 at all, or
+    // a job could reach host services listening on `::` over link-local.
+    let v6 = format!("/proc/sys/net/ipv6/conf/{h}/disable_ipv6");
+    if Path::new("/proc/sys/net/ipv6").exists() {
+        std::fs::write(&v6, "1").map_err(|source| NetError::Forwarding { path: v6, source })?;
+    }
     run("ip", &["addr", "add", &format!("{host_ip}/30"), "dev", &h])?;
     run("ip", &["link", "set", &h, "up"])?;
     Ok(())

@@ -1,33 +1,48 @@
-//! Readiness probe: `GET /_ping` on the job's private socket.
+//! Small queries to the job's dockerd on its private socket: readiness
+//! (`GET /_ping`) and whether containers are running (teardown decides
+//! between a graceful stop and an immediate kill on it).
 
 use std::path::Path;
 use std::time::Duration;
 
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
-/// True when dockerd at `socket` answers `/_ping` with 200.
-pub async fn ping(socket: &Path) -> bool {
-    tokio::time::timeout(Duration::from_secs(2), try_ping(socket))
+async fn get(socket: &Path, path: &str) -> Option<(hyper::StatusCode, Bytes)> {
+    let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .unwrap_or(false)
-}
-
-async fn try_ping(socket: &Path) -> bool {
-    let Ok(stream) = tokio::net::UnixStream::connect(socket).await else {
-        return false;
-    };
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    else {
-        return false;
-    };
+        .ok()?;
     tokio::spawn(conn);
-    let Ok(req) = hyper::Request::get("/_ping")
+    let req = hyper::Request::get(path)
         .header("host", "docker")
         .body(Empty::<Bytes>::new())
-    else {
-        return false;
-    };
-    matches!(sender.send_request(req).await, Ok(r) if r.status() == hyper::StatusCode::OK)
+        .ok()?;
+    let resp = sender.send_request(req).await.ok()?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, body))
+}
+
+/// True when dockerd at `socket` answers `/_ping` with 200.
+pub async fn ping(socket: &Path) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), get(socket, "/_ping")).await,
+        Ok(Some((hyper::StatusCode::OK, _)))
+    )
+}
+
+/// Number of running containers, or None when dockerd does not answer.
+pub async fn running_containers(socket: &Path) -> Option<usize> {
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(2), get(socket, "/containers/json"))
+            .await
+            .ok()??;
+    if status != hyper::StatusCode::OK {
+        return None;
+    }
+    serde_json::from_slice::<Vec<serde_json::Value>>(&body)
+        .ok()
+        .map(|v| v.len())
 }
