@@ -1,5 +1,5 @@
-//! Command line: `berth sandbox up|recover` today; the parsing and the exit
-//! codes, nothing of the engine's logic.
+//! Command line: `berth serve`, `berth job`, `berth certs`, `berth sandbox`;
+//! the parsing and the exit codes, nothing of the engine's logic.
 
 use std::path::PathBuf;
 
@@ -20,9 +20,83 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Serve the mutual-TLS front door (Docker API of every job, and the job API).
+    Serve {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Address to listen on (default 0.0.0.0:2376).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Certificates directory (CA, server, admin bundle).
+        #[arg(long)]
+        certs_dir: Option<PathBuf>,
+    },
+    /// Create, list and remove jobs on an agent.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Certificate material.
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Run and manage job sandboxes directly (no TLS front door).
     #[command(subcommand)]
     Sandbox(SandboxCmd),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// The agent's front door, HOST:PORT.
+    #[arg(long, env = "BERTH_ENDPOINT", default_value = "localhost:2376")]
+    pub endpoint: String,
+    /// Certificates directory holding admin/{ca,cert,key}.pem.
+    #[arg(long, env = "BERTH_CERTS_DIR", default_value = "certs")]
+    pub certs_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    /// Create a job and write its client certificate.
+    Create {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Lifetime: seconds or 90s, 30m, 2h (the agent's default otherwise).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Directory for ca.pem, cert.pem, key.pem (default ./berth-job-<id>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print id, endpoint and paths as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Labels, KEY=VALUE (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// List the agent's jobs.
+    Ls {
+        #[command(flatten)]
+        agent: AgentArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a job: its daemon and everything in it go, its certificate stops working.
+    Rm {
+        #[command(flatten)]
+        agent: AgentArgs,
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCmd {
+    /// Write docker:dind's DOCKER_TLS_CERTDIR layout (ca/, server/, client/)
+    /// into DIR; an existing ca/{cert,key}.pem there is used as the CA.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Extra server names or addresses (repeatable).
+        #[arg(long)]
+        san: Vec<String>,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -72,6 +146,14 @@ pub enum CliError {
     },
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Serve(#[from] crate::server::ServeError),
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("{0}")]
+    Usage(String),
     #[error("{0}")]
     Job(String),
 }
@@ -83,6 +165,8 @@ impl CliError {
         match self {
             CliError::ConfigRead { .. }
             | CliError::ConfigParse { .. }
+            | CliError::Usage(_)
+            | CliError::Serve(crate::server::ServeError::Config { .. })
             | CliError::Sandbox(SandboxError::Config(_)) => 64,
             CliError::Sandbox(SandboxError::Prerequisite(_)) => 69,
             _ => 1,
@@ -95,33 +179,75 @@ impl CliError {
 struct FileConfig {
     #[serde(default)]
     sandbox: SandboxConfig,
+    #[serde(default)]
+    serve: crate::server::ServeConfig,
 }
 
 pub fn load_config(args: &EngineArgs) -> Result<SandboxConfig, CliError> {
+    Ok(load_file(args)?.sandbox)
+}
+
+fn load_file(args: &EngineArgs) -> Result<FileConfig, CliError> {
     let mut cfg = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| CliError::ConfigRead {
                 path: path.clone(),
                 source,
             })?;
-            toml::from_str::<FileConfig>(&text)
-                .map_err(|source| CliError::ConfigParse {
-                    path: path.clone(),
-                    source,
-                })?
-                .sandbox
+            toml::from_str::<FileConfig>(&text).map_err(|source| CliError::ConfigParse {
+                path: path.clone(),
+                source,
+            })?
         }
-        None => SandboxConfig::default(),
+        None => FileConfig::default(),
     };
     if let Some(d) = &args.state_dir {
-        cfg.state_dir = d.clone();
+        cfg.sandbox.state_dir = d.clone();
     }
-    cfg.validate().map_err(SandboxError::from)?;
+    cfg.sandbox.validate().map_err(SandboxError::from)?;
     Ok(cfg)
 }
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Command::Serve {
+            engine,
+            listen,
+            certs_dir,
+        } => {
+            let file = load_file(&engine)?;
+            let mut serve = file.serve;
+            if let Some(l) = listen {
+                serve.listen = l;
+            }
+            if let Some(d) = certs_dir {
+                serve.certs_dir = d;
+            }
+            serve.validate()?;
+            let engine = std::sync::Arc::new(Engine::new(file.sandbox)?);
+            for r in engine.recover().await {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "recovery");
+                }
+            }
+            let server = crate::server::Server::bind(serve, engine).await?;
+            eprintln!(
+                "berth listening on {} (mutual TLS); admin bundle in {}",
+                server.local_addr(),
+                server.admin_dir().display()
+            );
+            server.run(shutdown_signal()).await;
+            Ok(())
+        }
+        Command::Certs(CertsCmd::Init { dir, san }) => {
+            crate::pki::init_dind_layout(&dir, &san)?;
+            println!(
+                "wrote {}/{{ca,server,client}} (docker:dind layout; client/ is the admin identity)",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Job(cmd) => job(cmd).await,
         Command::Sandbox(SandboxCmd::Up {
             engine,
             memory_mib,
@@ -181,5 +307,104 @@ async fn up(engine: &Engine, limits: Limits) -> Result<(), CliError> {
     match outcome {
         Some(Status::Failed(why)) => Err(CliError::Job(format!("job {} failed: {why}", sb.id()))),
         _ => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn job(cmd: JobCmd) -> Result<(), CliError> {
+    match cmd {
+        JobCmd::Create {
+            agent,
+            ttl,
+            out,
+            json,
+            labels,
+        } => {
+            let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
+            let mut spec = serde_json::Map::new();
+            if let Some(t) = ttl {
+                crate::jobs::parse_duration(&t).map_err(CliError::Usage)?;
+                spec.insert("ttl".into(), t.into());
+            }
+            let mut l = serde_json::Map::new();
+            for kv in labels {
+                let (k, v) = kv.split_once('=').ok_or_else(|| {
+                    CliError::Usage(format!("--label {kv:?}: expected KEY=VALUE"))
+                })?;
+                l.insert(k.into(), v.into());
+            }
+            spec.insert("labels".into(), l.into());
+            let created = client.create(&spec.into()).await?;
+            let dir = out.unwrap_or_else(|| PathBuf::from(format!("berth-job-{}", created.id)));
+            crate::pki::Bundle {
+                ca_pem: created.ca.clone(),
+                cert_pem: created.cert.clone(),
+                key_pem: created.key.clone(),
+            }
+            .write_to(&dir)?;
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "id": created.id,
+                        "endpoint": created.endpoint,
+                        "expires_at": created.expires_at,
+                        "cert_path": dir,
+                        "ca": dir.join("ca.pem"),
+                        "cert": dir.join("cert.pem"),
+                        "key": dir.join("key.pem"),
+                    })
+                );
+            } else {
+                println!(
+                    "export DOCKER_HOST={} DOCKER_TLS_VERIFY=1 DOCKER_CERT_PATH={}",
+                    created.endpoint,
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+        JobCmd::Ls { agent, json } => {
+            let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
+            let jobs = client.list().await?;
+            if json {
+                println!("{}", serde_json::Value::from(jobs));
+            } else {
+                println!("{:<14} {:<12} {:<12} LABELS", "ID", "STATUS", "EXPIRES_IN");
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                for j in jobs {
+                    let left = j["expires_at"].as_u64().unwrap_or(0).saturating_sub(now);
+                    println!(
+                        "{:<14} {:<12} {:<12} {}",
+                        j["id"].as_str().unwrap_or(""),
+                        j["status"].as_str().unwrap_or(""),
+                        format!("{left}s"),
+                        j["labels"]
+                    );
+                }
+            }
+            Ok(())
+        }
+        JobCmd::Rm { agent, id } => {
+            let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
+            client.delete(&id).await?;
+            println!("removed {id}");
+            Ok(())
+        }
     }
 }

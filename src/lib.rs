@@ -1,5 +1,13 @@
 //! berth: a Docker-in-Docker CI build agent. Every job gets its own real
-//! dockerd inside fresh user namespaces, on a host id range of its own.
+//! dockerd inside fresh user namespaces, on a host id range of its own,
+//! reachable only through berth's mutual-TLS front door.
 
+pub mod api;
 pub mod cli;
+pub mod client;
+pub mod jobs;
+pub mod pki;
+pub mod policy;
+pub mod proxy;
 pub mod sandbox;
+pub mod server;

@@ -8,6 +8,8 @@ fn main() {
         berth::sandbox::child::stage1_main(args.get(2).map(String::as_str).unwrap_or(""));
     }
     let cli = berth::cli::Cli::parse();
+    // One TLS provider for the whole process (server, and reqwest as client).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")

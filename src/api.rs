@@ -1,0 +1,215 @@
+//! The job API on the front door, for the admin identity:
+//! `POST /berth/v1/jobs`, `GET /berth/v1/jobs`, `GET|DELETE /berth/v1/jobs/{id}`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::{Either, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::jobs::{CreateJob, JobError, JobView, Jobs};
+use crate::pki::valid_job_id;
+use crate::policy::{self, Decision};
+use crate::proxy::{HttpLimits, ProxyBody, error_response, read_body};
+
+const MAX_BODY: usize = 64 * 1024;
+
+/// What `POST /berth/v1/jobs` answers.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct Created {
+    pub id: String,
+    /// `tcp://HOST:PORT` for DOCKER_HOST.
+    pub endpoint: String,
+    pub expires_at: u64,
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<ProxyBody> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+pub async fn serve<IO>(
+    io: IO,
+    jobs: Arc<Jobs>,
+    local: SocketAddr,
+    peer: SocketAddr,
+    limits: HttpLimits,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let jobs = jobs.clone();
+        async move { Ok::<_, Infallible>(handle(&jobs, req, local, peer).await) }
+    });
+    let r = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_head.max(8192))
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+    if let Err(e) = r {
+        tracing::debug!(client = %peer, error = %e, "admin connection ended");
+    }
+}
+
+async fn handle(
+    jobs: &Arc<Jobs>,
+    req: Request<Incoming>,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    if let Decision::Deny {
+        rule,
+        status,
+        message,
+    } = policy::decide_admin(&method, &path)
+    {
+        tracing::warn!(identity = "admin", client = %peer, %method, %path, rule, "request denied");
+        return error_response(status, message);
+    }
+    let id = path.strip_prefix("/berth/v1/jobs/").map(str::to_string);
+    match (method, id) {
+        (Method::POST, None) => create(jobs, req, local).await,
+        (Method::GET, None) => json(StatusCode::OK, &jobs.list()),
+        (Method::GET, Some(id)) => {
+            match valid_id(&id).and_then(|()| jobs.get(&id).ok_or(StatusCode::NOT_FOUND)) {
+                Ok(v) => json::<JobView>(StatusCode::OK, &v),
+                Err(s) => error_response(s, &format!("berth: no such job: {id}")),
+            }
+        }
+        (Method::DELETE, Some(id)) => {
+            if let Err(s) = valid_id(&id) {
+                return error_response(s, &format!("berth: no such job: {id}"));
+            }
+            match jobs.delete(&id).await {
+                Ok(()) => {
+                    tracing::info!(job = %id, client = %peer, "job deleted");
+                    let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+                    *r.status_mut() = StatusCode::NO_CONTENT;
+                    r
+                }
+                Err(JobError::NotFound(_)) => {
+                    error_response(StatusCode::NOT_FOUND, &format!("berth: no such job: {id}"))
+                }
+                Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("berth: {e}")),
+            }
+        }
+        _ => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "berth: method not allowed on this path",
+        ),
+    }
+}
+
+fn valid_id(id: &str) -> Result<(), StatusCode> {
+    if valid_job_id(id) {
+        Ok(())
+    } else {
+        Err(StatusCode::NOT_FOUND)
+    }
+}
+
+async fn create(
+    jobs: &Arc<Jobs>,
+    req: Request<Incoming>,
+    local: SocketAddr,
+) -> Response<ProxyBody> {
+    let ctype = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let empty_ok = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .is_some_and(|v| v == "0");
+    if !empty_ok
+        && !ctype
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("application/json")
+    {
+        return error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "berth: POST /berth/v1/jobs takes Content-Type: application/json",
+        );
+    }
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(|h| h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h).to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| local.ip().to_string());
+    let body = match read_body(req.into_body(), MAX_BODY).await {
+        Ok(b) => b,
+        Err(s) => {
+            return error_response(
+                s,
+                "berth: request body too large or broken (64 KiB at most)",
+            );
+        }
+    };
+    let spec: CreateJob = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateJob::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(s) => s,
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("berth: invalid job request: {e}"),
+                );
+            }
+        }
+    };
+    match jobs.create(spec).await {
+        Ok((view, bundle)) => {
+            let host = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            json(
+                StatusCode::CREATED,
+                &Created {
+                    id: view.id,
+                    endpoint: format!("tcp://{host}:{}", local.port()),
+                    expires_at: view.expires_at,
+                    ca: bundle.ca_pem,
+                    cert: bundle.cert_pem,
+                    key: bundle.key_pem,
+                },
+            )
+        }
+        Err(e @ (JobError::TtlTooLong { .. } | JobError::TtlTooShort)) => {
+            error_response(StatusCode::BAD_REQUEST, &format!("berth: {e}"))
+        }
+        Err(JobError::Sandbox(crate::sandbox::SandboxError::Config(e))) => {
+            error_response(StatusCode::BAD_REQUEST, &format!("berth: {e}"))
+        }
+        Err(JobError::Sandbox(e @ crate::sandbox::SandboxError::Slot(_))) => {
+            error_response(StatusCode::SERVICE_UNAVAILABLE, &format!("berth: {e}"))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "job creation failed");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("berth: {e}"))
+        }
+    }
+}

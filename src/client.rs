@@ -1,0 +1,102 @@
+//! Client of the job API, for the `berth job` commands: reqwest over the same
+//! mutual TLS as every other client, with the admin bundle.
+
+use std::path::{Path, PathBuf};
+
+use crate::api::Created;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot read the admin bundle {path}: {source} (run `berth serve` once, or pass --certs-dir)"
+    )]
+    Bundle {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad admin bundle: {0}")]
+    BadBundle(reqwest::Error),
+    #[error("cannot reach the agent at {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: reqwest::Error,
+    },
+    #[error("the agent answered {status}: {message}")]
+    Api { status: u16, message: String },
+}
+
+pub struct AgentClient {
+    http: reqwest::Client,
+    base: String,
+    endpoint: String,
+}
+
+impl AgentClient {
+    /// `endpoint` is HOST:PORT; the admin bundle is `<certs_dir>/admin/`.
+    pub fn new(endpoint: &str, certs_dir: &Path) -> Result<AgentClient, ClientError> {
+        let dir = certs_dir.join("admin");
+        let read = |f: &str| {
+            let path = dir.join(f);
+            std::fs::read(&path).map_err(|source| ClientError::Bundle { path, source })
+        };
+        let (ca, mut cert, key) = (read("ca.pem")?, read("cert.pem")?, read("key.pem")?);
+        cert.extend_from_slice(&key);
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(&ca).map_err(ClientError::BadBundle)?,
+            )
+            .identity(reqwest::Identity::from_pem(&cert).map_err(ClientError::BadBundle)?)
+            .build()
+            .map_err(ClientError::BadBundle)?;
+        Ok(AgentClient {
+            http,
+            base: format!("https://{endpoint}/berth/v1"),
+            endpoint: endpoint.to_string(),
+        })
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let resp = rb.send().await.map_err(|source| ClientError::Connect {
+            endpoint: self.endpoint.clone(),
+            source,
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        Err(ClientError::Api { status, message })
+    }
+
+    pub async fn create(&self, spec: &serde_json::Value) -> Result<Created, ClientError> {
+        let r = self
+            .send(self.http.post(format!("{}/jobs", self.base)).json(spec))
+            .await?;
+        r.json().await.map_err(|source| ClientError::Connect {
+            endpoint: self.endpoint.clone(),
+            source,
+        })
+    }
+
+    pub async fn list(&self) -> Result<Vec<serde_json::Value>, ClientError> {
+        let r = self
+            .send(self.http.get(format!("{}/jobs", self.base)))
+            .await?;
+        r.json().await.map_err(|source| ClientError::Connect {
+            endpoint: self.endpoint.clone(),
+            source,
+        })
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(format!("{}/jobs/{id}", self.base)))
+            .await?;
+        Ok(())
+    }
+}

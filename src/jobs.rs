@@ -1,0 +1,304 @@
+//! The agent's jobs: a sandbox plus what the front door needs to know about
+//! it (expiry, labels), TTL expiry, and the routing decision from a job
+//! identity to that job's private dockerd socket.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pki::{Bundle, Ca, Identity, PkiError};
+use crate::sandbox::{Engine, Limits, SandboxError, Status};
+
+/// Remembered ended jobs, so a late client gets "ended" rather than "unknown".
+const ENDED_MEMORY: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("ttl {asked:?} is above the agent's maximum {max:?}")]
+    TtlTooLong { asked: Duration, max: Duration },
+    #[error("ttl must be at least 1 second")]
+    TtlTooShort,
+    #[error("no such job: {0}")]
+    NotFound(String),
+}
+
+/// Why a job identity does not open a daemon.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("berth: no job {0} on this agent")]
+    Unknown(String),
+    #[error("berth: job {0} has ended; its certificate no longer opens anything")]
+    Ended(String),
+    #[error("berth: job {0} has expired")]
+    Expired(String),
+    #[error("berth: job {id} failed: {why}")]
+    Failed { id: String, why: String },
+    #[error("berth: job {0} is not ready")]
+    NotReady(String),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    /// Seconds, or a duration such as "90s", "30m", "2h".
+    #[serde(default, deserialize_with = "de_ttl")]
+    pub ttl: Option<Duration>,
+    #[serde(default)]
+    pub limits: Option<Limits>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn de_ttl<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum T {
+        Secs(u64),
+        Text(String),
+    }
+    match Option::<T>::deserialize(d)? {
+        None => Ok(None),
+        Some(T::Secs(s)) => Ok(Some(Duration::from_secs(s))),
+        Some(T::Text(t)) => parse_duration(&t)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// "90", "90s", "30m", "2h", "1d".
+pub fn parse_duration(t: &str) -> Result<Duration, String> {
+    let t = t.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{t:?} is not a duration (use 90s, 30m, 2h)"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{t:?}: unknown unit {unit:?} (use s, m, h, d)")),
+    };
+    n.checked_mul(mult)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{t:?} is too long"))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub status: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub labels: BTreeMap<String, String>,
+}
+
+struct Meta {
+    created: SystemTime,
+    expires: SystemTime,
+    labels: BTreeMap<String, String>,
+}
+
+pub struct Jobs {
+    engine: Arc<Engine>,
+    ca: Arc<Ca>,
+    meta: Mutex<HashMap<String, Meta>>,
+    ended: Mutex<VecDeque<String>>,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Jobs {
+    pub fn new(
+        engine: Arc<Engine>,
+        ca: Arc<Ca>,
+        default_ttl: Duration,
+        max_ttl: Duration,
+    ) -> Arc<Jobs> {
+        Arc::new(Jobs {
+            engine,
+            ca,
+            meta: Mutex::new(HashMap::new()),
+            ended: Mutex::new(VecDeque::new()),
+            default_ttl,
+            max_ttl,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Starts a job and issues its client certificate, valid until the job
+    /// expires. The job is torn down at expiry.
+    pub async fn create(self: &Arc<Self>, req: CreateJob) -> Result<(JobView, Bundle), JobError> {
+        let ttl = req.ttl.unwrap_or(self.default_ttl);
+        if ttl < Duration::from_secs(1) {
+            return Err(JobError::TtlTooShort);
+        }
+        if ttl > self.max_ttl {
+            return Err(JobError::TtlTooLong {
+                asked: ttl,
+                max: self.max_ttl,
+            });
+        }
+        let sb = self.engine.start(req.limits).await?;
+        let created = SystemTime::now();
+        let expires = created + ttl;
+        let id = sb.id().to_string();
+        let bundle = match self.ca.issue_client(
+            &Identity::Job(id.clone()),
+            time::OffsetDateTime::from(expires),
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = self.engine.teardown(&id).await;
+                return Err(e.into());
+            }
+        };
+        self.meta.lock().unwrap().insert(
+            id.clone(),
+            Meta {
+                created,
+                expires,
+                labels: req.labels,
+            },
+        );
+        let me = self.clone();
+        let jid = id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            if me.meta.lock().unwrap().contains_key(&jid) {
+                tracing::info!(job = %jid, "ttl expired: tearing the job down");
+                if let Err(e) = me.delete(&jid).await {
+                    tracing::error!(job = %jid, error = %e, "teardown at expiry");
+                }
+            }
+        });
+        let view = self.view(&id).ok_or(JobError::NotFound(id))?;
+        Ok((view, bundle))
+    }
+
+    fn view(&self, id: &str) -> Option<JobView> {
+        let meta = self.meta.lock().unwrap();
+        let m = meta.get(id)?;
+        let status = match self.engine.get(id).map(|s| s.status()) {
+            Some(Status::Running) => "running".to_string(),
+            Some(Status::Failed(why)) => format!("failed: {why}"),
+            Some(Status::Starting) => "starting".into(),
+            Some(Status::Stopping) | Some(Status::Stopped) | None => "stopping".into(),
+        };
+        Some(JobView {
+            id: id.to_string(),
+            status,
+            created_at: unix(m.created),
+            expires_at: unix(m.expires),
+            labels: m.labels.clone(),
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Option<JobView> {
+        self.view(id)
+    }
+
+    pub fn list(&self) -> Vec<JobView> {
+        let ids: Vec<String> = self.meta.lock().unwrap().keys().cloned().collect();
+        let mut v: Vec<JobView> = ids.iter().filter_map(|id| self.view(id)).collect();
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// Ends a job: from now on its certificate opens nothing.
+    pub async fn delete(&self, id: &str) -> Result<(), JobError> {
+        if self.meta.lock().unwrap().remove(id).is_none() {
+            return Err(JobError::NotFound(id.into()));
+        }
+        {
+            let mut ended = self.ended.lock().unwrap();
+            ended.push_back(id.to_string());
+            if ended.len() > ENDED_MEMORY {
+                ended.pop_front();
+            }
+        }
+        self.engine.teardown(id).await?;
+        Ok(())
+    }
+
+    /// The private socket of job `id`'s dockerd, or why it is refused.
+    pub fn route(&self, id: &str) -> Result<PathBuf, Refusal> {
+        let expires = self.meta.lock().unwrap().get(id).map(|m| m.expires);
+        let Some(expires) = expires else {
+            return Err(if self.ended.lock().unwrap().iter().any(|e| e == id) {
+                Refusal::Ended(id.into())
+            } else {
+                Refusal::Unknown(id.into())
+            });
+        };
+        if SystemTime::now() >= expires {
+            return Err(Refusal::Expired(id.into()));
+        }
+        let sb = self
+            .engine
+            .get(id)
+            .ok_or_else(|| Refusal::Ended(id.into()))?;
+        match sb.status() {
+            Status::Running => Ok(sb.socket()),
+            Status::Failed(why) => Err(Refusal::Failed { id: id.into(), why }),
+            Status::Starting => Err(Refusal::NotReady(id.into())),
+            Status::Stopping | Status::Stopped => Err(Refusal::Ended(id.into())),
+        }
+    }
+
+    /// Tears down every job (agent shutdown).
+    pub async fn shutdown(&self) {
+        let ids: Vec<String> = self.meta.lock().unwrap().keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.delete(&id).await {
+                tracing::error!(job = %id, error = %e, "teardown at shutdown");
+            }
+        }
+        for r in self.engine.shutdown().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "teardown at shutdown");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("2w").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn create_requests_parse_strictly() {
+        let r: CreateJob = serde_json::from_str(r#"{"ttl":"10m","labels":{"ci":"x"}}"#).unwrap();
+        assert_eq!(r.ttl, Some(Duration::from_secs(600)));
+        let r: CreateJob = serde_json::from_str(r#"{"ttl":60}"#).unwrap();
+        assert_eq!(r.ttl, Some(Duration::from_secs(60)));
+        assert!(serde_json::from_str::<CreateJob>(r#"{"tll":60}"#).is_err());
+        assert!(serde_json::from_str::<CreateJob>(r#"{"ttl":"soon"}"#).is_err());
+    }
+}

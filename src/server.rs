@@ -1,0 +1,314 @@
+//! The front door: mutual TLS on one TCP port (2376 by default) for every job.
+//! Each connection: TLS handshake (client certificate required, TLS 1.2/1.3,
+//! bounded in time), identity read once from the verified certificate, then
+//! the admin job API or the proxy to that job's daemon. There is no plaintext
+//! listener: a plain HTTP request gets a one-line 400 and the connection ends.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::jobs::Jobs;
+use crate::pki::{Ca, Identity, PkiError, host_names};
+use crate::proxy::HttpLimits;
+use crate::sandbox::Engine;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    /// CA, server and admin material (docker:dind layout plus `admin/`).
+    pub certs_dir: PathBuf,
+    /// Extra names and addresses for the server certificate.
+    pub san: Vec<String>,
+    pub handshake_timeout_secs: u64,
+    pub header_timeout_secs: u64,
+    pub default_ttl_secs: u64,
+    pub max_ttl_secs: u64,
+    /// How long shutdown waits for open connections before cutting them.
+    pub drain_secs: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 2376)),
+            certs_dir: "certs".into(),
+            san: Vec::new(),
+            handshake_timeout_secs: 10,
+            header_timeout_secs: 30,
+            default_ttl_secs: 3600,
+            max_ttl_secs: 24 * 3600,
+            drain_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid configuration: {key}: {why}")]
+    Config { key: &'static str, why: String },
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+}
+
+impl ServeConfig {
+    pub fn validate(&self) -> Result<(), ServeError> {
+        let bad = |key, why: &str| {
+            Err(ServeError::Config {
+                key,
+                why: why.to_string(),
+            })
+        };
+        if self.listen.port() == 2375 {
+            return bad(
+                "listen",
+                "port 2375 is Docker's plaintext port; berth serves mutual TLS only (use 2376)",
+            );
+        }
+        if self.handshake_timeout_secs == 0 || self.handshake_timeout_secs > 300 {
+            return bad("handshake_timeout_secs", "must be 1..=300");
+        }
+        if self.header_timeout_secs == 0 || self.header_timeout_secs > 3600 {
+            return bad("header_timeout_secs", "must be 1..=3600");
+        }
+        if self.default_ttl_secs == 0 || self.default_ttl_secs > self.max_ttl_secs {
+            return bad(
+                "default_ttl_secs",
+                "must be at least 1 and at most max_ttl_secs",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A bound, ready front door.
+pub struct Server {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    jobs: Arc<Jobs>,
+    cfg: ServeConfig,
+    admin_dir: PathBuf,
+}
+
+fn tls_config(ca: &Ca, server: &crate::pki::Bundle) -> Result<rustls::ServerConfig, ServeError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let pem_certs = |pem: &str| -> Result<Vec<CertificateDer<'static>>, ServeError> {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| ServeError::Tls(e.to_string()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pem_certs(ca.cert_pem())? {
+        roots.add(c).map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut server.key_pem.as_bytes())
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .ok_or_else(|| ServeError::Tls("server key missing".into()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(pem_certs(&server.cert_pem)?, key)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+impl Server {
+    /// Validates, prepares the PKI (CA, server certificate for the host's
+    /// names, admin bundle) and binds; serves nothing until [`Server::run`].
+    pub async fn bind(cfg: ServeConfig, engine: Arc<Engine>) -> Result<Server, ServeError> {
+        cfg.validate()?;
+        let ca = Ca::load_or_create(&cfg.certs_dir)?;
+        let server = ca.ensure_server(&cfg.certs_dir, &host_names(&cfg.san))?;
+        ca.ensure_admin(&cfg.certs_dir)?;
+        let acceptor = TlsAcceptor::from(Arc::new(tls_config(&ca, &server)?));
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: cfg.listen,
+                hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+                    " (another process listens there; pick another --listen)"
+                } else {
+                    ""
+                },
+                source,
+            })?;
+        let jobs = Jobs::new(
+            engine,
+            Arc::new(ca),
+            Duration::from_secs(cfg.default_ttl_secs),
+            Duration::from_secs(cfg.max_ttl_secs),
+        );
+        Ok(Server {
+            listener,
+            acceptor,
+            jobs,
+            admin_dir: cfg.certs_dir.join("admin"),
+            cfg,
+        })
+    }
+
+    /// Same as [`Server::bind`] on a listener that is already bound (socket
+    /// activation).
+    pub async fn from_listener(
+        cfg: ServeConfig,
+        engine: Arc<Engine>,
+        listener: std::net::TcpListener,
+    ) -> Result<Server, ServeError> {
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+            hint: "",
+        })?;
+        let mut s = Server::bind(
+            ServeConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                ..cfg
+            },
+            engine,
+        )
+        .await?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ServeError::Bind {
+                addr,
+                source,
+                hint: "",
+            })?;
+        s.listener = TcpListener::from_std(listener).map_err(|source| ServeError::Bind {
+            addr,
+            source,
+            hint: "",
+        })?;
+        s.cfg.listen = addr;
+        Ok(s)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.cfg.listen)
+    }
+
+    pub fn admin_dir(&self) -> &PathBuf {
+        &self.admin_dir
+    }
+
+    pub fn jobs(&self) -> Arc<Jobs> {
+        self.jobs.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, drains open
+    /// connections for a bounded time and tears down every job.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let limits = HttpLimits {
+            header_timeout: Duration::from_secs(self.cfg.header_timeout_secs),
+            ..HttpLimits::default()
+        };
+        let handshake = Duration::from_secs(self.cfg.handshake_timeout_secs);
+        let local = self.local_addr();
+        tracing::info!(listen = %local, "berth serving (mutual TLS)");
+        let mut conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            while conns.try_join_next().is_some() {}
+            let (tcp, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: log, breathe, keep serving.
+                        tracing::error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let (acceptor, jobs) = (self.acceptor.clone(), self.jobs.clone());
+            conns.spawn(connection(
+                tcp, peer, local, acceptor, jobs, handshake, limits,
+            ));
+        }
+        tracing::info!(open = conns.len(), "shutting down: draining connections");
+        let drain = Duration::from_secs(self.cfg.drain_secs);
+        if tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tracing::warn!(open = conns.len(), "drain timed out: closing the rest");
+            conns.abort_all();
+        }
+        self.jobs.shutdown().await;
+        tracing::info!("berth stopped");
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    acceptor: TlsAcceptor,
+    jobs: Arc<Jobs>,
+    handshake: Duration,
+    limits: HttpLimits,
+) {
+    let _ = tcp.set_nodelay(true);
+    // A plain HTTP request on the TLS port: say so in one line, serve nothing.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(handshake, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0].is_ascii_uppercase() => {
+            tracing::warn!(client = %peer, "plaintext HTTP on the TLS port refused");
+            let mut tcp = tcp;
+            let _ = tcp
+                .write_all(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+                .await;
+            let _ = tcp.shutdown().await;
+            return;
+        }
+        Ok(Ok(_)) => {}
+        _ => return,
+    }
+    let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(client = %peer, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(client = %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| Identity::from_cert_der(c.as_ref()));
+    match identity {
+        Some(Ok(Identity::Admin)) => crate::api::serve(tls, jobs, local, peer, limits).await,
+        Some(Ok(Identity::Job(id))) => crate::proxy::serve(tls, jobs, id, peer, limits).await,
+        Some(Err(e)) => tracing::warn!(client = %peer, error = %e, "certificate refused"),
+        None => tracing::warn!(client = %peer, "no client certificate"),
+    }
+}
