@@ -399,3 +399,219 @@ pub fn spawn_dns(answer: Ipv4Addr) -> SocketAddr {
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
+
+/// A real front door (`berth::server::Server`) on 127.0.0.1:<ephemeral> with
+/// its own engine and certs dir, served from a background runtime. Dropping
+/// it shuts the server down, which tears down its jobs.
+pub struct FrontDoor {
+    pub port: u16,
+    pub certs: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A job created through the front door: its id and its certificate dir.
+pub struct TlsJob {
+    pub id: String,
+    pub dir: PathBuf,
+    pub endpoint: String,
+}
+
+impl FrontDoor {
+    pub fn start(n: u32, name: &str) -> FrontDoor {
+        Self::start_with(n, name, |_| {})
+    }
+
+    pub fn start_with(
+        n: u32,
+        name: &str,
+        tweak: impl FnOnce(&mut berth::server::ServeConfig),
+    ) -> FrontDoor {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let engine = std::sync::Arc::new(engine(n, name));
+        let certs = PathBuf::from(format!("/var/lib/bt/{name}-certs"));
+        let _ = std::fs::remove_dir_all(&certs);
+        let mut cfg = berth::server::ServeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            certs_dir: certs.clone(),
+            ..Default::default()
+        };
+        tweak(&mut cfg);
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let server = berth::server::Server::bind(cfg, engine)
+                    .await
+                    .expect("bind");
+                port_tx.send(server.local_addr().port()).unwrap();
+                server
+                    .run(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await;
+            });
+        });
+        let port = port_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server up");
+        FrontDoor {
+            port,
+            certs,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `berth job create` (the real CLI) against this front door.
+    pub fn create_job(&self, extra: &[&str]) -> TlsJob {
+        let out_dir = self.certs.join(format!("job-{}", rand_suffix()));
+        let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["job", "create", "--json", "--endpoint", &self.endpoint()])
+            .arg("--certs-dir")
+            .arg(&self.certs)
+            .arg("--out")
+            .arg(&out_dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "berth job create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        TlsJob {
+            id: v["id"].as_str().unwrap().to_string(),
+            dir: PathBuf::from(v["cert_path"].as_str().unwrap()),
+            endpoint: v["endpoint"].as_str().unwrap().to_string(),
+        }
+    }
+
+    /// Runs `berth job <args>` against this front door.
+    pub fn job_cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("job")
+            .args(args)
+            .args(["--endpoint", &self.endpoint()])
+            .arg("--certs-dir")
+            .arg(&self.certs)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for FrontDoor {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// The docker CLI over mutual TLS with a job's certificate.
+pub fn docker_tls(job: &TlsJob, args: &[&str]) -> Output {
+    docker_tls_stdin(job, args, None)
+}
+
+pub fn docker_tls_stdin(job: &TlsJob, args: &[&str], input: Option<&[u8]>) -> Output {
+    let mut c = Command::new("docker");
+    c.env("DOCKER_HOST", &job.endpoint)
+        .env("DOCKER_TLS_VERIFY", "1")
+        .env("DOCKER_CERT_PATH", &job.dir)
+        .env("DOCKER_BUILDKIT", "0")
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn docker");
+    if let Some(bytes) = input {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(bytes).unwrap();
+        drop(stdin);
+    }
+    child.wait_with_output().expect("docker output")
+}
+
+pub fn docker_tls_ok(job: &TlsJob, args: &[&str]) -> String {
+    let out = docker_tls(job, args);
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A raw TLS connection to the front door with an optional client bundle.
+pub async fn tls_connect(
+    port: u16,
+    ca_pem: &[u8],
+    client: Option<(&[u8], &[u8])>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
+        roots.add(c?).map_err(std::io::Error::other)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots);
+    let cfg = match client {
+        Some((cert, key)) => {
+            let chain = rustls_pemfile::certs(&mut &cert[..]).collect::<Result<Vec<_>, _>>()?;
+            let key = rustls_pemfile::private_key(&mut &key[..])?
+                .ok_or_else(|| std::io::Error::other("no key"))?;
+            b.with_client_auth_cert(chain, key)
+                .map_err(std::io::Error::other)?
+        }
+        None => b.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = connector.connect(name, tcp).await?;
+    // TLS 1.3 reports a refused client certificate only on the first read.
+    use tokio::io::AsyncWriteExt;
+    s.flush().await?;
+    Ok(s)
+}
+
+/// One HTTP/1.1 request over a fresh TLS connection; returns the whole answer.
+pub async fn tls_request(port: u16, bundle_dir: &Path, raw: &[u8]) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = std::fs::read(bundle_dir.join("ca.pem"))?;
+    let cert = std::fs::read(bundle_dir.join("cert.pem"))?;
+    let key = std::fs::read(bundle_dir.join("key.pem"))?;
+    let mut s = tls_connect(port, &ca, Some((&cert, &key))).await?;
+    s.write_all(raw).await?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    Ok(out)
+}

@@ -1,0 +1,604 @@
+//! The mutual-TLS front door with real, unmodified clients over real TLS: the
+//! docker CLI with DOCKER_TLS_VERIFY=1, bollard, `berth job`, and raw TLS
+//! clients for what the others never send.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn out(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn import(job: &TlsJob) {
+    let o = docker_tls_stdin(
+        job,
+        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
+        Some(busybox_tar()),
+    );
+    assert!(o.status.success(), "import: {}", err(&o));
+}
+
+#[test]
+fn the_docker_cli_works_unchanged_over_mutual_tls() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start(20, "fd-cli");
+    let job = fd.create_job(&["--ttl", "10m"]);
+    assert!(
+        job.endpoint.starts_with("tcp://127.0.0.1:"),
+        "{}",
+        job.endpoint
+    );
+    let v = docker_tls_ok(&job, &["version", "--format", "{{.Server.APIVersion}}"]);
+    assert_eq!(v.trim(), "1.41");
+    assert!(docker_tls_ok(&job, &["info", "--format", "{{.CgroupDriver}}"]).contains("cgroupfs"));
+    import(&job);
+    assert_eq!(
+        docker_tls_ok(&job, &["run", "--rm", "busybox:test", "echo", "ran"]).trim(),
+        "ran"
+    );
+
+    // stdin to a container, EOF carried through the hijack: prints hi and exits.
+    let o = docker_tls_stdin(
+        &job,
+        &["run", "-i", "--rm", "busybox:test", "cat"],
+        Some(b"hi\n"),
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(out(&o), "hi\n");
+
+    // run -d + logs -f follows to the end.
+    docker_tls_ok(
+        &job,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "talker",
+            "busybox:test",
+            "sh",
+            "-c",
+            "for i in 1 2 3; do echo line$i; sleep 0.2; done",
+        ],
+    );
+    assert_eq!(
+        docker_tls_ok(&job, &["logs", "-f", "talker"]),
+        "line1\nline2\nline3\n"
+    );
+
+    // exec, exec -i, exec -it through a pty, attach.
+    docker_tls_ok(
+        &job,
+        &["run", "-d", "--name", "box", "busybox:test", "sleep", "600"],
+    );
+    assert_eq!(
+        docker_tls_ok(&job, &["exec", "box", "echo", "in-box"]).trim(),
+        "in-box"
+    );
+    let o = docker_tls_stdin(&job, &["exec", "-i", "box", "cat"], Some(b"through-stdin"));
+    assert_eq!(out(&o), "through-stdin");
+    let pty = Command::new("script")
+        .args([
+            "-qec",
+            "docker exec -it box sh -c 'tty; echo pty-ok'",
+            "/dev/null",
+        ])
+        .env("DOCKER_HOST", &job.endpoint)
+        .env("DOCKER_TLS_VERIFY", "1")
+        .env("DOCKER_CERT_PATH", &job.dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = out(&pty).replace('\r', "");
+    assert!(
+        text.contains("/dev/pts/") && text.contains("pty-ok"),
+        "exec -it: {text:?} {}",
+        err(&pty)
+    );
+    docker_tls_ok(
+        &job,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "late",
+            "busybox:test",
+            "sh",
+            "-c",
+            "sleep 1; echo attached-output",
+        ],
+    );
+    assert!(docker_tls_ok(&job, &["attach", "late"]).contains("attached-output"));
+
+    // cp both ways.
+    let src = fd.certs.join("cp-src.txt");
+    std::fs::write(&src, "copied content\n").unwrap();
+    docker_tls_ok(&job, &["cp", src.to_str().unwrap(), "box:/tmp/in.txt"]);
+    let back = fd.certs.join("cp-back.txt");
+    docker_tls_ok(&job, &["cp", "box:/tmp/in.txt", back.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "copied content\n");
+
+    // build, then save piped into load.
+    let ctx = fd.certs.join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"),
+        "FROM busybox:test AS a\nRUN echo two-stage > /o\nFROM busybox:test\nCOPY --from=a /o /o\nCMD [\"cat\", \"/o\"]\n").unwrap();
+    docker_tls_ok(&job, &["build", "-q", "-t", "app:1", ctx.to_str().unwrap()]);
+    assert_eq!(
+        docker_tls_ok(&job, &["run", "--rm", "app:1"]).trim(),
+        "two-stage"
+    );
+    let saved = docker_tls(&job, &["save", "app:1"]);
+    assert!(saved.status.success() && saved.stdout.len() > 100_000);
+    docker_tls_ok(&job, &["rmi", "app:1"]);
+    let loaded = docker_tls_stdin(&job, &["load"], Some(&saved.stdout));
+    assert!(
+        out(&loaded).contains("Loaded image: app:1"),
+        "{}",
+        err(&loaded)
+    );
+
+    // events with --since/--until, networks, volumes, ps, rm.
+    docker_tls_ok(&job, &["network", "create", "net1"]);
+    docker_tls_ok(&job, &["volume", "create", "vol1"]);
+    // --until 1s means "until one second ago".
+    std::thread::sleep(Duration::from_millis(1500));
+    let ev = docker_tls_ok(
+        &job,
+        &[
+            "events",
+            "--since",
+            "5m",
+            "--until",
+            "1s",
+            "--filter",
+            "type=network",
+        ],
+    );
+    assert!(ev.contains("net1"), "events: {ev}");
+    assert!(docker_tls_ok(&job, &["ps", "--format", "{{.Names}}"]).contains("box"));
+    docker_tls_ok(&job, &["rm", "-f", "box", "talker", "late"]);
+    assert!(!docker_tls_ok(&job, &["ps", "-a", "--format", "{{.Names}}"]).contains("box"));
+}
+
+#[test]
+fn the_older_hijack_without_upgrade_header_is_a_raw_pipe_with_half_close() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start(21, "fd-hijack");
+    let job = fd.create_job(&[]);
+    import(&job);
+    let cid = docker_tls_ok(&job, &["run", "-d", "busybox:test", "sleep", "600"])
+        .trim()
+        .to_string();
+    let rt = rt();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Create an exec of `cat` with stdin attached.
+        let body = r#"{"AttachStdin":true,"AttachStdout":true,"AttachStderr":true,"Tty":false,"Cmd":["cat"]}"#;
+        let req = format!(
+            "POST /v1.41/containers/{cid}/exec HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let resp = tls_request(fd.port, &job.dir, req.as_bytes()).await.unwrap();
+        let text = String::from_utf8_lossy(&resp);
+        assert!(text.starts_with("HTTP/1.1 201"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let exec_id = v["Id"].as_str().unwrap().to_string();
+
+        // Start it the old way: no Upgrade header.
+        let ca = std::fs::read(job.dir.join("ca.pem")).unwrap();
+        let cert = std::fs::read(job.dir.join("cert.pem")).unwrap();
+        let key = std::fs::read(job.dir.join("key.pem")).unwrap();
+        let mut s = tls_connect(fd.port, &ca, Some((&cert, &key))).await.unwrap();
+        let body = r#"{"Detach":false,"Tty":false}"#;
+        let req = format!(
+            "POST /v1.41/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("application/vnd.docker.raw-stream"), "{head}");
+        assert!(!head.contains("transfer-encoding: chunked"), "{head}");
+        // Raw stdin, then half-close (close_notify): cat sees EOF, its output
+        // still comes back, then the stream ends.
+        s.write_all(b"raw-pipe-data\n").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .expect("the exec ends once stdin is closed")
+            .unwrap();
+        // Multiplexed stream: 8-byte frame header (stream 1 = stdout), then data.
+        assert!(rest.len() >= 8 && rest[0] == 1, "{rest:?}");
+        assert_eq!(&rest[8..], b"raw-pipe-data\n");
+    });
+}
+
+#[test]
+fn bollard_with_client_certificates() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start(22, "fd-bollard");
+    let job = fd.create_job(&[]);
+    import(&job);
+    let rt = rt();
+    rt.block_on(async {
+        let docker = bollard::Docker::connect_with_ssl(
+            &format!("127.0.0.1:{}", fd.port),
+            &job.dir.join("key.pem"),
+            &job.dir.join("cert.pem"),
+            &job.dir.join("ca.pem"),
+            30,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .unwrap();
+        let v = docker.version().await.unwrap();
+        assert_eq!(v.api_version.as_deref(), Some("1.41"));
+        let cfg = bollard::models::ContainerCreateBody {
+            image: Some("busybox:test".into()),
+            cmd: Some(vec!["sh".into(), "-c".into(), "echo from-bollard".into()]),
+            ..Default::default()
+        };
+        let c = docker
+            .create_container(
+                None::<bollard::query_parameters::CreateContainerOptions>,
+                cfg,
+            )
+            .await
+            .unwrap();
+        docker
+            .start_container(
+                &c.id,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .unwrap();
+        use futures_util::StreamExt;
+        let mut wait = docker.wait_container(
+            &c.id,
+            None::<bollard::query_parameters::WaitContainerOptions>,
+        );
+        while let Some(w) = wait.next().await {
+            w.unwrap();
+        }
+        let mut logs = docker.logs(
+            &c.id,
+            Some(bollard::query_parameters::LogsOptions {
+                stdout: true,
+                ..Default::default()
+            }),
+        );
+        let mut text = String::new();
+        while let Some(l) = logs.next().await {
+            text.push_str(&l.unwrap().to_string());
+        }
+        assert_eq!(text.trim(), "from-bollard");
+        let list = docker
+            .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+                all: true,
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        assert_eq!(list.len(), 1);
+    });
+}
+
+#[test]
+fn every_wrong_key_is_refused() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start(23, "fd-refuse");
+    let a = fd.create_job(&[]);
+    let b = fd.create_job(&[]);
+    import(&a);
+    docker_tls_ok(
+        &a,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "only-in-a",
+            "busybox:test",
+            "sleep",
+            "600",
+        ],
+    );
+    // Another job's certificate opens that job, never this one.
+    assert!(!docker_tls_ok(&b, &["ps", "-a"]).contains("only-in-a"));
+    assert!(docker_tls_ok(&a, &["ps"]).contains("only-in-a"));
+    let o = docker_tls(&b, &["exec", "only-in-a", "true"]);
+    assert!(!o.status.success());
+
+    let rt = rt();
+    let ca = std::fs::read(a.dir.join("ca.pem")).unwrap();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // No client certificate: the handshake fails.
+        let r = async {
+            let mut s = tls_connect(fd.port, &ca, None).await?;
+            s.write_all(b"GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await?;
+            Ok::<_, std::io::Error>(buf)
+        }
+        .await;
+        assert!(r.is_err(), "served without a certificate: {r:?}");
+        // A certificate from another CA: refused.
+        let other = fd.certs.join("other-ca");
+        berth::pki::init_dind_layout(&other, &[]).unwrap();
+        let cert = std::fs::read(other.join("client/cert.pem")).unwrap();
+        let key = std::fs::read(other.join("client/key.pem")).unwrap();
+        let r = async {
+            let mut s = tls_connect(fd.port, &ca, Some((&cert, &key))).await?;
+            s.write_all(b"GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await?;
+            Ok::<_, std::io::Error>(buf)
+        }
+        .await;
+        assert!(
+            r.is_err() || r.as_ref().unwrap().is_empty(),
+            "served another CA's certificate: {r:?}"
+        );
+        // The admin certificate opens no daemon; a job certificate opens no job API.
+        let resp = tls_request(
+            fd.port,
+            &fd.certs.join("admin"),
+            b"GET /_ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(String::from_utf8_lossy(&resp).starts_with("HTTP/1.1 403"));
+        let resp = tls_request(
+            fd.port,
+            &a.dir,
+            b"GET /berth/v1/jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(String::from_utf8_lossy(&resp).starts_with("HTTP/1.1 403"));
+    });
+
+    // Plaintext HTTP on the TLS port: a one-line 400, no API.
+    use std::io::{Read, Write};
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", fd.port)).unwrap();
+    plain
+        .write_all(b"GET /v1.41/containers/json HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = plain.read_to_string(&mut text);
+    assert!(
+        text.starts_with("HTTP/1.0 400") && text.contains("HTTPS"),
+        "{text}"
+    );
+    assert!(!text.contains("only-in-a"));
+    // Port 2375 is never opened.
+    assert!(
+        std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:2375".parse().unwrap(),
+            Duration::from_secs(1)
+        )
+        .is_err()
+    );
+
+    // An ended job's certificate: a clear refusal.
+    let rm = fd.job_cli(&["rm", &a.id]);
+    assert!(rm.status.success(), "{}", err(&rm));
+    let o = docker_tls(&a, &["ps"]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("has ended"), "{}", err(&o));
+    // The other job is unaffected.
+    docker_tls_ok(&b, &["version"]);
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_the_agent_keeps_serving() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start(24, "fd-badinput");
+    let job = fd.create_job(&[]);
+    let admin = fd.certs.join("admin");
+    let rt = rt();
+    rt.block_on(async {
+        let status = |resp: Vec<u8>| String::from_utf8_lossy(&resp).lines().next().unwrap_or("").to_string();
+        // Malformed HTTP.
+        let r = tls_request(fd.port, &job.dir, b"THIS IS NOT HTTP\r\n\r\n").await.unwrap();
+        assert!(r.is_empty() || status(r.clone()).contains("400"), "{:?}", status(r));
+        // Oversized headers.
+        let big = format!("GET /_ping HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(200_000));
+        let r = tls_request(fd.port, &job.dir, big.as_bytes()).await.unwrap_or_default();
+        assert!(r.is_empty() || status(r.clone()).contains("431"), "{:?}", status(r));
+        // Invalid JSON, wrong content type, unknown fields, absurd TTL on the job API.
+        for (ctype, body, want) in [
+            ("application/json", "{not json", "400"),
+            ("text/plain", "{}", "415"),
+            ("application/json", r#"{"tll": 5}"#, "400"),
+            ("application/json", r#"{"ttl": "999d"}"#, "400"),
+        ] {
+            let req = format!(
+                "POST /berth/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let r = tls_request(fd.port, &admin, req.as_bytes()).await.unwrap();
+            let text = String::from_utf8_lossy(&r).to_string();
+            assert!(text.starts_with(&format!("HTTP/1.1 {want}")), "{body}: {text}");
+            assert!(text.contains("\"message\""), "{text}");
+        }
+        // TLS garbage instead of a ClientHello.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut t = tokio::net::TcpStream::connect(("127.0.0.1", fd.port)).await.unwrap();
+        t.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 0xff, 0xff]).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut buf)).await;
+        // A client that connects and says nothing does not hold anything up.
+        let _idle = tokio::net::TcpStream::connect(("127.0.0.1", fd.port)).await.unwrap();
+    });
+    // Everyone else is still served.
+    docker_tls_ok(&job, &["version"]);
+    let second = fd.create_job(&[]);
+    docker_tls_ok(&second, &["version"]);
+}
+
+#[test]
+fn the_job_api_and_cli_create_list_remove_and_expire_jobs() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start(25, "fd-api");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        assert_eq!(mode(&fd.certs.join("admin").join(f)), 0o600, "admin/{f}");
+    }
+    assert_eq!(mode(&fd.certs.join("ca/key.pem")), 0o600);
+    assert_eq!(mode(&fd.certs.join("server/key.pem")), 0o600);
+
+    // Plain output is what a shell evaluates.
+    let o = fd.job_cli(&[
+        "create",
+        "--ttl",
+        "5m",
+        "--label",
+        "pipeline=demo",
+        "--out",
+        fd.certs.join("plain").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    let line = out(&o);
+    assert!(
+        line.starts_with("export DOCKER_HOST=tcp://127.0.0.1:")
+            && line.contains("DOCKER_TLS_VERIFY=1")
+            && line.contains("DOCKER_CERT_PATH="),
+        "{line}"
+    );
+    assert_eq!(mode(&fd.certs.join("plain/key.pem")), 0o600);
+
+    let short = fd.create_job(&["--ttl", "4s"]);
+    docker_tls_ok(&short, &["version"]);
+    let ls = fd.job_cli(&["ls", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert!(out(&fd.job_cli(&["ls"])).contains("pipeline"));
+
+    // Expiry tears the job down and its certificate stops working.
+    std::thread::sleep(Duration::from_secs(6));
+    let o = docker_tls(&short, &["version"]);
+    assert!(!o.status.success(), "an expired job still answers");
+    let list: serde_json::Value =
+        serde_json::from_slice(&fd.job_cli(&["ls", "--json"]).stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let state = Path::new("/var/lib/bt/fd-api/jobs").join(&short.id);
+    assert!(!state.exists(), "expired job's state survived");
+
+    // rm of an unknown job is a clear error.
+    let o = fd.job_cli(&["rm", "0123456789ab"]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("no such job"), "{}", err(&o));
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_the_work_upstream() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start(26, "fd-cancel");
+    let job = fd.create_job(&[]);
+    import(&job);
+    let ctx = fd.certs.join("slow");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:test\nRUN sleep 60 && touch /finished\n",
+    )
+    .unwrap();
+    let mut build = Command::new("docker")
+        .args(["build", "-t", "slow:1", ctx.to_str().unwrap()])
+        .env("DOCKER_HOST", &job.endpoint)
+        .env("DOCKER_TLS_VERIFY", "1")
+        .env("DOCKER_CERT_PATH", &job.dir)
+        .env("DOCKER_BUILDKIT", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the RUN step's container is running.
+    let mut running = false;
+    for _ in 0..100 {
+        if docker_tls_ok(&job, &["ps", "-q"]).trim().len() >= 12 {
+            running = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(running, "the build step never started");
+    build.kill().unwrap();
+    build.wait().unwrap();
+    // dockerd sees the disconnect through berth and cancels the build: its
+    // container goes away long before the 60 s step could finish.
+    let mut gone = false;
+    for _ in 0..150 {
+        if docker_tls_ok(&job, &["ps", "-q"]).trim().is_empty() {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(gone, "the build kept running after its client went away");
+    assert!(!docker_tls_ok(&job, &["images"]).contains("slow"));
+}
+
+#[test]
+fn silent_clients_time_out_and_shutdown_tears_jobs_down() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start_with(27, "fd-shutdown", |c| c.handshake_timeout_secs = 1);
+    let job = fd.create_job(&[]);
+    docker_tls_ok(&job, &["version"]);
+    // A TCP client that never starts a handshake is dropped after the timeout.
+    use std::io::Read;
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", fd.port)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = idle.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the agent sent something to a silent client");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "silent client kept for {:?}",
+        t.elapsed()
+    );
+    // Shutdown (SIGTERM in `berth serve`) tears every job down.
+    let state = Path::new("/var/lib/bt/fd-shutdown/jobs").join(&job.id);
+    assert!(state.exists());
+    drop(fd);
+    assert!(!state.exists(), "a job survived the agent's shutdown");
+}
