@@ -28,6 +28,9 @@ use crate::policy::{self, Decision};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+/// Read size on the upstream unix socket.
+const UPSTREAM_READ: usize = 256 * 1024;
+
 /// Limits that protect the agent from a misbehaving client.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
@@ -68,20 +71,16 @@ fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
 
 type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 
+type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// The upstream side of one client connection.
 struct Upstream {
     sender: Option<Sender>,
-    /// Drivers of upstream connections; aborted when the client goes away so
-    /// that dockerd sees the disconnect and cancels the work.
-    drivers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        for d in &self.drivers {
-            d.abort();
-        }
-    }
+    /// Drivers of new upstream connections, polled by the client
+    /// connection's own task: body bytes then move between the two sockets
+    /// without waking another thread, and when the client goes away the
+    /// drivers are dropped, so dockerd sees the disconnect and cancels.
+    drivers: tokio::sync::mpsc::UnboundedSender<Driver>,
 }
 
 /// The raw upstream stream of a hijacked request, handed from the request
@@ -101,13 +100,14 @@ pub async fn serve<IO>(io: IO, jobs: Arc<Jobs>, job: String, peer: SocketAddr, l
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (drivers_tx, mut drivers_rx) = tokio::sync::mpsc::unbounded_channel::<Driver>();
     let ctx = Arc::new(Ctx {
         jobs,
         job,
         peer,
         upstream: tokio::sync::Mutex::new(Upstream {
             sender: None,
-            drivers: Vec::new(),
+            drivers: drivers_tx,
         }),
         hijack: Arc::new(Mutex::new(None)),
     });
@@ -123,7 +123,17 @@ where
         .max_buf_size(limits.max_head.max(8192))
         .serve_connection(TokioIo::new(io), svc)
         .without_shutdown();
-    let parts = match conn.await {
+    tokio::pin!(conn);
+    let mut drivers = futures_util::stream::FuturesUnordered::new();
+    let done = loop {
+        tokio::select! {
+            r = &mut conn => break r,
+            Some(d) = drivers_rx.recv() => drivers.push(d),
+            Some(()) = futures_util::StreamExt::next(&mut drivers), if !drivers.is_empty() => {}
+        }
+    };
+    drop(drivers);
+    let parts = match done {
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(job = %ctx.job, client = %ctx.peer, error = %e, "client connection ended");
@@ -284,12 +294,14 @@ async fn ready_sender<'a>(
     };
     if !alive {
         let stream = tokio::net::UnixStream::connect(socket).await?;
+        // Large reads from dockerd: fewer, bigger body frames cross from the
+        // upstream task to the client's (image save/load, logs, cp).
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .read_buf_exact_size(Some(UPSTREAM_READ))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
-        up.drivers.retain(|d| !d.is_finished());
-        up.drivers.push(tokio::spawn(async move {
+        let _ = up.drivers.send(Box::pin(async move {
             let _ = conn.with_upgrades().await;
         }));
         up.sender = Some(sender);
