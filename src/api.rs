@@ -26,6 +26,9 @@ pub struct Created {
     pub id: String,
     /// `tcp://HOST:PORT` for DOCKER_HOST.
     pub endpoint: String,
+    /// The job's own address on the agent's host: ports the job publishes
+    /// answer there.
+    pub address: String,
     pub expires_at: u64,
     pub ca: String,
     pub cert: String,
@@ -47,6 +50,7 @@ pub async fn serve<IO>(
     local: SocketAddr,
     peer: SocketAddr,
     limits: HttpLimits,
+    stop: tokio_util::sync::CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -54,12 +58,20 @@ pub async fn serve<IO>(
         let jobs = jobs.clone();
         async move { Ok::<_, Infallible>(handle(&jobs, req, local, peer).await) }
     });
-    let r = hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_head.max(8192))
-        .serve_connection(TokioIo::new(io), svc)
-        .await;
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = &mut conn => r,
+        _ = stop.cancelled() => {
+            // Agent shutdown: finish the request in flight, close keep-alive.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(e) = r {
         tracing::debug!(client = %peer, error = %e, "admin connection ended");
     }
@@ -191,6 +203,7 @@ async fn create(
                 &Created {
                     id: view.id,
                     endpoint: format!("tcp://{host}:{}", local.port()),
+                    address: view.address,
                     expires_at: view.expires_at,
                     ca: bundle.ca_pem,
                     cert: bundle.cert_pem,

@@ -31,6 +31,30 @@ pub enum Command {
         #[arg(long)]
         certs_dir: Option<PathBuf>,
     },
+    /// Run a pipeline file in a fresh job and tear the job down afterwards.
+    Run {
+        /// The pipeline (TOML; see pipelines/hello.toml).
+        pipeline: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Use a running agent (HOST:PORT) instead of an embedded one.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// With --endpoint: directory holding admin/{ca,cert,key}.pem.
+        #[arg(long, default_value = "certs")]
+        certs_dir: PathBuf,
+    },
+    /// Check every prerequisite and print a pass/fail table with fixes.
+    Doctor {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Address the agent would listen on.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Certificates directory to check.
+        #[arg(long)]
+        certs_dir: Option<PathBuf>,
+    },
     /// Create, list and remove jobs on an agent.
     #[command(subcommand)]
     Job(JobCmd),
@@ -154,6 +178,13 @@ pub enum CliError {
     Pki(#[from] crate::pki::PkiError),
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error(transparent)]
+    Run(#[from] crate::runner::RunError),
+    /// A pipeline's own result; nothing more to print.
+    #[error("")]
+    Exit(i32),
     #[error("{0}")]
     Job(String),
 }
@@ -169,6 +200,8 @@ impl CliError {
             | CliError::Serve(crate::server::ServeError::Config { .. })
             | CliError::Sandbox(SandboxError::Config(_)) => 64,
             CliError::Sandbox(SandboxError::Prerequisite(_)) => 69,
+            CliError::Pipeline(_) => 64,
+            CliError::Exit(c) => *c,
             _ => 1,
         }
     }
@@ -188,6 +221,12 @@ pub fn load_config(args: &EngineArgs) -> Result<SandboxConfig, CliError> {
 }
 
 fn load_file(args: &EngineArgs) -> Result<FileConfig, CliError> {
+    let cfg = load_file_unvalidated(args)?;
+    cfg.sandbox.validate().map_err(SandboxError::from)?;
+    Ok(cfg)
+}
+
+fn load_file_unvalidated(args: &EngineArgs) -> Result<FileConfig, CliError> {
     let mut cfg = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| CliError::ConfigRead {
@@ -204,7 +243,6 @@ fn load_file(args: &EngineArgs) -> Result<FileConfig, CliError> {
     if let Some(d) = &args.state_dir {
         cfg.sandbox.state_dir = d.clone();
     }
-    cfg.sandbox.validate().map_err(SandboxError::from)?;
     Ok(cfg)
 }
 
@@ -224,13 +262,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 serve.certs_dir = d;
             }
             serve.validate()?;
+            let inherited = crate::server::inherited_listener().map_err(CliError::Usage)?;
             let engine = std::sync::Arc::new(Engine::new(file.sandbox)?);
             for r in engine.recover().await {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "recovery");
                 }
             }
-            let server = crate::server::Server::bind(serve, engine).await?;
+            let server = match inherited {
+                Some(l) => crate::server::Server::from_listener(serve, engine, l).await?,
+                None => crate::server::Server::bind(serve, engine).await?,
+            };
             eprintln!(
                 "berth listening on {} (mutual TLS); admin bundle in {}",
                 server.local_addr(),
@@ -248,6 +290,50 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Job(cmd) => job(cmd).await,
+        Command::Run {
+            pipeline,
+            engine,
+            endpoint,
+            certs_dir,
+        } => {
+            let p = crate::pipeline::Pipeline::load(&pipeline)?;
+            let agent = match endpoint {
+                Some(endpoint) => crate::runner::Agent::Remote {
+                    endpoint,
+                    certs_dir,
+                },
+                None => crate::runner::Agent::Embedded(Box::new(load_config(&engine)?)),
+            };
+            let code = crate::runner::run(p, agent).await?;
+            if code != 0 {
+                return Err(CliError::Exit(code));
+            }
+            Ok(())
+        }
+        Command::Doctor {
+            engine,
+            listen,
+            certs_dir,
+        } => {
+            let file = load_file_unvalidated(&engine)?;
+            let mut serve = file.serve;
+            if let Some(l) = listen {
+                serve.listen = l;
+            }
+            if let Some(d) = certs_dir {
+                serve.certs_dir = d;
+            }
+            let checks = crate::doctor::run(&file.sandbox, &serve);
+            print!("{}", crate::doctor::render(&checks));
+            let failed = checks
+                .iter()
+                .filter(|c| c.verdict == crate::doctor::Verdict::Fail)
+                .count();
+            if failed > 0 {
+                return Err(CliError::Job(format!("{failed} check(s) failed")));
+            }
+            Ok(())
+        }
         Command::Sandbox(SandboxCmd::Up {
             engine,
             memory_mib,

@@ -95,6 +95,8 @@ pub fn parse_duration(t: &str) -> Result<Duration, String> {
 pub struct JobView {
     pub id: String,
     pub status: String,
+    /// The job's address on the agent's host (published ports answer there).
+    pub address: String,
     pub created_at: u64,
     pub expires_at: u64,
     pub labels: BTreeMap<String, String>,
@@ -195,7 +197,12 @@ impl Jobs {
     fn view(&self, id: &str) -> Option<JobView> {
         let meta = self.meta.lock().unwrap();
         let m = meta.get(id)?;
-        let status = match self.engine.get(id).map(|s| s.status()) {
+        let sb = self.engine.get(id);
+        let address = sb
+            .as_ref()
+            .map(|s| s.record().job_ip.to_string())
+            .unwrap_or_default();
+        let status = match sb.map(|s| s.status()) {
             Some(Status::Running) => "running".to_string(),
             Some(Status::Failed(why)) => format!("failed: {why}"),
             Some(Status::Starting) => "starting".into(),
@@ -204,6 +211,7 @@ impl Jobs {
         Some(JobView {
             id: id.to_string(),
             status,
+            address,
             created_at: unix(m.created),
             expires_at: unix(m.expires),
             labels: m.labels.clone(),

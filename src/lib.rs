@@ -5,9 +5,12 @@
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod doctor;
 pub mod jobs;
+pub mod pipeline;
 pub mod pki;
 pub mod policy;
 pub mod proxy;
+pub mod runner;
 pub mod sandbox;
 pub mod server;

@@ -8,12 +8,18 @@ fn main() {
         berth::sandbox::child::stage1_main(args.get(2).map(String::as_str).unwrap_or(""));
     }
     let cli = berth::cli::Cli::parse();
+    // A pipeline's output is the user's: the embedded agent speaks up only
+    // for warnings unless BERTH_LOG says otherwise.
+    let default_log = match cli.command {
+        berth::cli::Command::Run { .. } => "warn",
+        _ => "info",
+    };
     // One TLS provider for the whole process (server, and reqwest as client).
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -25,7 +31,9 @@ fn main() {
         }
     };
     if let Err(e) = rt.block_on(berth::cli::run(cli)) {
-        eprintln!("error: {e}");
+        if !matches!(e, berth::cli::CliError::Exit(_)) {
+            eprintln!("error: {e}");
+        }
         std::process::exit(e.exit_code());
     }
 }

@@ -96,8 +96,14 @@ struct Ctx {
 }
 
 /// Serves one client connection authenticated as job `job`.
-pub async fn serve<IO>(io: IO, jobs: Arc<Jobs>, job: String, peer: SocketAddr, limits: HttpLimits)
-where
+pub async fn serve<IO>(
+    io: IO,
+    jobs: Arc<Jobs>,
+    job: String,
+    peer: SocketAddr,
+    limits: HttpLimits,
+    stop: tokio_util::sync::CancellationToken,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (drivers_tx, mut drivers_rx) = tokio::sync::mpsc::unbounded_channel::<Driver>();
@@ -117,29 +123,31 @@ where
         Box::pin(async move { Ok::<_, Infallible>(handle(&ctx, req).await) })
             as Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>
     });
-    let conn = hyper::server::conn::http1::Builder::new()
+    let mut conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_head.max(8192))
-        .serve_connection(TokioIo::new(io), svc)
-        .without_shutdown();
-    tokio::pin!(conn);
+        .serve_connection(TokioIo::new(io), svc);
     let mut drivers = futures_util::stream::FuturesUnordered::new();
+    let mut stopping = false;
     let done = loop {
         tokio::select! {
-            r = &mut conn => break r,
+            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break r,
             Some(d) = drivers_rx.recv() => drivers.push(d),
             Some(()) = futures_util::StreamExt::next(&mut drivers), if !drivers.is_empty() => {}
+            // Agent shutdown: finish the request in flight, take no more.
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                Pin::new(&mut conn).graceful_shutdown();
+            }
         }
     };
     drop(drivers);
-    let parts = match done {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::debug!(job = %ctx.job, client = %ctx.peer, error = %e, "client connection ended");
-            return;
-        }
-    };
+    if let Err(e) = done {
+        tracing::debug!(job = %ctx.job, client = %ctx.peer, error = %e, "client connection ended");
+        return;
+    }
+    let parts = conn.into_parts();
     let upgraded = ctx.hijack.lock().unwrap().take();
     let mut client = parts.io.into_inner();
     match upgraded {

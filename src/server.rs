@@ -229,6 +229,7 @@ impl Server {
         let local = self.local_addr();
         tracing::info!(listen = %local, "berth serving (mutual TLS)");
         let mut conns = JoinSet::new();
+        let stop = tokio_util::sync::CancellationToken::new();
         tokio::pin!(shutdown);
         loop {
             while conns.try_join_next().is_some() {}
@@ -246,9 +247,17 @@ impl Server {
             };
             let (acceptor, jobs) = (self.acceptor.clone(), self.jobs.clone());
             conns.spawn(connection(
-                tcp, peer, local, acceptor, jobs, handshake, limits,
+                tcp,
+                peer,
+                local,
+                acceptor,
+                jobs,
+                handshake,
+                limits,
+                stop.clone(),
             ));
         }
+        stop.cancel();
         tracing::info!(open = conns.len(), "shutting down: draining connections");
         let drain = Duration::from_secs(self.cfg.drain_secs);
         if tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} })
@@ -263,6 +272,7 @@ impl Server {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -271,6 +281,7 @@ async fn connection(
     jobs: Arc<Jobs>,
     handshake: Duration,
     limits: HttpLimits,
+    stop: tokio_util::sync::CancellationToken,
 ) {
     let _ = tcp.set_nodelay(true);
     // A plain HTTP request on the TLS port: say so in one line, serve nothing.
@@ -306,9 +317,43 @@ async fn connection(
         .and_then(|c| c.first())
         .map(|c| Identity::from_cert_der(c.as_ref()));
     match identity {
-        Some(Ok(Identity::Admin)) => crate::api::serve(tls, jobs, local, peer, limits).await,
-        Some(Ok(Identity::Job(id))) => crate::proxy::serve(tls, jobs, id, peer, limits).await,
+        Some(Ok(Identity::Admin)) => crate::api::serve(tls, jobs, local, peer, limits, stop).await,
+        Some(Ok(Identity::Job(id))) => crate::proxy::serve(tls, jobs, id, peer, limits, stop).await,
         Some(Err(e)) => tracing::warn!(client = %peer, error = %e, "certificate refused"),
         None => tracing::warn!(client = %peer, "no client certificate"),
     }
+}
+
+/// A listening socket handed over by systemd socket activation
+/// (`LISTEN_FDS=1`, `LISTEN_PID` = this process, the socket on fd 3).
+pub fn inherited_listener() -> Result<Option<std::net::TcpListener>, String> {
+    let Ok(n) = std::env::var("LISTEN_FDS") else {
+        return Ok(None);
+    };
+    let for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    if !for_us {
+        return Ok(None);
+    }
+    if n.trim() != "1" {
+        return Err(format!(
+            "LISTEN_FDS={n}: berth takes exactly one socket (berth.socket with one ListenStream)"
+        ));
+    }
+    // The variables stay in our environment; job helpers start with a
+    // cleared one, so no child takes them for its own.
+    use std::os::fd::FromRawFd;
+    let kind = nix::sys::socket::getsockopt(
+        // SAFETY: fd 3 is the activation socket by the protocol; borrowed only.
+        &unsafe { std::os::fd::BorrowedFd::borrow_raw(3) },
+        nix::sys::socket::sockopt::SockType,
+    )
+    .map_err(|e| format!("LISTEN_FDS: fd 3 is not a socket: {e}"))?;
+    if kind != nix::sys::socket::SockType::Stream {
+        return Err("LISTEN_FDS: fd 3 is not a stream socket".into());
+    }
+    // SAFETY: fd 3 belongs to this process from here on (protocol above).
+    Ok(Some(unsafe { std::net::TcpListener::from_raw_fd(3) }))
 }

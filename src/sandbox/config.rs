@@ -126,7 +126,7 @@ impl Default for SandboxConfig {
             cgroup_root: "/sys/fs/cgroup".into(),
             cgroup_parent: "berth".into(),
             proc_root: "/proc".into(),
-            stop_grace: Duration::from_secs(5),
+            stop_grace: Duration::from_secs(3),
             ready_timeout: Duration::from_secs(30),
             default_limits: Limits {
                 memory_bytes: Some(4 << 30),

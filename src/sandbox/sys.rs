@@ -142,6 +142,14 @@ pub fn fork() -> Result<Option<i32>, SysError> {
 /// Must only be called in a `pre_exec` hook: it uses nothing but `dup2`,
 /// which is async-signal-safe.
 pub unsafe fn dup_to_fd3(fd: i32) -> std::io::Result<()> {
+    if fd == 3 {
+        // dup2(3, 3) is a no-op that would leave close-on-exec set.
+        // SAFETY: fcntl is async-signal-safe and touches only the fd table.
+        if unsafe { libc::fcntl(3, libc::F_SETFD, 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        return Ok(());
+    }
     // SAFETY: dup2 is async-signal-safe and touches only the fd table.
     if unsafe { libc::dup2(fd, 3) } < 0 {
         return Err(std::io::Error::last_os_error());

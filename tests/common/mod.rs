@@ -615,3 +615,31 @@ pub async fn tls_request(port: u16, bundle_dir: &Path, raw: &[u8]) -> std::io::R
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
     Ok(out)
 }
+
+/// Writes a berth.toml for test `n` (its own state dir and pools) and
+/// returns its path.
+pub fn write_config(n: u32, name: &str, extra_sandbox: &str) -> PathBuf {
+    let cfg = engine_config(n, name);
+    std::fs::create_dir_all("/var/lib/bt").unwrap();
+    let path = PathBuf::from(format!("/var/lib/bt/{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[sandbox]\nstate_dir = {:?}\nuid_base = {}\nuid_ranges = {}\nnet_pool = \"{}\"\nnet_pool_prefix = {}\ndns_upstreams = [\"127.0.0.1:9\"]\n{extra_sandbox}\n",
+            cfg.state_dir, cfg.uid_base, cfg.uid_ranges, cfg.net_pool, cfg.net_pool_prefix
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Job directories left in a state dir.
+pub fn jobs_left(name: &str) -> Vec<String> {
+    std::fs::read_dir(format!("/var/lib/bt/{name}/jobs"))
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}

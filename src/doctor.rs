@@ -1,0 +1,323 @@
+//! `berth doctor`: checks every prerequisite of the agent and prints a
+//! pass/fail table with the fix for each failure.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::sandbox::{SandboxConfig, cgroup, slots};
+use crate::server::ServeConfig;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Pass,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: &'static str,
+    pub verdict: Verdict,
+    pub detail: String,
+    /// What to do about a failure or warning.
+    pub fix: String,
+}
+
+fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        verdict: Verdict::Pass,
+        detail: detail.into(),
+        fix: String::new(),
+    }
+}
+
+fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        name,
+        verdict: Verdict::Fail,
+        detail: detail.into(),
+        fix: fix.into(),
+    }
+}
+
+fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        name,
+        verdict: Verdict::Warn,
+        detail: detail.into(),
+        fix: fix.into(),
+    }
+}
+
+fn version_of(prog: &Path, arg: &str) -> Option<String> {
+    let out = std::process::Command::new(prog).arg(arg).output().ok()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    text.lines().next().map(|l| l.trim().to_string())
+}
+
+/// Runs every check. Nothing is changed on the host (the cgroup check only
+/// looks at permissions; it creates nothing).
+pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
+    let mut out = Vec::new();
+    out.push(if nix::unistd::geteuid().is_root() {
+        pass("root", "running as root")
+    } else {
+        fail(
+            "root",
+            "not root",
+            "run the agent as root (it creates user namespaces, cgroups and links)",
+        )
+    });
+
+    let max_userns = std::fs::read_to_string(sb.proc_root.join("sys/user/max_user_namespaces"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    out.push(match max_userns {
+        _ if !sb.proc_root.join("self/ns/user").exists() => fail(
+            "user namespaces",
+            "the kernel has no user namespaces",
+            "use a kernel built with CONFIG_USER_NS",
+        ),
+        Some(0) => fail(
+            "user namespaces",
+            "user.max_user_namespaces = 0",
+            "sysctl -w user.max_user_namespaces=28633",
+        ),
+        Some(n) => pass("user namespaces", format!("enabled (max {n})")),
+        None => warn(
+            "user namespaces",
+            "max_user_namespaces unreadable",
+            "check /proc/sys/user",
+        ),
+    });
+
+    out.push(match sb.validate() {
+        Err(e) => fail(
+            "configuration",
+            e.to_string(),
+            "fix the key named in the message",
+        ),
+        Ok(()) => pass("configuration", "valid"),
+    });
+
+    let mut reserved = slots::read_subid(&sb.subuid_file).unwrap_or_default();
+    reserved.extend(slots::read_subid(&sb.subgid_file).unwrap_or_default());
+    let usable = slots::usable_slots(sb, &reserved).len();
+    let claimed = std::fs::read_dir(slots::slots_dir(&sb.state_dir))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    out.push(if usable == 0 {
+        fail(
+            "uid pool",
+            format!(
+                "no usable range in {} ranges from {}",
+                sb.uid_ranges, sb.uid_base
+            ),
+            "move uid_base away from /etc/subuid and /etc/subgid entries, or raise uid_ranges",
+        )
+    } else if usable <= claimed {
+        fail(
+            "uid pool",
+            format!("all {usable} ranges in use"),
+            "raise uid_ranges or end jobs",
+        )
+    } else {
+        pass(
+            "uid pool",
+            format!(
+                "{} of {usable} ranges free (65536 ids each, from {})",
+                usable - claimed,
+                sb.uid_base
+            ),
+        )
+    });
+
+    out.push(match version_of(&sb.dockerd, "--version") {
+        Some(v) if v.contains("Docker") => {
+            pass("dockerd", format!("{} ({})", sb.dockerd.display(), v))
+        }
+        _ => fail(
+            "dockerd",
+            format!("{} not found or not working", sb.dockerd.display()),
+            "apt-get install docker.io (or set sandbox.dockerd)",
+        ),
+    });
+    for (prog, pkg) in [("ip", "iproute2"), ("iptables", "iptables")] {
+        out.push(match version_of(Path::new(prog), "-V") {
+            Some(v) => pass(if prog == "ip" { "ip" } else { "iptables" }, v),
+            None => fail(
+                if prog == "ip" { "ip" } else { "iptables" },
+                format!("`{prog}` not found"),
+                format!("apt-get install {pkg}"),
+            ),
+        });
+    }
+
+    let mountinfo =
+        std::fs::read_to_string(sb.proc_root.join("self/mountinfo")).unwrap_or_default();
+    out.push(match cgroup::detect(&mountinfo, &sb.cgroup_root) {
+        Err(e) => warn(
+            "cgroups",
+            format!("{e}: jobs would run dockerd --rootless without limits"),
+            "mount cgroup2 (or the v1 hierarchies) read-write at /sys/fs/cgroup",
+        ),
+        Ok(layout) => {
+            let dirs: Vec<std::path::PathBuf> = match &layout {
+                cgroup::Layout::V1 { hierarchies } => {
+                    hierarchies.iter().map(|h| h.mount.clone()).collect()
+                }
+                cgroup::Layout::V2 { mount } => vec![mount.clone()],
+            };
+            let writable = dirs
+                .iter()
+                .all(|d| nix::unistd::access(d, nix::unistd::AccessFlags::W_OK).is_ok());
+            let kind = match layout {
+                cgroup::Layout::V1 { .. } => format!("v1, {} hierarchies", dirs.len()),
+                cgroup::Layout::V2 { .. } => "v2".to_string(),
+            };
+            if writable {
+                pass(
+                    "cgroups",
+                    format!("{kind}, writable: jobs get delegated cgroups"),
+                )
+            } else {
+                warn(
+                    "cgroups",
+                    format!(
+                        "{kind}, not writable: jobs would run dockerd --rootless without limits"
+                    ),
+                    "give the agent a writable cgroup filesystem (systemd: Delegate=yes)",
+                )
+            }
+        }
+    });
+
+    let fwd =
+        std::fs::read_to_string(sb.proc_root.join("sys/net/ipv4/ip_forward")).unwrap_or_default();
+    out.push(if fwd.trim() == "1" {
+        pass("ip forwarding", "enabled")
+    } else {
+        pass(
+            "ip forwarding",
+            "off now; the agent turns it on at start (jobs need it for egress)",
+        )
+    });
+
+    out.push(pass(
+        "tun device",
+        "not needed: job links are veth pairs in the kernel (no slirp4netns/pasta)",
+    ));
+
+    out.push(check_port(serve.listen));
+    out.push(check_certs(&serve.certs_dir));
+    out
+}
+
+fn check_port(addr: SocketAddr) -> Check {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => pass("port", format!("{addr} is free")),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let agent = std::net::TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], addr.port())),
+                std::time::Duration::from_secs(1),
+            )
+            .is_ok();
+            warn(
+                "port",
+                format!(
+                    "{addr} is in use{}",
+                    if agent {
+                        " (an agent may be running)"
+                    } else {
+                        ""
+                    }
+                ),
+                "stop the other listener or choose --listen",
+            )
+        }
+        Err(e) => fail("port", format!("{addr}: {e}"), "choose another --listen"),
+    }
+}
+
+fn check_certs(dir: &Path) -> Check {
+    use std::os::unix::fs::PermissionsExt;
+    let ca = dir.join("ca/cert.pem");
+    if !ca.exists() {
+        return pass(
+            "certificates",
+            format!(
+                "{} has no CA yet: `berth serve` creates one at first start",
+                dir.display()
+            ),
+        );
+    }
+    for key in ["ca/key.pem", "server/key.pem", "admin/key.pem"] {
+        let p = dir.join(key);
+        if let Ok(m) = std::fs::metadata(&p)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            return fail(
+                "certificates",
+                format!(
+                    "{} is readable by others (mode {:o})",
+                    p.display(),
+                    m.permissions().mode() & 0o777
+                ),
+                format!("chmod 600 {}", p.display()),
+            );
+        }
+    }
+    match crate::pki::Ca::load_or_create(dir) {
+        Ok(_) => pass(
+            "certificates",
+            format!("CA in {} loads; keys are 0600", dir.display()),
+        ),
+        Err(e) => fail(
+            "certificates",
+            e.to_string(),
+            "restore the CA files or move them away to start fresh",
+        ),
+    }
+}
+
+/// The table, one check a line, failures with their fix.
+pub fn render(checks: &[Check]) -> String {
+    let w = checks.iter().map(|c| c.name.len()).max().unwrap_or(5);
+    let mut s = format!("{:<w$}  {:<6}  DETAIL\n", "CHECK", "RESULT");
+    for c in checks {
+        let r = match c.verdict {
+            Verdict::Pass => "ok",
+            Verdict::Warn => "WARN",
+            Verdict::Fail => "FAIL",
+        };
+        s.push_str(&format!("{:<w$}  {r:<6}  {}\n", c.name, c.detail));
+        if !c.fix.is_empty() {
+            s.push_str(&format!("{:<w$}  {:<6}  fix: {}\n", "", "", c.fix));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_dockerd_fails_with_its_fix() {
+        let sb = SandboxConfig {
+            dockerd: "/nonexistent/dockerd".into(),
+            ..Default::default()
+        };
+        let checks = run(&sb, &ServeConfig::default());
+        let d = checks.iter().find(|c| c.name == "dockerd").unwrap();
+        assert_eq!(d.verdict, Verdict::Fail);
+        assert!(d.fix.contains("apt-get install docker.io"));
+        let table = render(&checks);
+        assert!(
+            table.contains("FAIL") && table.contains("fix: apt-get install docker.io"),
+            "{table}"
+        );
+    }
+}

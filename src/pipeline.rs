@@ -1,0 +1,252 @@
+//! Pipeline files for `berth run`: TOML, a name, optional environment for
+//! every step, and steps, each a shell command with its own environment and
+//! timeout. Steps run in the pipeline file's directory with the job's
+//! `DOCKER_*` variables set.
+//!
+//! ```toml
+//! name = "hello"
+//! ttl = "30m"                 # job lifetime (default: sum of step timeouts + 5m)
+//! [env]
+//! APP = "hello-app"
+//!
+//! [[step]]
+//! name = "build"
+//! run = "docker build -t $APP:1 apps/hello"
+//! timeout = "10m"            # default 30m
+//! env = { DOCKER_BUILDKIT = "0" }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::jobs::parse_duration;
+
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Variables berth sets for every step; a pipeline may not override them.
+pub const RESERVED: [&str; 5] = [
+    "DOCKER_HOST",
+    "DOCKER_TLS_VERIFY",
+    "DOCKER_CERT_PATH",
+    "BERTH_JOB_ID",
+    "BERTH_JOB_ADDR",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("cannot read pipeline {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pipeline {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("pipeline {path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: String,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default, rename = "step")]
+    steps: Vec<RawStep>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: String,
+    run: String,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub name: String,
+    pub run: String,
+    /// Pipeline environment overlaid with the step's own.
+    pub env: BTreeMap<String, String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    /// Directory steps run in (the pipeline file's).
+    pub dir: PathBuf,
+    pub ttl: Duration,
+    pub steps: Vec<Step>,
+}
+
+fn valid_env_name(k: &str) -> bool {
+    let mut c = k.chars();
+    matches!(c.next(), Some(ch) if ch == '_' || ch.is_ascii_alphabetic())
+        && c.all(|ch| ch == '_' || ch.is_ascii_alphanumeric())
+}
+
+impl Pipeline {
+    pub fn load(path: &Path) -> Result<Pipeline, PipelineError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let dir = std::fs::canonicalize(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("."));
+        Pipeline::parse(&text, path, dir)
+    }
+
+    pub fn parse(text: &str, path: &Path, dir: PathBuf) -> Result<Pipeline, PipelineError> {
+        let raw: RawPipeline = toml::from_str(text).map_err(|source| PipelineError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        let invalid = |what: String| PipelineError::Invalid {
+            path: path.into(),
+            what,
+        };
+        if raw.name.trim().is_empty() {
+            return Err(invalid("name must not be empty".into()));
+        }
+        if raw.steps.is_empty() {
+            return Err(invalid("no steps: add at least one [[step]]".into()));
+        }
+        let check_env = |env: &BTreeMap<String, String>, whose: &str| {
+            for k in env.keys() {
+                if !valid_env_name(k) {
+                    return Err(invalid(format!(
+                        "{whose}: {k:?} is not a valid variable name"
+                    )));
+                }
+                if RESERVED.contains(&k.as_str()) {
+                    return Err(invalid(format!(
+                        "{whose}: {k} is set by berth for the job and cannot be overridden"
+                    )));
+                }
+            }
+            Ok(())
+        };
+        check_env(&raw.env, "env")?;
+        let mut steps = Vec::new();
+        let mut total = Duration::ZERO;
+        for (i, s) in raw.steps.into_iter().enumerate() {
+            let whose = format!("step {} ({:?})", i + 1, s.name);
+            if s.name.trim().is_empty() {
+                return Err(invalid(format!("step {}: name must not be empty", i + 1)));
+            }
+            if steps.iter().any(|x: &Step| x.name == s.name) {
+                return Err(invalid(format!("{whose}: two steps have this name")));
+            }
+            if s.run.trim().is_empty() {
+                return Err(invalid(format!("{whose}: run must not be empty")));
+            }
+            check_env(&s.env, &whose)?;
+            let timeout = match &s.timeout {
+                Some(t) => {
+                    parse_duration(t).map_err(|e| invalid(format!("{whose}: timeout: {e}")))?
+                }
+                None => DEFAULT_STEP_TIMEOUT,
+            };
+            if timeout.is_zero() {
+                return Err(invalid(format!("{whose}: timeout must be positive")));
+            }
+            total += timeout;
+            let mut env = raw.env.clone();
+            env.extend(s.env);
+            steps.push(Step {
+                name: s.name,
+                run: s.run,
+                env,
+                timeout,
+            });
+        }
+        let ttl = match &raw.ttl {
+            Some(t) => parse_duration(t).map_err(|e| invalid(format!("ttl: {e}")))?,
+            None => total + Duration::from_secs(300),
+        };
+        Ok(Pipeline {
+            name: raw.name,
+            dir,
+            ttl,
+            steps,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Pipeline, PipelineError> {
+        Pipeline::parse(t, Path::new("p.toml"), PathBuf::from("/x"))
+    }
+
+    #[test]
+    fn parses_steps_with_merged_env_and_timeouts() {
+        let p = parse(
+            r#"
+name = "demo"
+[env]
+A = "1"
+B = "2"
+[[step]]
+name = "one"
+run = "true"
+env = { B = "3" }
+timeout = "90s"
+[[step]]
+name = "two"
+run = "echo"
+"#,
+        )
+        .unwrap();
+        assert_eq!(p.steps.len(), 2);
+        assert_eq!(p.steps[0].env["B"], "3");
+        assert_eq!(p.steps[0].env["A"], "1");
+        assert_eq!(p.steps[0].timeout, Duration::from_secs(90));
+        assert_eq!(p.steps[1].timeout, DEFAULT_STEP_TIMEOUT);
+        assert_eq!(
+            p.ttl,
+            Duration::from_secs(90) + DEFAULT_STEP_TIMEOUT + Duration::from_secs(300)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_step_and_the_key() {
+        let e = parse("name = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("no steps"), "{e}");
+        let e = parse("name = \"x\"\n[[step]]\nname = \"a\"\nrun = \"true\"\ntimeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step 1") && e.contains("timeout"), "{e}");
+        let e = parse(
+            "name = \"x\"\n[[step]]\nname = \"a\"\nrun = \"true\"\nenv = { DOCKER_HOST = \"y\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("DOCKER_HOST"), "{e}");
+        let e = parse("name = \"x\"\n[[step]]\nname = \"a\"\nrun = \"true\"\nrnu = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rnu"), "{e}");
+        let e = parse("name = \"x\"\n[[step]]\nname = \"a\"\nrun = \"true\"\n[[step]]\nname = \"a\"\nrun = \"true\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("two steps"), "{e}");
+    }
+}

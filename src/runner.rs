@@ -1,0 +1,379 @@
+//! `berth run PIPELINE`: an ephemeral runner. It uses an agent (an embedded
+//! one on a loopback port, or `--endpoint` with an admin bundle), creates one
+//! job, runs the steps with the job's `DOCKER_*` environment, streams their
+//! output under step headers with a progress line on a terminal, prints a
+//! summary, and tears the job down whatever happens (success, failure,
+//! timeout, Ctrl-C or SIGTERM). The exit code is the pipeline's result.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+
+use crate::client::AgentClient;
+use crate::pipeline::{Pipeline, Step};
+use crate::sandbox::{Engine, SandboxConfig};
+use crate::server::{ServeConfig, Server};
+
+/// Exit codes beyond a failed step's own.
+pub const EXIT_TIMEOUT: i32 = 124;
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error(transparent)]
+    Serve(#[from] crate::server::ServeError),
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("{0}")]
+    Io(String),
+}
+
+pub enum Agent {
+    /// Start an agent inside this process on 127.0.0.1.
+    Embedded(Box<SandboxConfig>),
+    /// Use a running agent.
+    Remote {
+        endpoint: String,
+        certs_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    Ok,
+    Failed(i32),
+    TimedOut,
+    Interrupted,
+    Skipped,
+    Broken(String),
+}
+
+struct Display {
+    tty: bool,
+    status: Option<String>,
+    /// The last output did not end with a newline: the status line waits.
+    mid_line: bool,
+}
+
+impl Display {
+    fn out(&mut self, bytes: &[u8]) {
+        let mut o = std::io::stdout().lock();
+        if self.tty && self.status.is_some() && !self.mid_line {
+            let _ = o.write_all(b"\r\x1b[2K");
+        }
+        let _ = o.write_all(bytes);
+        self.mid_line = !bytes.ends_with(b"\n");
+        if self.tty
+            && !self.mid_line
+            && let Some(s) = &self.status
+        {
+            let _ = write!(o, "{s}");
+        }
+        let _ = o.flush();
+    }
+
+    fn line(&mut self, text: &str) {
+        let mut s = String::new();
+        if self.mid_line {
+            s.push('\n');
+        }
+        s.push_str(text);
+        s.push('\n');
+        self.out(s.as_bytes());
+    }
+
+    fn set_status(&mut self, status: Option<String>) {
+        if !self.tty {
+            return;
+        }
+        let mut o = std::io::stdout().lock();
+        if !self.mid_line {
+            let _ = o.write_all(b"\r\x1b[2K");
+            if let Some(s) = &status {
+                let _ = write!(o, "{s}");
+            }
+            let _ = o.flush();
+        }
+        self.status = status;
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+const SPINNER: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+
+/// Runs the pipeline; returns its exit code.
+pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
+    let started = Instant::now();
+    let mut display = Display {
+        tty: std::io::stdout().is_terminal(),
+        status: None,
+        mid_line: false,
+    };
+    // The embedded agent, if any: serves until we are done, then its
+    // shutdown tears down whatever is left.
+    let mut embedded = None;
+    let client = match agent {
+        Agent::Remote {
+            endpoint,
+            certs_dir,
+        } => AgentClient::new(&endpoint, &certs_dir)?,
+        Agent::Embedded(cfg) => {
+            let certs_dir = cfg.state_dir.join("runner-certs");
+            let engine = Arc::new(Engine::new(*cfg)?);
+            for r in engine.recover().await {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "recovery");
+                }
+            }
+            let server = Server::bind(
+                ServeConfig {
+                    listen: ([127, 0, 0, 1], 0).into(),
+                    certs_dir: certs_dir.clone(),
+                    ..ServeConfig::default()
+                },
+                engine,
+            )
+            .await?;
+            let endpoint = server.local_addr().to_string();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(server.run(async {
+                let _ = stopped.await;
+            }));
+            embedded = Some((stop, task));
+            AgentClient::new(&endpoint, &certs_dir)?
+        }
+    };
+
+    let ttl = pipeline.ttl.as_secs().max(1);
+    let created = client
+        .create(&serde_json::json!({ "ttl": ttl, "labels": { "pipeline": pipeline.name } }))
+        .await;
+    let created = match created {
+        Ok(c) => c,
+        Err(e) => {
+            stop_embedded(embedded).await;
+            return Err(e.into());
+        }
+    };
+    let bundle_dir = std::env::temp_dir().join(format!("berth-run-{}", created.id));
+    let write = crate::pki::Bundle {
+        ca_pem: created.ca.clone(),
+        cert_pem: created.cert.clone(),
+        key_pem: created.key.clone(),
+    }
+    .write_to(&bundle_dir);
+    display.line(&format!(
+        "berth: pipeline {} on job {} ({} steps)",
+        pipeline.name,
+        created.id,
+        pipeline.steps.len()
+    ));
+    let mut results: Vec<(String, Outcome, Option<Duration>)> = Vec::new();
+    if let Err(e) = write {
+        results.push((
+            "(job certificate)".into(),
+            Outcome::Broken(e.to_string()),
+            None,
+        ));
+    }
+    let base_env = vec![
+        ("DOCKER_HOST".to_string(), created.endpoint.clone()),
+        ("DOCKER_TLS_VERIFY".to_string(), "1".to_string()),
+        (
+            "DOCKER_CERT_PATH".to_string(),
+            bundle_dir.display().to_string(),
+        ),
+        ("BERTH_JOB_ID".to_string(), created.id.clone()),
+        ("BERTH_JOB_ADDR".to_string(), created.address.clone()),
+    ];
+    let total = pipeline.steps.len();
+    let mut stop = !results.is_empty();
+    for (i, step) in pipeline.steps.iter().enumerate() {
+        if stop {
+            results.push((step.name.clone(), Outcome::Skipped, None));
+            continue;
+        }
+        display.line(&format!("── [{}/{}] {} ──", i + 1, total, step.name));
+        let t0 = Instant::now();
+        let outcome = run_step(step, &pipeline.dir, &base_env, &mut display, i + 1, total).await;
+        let took = t0.elapsed();
+        display.set_status(None);
+        let verdict = match &outcome {
+            Outcome::Ok => format!("✓ {} ({})", step.name, secs(took)),
+            Outcome::Failed(c) => {
+                format!("✗ {} failed with exit code {c} ({})", step.name, secs(took))
+            }
+            Outcome::TimedOut => format!("✗ {} timed out after {}", step.name, secs(step.timeout)),
+            Outcome::Interrupted => format!("✗ {} interrupted ({})", step.name, secs(took)),
+            Outcome::Broken(e) => format!("✗ {} could not run: {e}", step.name),
+            Outcome::Skipped => String::new(),
+        };
+        display.line(&verdict);
+        stop = outcome != Outcome::Ok;
+        results.push((step.name.clone(), outcome, Some(took)));
+    }
+
+    // Teardown, whatever happened.
+    let t0 = Instant::now();
+    let teardown = client.delete(&created.id).await;
+    // Close our pooled connection so the embedded agent drains at once.
+    drop(client);
+    stop_embedded(embedded).await;
+    let _ = std::fs::remove_dir_all(&bundle_dir);
+    match &teardown {
+        Ok(()) => display.line(&format!(
+            "berth: job {} torn down ({})",
+            created.id,
+            secs(t0.elapsed())
+        )),
+        Err(e) => display.line(&format!(
+            "berth: teardown of job {} failed: {e}",
+            created.id
+        )),
+    }
+
+    let code = results
+        .iter()
+        .find_map(|(_, o, _)| match o {
+            Outcome::Ok | Outcome::Skipped => None,
+            Outcome::Failed(c) => Some(*c),
+            Outcome::TimedOut => Some(EXIT_TIMEOUT),
+            Outcome::Interrupted => Some(EXIT_INTERRUPTED),
+            Outcome::Broken(_) => Some(1),
+        })
+        .unwrap_or(if teardown.is_ok() { 0 } else { 1 });
+    let width = results
+        .iter()
+        .map(|(n, _, _)| n.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut summary = format!(
+        "\npipeline {}: {} in {}\n  {:>2}  {:<width$}  {:<12}  {}\n",
+        pipeline.name,
+        if code == 0 { "passed" } else { "FAILED" },
+        secs(started.elapsed()),
+        "#",
+        "step",
+        "result",
+        "time"
+    );
+    for (i, (name, o, took)) in results.iter().enumerate() {
+        let r = match o {
+            Outcome::Ok => "ok".to_string(),
+            Outcome::Failed(c) => format!("failed ({c})"),
+            Outcome::TimedOut => "timed out".into(),
+            Outcome::Interrupted => "interrupted".into(),
+            Outcome::Skipped => "skipped".into(),
+            Outcome::Broken(_) => "error".into(),
+        };
+        let t = took.map(secs).unwrap_or_else(|| "-".into());
+        summary.push_str(&format!("  {:>2}  {name:<width$}  {r:<12}  {t}\n", i + 1));
+    }
+    display.out(summary.as_bytes());
+    Ok(code)
+}
+
+async fn stop_embedded(
+    embedded: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+) {
+    if let Some((stop, task)) = embedded {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+}
+
+async fn run_step(
+    step: &Step,
+    dir: &std::path::Path,
+    base_env: &[(String, String)],
+    display: &mut Display,
+    n: usize,
+    total: usize,
+) -> Outcome {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(&step.run)
+        .current_dir(dir)
+        .envs(step.env.iter())
+        .envs(base_env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group: timeout and Ctrl-C end the whole step.
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Outcome::Broken(format!("cannot start sh: {e}")),
+    };
+    let pgid = child.id().map(|p| p as i32);
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let (mut ob, mut eb) = (vec![0u8; 16384], vec![0u8; 16384]);
+    let deadline = tokio::time::Instant::now() + step.timeout;
+    let t0 = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(120));
+    let mut frame = 0usize;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let outcome = loop {
+        tokio::select! {
+            r = async { out.as_mut().unwrap().read(&mut ob).await }, if out.is_some() => match r {
+                Ok(0) | Err(_) => out = None,
+                Ok(k) => display.out(&ob[..k]),
+            },
+            r = async { err.as_mut().unwrap().read(&mut eb).await }, if err.is_some() => match r {
+                Ok(0) | Err(_) => err = None,
+                Ok(k) => display.out(&eb[..k]),
+            },
+            s = child.wait(), if out.is_none() && err.is_none() => break match s {
+                Ok(s) if s.success() => Outcome::Ok,
+                Ok(s) => Outcome::Failed(s.code().unwrap_or_else(|| {
+                    128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(0)
+                })),
+                Err(e) => Outcome::Broken(e.to_string()),
+            },
+            _ = tokio::time::sleep_until(deadline) => break Outcome::TimedOut,
+            _ = tokio::signal::ctrl_c() => break Outcome::Interrupted,
+            _ = async { term.as_mut().unwrap().recv().await }, if term.is_some() => break Outcome::Interrupted,
+            _ = tick.tick() => {
+                frame = frame.wrapping_add(1);
+                display.set_status(Some(format!(
+                    "{} [{n}/{total}] {} — {}",
+                    SPINNER[frame % SPINNER.len()],
+                    step.name,
+                    secs(t0.elapsed())
+                )));
+            }
+        }
+    };
+    if matches!(outcome, Outcome::TimedOut | Outcome::Interrupted)
+        && let Some(pg) = pgid
+    {
+        let pg = nix::unistd::Pid::from_raw(pg);
+        let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGTERM);
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait().await;
+        }
+    }
+    outcome
+}

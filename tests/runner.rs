@@ -1,0 +1,327 @@
+//! `berth run`, `berth doctor` and socket activation, through the real
+//! binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn berth() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_berth"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn pipeline(name: &str, body: &str) -> PathBuf {
+    let dir = PathBuf::from(format!("/var/lib/bt/pipelines-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("pipeline.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn no_rules_for(name: &str) {
+    let rules = Command::new("iptables-save").output().unwrap();
+    let text = String::from_utf8_lossy(&rules.stdout);
+    for id in jobs_left(name) {
+        assert!(!text.contains(&id), "rules of job {id} survived");
+    }
+}
+
+#[test]
+fn the_hello_pipeline_runs_end_to_end_and_cleans_up() {
+    if !prerequisites() {
+        return;
+    }
+    let cfg = write_config(30, "run-hello", "");
+    let out = berth()
+        .arg("run")
+        .arg(repo().join("pipelines/hello.toml"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "── [1/4] base image ──",
+        "Successfully tagged hello-app:1",
+        "PASS: 3 checks",
+        "hello from berth",
+        "pipeline hello: passed",
+        "torn down",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    assert!(
+        jobs_left("run-hello").is_empty(),
+        "a job survived: {:?}",
+        jobs_left("run-hello")
+    );
+}
+
+#[test]
+fn a_failing_step_fails_the_run_skips_the_rest_and_tears_down() {
+    if !prerequisites() {
+        return;
+    }
+    let cfg = write_config(31, "run-fail", "");
+    let p = pipeline(
+        "fail",
+        r#"
+name = "failing"
+[[step]]
+name = "fine"
+run = "docker version --format '{{.Server.APIVersion}}'"
+[[step]]
+name = "breaks"
+run = "echo about to fail; exit 3"
+[[step]]
+name = "never"
+run = "echo SHOULD-NOT-RUN"
+"#,
+    );
+    let out = berth()
+        .arg("run")
+        .arg(&p)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("1.41"), "{text}");
+    assert!(
+        text.contains("failed (3)") && text.contains("skipped"),
+        "{text}"
+    );
+    assert!(!text.contains("SHOULD-NOT-RUN"));
+    assert!(text.contains("pipeline failing: FAILED"));
+    assert!(jobs_left("run-fail").is_empty());
+    no_rules_for("run-fail");
+
+    // A step over its timeout is stopped, and the run says so (exit 124).
+    let p = pipeline(
+        "timeout",
+        "name = \"slow\"\n[[step]]\nname = \"sleeps\"\nrun = \"sleep 60\"\ntimeout = \"1s\"\n",
+    );
+    let t = Instant::now();
+    let out = berth()
+        .arg("run")
+        .arg(&p)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("timed out"));
+    assert!(jobs_left("run-fail").is_empty());
+}
+
+#[test]
+fn ctrl_c_mid_step_stops_the_step_and_tears_the_job_down() {
+    if !prerequisites() {
+        return;
+    }
+    let cfg = write_config(32, "run-sigint", "");
+    let marker = format!("berth-sigint-{}", std::process::id());
+    let p = pipeline(
+        "sigint",
+        &format!(
+            "name = \"interrupted\"\n[[step]]\nname = \"long\"\nrun = \"echo started; sleep 120 # {marker}\"\n"
+        ),
+    );
+    let mut child = berth()
+        .arg("run")
+        .arg(&p)
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("started") {
+            break;
+        }
+    }
+    assert!(seen.contains("started"), "{seen}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{}", rest.join("\n"));
+    assert!(t.elapsed() < Duration::from_secs(20));
+    assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
+    assert!(jobs_left("run-sigint").is_empty());
+    // The step's process group is gone too.
+    let ps = Command::new("pgrep")
+        .args(["-f", &marker])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "step survived: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+}
+
+#[test]
+fn doctor_reports_a_missing_prerequisite_with_its_fix() {
+    if !prerequisites() {
+        return;
+    }
+    let ok_cfg = write_config(33, "doctor-ok", "");
+    let out = berth()
+        .args([
+            "doctor",
+            "--listen",
+            "127.0.0.1:0",
+            "--certs-dir",
+            "/var/lib/bt/doctor-certs",
+            "--config",
+        ])
+        .arg(&ok_cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for check in [
+        "root",
+        "user namespaces",
+        "uid pool",
+        "dockerd",
+        "cgroups",
+        "iptables",
+        "port",
+        "certificates",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(check) && l.contains(" ok ")),
+            "{check}: {text}"
+        );
+    }
+    let bad = write_config(33, "doctor-bad", "dockerd = \"/nonexistent/dockerd\"");
+    let out = berth()
+        .args(["doctor", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("dockerd") && l.contains("FAIL")),
+        "{text}"
+    );
+    assert!(text.contains("fix: apt-get install docker.io"), "{text}");
+}
+
+#[test]
+fn serve_takes_a_socket_from_systemd_socket_activation() {
+    if !prerequisites() {
+        return;
+    }
+    let cfg = write_config(34, "socket-act", "");
+    let certs = Path::new("/var/lib/bt/socket-act-certs");
+    let _ = std::fs::remove_dir_all(certs);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    // As systemd does: the socket on fd 3, LISTEN_PID = the service's pid.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS=1 exec {} serve --config {} --certs-dir {}",
+            env!("CARGO_BIN_EXE_berth"),
+            cfg.display(),
+            certs.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only dup2/fcntl between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            // dup2(3, 3) would keep close-on-exec: clear it instead.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut agent = cmd.spawn().unwrap();
+    drop(listener);
+    let mut err = BufReader::new(agent.stderr.take().unwrap()).lines();
+    let first = err.next().unwrap().unwrap();
+    assert!(first.contains(&format!("127.0.0.1:{port}")), "{first}");
+    std::thread::spawn(move || for _ in err {});
+    let out = berth()
+        .args([
+            "job",
+            "create",
+            "--json",
+            "--endpoint",
+            &format!("127.0.0.1:{port}"),
+            "--certs-dir",
+        ])
+        .arg(certs)
+        .arg("--out")
+        .arg(certs.join("job"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job = TlsJob {
+        id: v["id"].as_str().unwrap().into(),
+        dir: certs.join("job"),
+        endpoint: v["endpoint"].as_str().unwrap().into(),
+    };
+    assert_eq!(
+        docker_tls_ok(&job, &["version", "--format", "{{.Server.APIVersion}}"]).trim(),
+        "1.41"
+    );
+    // SIGTERM: the agent drains and tears its jobs down.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = agent.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(jobs_left("socket-act").is_empty());
+}
