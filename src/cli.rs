@@ -494,3 +494,29 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_configuration_file_parses_and_validates() {
+        let cfg: FileConfig = toml::from_str(include_str!("../deploy/berth.toml")).unwrap();
+        cfg.sandbox.validate().unwrap();
+        cfg.serve.validate().unwrap();
+        assert_eq!(cfg.serve.listen.port(), 2376);
+    }
+
+    #[test]
+    fn configuration_errors_exit_64() {
+        let e = CliError::Sandbox(SandboxError::Config(
+            crate::sandbox::config::ConfigError::Invalid {
+                key: "uid_base",
+                why: "x".into(),
+            },
+        ));
+        assert_eq!(e.exit_code(), 64);
+        let bad: Result<FileConfig, _> = toml::from_str("[sandbox]\nuid_bse = 1\n");
+        assert!(bad.err().unwrap().to_string().contains("uid_bse"));
+    }
+}

@@ -95,6 +95,9 @@ pub struct SandboxConfig {
     pub ready_timeout: Duration,
     /// Limits for jobs that do not ask for their own.
     pub default_limits: Limits,
+    /// Image archives loaded into every new job before it is handed out:
+    /// `docker save` tarballs or OCI image layout directories.
+    pub preload: Vec<PathBuf>,
 }
 
 mod secs {
@@ -133,6 +136,7 @@ impl Default for SandboxConfig {
                 pids: Some(4096),
                 cpus: None,
             },
+            preload: Vec::new(),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 mod dns;
 pub mod net;
 mod ping;
+pub mod preload;
 pub mod record;
 pub mod slots;
 mod sys;
@@ -45,6 +46,8 @@ pub enum SandboxError {
     Net(#[from] net::NetError),
     #[error(transparent)]
     Dns(#[from] dns::DnsError),
+    #[error(transparent)]
+    Preload(#[from] preload::PreloadError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -198,6 +201,8 @@ pub struct Engine {
     layout: Option<Layout>,
     mtu: u32,
     upstreams: Vec<SocketAddr>,
+    /// docker-save archives loaded into every new job.
+    preloads: Vec<PathBuf>,
     jobs: Mutex<HashMap<String, Sandbox>>,
     /// Exclusive lock on the state dir for the engine's lifetime: two agents
     /// on one state dir would tear down each other's jobs as "left over".
@@ -366,7 +371,9 @@ impl Engine {
         } else {
             cfg.dns_upstreams.clone()
         };
+        let preloads = preload::prepare(&cfg.preload, &cfg.state_dir.join("preload"))?;
         Ok(Engine {
+            preloads,
             cfg: Arc::new(cfg),
             helper,
             layout,
@@ -662,7 +669,7 @@ impl Engine {
         let mut exited = sb.inner.exited.clone();
         loop {
             if ping::ping(&socket).await {
-                return Ok(());
+                break;
             }
             if exited.borrow().is_some() {
                 return Err(start_err(
@@ -683,6 +690,12 @@ impl Engine {
             }
             let _ = tokio::time::timeout(Duration::from_millis(5), exited.changed()).await;
         }
+        for tar in &self.preloads {
+            ping::load_image(&socket, tar)
+                .await
+                .map_err(|e| start_err(&id, format!("preloading {}: {e}", tar.display())))?;
+        }
+        Ok(())
     }
 
     /// Stops a job: SIGTERM to its init (forwarded to dockerd), a bounded

@@ -1,6 +1,7 @@
-//! Small queries to the job's dockerd on its private socket: readiness
-//! (`GET /_ping`) and whether containers are running (teardown decides
-//! between a graceful stop and an immediate kill on it).
+//! Requests the engine itself makes to a job's dockerd on its private
+//! socket: readiness (`GET /_ping`), whether containers are running (teardown
+//! decides between a graceful stop and an immediate kill on it), and loading
+//! preloaded image archives.
 
 use std::path::Path;
 use std::time::Duration;
@@ -45,4 +46,46 @@ pub async fn running_containers(socket: &Path) -> Option<usize> {
     serde_json::from_slice::<Vec<serde_json::Value>>(&body)
         .ok()
         .map(|v| v.len())
+}
+
+/// Streams the image archive at `tar` into dockerd (`POST /images/load`).
+pub async fn load_image(socket: &Path, tar: &Path) -> Result<(), String> {
+    let file = tokio::fs::File::open(tar)
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", tar.display()))?;
+    let body = http_body_util::StreamBody::new(futures_util::StreamExt::map(
+        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024),
+        |r| r.map(hyper::body::Frame::data),
+    ));
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("cannot reach dockerd: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/images/load?quiet=1")
+        .header("host", "docker")
+        .header("content-type", "application/x-tar")
+        .body(body)
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let text = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&text);
+    // The answer is a JSON stream; an error may come with a 200.
+    let failed = text.lines().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        v.get("error").and_then(|e| e.as_str()).map(str::to_string)
+    });
+    match (status.is_success(), failed) {
+        (true, None) => Ok(()),
+        (_, Some(e)) => Err(e),
+        (false, None) => Err(format!("dockerd answered {status}: {}", text.trim())),
+    }
 }
