@@ -174,11 +174,12 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
         key_pem: created.key.clone(),
     }
     .write_to(&bundle_dir);
+    let n = pipeline.steps.len();
     display.line(&format!(
-        "berth: pipeline {} on job {} ({} steps)",
+        "berth: pipeline {} on job {} ({n} step{})",
         pipeline.name,
         created.id,
-        pipeline.steps.len()
+        if n == 1 { "" } else { "s" }
     ));
     let mut results: Vec<(String, Outcome, Option<Duration>)> = Vec::new();
     if let Err(e) = write {
