@@ -115,6 +115,12 @@ pub struct Jobs {
     ended: Mutex<VecDeque<String>>,
     pub default_ttl: Duration,
     pub max_ttl: Duration,
+    /// Started sandboxes waiting for a job (the warm pool). Each is handed
+    /// out once: its id range, state and certificate become the job's alone.
+    pool: Mutex<VecDeque<crate::sandbox::Sandbox>>,
+    pool_size: usize,
+    refill: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    closing: std::sync::atomic::AtomicBool,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -129,6 +135,7 @@ impl Jobs {
         ca: Arc<Ca>,
         default_ttl: Duration,
         max_ttl: Duration,
+        pool_size: usize,
     ) -> Arc<Jobs> {
         Arc::new(Jobs {
             engine,
@@ -137,7 +144,56 @@ impl Jobs {
             ended: Mutex::new(VecDeque::new()),
             default_ttl,
             max_ttl,
+            pool: Mutex::new(VecDeque::new()),
+            pool_size,
+            refill: Mutex::new(None),
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Number of warm sandboxes ready now.
+    pub fn pooled(&self) -> usize {
+        self.pool.lock().unwrap().len()
+    }
+
+    /// Starts sandboxes in the background until the pool is full. One at a
+    /// time: a burst of jobs must not stall the machine.
+    pub fn refill_pool(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.pool_size == 0 || self.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut slot = self.refill.lock().unwrap();
+        if slot.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let me = self.clone();
+        *slot = Some(tokio::spawn(async move {
+            while !me.closing.load(Ordering::SeqCst) && me.pooled() < me.pool_size {
+                match me.engine.start(None).await {
+                    Ok(sb) => {
+                        tracing::debug!(sandbox = %sb.id(), "warm sandbox ready");
+                        me.pool.lock().unwrap().push_back(sb);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a warm sandbox; retrying in 5 s");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            }
+        }));
+    }
+
+    /// A warm sandbox that is still healthy, if any.
+    async fn take_pooled(&self) -> Option<crate::sandbox::Sandbox> {
+        loop {
+            let sb = self.pool.lock().unwrap().pop_front()?;
+            if sb.status() == Status::Running {
+                return Some(sb);
+            }
+            tracing::warn!(sandbox = %sb.id(), status = ?sb.status(), "dropping a dead warm sandbox");
+            let _ = self.engine.teardown(sb.id()).await;
+        }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -157,7 +213,16 @@ impl Jobs {
                 max: self.max_ttl,
             });
         }
-        let sb = self.engine.start(req.limits).await?;
+        let pooled = match &req.limits {
+            None => self.take_pooled().await,
+            Some(l) if *l == self.engine.config().default_limits => self.take_pooled().await,
+            Some(_) => None,
+        };
+        let sb = match pooled {
+            Some(sb) => sb,
+            None => self.engine.start(req.limits).await?,
+        };
+        self.refill_pool();
         let created = SystemTime::now();
         let expires = created + ttl;
         let id = sb.id().to_string();
@@ -270,8 +335,16 @@ impl Jobs {
         }
     }
 
-    /// Tears down every job (agent shutdown).
+    /// Tears down every job and the warm pool (agent shutdown).
     pub async fn shutdown(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let refill = self.refill.lock().unwrap().take();
+        if let Some(t) = refill {
+            // Let a sandbox that is starting finish, so it is torn down below.
+            let _ = t.await;
+        }
+        self.pool.lock().unwrap().clear();
         let ids: Vec<String> = self.meta.lock().unwrap().keys().cloned().collect();
         for id in ids {
             if let Err(e) = self.delete(&id).await {

@@ -141,6 +141,8 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
                 ServeConfig {
                     listen: ([127, 0, 0, 1], 0).into(),
                     certs_dir: certs_dir.clone(),
+                    // One job: a warm pool would only cost a second dockerd.
+                    warm_pool: 0,
                     ..ServeConfig::default()
                 },
                 engine,

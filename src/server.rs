@@ -36,6 +36,8 @@ pub struct ServeConfig {
     pub max_ttl_secs: u64,
     /// How long shutdown waits for open connections before cutting them.
     pub drain_secs: u64,
+    /// Sandboxes kept started so that a new job gets one at once (0: none).
+    pub warm_pool: usize,
 }
 
 impl Default for ServeConfig {
@@ -49,6 +51,7 @@ impl Default for ServeConfig {
             default_ttl_secs: 3600,
             max_ttl_secs: 24 * 3600,
             drain_secs: 10,
+            warm_pool: 2,
         }
     }
 }
@@ -88,6 +91,12 @@ impl ServeConfig {
         }
         if self.header_timeout_secs == 0 || self.header_timeout_secs > 3600 {
             return bad("header_timeout_secs", "must be 1..=3600");
+        }
+        if self.warm_pool > 64 {
+            return bad(
+                "warm_pool",
+                "must be at most 64 (each warm sandbox holds about 115 MiB)",
+            );
         }
         if self.default_ttl_secs == 0 || self.default_ttl_secs > self.max_ttl_secs {
             return bad(
@@ -160,6 +169,7 @@ impl Server {
             Arc::new(ca),
             Duration::from_secs(cfg.default_ttl_secs),
             Duration::from_secs(cfg.max_ttl_secs),
+            cfg.warm_pool,
         );
         Ok(Server {
             listener,
@@ -227,7 +237,8 @@ impl Server {
         };
         let handshake = Duration::from_secs(self.cfg.handshake_timeout_secs);
         let local = self.local_addr();
-        tracing::info!(listen = %local, "berth serving (mutual TLS)");
+        tracing::info!(listen = %local, warm_pool = self.cfg.warm_pool, "berth serving (mutual TLS)");
+        self.jobs.refill_pool();
         let mut conns = JoinSet::new();
         let stop = tokio_util::sync::CancellationToken::new();
         tokio::pin!(shutdown);

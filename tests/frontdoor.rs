@@ -602,3 +602,100 @@ fn silent_clients_time_out_and_shutdown_tears_jobs_down() {
     drop(fd);
     assert!(!state.exists(), "a job survived the agent's shutdown");
 }
+
+#[test]
+fn a_warm_pool_hands_out_fresh_sandboxes_at_once_and_refills() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start_with(28, "fd-pool", |c| c.warm_pool = 2);
+    let state = Path::new("/var/lib/bt/fd-pool/jobs");
+    let dirs = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(state)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let wait_for = |n: usize| {
+        for _ in 0..300 {
+            if dirs().len() >= n && ready_count() >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the pool never reached {n} sandboxes: {:?}", dirs());
+    };
+    fn ready_count() -> usize {
+        std::fs::read_dir("/var/lib/bt/fd-pool/jobs")
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| e.path().join("api/docker.sock").exists())
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+    wait_for(2);
+    let warm = dirs();
+    // The next job is one of the warm sandboxes, handed out at once.
+    let t = std::time::Instant::now();
+    let a = fd.create_job(&[]);
+    let took = t.elapsed();
+    assert!(
+        warm.contains(&a.id),
+        "job {} was not taken from the pool {warm:?}",
+        a.id
+    );
+    docker_tls_ok(&a, &["version"]);
+    // Fresh: no containers, no images, nothing of any other job.
+    assert_eq!(docker_tls_ok(&a, &["ps", "-aq"]).trim(), "");
+    assert_eq!(docker_tls_ok(&a, &["images", "-q"]).trim(), "");
+    // The pool refills in the background.
+    wait_for(3);
+    let b = fd.create_job(&[]);
+    assert_ne!(a.id, b.id);
+    let rec =
+        |id: &str| berth::sandbox::JobRecord::load(Path::new("/var/lib/bt/fd-pool"), id).unwrap();
+    assert_ne!(
+        rec(&a.id).host_id,
+        rec(&b.id).host_id,
+        "two jobs share a uid range"
+    );
+    // Each certificate opens its own job only.
+    import(&a);
+    assert!(docker_tls_ok(&a, &["images"]).contains("busybox"));
+    assert!(!docker_tls_ok(&b, &["images"]).contains("busybox"));
+    // A job asking for its own limits gets a fresh sandbox with them.
+    wait_for(4);
+    let before = dirs();
+    let body = r#"{"limits":{"memory_bytes":536870912}}"#;
+    let req = format!(
+        "POST /berth/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let resp = rt()
+        .block_on(tls_request(
+            fd.port,
+            &fd.certs.join("admin"),
+            req.as_bytes(),
+        ))
+        .unwrap();
+    let text = String::from_utf8_lossy(&resp).to_string();
+    assert!(text.starts_with("HTTP/1.1 201"), "{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let custom = v["id"].as_str().unwrap().to_string();
+    assert!(
+        !before.contains(&custom),
+        "a job with its own limits came from the pool"
+    );
+    let cg = rec(&custom).cgroup.unwrap();
+    assert_eq!(cg.memory_limit(), Some(512 << 20));
+    eprintln!("warm job handed out in {took:?}");
+    drop(fd);
+    assert!(dirs().is_empty(), "shutdown left sandboxes: {:?}", dirs());
+}

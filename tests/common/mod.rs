@@ -434,6 +434,7 @@ impl FrontDoor {
         let mut cfg = berth::server::ServeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             certs_dir: certs.clone(),
+            warm_pool: 0,
             ..Default::default()
         };
         tweak(&mut cfg);
