@@ -54,6 +54,7 @@ pub struct ChildSpec {
     pub mtu: u32,
     /// dockerd's --shutdown-timeout, in seconds.
     pub shutdown_timeout: u64,
+    pub extra_args: Vec<String>,
 }
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -202,6 +203,7 @@ fn dockerd_command(spec: &ChildSpec) -> Command {
     } else {
         c.arg("--rootless");
     }
+    c.args(&spec.extra_args);
     c.stdin(std::process::Stdio::null());
     c
 }

@@ -98,6 +98,10 @@ pub struct SandboxConfig {
     /// Image archives loaded into every new job before it is handed out:
     /// `docker save` tarballs or OCI image layout directories.
     pub preload: Vec<PathBuf>,
+    /// Extra dockerd arguments, for benchmarks that compare against
+    /// dockerd's own listeners. Never read from a configuration file.
+    #[serde(skip)]
+    pub extra_dockerd_args: Vec<String>,
 }
 
 mod secs {
@@ -137,6 +141,7 @@ impl Default for SandboxConfig {
                 cpus: None,
             },
             preload: Vec::new(),
+            extra_dockerd_args: Vec::new(),
         }
     }
 }

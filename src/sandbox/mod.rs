@@ -546,6 +546,7 @@ impl Engine {
             // dockerd stops its containers within the grace, leaving it a
             // margin to exit before the SIGKILL.
             shutdown_timeout: (cfg.stop_grace.as_secs() * 3 / 5).max(1),
+            extra_args: cfg.extra_dockerd_args.clone(),
         };
         let log_path = dir.join("dockerd.log");
         let log = std::fs::OpenOptions::new()

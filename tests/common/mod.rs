@@ -427,8 +427,15 @@ impl FrontDoor {
         name: &str,
         tweak: impl FnOnce(&mut berth::server::ServeConfig),
     ) -> FrontDoor {
+        Self::start_engine(std::sync::Arc::new(engine(n, name)), name, tweak)
+    }
+
+    pub fn start_engine(
+        engine: std::sync::Arc<Engine>,
+        name: &str,
+        tweak: impl FnOnce(&mut berth::server::ServeConfig),
+    ) -> FrontDoor {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let engine = std::sync::Arc::new(engine(n, name));
         let certs = PathBuf::from(format!("/var/lib/bt/{name}-certs"));
         let _ = std::fs::remove_dir_all(&certs);
         let mut cfg = berth::server::ServeConfig {

@@ -1,0 +1,611 @@
+//! berth's benchmark suite: one command, side by side in one run, a markdown
+//! table at the end. Run as root: `cargo bench --bench suite` (scripts/bench-suite).
+//! BERTH_BENCH_RUNS=N (default 10) sets the runs per latency figure.
+//!
+//! 1. Job ready latency, create → first `docker version` over mutual TLS
+//!    succeeds: cold (no warm pool), warm pool, and the docker:dind way
+//!    (its entrypoint's openssl RSA-4096 recipe, then dockerd with TLS).
+//! 2. Proxy cost on one daemon: `docker save` of a 400 MB image and
+//!    `GET /_ping` p50/p99 on a kept-alive connection, through berth, the
+//!    job's unix socket, and dockerd's own TLS listener.
+//! 3. Density: memory per idle job with 1, 10 and 30 concurrent jobs, each
+//!    still answering.
+//! 4. Throughput: N concurrent jobs each importing, building and running a
+//!    small image, against one job alone.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+fn runs() -> usize {
+    std::env::var("BERTH_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `docker version` with these variables until it succeeds.
+fn until_version(env: &[(&str, String)], deadline: Duration) {
+    let t = Instant::now();
+    loop {
+        let ok = Command::new("docker")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .args(["version", "--format", "{{.Server.Version}}"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return;
+        }
+        assert!(
+            t.elapsed() < deadline,
+            "no docker version within {deadline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Create → first successful `docker version` through a front door, with
+/// the docker CLI (`cli`) or an in-process client (GET /version over mTLS).
+fn ready_latency(
+    fd: &common::FrontDoor,
+    rt: &tokio::runtime::Runtime,
+    warm: bool,
+    cli: bool,
+) -> Vec<f64> {
+    let client = berth::client::AgentClient::new(&fd.endpoint(), &fd.certs).unwrap();
+    let state = PathBuf::from(format!(
+        "/var/lib/bt/{}/jobs",
+        fd.certs
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches("-certs")
+    ));
+    let mut out = Vec::new();
+    for i in 0..runs() {
+        if warm {
+            // Let the pool refill: a warm sandbox must be waiting.
+            let t = Instant::now();
+            loop {
+                let ready = std::fs::read_dir(&state)
+                    .map(|r| {
+                        r.flatten()
+                            .filter(|e| e.path().join("api/docker.sock").exists())
+                            .count()
+                    })
+                    .unwrap_or(0);
+                if ready >= 1 {
+                    break;
+                }
+                assert!(t.elapsed() < Duration::from_secs(60), "pool never refilled");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let dir = fd.certs.join(format!("ready-{i}"));
+        let t = Instant::now();
+        let created = rt.block_on(client.create(&serde_json::json!({}))).unwrap();
+        berth::pki::Bundle {
+            ca_pem: created.ca,
+            cert_pem: created.cert,
+            key_pem: created.key,
+        }
+        .write_to(&dir)
+        .unwrap();
+        if cli {
+            until_version(
+                &[
+                    ("DOCKER_HOST", created.endpoint.clone()),
+                    ("DOCKER_TLS_VERIFY", "1".into()),
+                    ("DOCKER_CERT_PATH", dir.display().to_string()),
+                ],
+                Duration::from_secs(60),
+            );
+        } else {
+            rt.block_on(async {
+                let io = tls_to(&fd.endpoint(), &dir, "localhost").await;
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                let req = hyper::Request::get("/version")
+                    .header("host", "docker")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let r = sender.send_request(req).await.unwrap();
+                assert!(r.status().is_success());
+                let _ = r.into_body().collect().await.unwrap();
+            });
+        }
+        out.push(ms(t.elapsed()));
+        rt.block_on(client.delete(&created.id)).unwrap();
+    }
+    out
+}
+
+/// The docker:dind way: its entrypoint's openssl recipe (RSA-4096 CA, server
+/// and client keys), then dockerd with --tlsverify, until `docker version`.
+fn dind_latency() -> Vec<f64> {
+    let mut out = Vec::new();
+    for i in 0..runs() {
+        let dir = PathBuf::from(format!("/var/lib/bt/bench-dind/{i}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = 23760 + i as u16;
+        let t = Instant::now();
+        let sh = |cmd: &str| {
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success(), "{cmd}");
+        };
+        sh(
+            "openssl genrsa -out ca-key.pem 4096 && openssl req -new -key ca-key.pem -out ca.pem -x509 -days 825 -subj '/CN=docker:dind CA'",
+        );
+        sh(
+            "openssl genrsa -out server-key.pem 4096 && openssl req -new -key server-key.pem -out server.csr -subj '/CN=docker:dind server' \
+            && printf 'subjectAltName = DNS:localhost, IP:127.0.0.1\\nextendedKeyUsage = serverAuth\\n' > server.ext \
+            && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out server.pem -days 825 -extfile server.ext",
+        );
+        sh(
+            "openssl genrsa -out key.pem 4096 && openssl req -new -key key.pem -out client.csr -subj '/CN=docker:dind client' \
+            && printf 'extendedKeyUsage = clientAuth\\n' > client.ext \
+            && openssl x509 -req -in client.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out cert.pem -days 825 -extfile client.ext",
+        );
+        let mut d = Command::new("/usr/sbin/dockerd")
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(format!("/run/bt-dind-{i}"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .args(["--host", &format!("tcp://127.0.0.1:{port}"), "--tlsverify"])
+            .arg("--tlscacert")
+            .arg(dir.join("ca.pem"))
+            .arg("--tlscert")
+            .arg(dir.join("server.pem"))
+            .arg("--tlskey")
+            .arg(dir.join("server-key.pem"))
+            // Leave the host's network alone (dind has a netns of its own).
+            .args(["--bridge", "none", "--iptables=false", "--ip-forward=false"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        until_version(
+            &[
+                ("DOCKER_HOST", format!("tcp://127.0.0.1:{port}")),
+                ("DOCKER_TLS_VERIFY", "1".into()),
+                ("DOCKER_CERT_PATH", dir.display().to_string()),
+            ],
+            Duration::from_secs(120),
+        );
+        out.push(ms(t.elapsed()));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(d.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let _ = d.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(format!("/run/bt-dind-{i}"));
+    }
+    out
+}
+
+async fn ping_latencies<IO>(io: IO, n: usize) -> Vec<f64>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + 50 {
+        let req = hyper::Request::get("/_ping")
+            .header("host", "docker")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        sender.ready().await.unwrap();
+        let t = Instant::now();
+        let r = sender.send_request(req).await.unwrap();
+        let _ = r.into_body().collect().await.unwrap();
+        if i >= 50 {
+            out.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    out
+}
+
+async fn tls_to(
+    addr: &str,
+    dir: &Path,
+    name: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &std::fs::read(dir.join("ca.pem")).unwrap()[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = rustls_pemfile::certs(&mut &std::fs::read(dir.join("cert.pem")).unwrap()[..])
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut &std::fs::read(dir.join("key.pem")).unwrap()[..])
+        .unwrap()
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from(name.to_string()).unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
+fn time_save(env: &[(&str, String)]) -> f64 {
+    let t = Instant::now();
+    let st = Command::new("docker")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .args(["save", "big:1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    if !common::prerequisites() {
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = common::rt();
+    let n = runs();
+    let mut table = Vec::new();
+    let row = |t: &mut Vec<String>, s: String| {
+        eprintln!("{s}");
+        t.push(s);
+    };
+
+    // 1. Ready latency.
+    let (cold, cold_lib) = {
+        let fd = common::FrontDoor::start_with(50, "bs-cold", |c| c.warm_pool = 0);
+        (
+            ready_latency(&fd, &rt, false, true),
+            ready_latency(&fd, &rt, false, false),
+        )
+    };
+    let (warm, warm_lib) = {
+        let fd = common::FrontDoor::start_with(51, "bs-warm", |c| c.warm_pool = 1);
+        (
+            ready_latency(&fd, &rt, true, true),
+            ready_latency(&fd, &rt, true, false),
+        )
+    };
+    let dind = dind_latency();
+    row(
+        &mut table,
+        format!(
+            "| job ready, cold, docker CLI (ms) | {:.0} | {:.0} |",
+            median(&cold),
+            pct(&cold, 0.95)
+        ),
+    );
+    row(
+        &mut table,
+        format!(
+            "| job ready, cold, in-process client (ms) | {:.0} | {:.0} |",
+            median(&cold_lib),
+            pct(&cold_lib, 0.95)
+        ),
+    );
+    row(
+        &mut table,
+        format!(
+            "| job ready, warm pool, docker CLI (ms) | {:.1} | {:.1} |",
+            median(&warm),
+            pct(&warm, 0.95)
+        ),
+    );
+    row(
+        &mut table,
+        format!(
+            "| job ready, warm pool, in-process client (ms) | {:.1} | {:.1} |",
+            median(&warm_lib),
+            pct(&warm_lib, 0.95)
+        ),
+    );
+    row(
+        &mut table,
+        format!(
+            "| job ready, docker:dind way: openssl RSA-4096 ×3 + dockerd (ms) | {:.0} | {:.0} |",
+            median(&dind),
+            pct(&dind, 0.95)
+        ),
+    );
+
+    // 2. Proxy cost on one daemon, with dockerd's own TLS listener beside berth.
+    let tls_dir = PathBuf::from("/var/lib/bt/bench-daemon-tls");
+    let _ = std::fs::remove_dir_all(&tls_dir);
+    let ca = berth::pki::Ca::load_or_create(&tls_dir).unwrap();
+    let mut cfgprobe = common::engine_config(52, "bs-proxy");
+    let job_ips: Vec<String> = (0..8)
+        .map(|s| cfgprobe.link_addrs(s).1.to_string())
+        .collect();
+    let server = ca.issue_server(&job_ips).unwrap();
+    let client = ca
+        .issue_client(
+            &berth::pki::Identity::Admin,
+            time::OffsetDateTime::now_utc() + Duration::from_secs(86400),
+        )
+        .unwrap();
+    let daemon_dir = tls_dir.join("daemon");
+    server.write_to(&daemon_dir).unwrap();
+    client.write_to(&tls_dir.join("client")).unwrap();
+    // The job's root must read its listener's key: give it the whole range's first id.
+    std::os::unix::fs::chown(
+        &daemon_dir,
+        Some(cfgprobe.uid_base),
+        Some(cfgprobe.uid_base),
+    )
+    .unwrap();
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        std::os::unix::fs::chown(
+            daemon_dir.join(f),
+            Some(cfgprobe.uid_base),
+            Some(cfgprobe.uid_base),
+        )
+        .unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tls_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    cfgprobe.extra_dockerd_args = vec![
+        "--host".into(),
+        "tcp://0.0.0.0:2377".into(),
+        "--tlsverify".into(),
+        "--tlscacert".into(),
+        daemon_dir.join("ca.pem").display().to_string(),
+        "--tlscert".into(),
+        daemon_dir.join("cert.pem").display().to_string(),
+        "--tlskey".into(),
+        daemon_dir.join("key.pem").display().to_string(),
+    ];
+    {
+        let engine = std::sync::Arc::new(berth::sandbox::Engine::new(cfgprobe).unwrap());
+        let fd = common::FrontDoor::start_engine(engine, "bs-proxy", |c| c.warm_pool = 0);
+        let job = fd.create_job(&["--ttl", "2h"]);
+        let sock = format!("/var/lib/bt/bs-proxy/jobs/{}/api/docker.sock", job.id);
+        let job_ip =
+            std::fs::read_to_string(format!("/var/lib/bt/bs-proxy/jobs/{}/record.json", job.id))
+                .unwrap();
+        let job_ip = serde_json::from_str::<serde_json::Value>(&job_ip).unwrap()["job_ip"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let via_berth = vec![
+            ("DOCKER_HOST", job.endpoint.clone()),
+            ("DOCKER_TLS_VERIFY", "1".into()),
+            ("DOCKER_CERT_PATH", job.dir.display().to_string()),
+        ];
+        let via_unix = vec![("DOCKER_HOST", format!("unix://{sock}"))];
+        let via_daemon_tls = vec![
+            ("DOCKER_HOST", format!("tcp://{job_ip}:2377")),
+            ("DOCKER_TLS_VERIFY", "1".into()),
+            (
+                "DOCKER_CERT_PATH",
+                tls_dir.join("client").display().to_string(),
+            ),
+        ];
+        until_version(&via_daemon_tls, Duration::from_secs(30));
+        let o = common::docker_tls_stdin(
+            &job,
+            &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
+            Some(common::busybox_tar()),
+        );
+        assert!(o.status.success());
+        let ctx = fd.certs.join("big");
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            "FROM busybox:test\nRUN head -c 400000000 /dev/urandom > /big\n",
+        )
+        .unwrap();
+        common::docker_tls_ok(&job, &["build", "-q", "-t", "big:1", ctx.to_str().unwrap()]);
+        let (mut sb, mut su, mut sd) = (vec![], vec![], vec![]);
+        for i in 0..n {
+            // Rotate the order so drift hits every path alike.
+            for k in 0..3 {
+                match (i + k) % 3 {
+                    0 => sb.push(time_save(&via_berth)),
+                    1 => su.push(time_save(&via_unix)),
+                    _ => sd.push(time_save(&via_daemon_tls)),
+                }
+            }
+        }
+        let (mb, mu, md) = (median(&sb), median(&su), median(&sd));
+        row(
+            &mut table,
+            format!(
+                "| `docker save` 400 MB: berth / unix socket / dockerd TLS (s) | {mb:.2} / {mu:.2} / {md:.2} | ratios to unix {:.3} / 1 / {:.3} |",
+                mb / mu,
+                md / mu
+            ),
+        );
+        let (pb, pu, pd) = rt.block_on(async {
+            let pb =
+                ping_latencies(tls_to(&fd.endpoint(), &job.dir, "localhost").await, 2000).await;
+            let pu =
+                ping_latencies(tokio::net::UnixStream::connect(&sock).await.unwrap(), 2000).await;
+            let pd = ping_latencies(
+                tls_to(&format!("{job_ip}:2377"), &tls_dir.join("client"), &job_ip).await,
+                2000,
+            )
+            .await;
+            (pb, pu, pd)
+        });
+        row(
+            &mut table,
+            format!(
+                "| `GET /_ping` kept alive, p50 (µs): berth / unix socket / dockerd TLS | {:.0} / {:.0} / {:.0} | p99 {:.0} / {:.0} / {:.0} |",
+                median(&pb),
+                median(&pu),
+                median(&pd),
+                pct(&pb, 0.99),
+                pct(&pu, 0.99),
+                pct(&pd, 0.99)
+            ),
+        );
+    }
+
+    // 3. Density.
+    {
+        let e = common::engine(53, "bs-density");
+        let e = {
+            let mut c = e.config().clone();
+            drop(e);
+            c.uid_ranges = 32;
+            c.net_pool_prefix = 24;
+            berth::sandbox::Engine::new(c).unwrap()
+        };
+        let mut jobs = Vec::new();
+        for target in [1usize, 10, 30] {
+            while jobs.len() < target {
+                jobs.push(rt.block_on(e.start(None)).unwrap());
+            }
+            std::thread::sleep(Duration::from_secs(5));
+            let total: u64 = jobs.iter().map(|j| j.rss_bytes()).sum();
+            let answering = jobs
+                .iter()
+                .filter(|j| {
+                    common::docker(&j.socket(), &["version", "--format", "{{.Server.Version}}"])
+                        .status
+                        .success()
+                })
+                .count();
+            row(
+                &mut table,
+                format!(
+                    "| density, {target} idle jobs: RSS per job (MiB), jobs answering | {:.1} | {answering}/{target} |",
+                    total as f64 / target as f64 / (1 << 20) as f64
+                ),
+            );
+        }
+        for j in jobs {
+            rt.block_on(e.teardown(j.id())).unwrap();
+        }
+    }
+
+    // 4. Throughput: import, two-stage build, run — 1 job alone vs N at once.
+    {
+        let e = std::sync::Arc::new(common::engine(54, "bs-throughput"));
+        let work = |sock: PathBuf| {
+            common::import_busybox(&sock);
+            let ctx = std::env::temp_dir().join(format!(
+                "bt-tp-{}",
+                sock.display().to_string().len() + rand_n()
+            ));
+            std::fs::create_dir_all(&ctx).unwrap();
+            std::fs::write(ctx.join("Dockerfile"), "FROM busybox:test AS b\nRUN echo ok > /r\nFROM busybox:test\nCOPY --from=b /r /r\nCMD [\"cat\", \"/r\"]\n").unwrap();
+            common::docker_ok(&sock, &["build", "-q", "-t", "tp:1", ctx.to_str().unwrap()]);
+            assert_eq!(
+                common::docker_ok(&sock, &["run", "--rm", "tp:1"]).trim(),
+                "ok"
+            );
+            let _ = std::fs::remove_dir_all(&ctx);
+        };
+        for nj in [1usize, 4] {
+            let t = Instant::now();
+            let jobs: Vec<_> = (0..nj)
+                .map(|_| rt.block_on(e.start(None)).unwrap())
+                .collect();
+            let hs: Vec<_> = jobs
+                .iter()
+                .map(|j| {
+                    let s = j.socket();
+                    std::thread::spawn(move || work(s))
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+            for j in &jobs {
+                rt.block_on(e.teardown(j.id())).unwrap();
+            }
+            let secs = t.elapsed().as_secs_f64();
+            row(
+                &mut table,
+                format!(
+                    "| throughput, {nj} concurrent job(s): start, import, build, run, teardown (s) | {secs:.1} | {:.1} jobs/min |",
+                    nj as f64 * 60.0 / secs
+                ),
+            );
+        }
+    }
+
+    println!(
+        "## berth benchmark suite — {n} runs per latency, {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!();
+    println!("| figure | median | p95 / other |");
+    println!("|---|---|---|");
+    for r in table {
+        println!("{r}");
+    }
+}
+
+fn rand_n() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
