@@ -10,42 +10,16 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/stats.rs"]
+mod stats;
 
-use std::process::{Command, Stdio};
 use std::time::Instant;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// Seconds for `docker <args>` against `env`, output discarded.
-fn time(env: &[(&str, String)], args: &[&str]) -> f64 {
-    let t = Instant::now();
-    let st = Command::new("docker")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "docker {args:?}");
-    t.elapsed().as_secs_f64()
-}
 
 fn main() {
     if !common::prerequisites() {
         return;
     }
-    let runs: usize = std::env::var("BERTH_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let runs = stats::runs();
     let fd = common::FrontDoor::start(42, "bench-proxy");
     let job = fd.create_job(&["--ttl", "1h"]);
     let tls = vec![
@@ -56,21 +30,7 @@ fn main() {
     let sock = format!("/var/lib/bt/bench-proxy/jobs/{}/api/docker.sock", job.id);
     let unix = vec![("DOCKER_HOST", format!("unix://{sock}"))];
 
-    let o = common::docker_tls_stdin(
-        &job,
-        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
-        Some(common::busybox_tar()),
-    );
-    assert!(o.status.success());
-    let ctx = fd.certs.join("big");
-    std::fs::create_dir_all(&ctx).unwrap();
-    // Random bytes: nothing on the path can compress them away.
-    std::fs::write(
-        ctx.join("Dockerfile"),
-        "FROM busybox:test\nRUN head -c 400000000 /dev/urandom > /big\n",
-    )
-    .unwrap();
-    common::docker_tls_ok(&job, &["build", "-q", "-t", "big:1", ctx.to_str().unwrap()]);
+    common::build_big_image(&job, &fd.certs.join("big"));
 
     let (mut save_b, mut save_u, mut ver_b, mut ver_u) = (vec![], vec![], vec![], vec![]);
     for i in 0..runs {
@@ -81,10 +41,10 @@ fn main() {
             [(&unix, false), (&tls, true)]
         };
         for (env, berth) in order {
-            let s = time(env, &["save", "big:1"]);
+            let s = stats::time_docker(env, &["save", "big:1"]);
             let t = Instant::now();
             for _ in 0..10 {
-                time(env, &["version"]);
+                stats::time_docker(env, &["version"]);
             }
             let v = t.elapsed().as_secs_f64();
             if berth {
@@ -97,10 +57,10 @@ fn main() {
         }
     }
     let (sb, su, vb, vu) = (
-        median(&mut save_b),
-        median(&mut save_u),
-        median(&mut ver_b),
-        median(&mut ver_u),
+        stats::median(&save_b),
+        stats::median(&save_u),
+        stats::median(&ver_b),
+        stats::median(&ver_u),
     );
     println!("## berth front door — {runs} runs each, alternating");
     println!();

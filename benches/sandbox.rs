@@ -13,25 +13,12 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/stats.rs"]
+mod stats;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn p95(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 * 0.95).ceil() as usize).saturating_sub(1)]
-}
 
 /// An image holding Debian's iperf3 and the libraries it links.
 fn iperf_tar() -> Vec<u8> {
@@ -99,10 +86,7 @@ fn main() {
     if !common::prerequisites() {
         return;
     }
-    let runs: usize = std::env::var("BERTH_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let runs = stats::runs();
     let rt = common::rt();
     let e = common::engine(40, "bench");
 
@@ -174,20 +158,20 @@ fn main() {
     println!("|---|---|---|");
     println!(
         "| cold start to ready `/_ping` (ms) | {:.0} | {:.0} |",
-        median(&mut start),
-        p95(&mut start)
+        stats::median(&start),
+        stats::pct(&start, 0.95)
     );
     println!(
         "| idle RSS of a job, all processes (MiB) | {:.1} | {:.1} |",
-        median(&mut rss),
-        p95(&mut rss)
+        stats::median(&rss),
+        stats::pct(&rss, 0.95)
     );
     println!(
         "| teardown of an idle job (ms) | {:.0} | {:.0} |",
-        median(&mut down),
-        p95(&mut down)
+        stats::median(&down),
+        stats::pct(&down, 0.95)
     );
-    let (j, b) = (median(&mut through_job), median(&mut bare));
+    let (j, b) = (stats::median(&through_job), stats::median(&bare));
     println!("| egress, container in a job → other netns (Gbit/s, MTU {mtu}) | {j:.1} | |");
     println!("| egress baseline, host → same netns over a bare veth (Gbit/s) | {b:.1} | |");
     println!("| egress ratio job / bare veth | {:.2} | |", j / b);

@@ -15,6 +15,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/stats.rs"]
+mod stats;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -24,30 +26,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
-fn runs() -> usize {
-    std::env::var("BERTH_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10)
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
-    v[i]
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
+use stats::{median, pct, runs};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -290,16 +269,7 @@ async fn tls_to(
 }
 
 fn time_save(env: &[(&str, String)]) -> f64 {
-    let t = Instant::now();
-    let st = Command::new("docker")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .args(["save", "big:1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    t.elapsed().as_secs_f64()
+    stats::time_docker(env, &["save", "big:1"])
 }
 
 fn main() {
@@ -445,20 +415,7 @@ fn main() {
             ),
         ];
         until_version(&via_daemon_tls, Duration::from_secs(30));
-        let o = common::docker_tls_stdin(
-            &job,
-            &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
-            Some(common::busybox_tar()),
-        );
-        assert!(o.status.success());
-        let ctx = fd.certs.join("big");
-        std::fs::create_dir_all(&ctx).unwrap();
-        std::fs::write(
-            ctx.join("Dockerfile"),
-            "FROM busybox:test\nRUN head -c 400000000 /dev/urandom > /big\n",
-        )
-        .unwrap();
-        common::docker_tls_ok(&job, &["build", "-q", "-t", "big:1", ctx.to_str().unwrap()]);
+        common::build_big_image(&job, &fd.certs.join("big"));
         let (mut sb, mut su, mut sd) = (vec![], vec![], vec![]);
         for i in 0..n {
             // Rotate the order so drift hits every path alike.

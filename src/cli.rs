@@ -254,13 +254,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             certs_dir,
         } => {
             let file = load_file(&engine)?;
-            let mut serve = file.serve;
-            if let Some(l) = listen {
-                serve.listen = l;
-            }
-            if let Some(d) = certs_dir {
-                serve.certs_dir = d;
-            }
+            let serve = with_overrides(file.serve, listen, certs_dir);
             serve.validate()?;
             let inherited = crate::server::inherited_listener().map_err(CliError::Usage)?;
             let engine = std::sync::Arc::new(Engine::new(file.sandbox)?);
@@ -316,13 +310,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             certs_dir,
         } => {
             let file = load_file_unvalidated(&engine)?;
-            let mut serve = file.serve;
-            if let Some(l) = listen {
-                serve.listen = l;
-            }
-            if let Some(d) = certs_dir {
-                serve.certs_dir = d;
-            }
+            let serve = with_overrides(file.serve, listen, certs_dir);
             let checks = crate::doctor::run(&file.sandbox, &serve);
             print!("{}", crate::doctor::render(&checks));
             let failed = checks
@@ -394,6 +382,21 @@ async fn up(engine: &Engine, limits: Limits) -> Result<(), CliError> {
         Some(Status::Failed(why)) => Err(CliError::Job(format!("job {} failed: {why}", sb.id()))),
         _ => Ok(()),
     }
+}
+
+/// Command-line flags win over the configuration file.
+fn with_overrides(
+    mut serve: crate::server::ServeConfig,
+    listen: Option<std::net::SocketAddr>,
+    certs_dir: Option<PathBuf>,
+) -> crate::server::ServeConfig {
+    if let Some(l) = listen {
+        serve.listen = l;
+    }
+    if let Some(d) = certs_dir {
+        serve.certs_dir = d;
+    }
+    serve
 }
 
 async fn shutdown_signal() {

@@ -304,6 +304,21 @@ fn bollard_with_client_certificates() {
     });
 }
 
+/// `GET /_ping` on a fresh TLS connection with an optional client bundle.
+async fn ping_with(
+    port: u16,
+    ca: &[u8],
+    client: Option<(&[u8], &[u8])>,
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tls_connect(port, ca, client).await?;
+    s.write_all(b"GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    Ok(buf)
+}
+
 #[test]
 fn every_wrong_key_is_refused() {
     if !prerequisites() {
@@ -334,32 +349,15 @@ fn every_wrong_key_is_refused() {
     let rt = rt();
     let ca = std::fs::read(a.dir.join("ca.pem")).unwrap();
     rt.block_on(async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         // No client certificate: the handshake fails.
-        let r = async {
-            let mut s = tls_connect(fd.port, &ca, None).await?;
-            s.write_all(b"GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await?;
-            Ok::<_, std::io::Error>(buf)
-        }
-        .await;
+        let r = ping_with(fd.port, &ca, None).await;
         assert!(r.is_err(), "served without a certificate: {r:?}");
         // A certificate from another CA: refused.
         let other = fd.certs.join("other-ca");
         berth::pki::init_dind_layout(&other, &[]).unwrap();
         let cert = std::fs::read(other.join("client/cert.pem")).unwrap();
         let key = std::fs::read(other.join("client/key.pem")).unwrap();
-        let r = async {
-            let mut s = tls_connect(fd.port, &ca, Some((&cert, &key))).await?;
-            s.write_all(b"GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await?;
-            Ok::<_, std::io::Error>(buf)
-        }
-        .await;
+        let r = ping_with(fd.port, &ca, Some((&cert, &key))).await;
         assert!(
             r.is_err() || r.as_ref().unwrap().is_empty(),
             "served another CA's certificate: {r:?}"

@@ -84,9 +84,15 @@ pub fn docker(sock: &Path, args: &[&str]) -> Output {
 pub fn docker_stdin(sock: &Path, args: &[&str], input: Option<&[u8]>) -> Output {
     let mut c = Command::new("docker");
     c.env("DOCKER_HOST", format!("unix://{}", sock.display()))
-        .env("DOCKER_BUILDKIT", "0")
         .env_remove("DOCKER_TLS_VERIFY")
-        .env_remove("DOCKER_CERT_PATH")
+        .env_remove("DOCKER_CERT_PATH");
+    run_docker(c, args, input)
+}
+
+/// Runs a prepared docker CLI command with `args`, feeding `input` (then
+/// EOF) to its stdin.
+fn run_docker(mut c: Command, args: &[&str], input: Option<&[u8]>) -> Output {
+    c.env("DOCKER_BUILDKIT", "0")
         .args(args)
         .stdin(if input.is_some() {
             Stdio::piped()
@@ -98,14 +104,19 @@ pub fn docker_stdin(sock: &Path, args: &[&str], input: Option<&[u8]>) -> Output 
     let mut child = c.spawn().expect("spawn docker");
     if let Some(bytes) = input {
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(bytes).unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(bytes).unwrap();
+        drop(stdin);
     }
     child.wait_with_output().expect("docker output")
 }
 
 /// Runs docker and returns stdout, panicking with stderr on failure.
 pub fn docker_ok(sock: &Path, args: &[&str]) -> String {
-    let out = docker(sock, args);
+    stdout_of_success(docker(sock, args), args)
+}
+
+fn stdout_of_success(out: Output, args: &[&str]) -> String {
     assert!(
         out.status.success(),
         "docker {args:?} failed ({}): {}{}",
@@ -544,36 +555,30 @@ pub fn docker_tls_stdin(job: &TlsJob, args: &[&str], input: Option<&[u8]>) -> Ou
     let mut c = Command::new("docker");
     c.env("DOCKER_HOST", &job.endpoint)
         .env("DOCKER_TLS_VERIFY", "1")
-        .env("DOCKER_CERT_PATH", &job.dir)
-        .env("DOCKER_BUILDKIT", "0")
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("spawn docker");
-    if let Some(bytes) = input {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(bytes).unwrap();
-        drop(stdin);
-    }
-    child.wait_with_output().expect("docker output")
+        .env("DOCKER_CERT_PATH", &job.dir);
+    run_docker(c, args, input)
 }
 
 pub fn docker_tls_ok(job: &TlsJob, args: &[&str]) -> String {
-    let out = docker_tls(job, args);
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    stdout_of_success(docker_tls(job, args), args)
+}
+
+/// Imports the busybox base image and builds `big:1`, 400 MB of random bytes
+/// (nothing on the path can compress them away), in the job.
+pub fn build_big_image(job: &TlsJob, ctx: &Path) {
+    let o = docker_tls_stdin(
+        job,
+        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
+        Some(busybox_tar()),
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    assert!(o.status.success(), "import");
+    std::fs::create_dir_all(ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:test\nRUN head -c 400000000 /dev/urandom > /big\n",
+    )
+    .unwrap();
+    docker_tls_ok(job, &["build", "-q", "-t", "big:1", ctx.to_str().unwrap()]);
 }
 
 /// A raw TLS connection to the front door with an optional client bundle.
