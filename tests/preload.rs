@@ -45,6 +45,27 @@ fn oci_layout(dir: &Path) {
     .unwrap();
 }
 
+fn du(dir: &Path) -> u64 {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() {
+                n += du(&e.path());
+            } else if md.is_file() {
+                n += md.len();
+            }
+        }
+    }
+    n
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 #[test]
 fn every_new_job_has_the_preloaded_images() {
     if !prerequisites() {
@@ -91,11 +112,150 @@ fn every_new_job_has_the_preloaded_images() {
         );
         assert_eq!(o.trim(), "from-save");
     }
-    // One job removing its copy changes nothing for the other.
+    // Shared, not copied: the jobs' data-roots hold links, not layer content.
+    let seed = Path::new("/var/lib/bt/preload/seed/data");
+    assert!(
+        seed.join("overlay2").is_dir(),
+        "no shared image store was built"
+    );
+    let job_bytes = du(&e
+        .config()
+        .state_dir
+        .join("jobs")
+        .join(a.id())
+        .join("root/data/overlay2"));
+    let seed_bytes = du(&seed.join("overlay2"));
+    assert!(seed_bytes > 1_000_000, "seed holds {seed_bytes} bytes");
+    assert!(
+        job_bytes < 64 * 1024,
+        "job A holds {job_bytes} bytes of layers"
+    );
+    let seed_busybox = std::fs::read_dir(seed.join("overlay2"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("diff/bin/busybox"))
+        .find(|p| p.exists())
+        .expect("busybox in the seed");
+    let before = sha(&std::fs::read(&seed_busybox).unwrap());
+
+    // A job's writes to base-image files stay in that job.
+    docker_ok(
+        &a.socket(),
+        &[
+            "run",
+            "--rm",
+            "oci-busybox:1",
+            "sh",
+            "-c",
+            "rm /bin/ls && echo mine > /bin/added",
+        ],
+    );
+    let o = docker_ok(
+        &b.socket(),
+        &[
+            "run",
+            "--rm",
+            "oci-busybox:1",
+            "sh",
+            "-c",
+            "ls /bin/ls && ! test -e /bin/added && echo intact",
+        ],
+    );
+    assert!(o.contains("intact"), "{o}");
+
+    // Even a privileged container that enters the job's own mount namespace
+    // cannot make a shared layer writable or write through it.
+    // dockerd shares the job's mount namespace (the job's init is not
+    // dumpable, so its namespaces cannot be opened at all).
+    let layer = e
+        .config()
+        .state_dir
+        .join("jobs")
+        .join(a.id())
+        .join("layers/0");
+    let script = format!(
+        r#"exec nsenter -t "$(pidof dockerd)" -m sh -c '
+        L={layer}
+        test -x $L/bin/busybox && echo SEEN-LAYER
+        mount -o remount,bind,rw $L 2>&1
+        umount -l $L 2>&1 && echo UNMOUNTED
+        echo tampered > $L/bin/tampered && echo WROTE-NEW
+        echo tampered >> $L/bin/busybox && echo WROTE-OLD
+        rm $L/bin/ls && echo REMOVED'"#,
+        layer = layer.display()
+    );
+    let attack = docker(
+        &a.socket(),
+        &[
+            "run",
+            "--rm",
+            "--privileged",
+            "--pid",
+            "host",
+            "oci-busybox:1",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let text = stdout(&attack);
+    eprintln!("attack: {text}{}", String::from_utf8_lossy(&attack.stderr));
+    assert!(
+        text.contains("SEEN-LAYER"),
+        "the attack never reached the shared layer: {text}"
+    );
+    assert!(
+        !text.contains("WROTE") && !text.contains("REMOVED") && !text.contains("UNMOUNTED"),
+        "changed a shared layer: {text}"
+    );
+    assert_eq!(
+        sha(&std::fs::read(&seed_busybox).unwrap()),
+        before,
+        "the seed changed"
+    );
+    assert!(
+        docker_ok(
+            &b.socket(),
+            &["run", "--rm", "oci-busybox:1", "ls", "/bin/ls"]
+        )
+        .contains("/bin/ls")
+    );
+
+    // One job removing the image changes nothing for the other.
     docker_ok(&a.socket(), &["rmi", "oci-busybox:1"]);
     assert!(docker_ok(&b.socket(), &["images"]).contains("oci-busybox"));
+    assert!(seed_busybox.exists());
+    // Nothing of the shared layers outlives a job: no mount, anywhere.
+    let traces = Traces::capture(&e, &a);
     rt.block_on(e.teardown(a.id())).unwrap();
+    traces.assert_gone();
     rt.block_on(e.teardown(b.id())).unwrap();
+    drop(e);
+
+    // Without sharing, every job loads the archives itself: same images.
+    let mut cfg = engine_config(36, "preload");
+    cfg.preload = vec![save.clone(), layout.clone()];
+    cfg.share_preloads = false;
+    let e = berth::sandbox::Engine::new(cfg).unwrap();
+    let c = rt.block_on(e.start(None)).unwrap();
+    let images = docker_ok(
+        &c.socket(),
+        &["images", "--format", "{{.Repository}}:{{.Tag}}"],
+    );
+    assert!(
+        images.contains("saved-busybox:1") && images.contains("oci-busybox:1"),
+        "{images}"
+    );
+    assert!(
+        du(&e
+            .config()
+            .state_dir
+            .join("jobs")
+            .join(c.id())
+            .join("root/data/overlay2"))
+            > 1_000_000
+    );
+    rt.block_on(e.teardown(c.id())).unwrap();
 
     // A corrupt layout is refused at agent start, naming the blob.
     let bad = PathBuf::from("/var/lib/bt/preload-oci/broken");

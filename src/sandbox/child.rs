@@ -55,6 +55,48 @@ pub struct ChildSpec {
     /// dockerd's --shutdown-timeout, in seconds.
     pub shutdown_timeout: u64,
     pub extra_args: Vec<String>,
+    /// Mount points for the shared image layers, in the order their trees
+    /// arrive with the 'G' message.
+    #[serde(default)]
+    pub shared_layers: Vec<PathBuf>,
+}
+
+/// Sends one byte and `fds` (SCM_RIGHTS) on the sync socket.
+pub fn send_with_fds(sock: i32, byte: u8, fds: &[std::os::fd::OwnedFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let iov = [std::io::IoSlice::new(std::slice::from_ref(&byte))];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::empty(), None)
+        .map(drop)
+        .map_err(std::io::Error::from)
+}
+
+/// Receives one byte and the descriptors sent with it.
+fn recv_with_fds(sock: i32) -> std::io::Result<(u8, Vec<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::FromRawFd;
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([i32; 253]);
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    if msg.bytes == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(v) = c {
+            // SAFETY: the kernel installed these descriptors for us.
+            fds.extend(
+                v.into_iter()
+                    .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok((byte[0], fds))
 }
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -78,6 +120,19 @@ fn exit_code(ws: WaitStatus) -> Option<i32> {
     }
 }
 
+/// Attaches the shared image layers while still host root, in a mount
+/// namespace of this job's own (so the host never sees them). The job's
+/// namespaces are created next, from this one: the kernel then locks the
+/// copies, and nothing in the job can make them writable or unmount them.
+fn attach_shared_layers(spec: &ChildSpec, trees: Vec<std::os::fd::OwnedFd>) -> Result<(), String> {
+    sys::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string())?;
+    sys::make_rprivate().map_err(|e| e.to_string())?;
+    for (tree, target) in trees.iter().zip(&spec.shared_layers) {
+        sys::attach_tree(std::os::fd::AsFd::as_fd(tree), target).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// Entry of `berth __sandbox-stage1 <json>`. Never returns.
 pub fn stage1_main(spec_json: &str) -> ! {
     // SAFETY: the agent passes the sync socket as fd 3 and nothing else owns it.
@@ -90,8 +145,22 @@ pub fn stage1_main(spec_json: &str) -> ! {
     if let Err(e) = sys::setsid() {
         fail(&mut sync, &e.to_string());
     }
-    if !expect(&mut sync, b'G') {
-        fail(&mut sync, "agent went away before start");
+    let trees = match recv_with_fds(std::os::fd::AsRawFd::as_raw_fd(&sync)) {
+        Ok((b'G', trees)) if trees.len() == spec.shared_layers.len() => trees,
+        Ok((b'G', trees)) => fail(
+            &mut sync,
+            &format!(
+                "expected {} shared layers, got {}",
+                spec.shared_layers.len(),
+                trees.len()
+            ),
+        ),
+        _ => fail(&mut sync, "agent went away before start"),
+    };
+    if !trees.is_empty()
+        && let Err(e) = attach_shared_layers(&spec, trees)
+    {
+        fail(&mut sync, &e);
     }
     if let Err(e) = sys::unshare(sys::job_namespaces(spec.cgroupns)) {
         fail(&mut sync, &e.to_string());

@@ -98,6 +98,10 @@ pub struct SandboxConfig {
     /// Image archives loaded into every new job before it is handed out:
     /// `docker save` tarballs or OCI image layout directories.
     pub preload: Vec<PathBuf>,
+    /// Share preloaded images between jobs through read-only idmapped
+    /// mounts instead of loading them into every job (falls back to loading
+    /// where the kernel cannot).
+    pub share_preloads: bool,
     /// Extra dockerd arguments, for benchmarks that compare against
     /// dockerd's own listeners. Never read from a configuration file.
     #[serde(skip)]
@@ -141,6 +145,7 @@ impl Default for SandboxConfig {
                 cpus: None,
             },
             preload: Vec::new(),
+            share_preloads: true,
             extra_dockerd_args: Vec::new(),
         }
     }

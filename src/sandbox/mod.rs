@@ -12,6 +12,7 @@ pub mod net;
 mod ping;
 pub mod preload;
 pub mod record;
+pub mod seed;
 pub mod slots;
 mod sys;
 
@@ -48,6 +49,8 @@ pub enum SandboxError {
     Dns(#[from] dns::DnsError),
     #[error(transparent)]
     Preload(#[from] preload::PreloadError),
+    #[error(transparent)]
+    Seed(#[from] seed::SeedError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -194,6 +197,13 @@ pub struct Teardown {
     pub killed: bool,
 }
 
+enum SeedState {
+    Unbuilt,
+    Ready(Arc<seed::Seed>),
+    /// Shared images are not available here; every job loads the archives.
+    Off,
+}
+
 pub struct Engine {
     cfg: Arc<SandboxConfig>,
     helper: PathBuf,
@@ -203,6 +213,8 @@ pub struct Engine {
     upstreams: Vec<SocketAddr>,
     /// docker-save archives loaded into every new job.
     preloads: Vec<PathBuf>,
+    /// The shared image store built from the preloads (see `seed`).
+    seed: tokio::sync::Mutex<SeedState>,
     jobs: Mutex<HashMap<String, Sandbox>>,
     /// Exclusive lock on the state dir for the engine's lifetime: two agents
     /// on one state dir would tear down each other's jobs as "left over".
@@ -374,6 +386,7 @@ impl Engine {
         let preloads = preload::prepare(&cfg.preload, &cfg.state_dir.join("preload"))?;
         Ok(Engine {
             preloads,
+            seed: tokio::sync::Mutex::new(SeedState::Unbuilt),
             cfg: Arc::new(cfg),
             helper,
             layout,
@@ -408,6 +421,81 @@ impl Engine {
 
     /// Starts a job and returns once its dockerd answers `/_ping`.
     pub async fn start(&self, limits: Option<Limits>) -> Result<Sandbox, SandboxError> {
+        let seed = if self.preloads.is_empty() || !self.cfg.share_preloads {
+            None
+        } else {
+            self.ensure_seed().await
+        };
+        self.start_with(limits, seed).await
+    }
+
+    /// The shared image store, built on first use from a sandbox that loads
+    /// the preloads. None (and every job loads the archives itself) where
+    /// idmapped mounts are not available.
+    async fn ensure_seed(&self) -> Option<Arc<seed::Seed>> {
+        let mut state = self.seed.lock().await;
+        match &*state {
+            SeedState::Ready(s) => return Some(s.clone()),
+            SeedState::Off => return None,
+            SeedState::Unbuilt => {}
+        }
+        let t0 = Instant::now();
+        match self.build_seed().await {
+            Ok(s) => {
+                tracing::info!(
+                    layers = s.layers.len(),
+                    took_ms = t0.elapsed().as_millis() as u64,
+                    "shared image store ready: preloaded images are mounted into jobs, not copied"
+                );
+                let s = Arc::new(s);
+                *state = SeedState::Ready(s.clone());
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "shared images unavailable: every job loads the preloaded archives itself");
+                let _ = seed::remove(&self.cfg.state_dir.join("seed"));
+                *state = SeedState::Off;
+                None
+            }
+        }
+    }
+
+    async fn build_seed(&self) -> Result<seed::Seed, SandboxError> {
+        let sb = Box::pin(self.start_with(None, None)).await?;
+        let rec = sb.record();
+        // Stop dockerd gracefully so that its image store is complete on disk.
+        sb.inner.status.send_replace(Status::Stopping);
+        if let Some(init) = rec.init_pid {
+            sys::kill(init as i32, nix::sys::signal::Signal::SIGTERM).ok();
+        }
+        let mut exited = sb.inner.exited.clone();
+        if tokio::time::timeout(Duration::from_secs(30), exited.wait_for(|e| e.is_some()))
+            .await
+            .is_err()
+        {
+            if let Some(init) = rec.init_pid {
+                sys::kill(init as i32, nix::sys::signal::Signal::SIGKILL).ok();
+            }
+            let _ = exited.wait_for(|e| e.is_some()).await;
+        }
+        let data = sb.inner.dir.join("root").join("data");
+        let dest = self.cfg.state_dir.join("seed").join("data");
+        let host_id = rec.host_id;
+        let adopted = tokio::task::spawn_blocking(move || seed::adopt(&data, &dest, host_id))
+            .await
+            .map_err(|e| start_err(sb.id(), e))?;
+        self.teardown(sb.id()).await?;
+        let s = adopted?;
+        // Idmapped mounts of this filesystem must work here, or jobs load.
+        probe_idmap(&s.data)?;
+        Ok(s)
+    }
+
+    async fn start_with(
+        &self,
+        limits: Option<Limits>,
+        seed: Option<Arc<seed::Seed>>,
+    ) -> Result<Sandbox, SandboxError> {
         let limits = limits.unwrap_or_else(|| self.cfg.default_limits.clone());
         limits.validate()?;
         let id = new_id();
@@ -459,7 +547,7 @@ impl Engine {
             }),
         };
         self.jobs.lock().unwrap().insert(id.clone(), sb.clone());
-        match self.launch(&sb, &mut rec, &limits, exited_tx).await {
+        match self.launch(&sb, &mut rec, &limits, exited_tx, seed).await {
             Ok(()) => {
                 sb.inner.status.send_if_modified(|s| {
                     if *s == Status::Starting {
@@ -488,6 +576,7 @@ impl Engine {
         rec: &mut JobRecord,
         limits: &Limits,
         exited_tx: watch::Sender<Option<i32>>,
+        seed: Option<Arc<seed::Seed>>,
     ) -> Result<(), SandboxError> {
         let cfg = &self.cfg;
         let id = rec.id.clone();
@@ -503,6 +592,12 @@ impl Engine {
             let p = root.join(sub);
             mkdir_mode(&p, 0o700)?;
             chown(&p, rec.host_id)?;
+        }
+        if let Some(sd) = &seed {
+            let (sd, jd, data, uid) = (sd.clone(), dir.clone(), root.join("data"), rec.host_id);
+            tokio::task::spawn_blocking(move || seed::materialize(&sd, &jd, &data, uid))
+                .await
+                .map_err(|e| start_err(&id, e))??;
         }
         let daemon_json = root.join("daemon.json");
         std::fs::write(&daemon_json, "{}\n").map_err(io("cannot write", &daemon_json))?;
@@ -547,6 +642,14 @@ impl Engine {
             // margin to exit before the SIGKILL.
             shutdown_timeout: (cfg.stop_grace.as_secs() * 3 / 5).max(1),
             extra_args: cfg.extra_dockerd_args.clone(),
+            shared_layers: seed
+                .as_ref()
+                .map(|sd| {
+                    (0..sd.layers.len())
+                        .map(|i| seed::layer_mount_point(&dir, i))
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         let log_path = dir.join("dockerd.log");
         let log = std::fs::OpenOptions::new()
@@ -620,9 +723,21 @@ impl Engine {
         if let Some(cg) = &rec.cgroup {
             cg.attach(pid)?;
         }
-        wr.write_all(b"G")
-            .await
+        // The shared layers, seen through the job's id map, go to the helper
+        // by fd; it attaches them before it creates the job's namespaces.
+        let mut trees = Vec::new();
+        if let Some(sd) = &seed {
+            let ns = IdmapNs::new(rec.host_id)?;
+            for l in &sd.layers {
+                trees.push(
+                    sys::idmapped_readonly_clone(&sd.data.join(l), ns.fd())
+                        .map_err(|e| start_err(&id, e))?,
+                );
+            }
+        }
+        child::send_with_fds(std::os::fd::AsRawFd::as_raw_fd(wr.as_ref()), b'G', &trees)
             .map_err(|_| lost("before unshare"))?;
+        drop(trees);
         let mut b = [0u8; 1];
         match tokio::time::timeout(step, tokio::io::AsyncReadExt::read_exact(&mut rd, &mut b)).await
         {
@@ -691,7 +806,7 @@ impl Engine {
             }
             let _ = tokio::time::timeout(Duration::from_millis(5), exited.changed()).await;
         }
-        for tar in &self.preloads {
+        for tar in self.preloads.iter().filter(|_| seed.is_none()) {
             ping::load_image(&socket, tar)
                 .await
                 .map_err(|e| start_err(&id, format!("preloading {}: {e}", tar.display())))?;
@@ -842,6 +957,70 @@ impl Engine {
         }
         out
     }
+}
+
+/// A user namespace that maps 0..65535 onto `first..`, held by a short-lived
+/// helper process: the id map of a job's shared layer mounts.
+struct IdmapNs {
+    child: std::process::Child,
+    ns: std::fs::File,
+}
+
+impl IdmapNs {
+    fn new(first: u32) -> Result<IdmapNs, SandboxError> {
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("60")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: unshare is a single async-signal-safe syscall.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(io("cannot start", Path::new("sleep")))?;
+        let pid = child.id();
+        let done = (|| {
+            let ns_path = PathBuf::from(format!("/proc/{pid}/ns/user"));
+            let map = format!("0 {first} {}\n", config::RANGE_SIZE);
+            for f in ["uid_map", "gid_map"] {
+                let p = PathBuf::from(format!("/proc/{pid}/{f}"));
+                std::fs::write(&p, &map).map_err(io("cannot write", &p))?;
+            }
+            std::fs::File::open(&ns_path).map_err(io("cannot open", &ns_path))
+        })();
+        match done {
+            Ok(ns) => Ok(IdmapNs { child, ns }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.ns)
+    }
+}
+
+impl Drop for IdmapNs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Checks that an idmapped clone of `dir` can be made here.
+fn probe_idmap(dir: &Path) -> Result<(), SandboxError> {
+    let ns = IdmapNs::new(u32::MAX - config::RANGE_SIZE - 1)?;
+    sys::idmapped_readonly_clone(dir, ns.fd())
+        .map(drop)
+        .map_err(|e| start_err("seed", e))
 }
 
 /// True when `pid` is still this job's stage-1/init process (not a reused pid).
