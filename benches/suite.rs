@@ -12,6 +12,11 @@
 //!    still answering.
 //! 4. Throughput: N concurrent jobs each importing, building and running a
 //!    small image, against one job alone.
+//! 5. Preloaded 100 MB base image: new job to a container running from it,
+//!    shared image store against loading the archive into every job, and
+//!    a job without preloads as the floor.
+//!
+//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload runs a subset.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -27,6 +32,39 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
 use stats::{median, pct, runs};
+
+fn section(name: &str) -> bool {
+    std::env::var("BERTH_BENCH_ONLY")
+        .map(|v| v.split(',').any(|s| s.trim() == name))
+        .unwrap_or(true)
+}
+
+/// New job → the image is usable (one docker CLI round trip finds it; the
+/// floor without an image does the same round trip with `docker version`).
+/// Each job then runs a container from the image, untimed, as a check.
+fn start_to_usable(
+    e: &berth::sandbox::Engine,
+    rt: &tokio::runtime::Runtime,
+    image: Option<&str>,
+) -> Vec<f64> {
+    let mut out = Vec::new();
+    for _ in 0..runs() {
+        let t = Instant::now();
+        let sb = rt.block_on(e.start(None)).unwrap();
+        match image {
+            Some(img) => {
+                common::docker_ok(&sb.socket(), &["image", "inspect", "-f", "{{.Id}}", img])
+            }
+            None => common::docker_ok(&sb.socket(), &["version", "-f", "{{.Server.Version}}"]),
+        };
+        out.push(ms(t.elapsed()));
+        if let Some(img) = image {
+            common::docker_ok(&sb.socket(), &["run", "--rm", img, "true"]);
+        }
+        rt.block_on(e.teardown(sb.id())).unwrap();
+    }
+    out
+}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -286,184 +324,190 @@ fn main() {
     };
 
     // 1. Ready latency.
-    let (cold, cold_lib) = {
-        let fd = common::FrontDoor::start_with(50, "bs-cold", |c| c.warm_pool = 0);
-        (
-            ready_latency(&fd, &rt, false, true),
-            ready_latency(&fd, &rt, false, false),
-        )
-    };
-    let (warm, warm_lib) = {
-        let fd = common::FrontDoor::start_with(51, "bs-warm", |c| c.warm_pool = 1);
-        (
-            ready_latency(&fd, &rt, true, true),
-            ready_latency(&fd, &rt, true, false),
-        )
-    };
-    let dind = dind_latency();
-    row(
-        &mut table,
-        format!(
-            "| job ready, cold, docker CLI (ms) | {:.0} | {:.0} |",
-            median(&cold),
-            pct(&cold, 0.95)
-        ),
-    );
-    row(
-        &mut table,
-        format!(
-            "| job ready, cold, in-process client (ms) | {:.0} | {:.0} |",
-            median(&cold_lib),
-            pct(&cold_lib, 0.95)
-        ),
-    );
-    row(
-        &mut table,
-        format!(
-            "| job ready, warm pool, docker CLI (ms) | {:.1} | {:.1} |",
-            median(&warm),
-            pct(&warm, 0.95)
-        ),
-    );
-    row(
-        &mut table,
-        format!(
-            "| job ready, warm pool, in-process client (ms) | {:.1} | {:.1} |",
-            median(&warm_lib),
-            pct(&warm_lib, 0.95)
-        ),
-    );
-    row(
-        &mut table,
-        format!(
-            "| job ready, docker:dind way: openssl RSA-4096 ×3 + dockerd (ms) | {:.0} | {:.0} |",
-            median(&dind),
-            pct(&dind, 0.95)
-        ),
-    );
+    if section("ready") {
+        let (cold, cold_lib) = {
+            let fd = common::FrontDoor::start_with(50, "bs-cold", |c| c.warm_pool = 0);
+            (
+                ready_latency(&fd, &rt, false, true),
+                ready_latency(&fd, &rt, false, false),
+            )
+        };
+        let (warm, warm_lib) = {
+            let fd = common::FrontDoor::start_with(51, "bs-warm", |c| c.warm_pool = 1);
+            (
+                ready_latency(&fd, &rt, true, true),
+                ready_latency(&fd, &rt, true, false),
+            )
+        };
+        let dind = dind_latency();
+        row(
+            &mut table,
+            format!(
+                "| job ready, cold, docker CLI (ms) | {:.0} | {:.0} |",
+                median(&cold),
+                pct(&cold, 0.95)
+            ),
+        );
+        row(
+            &mut table,
+            format!(
+                "| job ready, cold, in-process client (ms) | {:.0} | {:.0} |",
+                median(&cold_lib),
+                pct(&cold_lib, 0.95)
+            ),
+        );
+        row(
+            &mut table,
+            format!(
+                "| job ready, warm pool, docker CLI (ms) | {:.1} | {:.1} |",
+                median(&warm),
+                pct(&warm, 0.95)
+            ),
+        );
+        row(
+            &mut table,
+            format!(
+                "| job ready, warm pool, in-process client (ms) | {:.1} | {:.1} |",
+                median(&warm_lib),
+                pct(&warm_lib, 0.95)
+            ),
+        );
+        row(
+            &mut table,
+            format!(
+                "| job ready, docker:dind way: openssl RSA-4096 ×3 + dockerd (ms) | {:.0} | {:.0} |",
+                median(&dind),
+                pct(&dind, 0.95)
+            ),
+        );
+    }
 
     // 2. Proxy cost on one daemon, with dockerd's own TLS listener beside berth.
-    let tls_dir = PathBuf::from("/var/lib/bt/bench-daemon-tls");
-    let _ = std::fs::remove_dir_all(&tls_dir);
-    let ca = berth::pki::Ca::load_or_create(&tls_dir).unwrap();
-    let mut cfgprobe = common::engine_config(52, "bs-proxy");
-    let job_ips: Vec<String> = (0..8)
-        .map(|s| cfgprobe.link_addrs(s).1.to_string())
-        .collect();
-    let server = ca.issue_server(&job_ips).unwrap();
-    let client = ca
-        .issue_client(
-            &berth::pki::Identity::Admin,
-            time::OffsetDateTime::now_utc() + Duration::from_secs(86400),
-        )
-        .unwrap();
-    let daemon_dir = tls_dir.join("daemon");
-    server.write_to(&daemon_dir).unwrap();
-    client.write_to(&tls_dir.join("client")).unwrap();
-    // The job's root must read its listener's key: give it the whole range's first id.
-    std::os::unix::fs::chown(
-        &daemon_dir,
-        Some(cfgprobe.uid_base),
-        Some(cfgprobe.uid_base),
-    )
-    .unwrap();
-    for f in ["ca.pem", "cert.pem", "key.pem"] {
+    if section("proxy") {
+        let tls_dir = PathBuf::from("/var/lib/bt/bench-daemon-tls");
+        let _ = std::fs::remove_dir_all(&tls_dir);
+        let ca = berth::pki::Ca::load_or_create(&tls_dir).unwrap();
+        let mut cfgprobe = common::engine_config(52, "bs-proxy");
+        let job_ips: Vec<String> = (0..8)
+            .map(|s| cfgprobe.link_addrs(s).1.to_string())
+            .collect();
+        let server = ca.issue_server(&job_ips).unwrap();
+        let client = ca
+            .issue_client(
+                &berth::pki::Identity::Admin,
+                time::OffsetDateTime::now_utc() + Duration::from_secs(86400),
+            )
+            .unwrap();
+        let daemon_dir = tls_dir.join("daemon");
+        server.write_to(&daemon_dir).unwrap();
+        client.write_to(&tls_dir.join("client")).unwrap();
+        // The job's root must read its listener's key: give it the whole range's first id.
         std::os::unix::fs::chown(
-            daemon_dir.join(f),
+            &daemon_dir,
             Some(cfgprobe.uid_base),
             Some(cfgprobe.uid_base),
         )
         .unwrap();
-    }
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&tls_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    cfgprobe.extra_dockerd_args = vec![
-        "--host".into(),
-        "tcp://0.0.0.0:2377".into(),
-        "--tlsverify".into(),
-        "--tlscacert".into(),
-        daemon_dir.join("ca.pem").display().to_string(),
-        "--tlscert".into(),
-        daemon_dir.join("cert.pem").display().to_string(),
-        "--tlskey".into(),
-        daemon_dir.join("key.pem").display().to_string(),
-    ];
-    {
-        let engine = std::sync::Arc::new(berth::sandbox::Engine::new(cfgprobe).unwrap());
-        let fd = common::FrontDoor::start_engine(engine, "bs-proxy", |c| c.warm_pool = 0);
-        let job = fd.create_job(&["--ttl", "2h"]);
-        let sock = format!("/var/lib/bt/bs-proxy/jobs/{}/api/docker.sock", job.id);
-        let job_ip =
-            std::fs::read_to_string(format!("/var/lib/bt/bs-proxy/jobs/{}/record.json", job.id))
-                .unwrap();
-        let job_ip = serde_json::from_str::<serde_json::Value>(&job_ip).unwrap()["job_ip"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let via_berth = vec![
-            ("DOCKER_HOST", job.endpoint.clone()),
-            ("DOCKER_TLS_VERIFY", "1".into()),
-            ("DOCKER_CERT_PATH", job.dir.display().to_string()),
+        for f in ["ca.pem", "cert.pem", "key.pem"] {
+            std::os::unix::fs::chown(
+                daemon_dir.join(f),
+                Some(cfgprobe.uid_base),
+                Some(cfgprobe.uid_base),
+            )
+            .unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tls_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        cfgprobe.extra_dockerd_args = vec![
+            "--host".into(),
+            "tcp://0.0.0.0:2377".into(),
+            "--tlsverify".into(),
+            "--tlscacert".into(),
+            daemon_dir.join("ca.pem").display().to_string(),
+            "--tlscert".into(),
+            daemon_dir.join("cert.pem").display().to_string(),
+            "--tlskey".into(),
+            daemon_dir.join("key.pem").display().to_string(),
         ];
-        let via_unix = vec![("DOCKER_HOST", format!("unix://{sock}"))];
-        let via_daemon_tls = vec![
-            ("DOCKER_HOST", format!("tcp://{job_ip}:2377")),
-            ("DOCKER_TLS_VERIFY", "1".into()),
-            (
-                "DOCKER_CERT_PATH",
-                tls_dir.join("client").display().to_string(),
-            ),
-        ];
-        until_version(&via_daemon_tls, Duration::from_secs(30));
-        common::build_big_image(&job, &fd.certs.join("big"));
-        let (mut sb, mut su, mut sd) = (vec![], vec![], vec![]);
-        for i in 0..n {
-            // Rotate the order so drift hits every path alike.
-            for k in 0..3 {
-                match (i + k) % 3 {
-                    0 => sb.push(time_save(&via_berth)),
-                    1 => su.push(time_save(&via_unix)),
-                    _ => sd.push(time_save(&via_daemon_tls)),
+        {
+            let engine = std::sync::Arc::new(berth::sandbox::Engine::new(cfgprobe).unwrap());
+            let fd = common::FrontDoor::start_engine(engine, "bs-proxy", |c| c.warm_pool = 0);
+            let job = fd.create_job(&["--ttl", "2h"]);
+            let sock = format!("/var/lib/bt/bs-proxy/jobs/{}/api/docker.sock", job.id);
+            let job_ip = std::fs::read_to_string(format!(
+                "/var/lib/bt/bs-proxy/jobs/{}/record.json",
+                job.id
+            ))
+            .unwrap();
+            let job_ip = serde_json::from_str::<serde_json::Value>(&job_ip).unwrap()["job_ip"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let via_berth = vec![
+                ("DOCKER_HOST", job.endpoint.clone()),
+                ("DOCKER_TLS_VERIFY", "1".into()),
+                ("DOCKER_CERT_PATH", job.dir.display().to_string()),
+            ];
+            let via_unix = vec![("DOCKER_HOST", format!("unix://{sock}"))];
+            let via_daemon_tls = vec![
+                ("DOCKER_HOST", format!("tcp://{job_ip}:2377")),
+                ("DOCKER_TLS_VERIFY", "1".into()),
+                (
+                    "DOCKER_CERT_PATH",
+                    tls_dir.join("client").display().to_string(),
+                ),
+            ];
+            until_version(&via_daemon_tls, Duration::from_secs(30));
+            common::build_big_image(&job, &fd.certs.join("big"));
+            let (mut sb, mut su, mut sd) = (vec![], vec![], vec![]);
+            for i in 0..n {
+                // Rotate the order so drift hits every path alike.
+                for k in 0..3 {
+                    match (i + k) % 3 {
+                        0 => sb.push(time_save(&via_berth)),
+                        1 => su.push(time_save(&via_unix)),
+                        _ => sd.push(time_save(&via_daemon_tls)),
+                    }
                 }
             }
+            let (mb, mu, md) = (median(&sb), median(&su), median(&sd));
+            row(
+                &mut table,
+                format!(
+                    "| `docker save` 400 MB: berth / unix socket / dockerd TLS (s) | {mb:.2} / {mu:.2} / {md:.2} | ratios to unix {:.3} / 1 / {:.3} |",
+                    mb / mu,
+                    md / mu
+                ),
+            );
+            let (pb, pu, pd) = rt.block_on(async {
+                let pb =
+                    ping_latencies(tls_to(&fd.endpoint(), &job.dir, "localhost").await, 2000).await;
+                let pu =
+                    ping_latencies(tokio::net::UnixStream::connect(&sock).await.unwrap(), 2000)
+                        .await;
+                let pd = ping_latencies(
+                    tls_to(&format!("{job_ip}:2377"), &tls_dir.join("client"), &job_ip).await,
+                    2000,
+                )
+                .await;
+                (pb, pu, pd)
+            });
+            row(
+                &mut table,
+                format!(
+                    "| `GET /_ping` kept alive, p50 (µs): berth / unix socket / dockerd TLS | {:.0} / {:.0} / {:.0} | p99 {:.0} / {:.0} / {:.0} |",
+                    median(&pb),
+                    median(&pu),
+                    median(&pd),
+                    pct(&pb, 0.99),
+                    pct(&pu, 0.99),
+                    pct(&pd, 0.99)
+                ),
+            );
         }
-        let (mb, mu, md) = (median(&sb), median(&su), median(&sd));
-        row(
-            &mut table,
-            format!(
-                "| `docker save` 400 MB: berth / unix socket / dockerd TLS (s) | {mb:.2} / {mu:.2} / {md:.2} | ratios to unix {:.3} / 1 / {:.3} |",
-                mb / mu,
-                md / mu
-            ),
-        );
-        let (pb, pu, pd) = rt.block_on(async {
-            let pb =
-                ping_latencies(tls_to(&fd.endpoint(), &job.dir, "localhost").await, 2000).await;
-            let pu =
-                ping_latencies(tokio::net::UnixStream::connect(&sock).await.unwrap(), 2000).await;
-            let pd = ping_latencies(
-                tls_to(&format!("{job_ip}:2377"), &tls_dir.join("client"), &job_ip).await,
-                2000,
-            )
-            .await;
-            (pb, pu, pd)
-        });
-        row(
-            &mut table,
-            format!(
-                "| `GET /_ping` kept alive, p50 (µs): berth / unix socket / dockerd TLS | {:.0} / {:.0} / {:.0} | p99 {:.0} / {:.0} / {:.0} |",
-                median(&pb),
-                median(&pu),
-                median(&pd),
-                pct(&pb, 0.99),
-                pct(&pu, 0.99),
-                pct(&pd, 0.99)
-            ),
-        );
     }
-
     // 3. Density.
-    {
+    if section("density") {
         let e = common::engine(53, "bs-density");
         let e = {
             let mut c = e.config().clone();
@@ -501,7 +545,7 @@ fn main() {
     }
 
     // 4. Throughput: import, two-stage build, run — 1 job alone vs N at once.
-    {
+    if section("throughput") {
         let e = std::sync::Arc::new(common::engine(54, "bs-throughput"));
         let work = |sock: PathBuf| {
             common::import_busybox(&sock);
@@ -545,6 +589,82 @@ fn main() {
                 ),
             );
         }
+    }
+
+    // 5. A preloaded 100 MB base image: shared store vs loading per job.
+    if section("preload") {
+        let archive = PathBuf::from("/var/lib/bt/bench-preload-100m.tar");
+        {
+            let e = common::engine(55, "bs-preload-src");
+            let sb = rt.block_on(e.start(None)).unwrap();
+            common::import_busybox(&sb.socket());
+            let ctx = PathBuf::from("/var/lib/bt/bench-preload-ctx");
+            std::fs::create_dir_all(&ctx).unwrap();
+            std::fs::write(
+                ctx.join("Dockerfile"),
+                "FROM busybox:test\nRUN head -c 100000000 /dev/urandom > /big\n",
+            )
+            .unwrap();
+            common::docker_ok(
+                &sb.socket(),
+                &["build", "-q", "-t", "base100:1", ctx.to_str().unwrap()],
+            );
+            let out = common::docker(&sb.socket(), &["save", "base100:1"]);
+            assert!(out.status.success());
+            std::fs::write(&archive, &out.stdout).unwrap();
+            rt.block_on(e.teardown(sb.id())).unwrap();
+        }
+        let engine_with = |n: u32, name: &str, share: bool, preload: bool| {
+            let mut c = common::engine_config(n, name);
+            if preload {
+                c.preload = vec![archive.clone()];
+            }
+            c.share_preloads = share;
+            berth::sandbox::Engine::new(c).unwrap()
+        };
+        let plain = engine_with(56, "bs-preload-none", true, false);
+        let floor = start_to_usable(&plain, &rt, None);
+        drop(plain);
+        let shared = engine_with(57, "bs-preload-shared", true, true);
+        // The first start builds the shared store; time it on its own.
+        let t = Instant::now();
+        let first = rt.block_on(shared.start(None)).unwrap();
+        let seed_ms = ms(t.elapsed());
+        rt.block_on(shared.teardown(first.id())).unwrap();
+        let with_shared = start_to_usable(&shared, &rt, Some("base100:1"));
+        drop(shared);
+        let loading = engine_with(58, "bs-preload-load", false, true);
+        let with_load = start_to_usable(&loading, &rt, Some("base100:1"));
+        row(
+            &mut table,
+            format!(
+                "| new job, no preload: start → first docker CLI answer (ms) | {:.0} | {:.0} |",
+                median(&floor),
+                pct(&floor, 0.95)
+            ),
+        );
+        row(
+            &mut table,
+            format!(
+                "| new job with a preloaded 100 MB image, shared store: start → image usable (ms) | {:.0} | {:.0} (+{:.0} over no preload) |",
+                median(&with_shared),
+                pct(&with_shared, 0.95),
+                median(&with_shared) - median(&floor)
+            ),
+        );
+        row(
+            &mut table,
+            format!(
+                "| same, loading the archive into every job (ms) | {:.0} | {:.0} (+{:.0} over no preload) |",
+                median(&with_load),
+                pct(&with_load, 0.95),
+                median(&with_load) - median(&floor)
+            ),
+        );
+        row(
+            &mut table,
+            format!("| building the shared store once, at the first job (ms) | {seed_ms:.0} | |"),
+        );
     }
 
     println!(
