@@ -202,6 +202,11 @@ fn the_older_hijack_without_upgrade_header_is_a_raw_pipe_with_half_close() {
         let cert = std::fs::read(job.dir.join("cert.pem")).unwrap();
         let key = std::fs::read(job.dir.join("key.pem")).unwrap();
         let mut s = tls_connect(fd.port, &ca, Some((&cert, &key))).await.unwrap();
+        // The client lists AES-256 first; the server picks AES-128-GCM.
+        assert_eq!(
+            s.get_ref().1.negotiated_cipher_suite().map(|c| c.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
         let body = r#"{"Detach":false,"Tty":false}"#;
         let req = format!(
             "POST /v1.41/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
