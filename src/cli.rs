@@ -256,6 +256,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let file = load_file(&engine)?;
             let serve = with_overrides(file.serve, listen, certs_dir);
             serve.validate()?;
+            let stop = crate::signals::Stop::install().map_err(|e| CliError::Job(e.to_string()))?;
             let inherited = crate::server::inherited_listener().map_err(CliError::Usage)?;
             let engine = std::sync::Arc::new(Engine::new(file.sandbox)?);
             for r in engine.recover().await {
@@ -272,7 +273,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 server.local_addr(),
                 server.admin_dir().display()
             );
-            server.run(shutdown_signal()).await;
+            server.run(shutdown_signal(stop)).await;
             Ok(())
         }
         Command::Certs(CertsCmd::Init { dir, san }) => {
@@ -366,14 +367,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 async fn up(engine: &Engine, limits: Limits) -> Result<(), CliError> {
+    let mut stop = crate::signals::Stop::install().map_err(|e| CliError::Job(e.to_string()))?;
     let sb = engine.start(Some(limits)).await?;
     println!("job {} ready in {:.0?}", sb.id(), sb.age());
     println!("export DOCKER_HOST=unix://{}", sb.socket().display());
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| CliError::Job(e.to_string()))?;
     let outcome = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
-        _ = term.recv() => None,
+        _ = stop.recv() => None,
         s = sb.ended() => Some(s),
     };
     let t = engine.teardown(sb.id()).await?;
@@ -399,16 +398,9 @@ fn with_overrides(
     serve
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+async fn shutdown_signal(mut stop: crate::signals::Stop) {
+    let sig = stop.recv().await;
+    tracing::info!(signal = sig, "shutting down");
 }
 
 async fn job(cmd: JobCmd) -> Result<(), CliError> {

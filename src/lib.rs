@@ -14,3 +14,4 @@ pub mod proxy;
 pub mod runner;
 pub mod sandbox;
 pub mod server;
+pub mod signals;

@@ -116,6 +116,9 @@ const SPINNER: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '�
 /// Runs the pipeline; returns its exit code.
 pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
     let started = Instant::now();
+    // Before anything is started: a signal from here on interrupts the run
+    // and the job is still torn down.
+    let mut signals = crate::signals::Stop::install().map_err(|e| RunError::Io(e.to_string()))?;
     let mut display = Display {
         tty: std::io::stdout().is_terminal(),
         status: None,
@@ -210,7 +213,16 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
         }
         display.line(&format!("── [{}/{}] {} ──", i + 1, total, step.name));
         let t0 = Instant::now();
-        let outcome = run_step(step, &pipeline.dir, &base_env, &mut display, i + 1, total).await;
+        let outcome = run_step(
+            step,
+            &pipeline.dir,
+            &base_env,
+            &mut display,
+            &mut signals,
+            i + 1,
+            total,
+        )
+        .await;
         let took = t0.elapsed();
         display.set_status(None);
         let verdict = match &outcome {
@@ -306,6 +318,7 @@ async fn run_step(
     dir: &std::path::Path,
     base_env: &[(String, String)],
     display: &mut Display,
+    stop: &mut crate::signals::Stop,
     n: usize,
     total: usize,
 ) -> Outcome {
@@ -333,7 +346,6 @@ async fn run_step(
     let t0 = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(120));
     let mut frame = 0usize;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let outcome = loop {
         tokio::select! {
             r = async { out.as_mut().unwrap().read(&mut ob).await }, if out.is_some() => match r {
@@ -352,8 +364,7 @@ async fn run_step(
                 Err(e) => Outcome::Broken(e.to_string()),
             },
             _ = tokio::time::sleep_until(deadline) => break Outcome::TimedOut,
-            _ = tokio::signal::ctrl_c() => break Outcome::Interrupted,
-            _ = async { term.as_mut().unwrap().recv().await }, if term.is_some() => break Outcome::Interrupted,
+            _ = stop.recv() => break Outcome::Interrupted,
             _ = tick.tick() => {
                 frame = frame.wrapping_add(1);
                 display.set_status(Some(format!(

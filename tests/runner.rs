@@ -134,15 +134,13 @@ run = "echo SHOULD-NOT-RUN"
     assert!(jobs_left("run-fail").is_empty());
 }
 
-#[test]
-fn ctrl_c_mid_step_stops_the_step_and_tears_the_job_down() {
-    if !prerequisites() {
-        return;
-    }
-    let cfg = write_config(32, "run-sigint", "");
-    let marker = format!("berth-sigint-{}", std::process::id());
+/// Sends `sig` to `berth run` while its step runs; the step and the job
+/// must be gone and the run must say it was interrupted (exit 130).
+fn interrupt_mid_step(sig: nix::sys::signal::Signal, n: u32, name: &str) {
+    let cfg = write_config(n, name, "");
+    let marker = format!("berth-{name}-{}", std::process::id());
     let p = pipeline(
-        "sigint",
+        name,
         &format!(
             "name = \"interrupted\"\n[[step]]\nname = \"long\"\nrun = \"echo started; sleep 120 # {marker}\"\n"
         ),
@@ -167,18 +165,14 @@ fn ctrl_c_mid_step_stops_the_step_and_tears_the_job_down() {
         }
     }
     assert!(seen.contains("started"), "{seen}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
     let t = Instant::now();
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{}", rest.join("\n"));
+    assert_eq!(status.code(), Some(130), "{sig}: {}", rest.join("\n"));
     assert!(t.elapsed() < Duration::from_secs(20));
     assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
-    assert!(jobs_left("run-sigint").is_empty());
+    assert!(jobs_left(name).is_empty(), "{sig} left a job behind");
     // The step's process group is gone too.
     let ps = Command::new("pgrep")
         .args(["-f", &marker])
@@ -189,6 +183,23 @@ fn ctrl_c_mid_step_stops_the_step_and_tears_the_job_down() {
         "step survived: {}",
         String::from_utf8_lossy(&ps.stdout)
     );
+}
+
+#[test]
+fn ctrl_c_mid_step_stops_the_step_and_tears_the_job_down() {
+    if !prerequisites() {
+        return;
+    }
+    interrupt_mid_step(nix::sys::signal::Signal::SIGINT, 32, "run-sigint");
+}
+
+#[test]
+fn a_closed_terminal_mid_step_tears_the_job_down_too() {
+    if !prerequisites() {
+        return;
+    }
+    // SIGHUP: the terminal (or tmux, or ssh) went away.
+    interrupt_mid_step(nix::sys::signal::Signal::SIGHUP, 37, "run-sighup");
 }
 
 #[test]
