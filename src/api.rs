@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::jobs::{CreateJob, JobError, JobView, Jobs};
 use crate::pki::valid_job_id;
 use crate::policy::{self, Decision};
-use crate::proxy::{HttpLimits, ProxyBody, error_response, read_body};
+use crate::proxy::{HttpLimits, ProxyBody, error_response, json_response, read_body};
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -33,15 +33,6 @@ pub struct Created {
     pub ca: String,
     pub cert: String,
     pub key: String,
-}
-
-fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<ProxyBody> {
-    let body = serde_json::to_vec(v).unwrap_or_default();
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
 }
 
 pub async fn serve<IO>(
@@ -96,10 +87,10 @@ async fn handle(
     let id = path.strip_prefix("/berth/v1/jobs/").map(str::to_string);
     match (method, id) {
         (Method::POST, None) => create(jobs, req, local).await,
-        (Method::GET, None) => json(StatusCode::OK, &jobs.list()),
+        (Method::GET, None) => json_response(StatusCode::OK, &jobs.list()),
         (Method::GET, Some(id)) => {
             match valid_id(&id).and_then(|()| jobs.get(&id).ok_or(StatusCode::NOT_FOUND)) {
-                Ok(v) => json::<JobView>(StatusCode::OK, &v),
+                Ok(v) => json_response::<JobView>(StatusCode::OK, &v),
                 Err(s) => error_response(s, &format!("berth: no such job: {id}")),
             }
         }
@@ -198,7 +189,7 @@ async fn create(
             } else {
                 host
             };
-            json(
+            json_response(
                 StatusCode::CREATED,
                 &Created {
                     id: view.id,

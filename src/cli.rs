@@ -24,12 +24,8 @@ pub enum Command {
     Serve {
         #[command(flatten)]
         engine: EngineArgs,
-        /// Address to listen on (default 0.0.0.0:2376).
-        #[arg(long)]
-        listen: Option<std::net::SocketAddr>,
-        /// Certificates directory (CA, server, admin bundle).
-        #[arg(long)]
-        certs_dir: Option<PathBuf>,
+        #[command(flatten)]
+        front: FrontArgs,
     },
     /// Run a pipeline file in a fresh job and tear the job down afterwards.
     Run {
@@ -48,12 +44,8 @@ pub enum Command {
     Doctor {
         #[command(flatten)]
         engine: EngineArgs,
-        /// Address the agent would listen on.
-        #[arg(long)]
-        listen: Option<std::net::SocketAddr>,
-        /// Certificates directory to check.
-        #[arg(long)]
-        certs_dir: Option<PathBuf>,
+        #[command(flatten)]
+        front: FrontArgs,
     },
     /// Create, list and remove jobs on an agent.
     #[command(subcommand)]
@@ -64,6 +56,29 @@ pub enum Command {
     /// Run and manage job sandboxes directly (no TLS front door).
     #[command(subcommand)]
     Sandbox(SandboxCmd),
+}
+
+/// The front door's flags; they win over the configuration file.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FrontArgs {
+    /// Address the agent listens on (default 0.0.0.0:2376).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Certificates directory (CA, server, admin bundle).
+    #[arg(long)]
+    pub certs_dir: Option<PathBuf>,
+}
+
+impl FrontArgs {
+    fn apply(self, mut serve: crate::server::ServeConfig) -> crate::server::ServeConfig {
+        if let Some(l) = self.listen {
+            serve.listen = l;
+        }
+        if let Some(d) = self.certs_dir {
+            serve.certs_dir = d;
+        }
+        serve
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -248,13 +263,9 @@ fn load_file_unvalidated(args: &EngineArgs) -> Result<FileConfig, CliError> {
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve {
-            engine,
-            listen,
-            certs_dir,
-        } => {
+        Command::Serve { engine, front } => {
             let file = load_file(&engine)?;
-            let serve = with_overrides(file.serve, listen, certs_dir);
+            let serve = front.apply(file.serve);
             serve.validate()?;
             let stop = crate::signals::Stop::install().map_err(|e| CliError::Job(e.to_string()))?;
             let inherited = crate::server::inherited_listener().map_err(CliError::Usage)?;
@@ -305,13 +316,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Doctor {
-            engine,
-            listen,
-            certs_dir,
-        } => {
+        Command::Doctor { engine, front } => {
             let file = load_file_unvalidated(&engine)?;
-            let serve = with_overrides(file.serve, listen, certs_dir);
+            let serve = front.apply(file.serve);
             let checks = crate::doctor::run(&file.sandbox, &serve);
             print!("{}", crate::doctor::render(&checks));
             let failed = checks
@@ -381,21 +388,6 @@ async fn up(engine: &Engine, limits: Limits) -> Result<(), CliError> {
         Some(Status::Failed(why)) => Err(CliError::Job(format!("job {} failed: {why}", sb.id()))),
         _ => Ok(()),
     }
-}
-
-/// Command-line flags win over the configuration file.
-fn with_overrides(
-    mut serve: crate::server::ServeConfig,
-    listen: Option<std::net::SocketAddr>,
-    certs_dir: Option<PathBuf>,
-) -> crate::server::ServeConfig {
-    if let Some(l) = listen {
-        serve.listen = l;
-    }
-    if let Some(d) = certs_dir {
-        serve.certs_dir = d;
-    }
-    serve
 }
 
 async fn shutdown_signal(mut stop: crate::signals::Stop) {

@@ -120,6 +120,16 @@ pub struct Bundle {
 }
 
 impl Bundle {
+    /// The bundle in `dir`, if all three files are there.
+    pub fn read_from(dir: &Path) -> Option<Bundle> {
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+        Some(Bundle {
+            ca_pem: read("ca.pem")?,
+            cert_pem: read("cert.pem")?,
+            key_pem: read("key.pem")?,
+        })
+    }
+
     /// Writes `ca.pem`, `cert.pem` and `key.pem` into `dir` (created 0700);
     /// every file 0600, through a temp file and a rename.
     pub fn write_to(&self, dir: &Path) -> Result<(), PkiError> {
@@ -284,14 +294,8 @@ impl Ca {
     /// not signed by this CA.
     pub fn ensure_server(&self, certs_dir: &Path, names: &[String]) -> Result<Bundle, PkiError> {
         let dir = certs_dir.join("server");
-        let existing = (|| {
-            let b = Bundle {
-                ca_pem: std::fs::read_to_string(dir.join("ca.pem")).ok()?,
-                cert_pem: std::fs::read_to_string(dir.join("cert.pem")).ok()?,
-                key_pem: std::fs::read_to_string(dir.join("key.pem")).ok()?,
-            };
-            (b.ca_pem == self.cert_pem && server_cert_current(&b.cert_pem, names)).then_some(b)
-        })();
+        let existing = Bundle::read_from(&dir)
+            .filter(|b| b.ca_pem == self.cert_pem && server_cert_current(&b.cert_pem, names));
         if let Some(b) = existing {
             return Ok(b);
         }
@@ -303,17 +307,8 @@ impl Ca {
     /// The admin bundle in `<dir>/admin/`, issued once.
     pub fn ensure_admin(&self, certs_dir: &Path) -> Result<Bundle, PkiError> {
         let dir = certs_dir.join("admin");
-        if let (Ok(ca_pem), Ok(cert_pem), Ok(key_pem)) = (
-            std::fs::read_to_string(dir.join("ca.pem")),
-            std::fs::read_to_string(dir.join("cert.pem")),
-            std::fs::read_to_string(dir.join("key.pem")),
-        ) && ca_pem == self.cert_pem
-        {
-            return Ok(Bundle {
-                ca_pem,
-                cert_pem,
-                key_pem,
-            });
+        if let Some(b) = Bundle::read_from(&dir).filter(|b| b.ca_pem == self.cert_pem) {
+            return Ok(b);
         }
         let b = self.issue_client(&Identity::Admin, OffsetDateTime::now_utc() + CA_VALIDITY)?;
         b.write_to(&dir)?;

@@ -52,7 +52,12 @@ impl Default for HttpLimits {
 /// A JSON error answer in the shape the Docker clients print
 /// ("Error response from daemon: <message>").
 pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "message": message }).to_string();
+    json_response(status, &serde_json::json!({ "message": message }))
+}
+
+/// A JSON answer of the agent's own (errors, the job API).
+pub fn json_response<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<ProxyBody> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
     let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     r.headers_mut()

@@ -158,15 +158,22 @@ fn tls_config(ca: &Ca, server: &crate::pki::Bundle) -> Result<rustls::ServerConf
     Ok(cfg)
 }
 
+/// The CA, a current server certificate for the host's names, the admin
+/// bundle, and the TLS acceptor built from them.
+fn prepare_tls(cfg: &ServeConfig) -> Result<(TlsAcceptor, Ca), ServeError> {
+    let ca = Ca::load_or_create(&cfg.certs_dir)?;
+    let server = ca.ensure_server(&cfg.certs_dir, &host_names(&cfg.san))?;
+    ca.ensure_admin(&cfg.certs_dir)?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls_config(&ca, &server)?));
+    Ok((acceptor, ca))
+}
+
 impl Server {
     /// Validates, prepares the PKI (CA, server certificate for the host's
     /// names, admin bundle) and binds; serves nothing until [`Server::run`].
     pub async fn bind(cfg: ServeConfig, engine: Arc<Engine>) -> Result<Server, ServeError> {
         cfg.validate()?;
-        let ca = Ca::load_or_create(&cfg.certs_dir)?;
-        let server = ca.ensure_server(&cfg.certs_dir, &host_names(&cfg.san))?;
-        ca.ensure_admin(&cfg.certs_dir)?;
-        let acceptor = TlsAcceptor::from(Arc::new(tls_config(&ca, &server)?));
+        let (acceptor, ca) = prepare_tls(&cfg)?;
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| ServeError::Bind {
@@ -178,6 +185,37 @@ impl Server {
                 },
                 source,
             })?;
+        Ok(Server::assemble(cfg, engine, listener, acceptor, ca))
+    }
+
+    /// Same as [`Server::bind`] on a listener that is already bound (socket
+    /// activation).
+    pub async fn from_listener(
+        mut cfg: ServeConfig,
+        engine: Arc<Engine>,
+        listener: std::net::TcpListener,
+    ) -> Result<Server, ServeError> {
+        cfg.validate()?;
+        let (acceptor, ca) = prepare_tls(&cfg)?;
+        let addr = cfg.listen;
+        let bind_err = |source| ServeError::Bind {
+            addr,
+            source,
+            hint: "",
+        };
+        cfg.listen = listener.local_addr().map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let listener = TcpListener::from_std(listener).map_err(bind_err)?;
+        Ok(Server::assemble(cfg, engine, listener, acceptor, ca))
+    }
+
+    fn assemble(
+        cfg: ServeConfig,
+        engine: Arc<Engine>,
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+        ca: Ca,
+    ) -> Server {
         let jobs = Jobs::new(
             engine,
             Arc::new(ca),
@@ -185,49 +223,13 @@ impl Server {
             Duration::from_secs(cfg.max_ttl_secs),
             cfg.warm_pool,
         );
-        Ok(Server {
+        Server {
             listener,
             acceptor,
             jobs,
             admin_dir: cfg.certs_dir.join("admin"),
             cfg,
-        })
-    }
-
-    /// Same as [`Server::bind`] on a listener that is already bound (socket
-    /// activation).
-    pub async fn from_listener(
-        cfg: ServeConfig,
-        engine: Arc<Engine>,
-        listener: std::net::TcpListener,
-    ) -> Result<Server, ServeError> {
-        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
-            addr: cfg.listen,
-            source,
-            hint: "",
-        })?;
-        let mut s = Server::bind(
-            ServeConfig {
-                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                ..cfg
-            },
-            engine,
-        )
-        .await?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| ServeError::Bind {
-                addr,
-                source,
-                hint: "",
-            })?;
-        s.listener = TcpListener::from_std(listener).map_err(|source| ServeError::Bind {
-            addr,
-            source,
-            hint: "",
-        })?;
-        s.cfg.listen = addr;
-        Ok(s)
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -19,7 +19,7 @@ mod sys;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -228,7 +228,7 @@ fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, 
         .truncate(false)
         .read(true)
         .write(true)
-        .mode_0600()
+        .mode(0o600)
         .open(&path)
         .map_err(io("cannot open", &path))?;
     let mut lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
@@ -655,7 +655,7 @@ impl Engine {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .mode_0600()
+            .mode(0o600)
             .open(&log_path)
             .map_err(io("cannot open", &log_path))?;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
@@ -1061,15 +1061,6 @@ pub fn describe_exit(code: i32) -> String {
             format!("dockerd was killed by {sig}")
         }
         c => format!("dockerd exited with code {c}"),
-    }
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-impl Mode0600 for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
     }
 }
 

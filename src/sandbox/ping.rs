@@ -10,20 +10,41 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
-async fn get(socket: &Path, path: &str) -> Option<(hyper::StatusCode, Bytes)> {
-    let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+/// Sends one request to dockerd on `socket`; returns the status and the
+/// whole answer.
+async fn send<B>(
+    socket: &Path,
+    req: hyper::Request<B>,
+) -> Result<(hyper::StatusCode, Bytes), String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("cannot reach dockerd: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .ok()?;
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, body))
+}
+
+async fn get(socket: &Path, path: &str) -> Option<(hyper::StatusCode, Bytes)> {
     let req = hyper::Request::get(path)
         .header("host", "docker")
         .body(Empty::<Bytes>::new())
         .ok()?;
-    let resp = sender.send_request(req).await.ok()?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    Some((status, body))
+    send(socket, req).await.ok()
 }
 
 /// True when dockerd at `socket` answers `/_ping` with 200.
@@ -57,26 +78,12 @@ pub async fn load_image(socket: &Path, tar: &Path) -> Result<(), String> {
         tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024),
         |r| r.map(hyper::body::Frame::data),
     ));
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("cannot reach dockerd: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
     let req = hyper::Request::post("/images/load?quiet=1")
         .header("host", "docker")
         .header("content-type", "application/x-tar")
         .body(body)
         .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let text = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| e.to_string())?;
+    let (status, text) = send(socket, req).await?;
     let text = String::from_utf8_lossy(&text);
     // The answer is a JSON stream; an error may come with a 200.
     let failed = text.lines().find_map(|l| {

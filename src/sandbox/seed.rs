@@ -90,17 +90,11 @@ fn layer_dirs(data: &Path) -> Result<Vec<PathBuf>, SeedError> {
     Ok(out)
 }
 
-/// Removes a seed (clearing any immutable attribute first). Idempotent.
+/// Removes a seed. Idempotent.
 pub fn remove(dest: &Path) -> Result<(), SeedError> {
     if !dest.exists() {
         return Ok(());
     }
-    walk(dest, &mut |p, md| {
-        if md.is_dir() || md.is_file() {
-            let _ = sys::set_immutable(p, false);
-        }
-        Ok(true)
-    })?;
     std::fs::remove_dir_all(dest).map_err(io(dest))
 }
 

@@ -288,37 +288,3 @@ pub fn attach_tree(tree: std::os::fd::BorrowedFd<'_>, target: &Path) -> Result<(
     }
     Ok(())
 }
-
-/// Sets or clears the immutable attribute of a regular file or directory.
-pub fn set_immutable(path: &Path, on: bool) -> Result<(), SysError> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).map_err(|e| SysError::Call {
-        op: format!("open({})", path.display()),
-        source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-        hint: "",
-    })?;
-    let mut flags: libc::c_long = 0;
-    // SAFETY: FS_IOC_GETFLAGS writes one long into `flags`.
-    if unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } < 0 {
-        return Err(call(
-            format!("FS_IOC_GETFLAGS({})", path.display()),
-            Errno::last(),
-        ));
-    }
-    const FS_IMMUTABLE_FL: libc::c_long = 0x10;
-    let new = if on {
-        flags | FS_IMMUTABLE_FL
-    } else {
-        flags & !FS_IMMUTABLE_FL
-    };
-    if new != flags {
-        // SAFETY: FS_IOC_SETFLAGS reads one long from `new`.
-        if unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &new) } < 0 {
-            return Err(call(
-                format!("FS_IOC_SETFLAGS({})", path.display()),
-                Errno::last(),
-            ));
-        }
-    }
-    Ok(())
-}
