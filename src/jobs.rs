@@ -27,6 +27,8 @@ pub enum JobError {
     TtlTooShort,
     #[error("no such job: {0}")]
     NotFound(String),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
 }
 
 /// Why a job identity does not open a daemon.
@@ -121,6 +123,11 @@ pub struct Jobs {
     pool_size: usize,
     refill: Mutex<Option<tokio::task::JoinHandle<()>>>,
     closing: std::sync::atomic::AtomicBool,
+    /// The agent's runtime: sandboxes start, stop and expire there, whatever
+    /// thread serves the request that asked for it (client connections live
+    /// on their own threads), and a client that goes away mid-request does
+    /// not cut a start or a teardown in half.
+    rt: tokio::runtime::Handle,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -130,6 +137,7 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 impl Jobs {
+    /// Must be called on the agent's runtime.
     pub fn new(
         engine: Arc<Engine>,
         ca: Arc<Ca>,
@@ -148,6 +156,7 @@ impl Jobs {
             pool_size,
             refill: Mutex::new(None),
             closing: std::sync::atomic::AtomicBool::new(false),
+            rt: tokio::runtime::Handle::current(),
         })
     }
 
@@ -168,7 +177,7 @@ impl Jobs {
             return;
         }
         let me = self.clone();
-        *slot = Some(tokio::spawn(async move {
+        *slot = Some(self.rt.spawn(async move {
             while !me.closing.load(Ordering::SeqCst) && me.pooled() < me.pool_size {
                 match me.engine.start(None).await {
                     Ok(sb) => {
@@ -203,6 +212,24 @@ impl Jobs {
     /// Starts a job and issues its client certificate, valid until the job
     /// expires. The job is torn down at expiry.
     pub async fn create(self: &Arc<Self>, req: CreateJob) -> Result<(JobView, Bundle), JobError> {
+        let me = self.clone();
+        self.on_agent(async move { me.create_here(req).await })
+            .await
+    }
+
+    /// Runs `work` to its end on the agent's runtime.
+    async fn on_agent<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, JobError>> + Send + 'static,
+    ) -> Result<T, JobError> {
+        match self.rt.spawn(work).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(JobError::ShuttingDown),
+        }
+    }
+
+    async fn create_here(self: &Arc<Self>, req: CreateJob) -> Result<(JobView, Bundle), JobError> {
         let ttl = req.ttl.unwrap_or(self.default_ttl);
         if ttl < Duration::from_secs(1) {
             return Err(JobError::TtlTooShort);
@@ -246,11 +273,11 @@ impl Jobs {
         );
         let me = self.clone();
         let jid = id.clone();
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             tokio::time::sleep(ttl).await;
             if me.meta.lock().unwrap().contains_key(&jid) {
                 tracing::info!(job = %jid, "ttl expired: tearing the job down");
-                if let Err(e) = me.delete(&jid).await {
+                if let Err(e) = me.delete_here(&jid).await {
                     tracing::error!(job = %jid, error = %e, "teardown at expiry");
                 }
             }
@@ -295,7 +322,13 @@ impl Jobs {
     }
 
     /// Ends a job: from now on its certificate opens nothing.
-    pub async fn delete(&self, id: &str) -> Result<(), JobError> {
+    pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), JobError> {
+        let (me, id) = (self.clone(), id.to_string());
+        self.on_agent(async move { me.delete_here(&id).await })
+            .await
+    }
+
+    async fn delete_here(&self, id: &str) -> Result<(), JobError> {
         if self.meta.lock().unwrap().remove(id).is_none() {
             return Err(JobError::NotFound(id.into()));
         }
@@ -347,7 +380,7 @@ impl Jobs {
         self.pool.lock().unwrap().clear();
         let ids: Vec<String> = self.meta.lock().unwrap().keys().cloned().collect();
         for id in ids {
-            if let Err(e) = self.delete(&id).await {
+            if let Err(e) = self.delete_here(&id).await {
                 tracing::error!(job = %id, error = %e, "teardown at shutdown");
             }
         }

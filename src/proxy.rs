@@ -14,10 +14,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,17 +27,19 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::jobs::{Jobs, Refusal};
 use crate::policy::{self, Decision};
 
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<Relayed, Full<Bytes>>;
 
-/// Read size on the upstream unix socket.
-const UPSTREAM_READ: usize = 256 * 1024;
+/// hyper's read and write buffers on a job's client connection, and the
+/// read size on the upstream unix socket: the most response bytes gathered
+/// into one TLS write.
+pub const RELAY_BUFFER: usize = 256 * 1024;
 
 /// Limits that protect the agent from a misbehaving client.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
     /// Time to receive a complete request head.
     pub header_timeout: Duration,
-    /// Read buffer, and so the largest request head accepted.
+    /// The largest request head accepted.
     pub max_head: usize,
 }
 
@@ -78,14 +81,86 @@ type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 
 type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// The driver of one upstream connection (hyper's client connection
+/// future). It runs on the client connection's own task, polled from two
+/// places: the connection loop, and the response body being relayed (see
+/// [`Relayed`]). Both are the same task, so the lock is never contended.
+#[derive(Clone)]
+struct DriverCell(Arc<Mutex<Option<Driver>>>);
+
+impl DriverCell {
+    fn new(driver: Driver) -> Self {
+        DriverCell(Arc::new(Mutex::new(Some(driver))))
+    }
+
+    /// Polls the driver; `Ready` once the upstream connection has ended.
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let Ok(mut slot) = self.0.try_lock() else {
+            // Unreachable (one task polls it); never lose the wake-up.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        };
+        let Some(driver) = slot.as_mut() else {
+            return Poll::Ready(());
+        };
+        let r = driver.as_mut().poll(cx);
+        if r.is_ready() {
+            *slot = None;
+        }
+        r
+    }
+}
+
+/// A response body relayed from dockerd to the client.
+///
+/// hyper hands body chunks from the upstream connection to the client's one
+/// at a time, and the client side writes out whatever it holds each time
+/// the body has nothing more: one TLS write, and one wake-up of the client,
+/// per chunk dockerd wrote (32 KiB for `docker save`). When the body has
+/// nothing ready, this one lets the upstream connection decode what it has
+/// already read, or read more, right away: everything dockerd has sent so
+/// far leaves in one write.
+pub struct Relayed {
+    inner: Incoming,
+    upstream: Option<DriverCell>,
+}
+
+impl Body for Relayed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Poll::Ready(f) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(f);
+        }
+        match &self.upstream {
+            Some(d) if d.poll(cx).is_pending() => Pin::new(&mut self.inner).poll_frame(cx),
+            _ => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The upstream side of one client connection.
 struct Upstream {
     sender: Option<Sender>,
+    /// Driver of the connection `sender` belongs to.
+    driver: Option<DriverCell>,
     /// Drivers of new upstream connections, polled by the client
     /// connection's own task: body bytes then move between the two sockets
     /// without waking another thread, and when the client goes away the
     /// drivers are dropped, so dockerd sees the disconnect and cancels.
-    drivers: tokio::sync::mpsc::UnboundedSender<Driver>,
+    drivers: tokio::sync::mpsc::UnboundedSender<DriverCell>,
 }
 
 /// The raw upstream stream of a hijacked request, handed from the request
@@ -111,13 +186,14 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (drivers_tx, mut drivers_rx) = tokio::sync::mpsc::unbounded_channel::<Driver>();
+    let (drivers_tx, mut drivers_rx) = tokio::sync::mpsc::unbounded_channel::<DriverCell>();
     let ctx = Arc::new(Ctx {
         jobs,
         job,
         peer,
         upstream: tokio::sync::Mutex::new(Upstream {
             sender: None,
+            driver: None,
             drivers: drivers_tx,
         }),
         hijack: Arc::new(Mutex::new(None)),
@@ -131,15 +207,21 @@ pub async fn serve<IO>(
     let mut conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_head.max(8192))
+        .max_header_size(limits.max_head)
+        .max_buf_size(RELAY_BUFFER)
         .serve_connection(TokioIo::new(io), svc);
-    let mut drivers = futures_util::stream::FuturesUnordered::new();
+    let mut drivers: Vec<DriverCell> = Vec::new();
     let mut stopping = false;
     let done = loop {
         tokio::select! {
             r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break r,
             Some(d) = drivers_rx.recv() => drivers.push(d),
-            Some(()) = futures_util::StreamExt::next(&mut drivers), if !drivers.is_empty() => {}
+            // Never completes: drives the upstream connections, forgetting
+            // those that have ended.
+            () = std::future::poll_fn(|cx| {
+                drivers.retain(|d| d.poll(cx).is_pending());
+                Poll::<()>::Pending
+            }) => {}
             // Agent shutdown: finish the request in flight, take no more.
             _ = stop.cancelled(), if !stopping => {
                 stopping = true;
@@ -245,6 +327,7 @@ async fn handle(ctx: &Ctx, mut req: Request<Incoming>) -> Response<ProxyBody> {
         Ok(r) => r,
         Err(e) => {
             up.sender = None;
+            up.driver = None;
             return error_response(
                 StatusCode::BAD_GATEWAY,
                 &format!(
@@ -255,10 +338,12 @@ async fn handle(ctx: &Ctx, mut req: Request<Incoming>) -> Response<ProxyBody> {
         }
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return resp.map(Either::Left);
+        let upstream = up.driver.clone();
+        return resp.map(|inner| Either::Left(Relayed { inner, upstream }));
     }
     // Hijacked: this upstream connection now belongs to the raw stream.
     up.sender = None;
+    up.driver = None;
     let headers = resp.headers().clone();
     let upgraded = match hyper::upgrade::on(resp).await {
         Ok(u) => u,
@@ -307,17 +392,20 @@ async fn ready_sender<'a>(
     };
     if !alive {
         let stream = tokio::net::UnixStream::connect(socket).await?;
-        // Large reads from dockerd: fewer, bigger body frames cross from the
-        // upstream task to the client's (image save/load, logs, cp).
+        // Large reads from dockerd: one read takes all it has written
+        // (its socket buffer holds about 208 KiB), and [`Relayed`] sends it
+        // on in one TLS write.
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .read_buf_exact_size(Some(UPSTREAM_READ))
+            .read_buf_exact_size(Some(RELAY_BUFFER))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
-        let _ = up.drivers.send(Box::pin(async move {
+        let driver = DriverCell::new(Box::pin(async move {
             let _ = conn.with_upgrades().await;
         }));
+        let _ = up.drivers.send(driver.clone());
         up.sender = Some(sender);
+        up.driver = Some(driver);
     }
     up.sender
         .as_mut()
@@ -347,6 +435,133 @@ mod tests {
         assert!(!is_hijack(&Method::GET, "/containers/abc/attach"));
         assert!(!is_hijack(&Method::POST, "/containers/abc/start"));
         assert!(!is_hijack(&Method::POST, "/containers/create"));
+    }
+
+    /// An in-memory client-side stream that counts the writes reaching it.
+    struct Counted {
+        io: tokio::io::DuplexStream,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let r = Pin::new(&mut self.io).poll_write(cx, buf);
+            if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+                self.writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    const CHUNKS: u8 = 8;
+
+    /// Relays one response of eight 32 KiB chunks, which "dockerd" writes
+    /// at once, to a client; returns the writes on the client side and the
+    /// body the client got.
+    async fn relay(inline: bool) -> (usize, Bytes) {
+        use tokio::io::AsyncReadExt;
+        let (up_client, mut daemon) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let mut head = vec![0u8; 4096];
+            let _ = daemon.read(&mut head).await;
+            let mut resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for i in 0..CHUNKS {
+                resp.extend_from_slice(b"8000\r\n");
+                resp.extend(std::iter::repeat_n(b'a' + i, 32 * 1024));
+                resp.extend_from_slice(b"\r\n");
+            }
+            resp.extend_from_slice(b"0\r\n\r\n");
+            daemon.write_all(&resp).await.unwrap();
+            let _ = daemon.read(&mut head).await;
+        });
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(up_client))
+            .await
+            .unwrap();
+        let driver = DriverCell::new(Box::pin(async move {
+            let _ = conn.await;
+        }));
+        // The connection loop's share of driving it, as in `serve`.
+        let looped = driver.clone();
+        tokio::spawn(std::future::poll_fn(move |cx| looped.poll(cx)));
+        let sender = Arc::new(tokio::sync::Mutex::new(sender));
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (sender, driver) = (sender.clone(), driver.clone());
+            async move {
+                let resp = sender.lock().await.send_request(req).await?;
+                let upstream = inline.then_some(driver);
+                Ok::<_, hyper::Error>(resp.map(|inner| Relayed { inner, upstream }))
+            }
+        });
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Counted {
+            io: server_io,
+            writes: writes.clone(),
+        };
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .max_buf_size(RELAY_BUFFER)
+                .serve_connection(TokioIo::new(counted), svc),
+        );
+        let (mut client, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(client_io))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let resp = client
+            .send_request(
+                Request::get("/images/big/get")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (writes.load(std::sync::atomic::Ordering::Relaxed), body)
+    }
+
+    #[test]
+    fn relayed_body_leaves_in_few_writes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let expected: Vec<u8> = (0..CHUNKS)
+            .flat_map(|i| std::iter::repeat_n(b'a' + i, 32 * 1024))
+            .collect();
+        // Handed over one chunk at a time, each chunk is its own write.
+        let (per_chunk, body) = rt.block_on(relay(false));
+        assert_eq!(body, expected);
+        assert!(per_chunk >= CHUNKS as usize, "{per_chunk} writes");
+        // Driven inline, what dockerd wrote at once leaves at once (the
+        // write buffer holds 256 KiB: two writes at most).
+        let (batched, body) = rt.block_on(relay(true));
+        assert_eq!(body, expected);
+        assert!(batched <= 2, "{batched} writes");
     }
 
     #[test]

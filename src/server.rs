@@ -19,8 +19,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::jobs::Jobs;
 use crate::pki::{Ca, Identity, PkiError, host_names};
-use crate::proxy::HttpLimits;
+use crate::proxy::{HttpLimits, RELAY_BUFFER};
 use crate::sandbox::Engine;
+use crate::workers::Workers;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -38,6 +39,8 @@ pub struct ServeConfig {
     pub drain_secs: u64,
     /// Sandboxes kept started so that a new job gets one at once (0: none).
     pub warm_pool: usize,
+    /// Threads serving client connections (0: one per CPU).
+    pub workers: usize,
 }
 
 impl Default for ServeConfig {
@@ -52,6 +55,7 @@ impl Default for ServeConfig {
             max_ttl_secs: 24 * 3600,
             drain_secs: 10,
             warm_pool: 2,
+            workers: 0,
         }
     }
 }
@@ -64,6 +68,8 @@ pub enum ServeError {
     Pki(#[from] PkiError),
     #[error("TLS configuration: {0}")]
     Tls(String),
+    #[error("cannot start the connection threads: {0}")]
+    Workers(std::io::Error),
     #[error("cannot listen on {addr}: {source}{hint}")]
     Bind {
         addr: SocketAddr,
@@ -98,6 +104,9 @@ impl ServeConfig {
                 "must be at most 64 (each warm sandbox holds about 115 MiB)",
             );
         }
+        if self.workers > 1024 {
+            return bad("workers", "must be at most 1024 (0: one per CPU)");
+        }
         if self.default_ttl_secs == 0 || self.default_ttl_secs > self.max_ttl_secs {
             return bad(
                 "default_ttl_secs",
@@ -113,6 +122,7 @@ pub struct Server {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     jobs: Arc<Jobs>,
+    workers: Workers,
     cfg: ServeConfig,
     admin_dir: PathBuf,
 }
@@ -185,7 +195,7 @@ impl Server {
                 },
                 source,
             })?;
-        Ok(Server::assemble(cfg, engine, listener, acceptor, ca))
+        Server::assemble(cfg, engine, listener, acceptor, ca)
     }
 
     /// Same as [`Server::bind`] on a listener that is already bound (socket
@@ -206,7 +216,7 @@ impl Server {
         cfg.listen = listener.local_addr().map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         let listener = TcpListener::from_std(listener).map_err(bind_err)?;
-        Ok(Server::assemble(cfg, engine, listener, acceptor, ca))
+        Server::assemble(cfg, engine, listener, acceptor, ca)
     }
 
     fn assemble(
@@ -215,7 +225,8 @@ impl Server {
         listener: TcpListener,
         acceptor: TlsAcceptor,
         ca: Ca,
-    ) -> Server {
+    ) -> Result<Server, ServeError> {
+        let workers = Workers::start(cfg.workers).map_err(ServeError::Workers)?;
         let jobs = Jobs::new(
             engine,
             Arc::new(ca),
@@ -223,13 +234,14 @@ impl Server {
             Duration::from_secs(cfg.max_ttl_secs),
             cfg.warm_pool,
         );
-        Server {
+        Ok(Server {
             listener,
             acceptor,
             jobs,
+            workers,
             admin_dir: cfg.certs_dir.join("admin"),
             cfg,
-        }
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -253,7 +265,12 @@ impl Server {
         };
         let handshake = Duration::from_secs(self.cfg.handshake_timeout_secs);
         let local = self.local_addr();
-        tracing::info!(listen = %local, warm_pool = self.cfg.warm_pool, "berth serving (mutual TLS)");
+        tracing::info!(
+            listen = %local,
+            warm_pool = self.cfg.warm_pool,
+            workers = self.workers.len(),
+            "berth serving (mutual TLS)"
+        );
         self.jobs.refill_pool();
         let mut conns = JoinSet::new();
         let stop = tokio_util::sync::CancellationToken::new();
@@ -272,17 +289,25 @@ impl Server {
                     }
                 },
             };
-            let (acceptor, jobs) = (self.acceptor.clone(), self.jobs.clone());
-            conns.spawn(connection(
-                tcp,
-                peer,
-                local,
-                acceptor,
-                jobs,
-                handshake,
-                limits,
-                stop.clone(),
-            ));
+            // The socket moves to a connection thread's own reactor.
+            let tcp = match tcp.into_std() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(client = %peer, error = %e, "cannot hand over a connection");
+                    continue;
+                }
+            };
+            let (acceptor, jobs, stop) = (self.acceptor.clone(), self.jobs.clone(), stop.clone());
+            self.workers.spawn(&mut conns, async move {
+                let tcp = match TcpStream::from_std(tcp) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::error!(client = %peer, error = %e, "cannot take over a connection");
+                        return;
+                    }
+                };
+                connection(tcp, peer, local, acceptor, jobs, handshake, limits, stop).await
+            });
         }
         stop.cancel();
         tracing::info!(open = conns.len(), "shutting down: draining connections");
@@ -345,7 +370,15 @@ async fn connection(
         .map(|c| Identity::from_cert_der(c.as_ref()));
     match identity {
         Some(Ok(Identity::Admin)) => crate::api::serve(tls, jobs, local, peer, limits, stop).await,
-        Some(Ok(Identity::Job(id))) => crate::proxy::serve(tls, jobs, id, peer, limits, stop).await,
+        Some(Ok(Identity::Job(id))) => {
+            // Room for a whole write buffer of hyper's, records included:
+            // a batch of response bytes leaves in one write.
+            let mut tls = tls;
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(RELAY_BUFFER + RELAY_BUFFER / 8));
+            crate::proxy::serve(tls, jobs, id, peer, limits, stop).await
+        }
         Some(Err(e)) => tracing::warn!(client = %peer, error = %e, "certificate refused"),
         None => tracing::warn!(client = %peer, "no client certificate"),
     }
