@@ -4,9 +4,9 @@
 //! lives on one of them from accept to close: the bytes it relays between
 //! dockerd's socket and the client's never wake another thread. On a shared
 //! work-stealing runtime, every chunk dockerd writes also wakes an idle
-//! worker that finds nothing to do; on a 2-core machine that costs the
-//! proxy about 30% more CPU per relayed byte and slows `docker save` by
-//! about 10%.
+//! worker that finds nothing to do: measured on a 2-core machine, the proxy
+//! spent 0.51 s of CPU per 400 MB `docker save` that way, 0.34 s on one
+//! current-thread runtime.
 //!
 //! A new connection goes to the thread with the fewest open ones.
 
