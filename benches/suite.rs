@@ -93,20 +93,6 @@ fn until_version(env: &[(&str, String)], deadline: Duration) {
     }
 }
 
-/// A dockerd answers `GET /_ping` on this socket.
-fn answers_ping(sock: &Path) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut out = String::new();
-    s.write_all(b"GET /_ping HTTP/1.0\r\n\r\n").is_ok()
-        && s.read_to_string(&mut out).is_ok()
-        && out.starts_with("HTTP/1.")
-        && out.contains(" 200 ")
-}
-
 /// Create → first successful `docker version` through a front door, with
 /// the docker CLI (`cli`) or an in-process client (GET /version over mTLS).
 fn ready_latency(
@@ -133,7 +119,9 @@ fn ready_latency(
                 let ready = std::fs::read_dir(&state)
                     .map(|r| {
                         r.flatten()
-                            .filter(|e| answers_ping(&e.path().join("api/docker.sock")))
+                            .filter(|e| {
+                                rt.block_on(berth::sandbox::ping(&e.path().join("api/docker.sock")))
+                            })
                             .count()
                     })
                     .unwrap_or(0);

@@ -122,7 +122,7 @@ impl DriverCell {
 /// far leaves in one write.
 pub struct Relayed {
     inner: Incoming,
-    upstream: Option<DriverCell>,
+    upstream: DriverCell,
 }
 
 impl Body for Relayed {
@@ -136,10 +136,10 @@ impl Body for Relayed {
         if let Poll::Ready(f) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(f);
         }
-        match &self.upstream {
-            Some(d) if d.poll(cx).is_pending() => Pin::new(&mut self.inner).poll_frame(cx),
-            _ => Poll::Pending,
+        if self.upstream.poll(cx).is_pending() {
+            return Pin::new(&mut self.inner).poll_frame(cx);
         }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
@@ -153,9 +153,8 @@ impl Body for Relayed {
 
 /// The upstream side of one client connection.
 struct Upstream {
-    sender: Option<Sender>,
-    /// Driver of the connection `sender` belongs to.
-    driver: Option<DriverCell>,
+    /// The kept-alive connection: its sender and its driver.
+    conn: Option<(Sender, DriverCell)>,
     /// Drivers of new upstream connections, polled by the client
     /// connection's own task: body bytes then move between the two sockets
     /// without waking another thread, and when the client goes away the
@@ -192,8 +191,7 @@ pub async fn serve<IO>(
         job,
         peer,
         upstream: tokio::sync::Mutex::new(Upstream {
-            sender: None,
-            driver: None,
+            conn: None,
             drivers: drivers_tx,
         }),
         hijack: Arc::new(Mutex::new(None)),
@@ -313,8 +311,8 @@ async fn handle(ctx: &Ctx, mut req: Request<Incoming>) -> Response<ProxyBody> {
             .insert(UPGRADE, HeaderValue::from_static("tcp"));
     }
     let mut up = ctx.upstream.lock().await;
-    let sender = match ready_sender(&mut up, &socket).await {
-        Ok(s) => s,
+    let (sender, driver) = match ready_sender(&mut up, &socket).await {
+        Ok(c) => c,
         Err(e) => {
             tracing::warn!(job = %ctx.job, error = %e, "cannot reach the job's dockerd");
             return error_response(
@@ -323,11 +321,11 @@ async fn handle(ctx: &Ctx, mut req: Request<Incoming>) -> Response<ProxyBody> {
             );
         }
     };
+    let upstream = driver.clone();
     let resp = match sender.send_request(req).await {
         Ok(r) => r,
         Err(e) => {
-            up.sender = None;
-            up.driver = None;
+            up.conn = None;
             return error_response(
                 StatusCode::BAD_GATEWAY,
                 &format!(
@@ -338,12 +336,10 @@ async fn handle(ctx: &Ctx, mut req: Request<Incoming>) -> Response<ProxyBody> {
         }
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        let upstream = up.driver.clone();
         return resp.map(|inner| Either::Left(Relayed { inner, upstream }));
     }
     // Hijacked: this upstream connection now belongs to the raw stream.
-    up.sender = None;
-    up.driver = None;
+    up.conn = None;
     let headers = resp.headers().clone();
     let upgraded = match hyper::upgrade::on(resp).await {
         Ok(u) => u,
@@ -385,9 +381,9 @@ async fn handle(ctx: &Ctx, mut req: Request<Incoming>) -> Response<ProxyBody> {
 async fn ready_sender<'a>(
     up: &'a mut Upstream,
     socket: &PathBuf,
-) -> std::io::Result<&'a mut Sender> {
-    let alive = match &mut up.sender {
-        Some(s) => !s.is_closed() && s.ready().await.is_ok(),
+) -> std::io::Result<&'a mut (Sender, DriverCell)> {
+    let alive = match &mut up.conn {
+        Some((s, _)) => !s.is_closed() && s.ready().await.is_ok(),
         None => false,
     };
     if !alive {
@@ -404,10 +400,9 @@ async fn ready_sender<'a>(
             let _ = conn.with_upgrades().await;
         }));
         let _ = up.drivers.send(driver.clone());
-        up.sender = Some(sender);
-        up.driver = Some(driver);
+        up.conn = Some((sender, driver));
     }
-    up.sender
+    up.conn
         .as_mut()
         .ok_or_else(|| std::io::Error::other("no upstream connection"))
 }
@@ -512,8 +507,13 @@ mod tests {
             let (sender, driver) = (sender.clone(), driver.clone());
             async move {
                 let resp = sender.lock().await.send_request(req).await?;
-                let upstream = inline.then_some(driver);
-                Ok::<_, hyper::Error>(resp.map(|inner| Relayed { inner, upstream }))
+                Ok::<_, hyper::Error>(resp.map(|inner| match inline {
+                    true => Either::Left(Relayed {
+                        inner,
+                        upstream: driver,
+                    }),
+                    false => Either::Right(inner),
+                }))
             }
         });
         let (client_io, server_io) = tokio::io::duplex(1 << 20);

@@ -268,7 +268,7 @@ impl Server {
         tracing::info!(
             listen = %local,
             warm_pool = self.cfg.warm_pool,
-            workers = self.workers.len(),
+            workers = self.workers.threads(),
             "berth serving (mutual TLS)"
         );
         self.jobs.refill_pool();

@@ -72,12 +72,9 @@ impl Workers {
         Ok(Workers { workers })
     }
 
-    pub fn len(&self) -> usize {
+    /// Number of threads.
+    pub fn threads(&self) -> usize {
         self.workers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
     }
 
     /// Runs `conn` on the least busy thread, tracked in `set`.
@@ -90,6 +87,8 @@ impl Workers {
             .iter()
             .min_by_key(|w| w.open.load(Ordering::Relaxed))
         else {
+            // `start` makes at least one thread; the accept loop must not
+            // panic on it all the same.
             set.spawn(conn);
             return;
         };
@@ -132,7 +131,7 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let w = Workers::start(2).unwrap();
-            assert_eq!(w.len(), 2);
+            assert_eq!(w.threads(), 2);
             let mut set = JoinSet::new();
             let (release, wait) = tokio::sync::watch::channel(false);
             let names = Arc::new(std::sync::Mutex::new(Vec::new()));

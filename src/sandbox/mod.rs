@@ -29,6 +29,8 @@ use tokio::sync::watch;
 
 pub use cgroup::{JobCgroup, Layout};
 pub use config::{Limits, SandboxConfig};
+/// Whether a dockerd answers `/_ping` on a socket (the engine's readiness check).
+pub use ping::ping;
 pub use record::JobRecord;
 
 use child::{ChildSpec, HIDDEN_SUBCOMMAND};
