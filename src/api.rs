@@ -1,5 +1,6 @@
 //! The job API on the front door, for the admin identity:
-//! `POST /berth/v1/jobs`, `GET /berth/v1/jobs`, `GET|DELETE /berth/v1/jobs/{id}`.
+//! `POST /berth/v1/jobs`, `GET /berth/v1/jobs`, `GET|DELETE /berth/v1/jobs/{id}`,
+//! `GET /berth/v1/pool` (the warm pool, and why it is short).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -83,6 +84,15 @@ async fn handle(
     {
         tracing::warn!(identity = "admin", client = %peer, %method, %path, rule, "request denied");
         return error_response(status, message);
+    }
+    if path == "/berth/v1/pool" {
+        return match method {
+            Method::GET => json_response(StatusCode::OK, &jobs.pool_view()),
+            _ => error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "berth: method not allowed on this path",
+            ),
+        };
     }
     let id = path.strip_prefix("/berth/v1/jobs/").map(str::to_string);
     match (method, id) {

@@ -1,7 +1,7 @@
 //! Command line: `berth serve`, `berth job`, `berth certs`, `berth sandbox`;
 //! the parsing and the exit codes, nothing of the engine's logic.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
@@ -261,6 +261,51 @@ fn load_file_unvalidated(args: &EngineArgs) -> Result<FileConfig, CliError> {
     Ok(cfg)
 }
 
+impl Command {
+    /// Whether this command runs sandboxes in this process (and so needs
+    /// delegated cgroups).
+    fn runs_an_engine(&self) -> bool {
+        match self {
+            Command::Serve { .. } | Command::Doctor { .. } | Command::Sandbox(_) => true,
+            Command::Run { endpoint, .. } => endpoint.is_none(),
+            Command::Job(_) | Command::Certs(_) => false,
+        }
+    }
+}
+
+/// On a systemd host with cgroup v2, a command that runs sandboxes from a
+/// cgroup systemd did not delegate (a login shell, a CI runner's service)
+/// starts itself again in a transient scope with `Delegate=yes`, as systemd
+/// asks of anyone who manages cgroups. Returns only when that is not needed
+/// or not possible; the engine then says why jobs get no cgroups.
+pub fn enter_delegated_scope(cli: &Cli) {
+    use crate::sandbox::cgroup::v2;
+    use std::os::unix::process::CommandExt;
+    if !cli.command.runs_an_engine()
+        || !nix::unistd::geteuid().is_root()
+        || !v2::needs_delegated_scope(Path::new("/proc"), Path::new("/sys/fs/cgroup"))
+    {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let err = std::process::Command::new("systemd-run")
+        .args([
+            "--scope",
+            "--quiet",
+            "--collect",
+            "--property=Delegate=yes",
+            "--description=berth (delegated cgroups for its jobs)",
+            "--",
+        ])
+        .arg(exe)
+        .args(std::env::args_os().skip(1))
+        .env(v2::SCOPE_MARK, "1")
+        .exec();
+    eprintln!("warning: cannot start a delegated systemd scope (systemd-run): {err}");
+}
+
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve { engine, front } => {
@@ -469,6 +514,17 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
                         format!("{left}s"),
                         j["labels"]
                     );
+                }
+                let pool = client.pool().await?;
+                if pool["size"].as_u64().unwrap_or(0) > 0 {
+                    print!("warm pool: {} of {} ready", pool["ready"], pool["size"]);
+                    match pool["last_error"].as_str() {
+                        Some(e) => println!(
+                            "; {} start(s) failed in a row, next try in {}s: {e}",
+                            pool["failures"], pool["retry_in_secs"]
+                        ),
+                        None => println!(),
+                    }
                 }
             }
             Ok(())

@@ -94,6 +94,17 @@ impl AgentClient {
         })
     }
 
+    /// The agent's warm pool (`GET /berth/v1/pool`).
+    pub async fn pool(&self) -> Result<serde_json::Value, ClientError> {
+        let r = self
+            .send(self.http.get(format!("{}/pool", self.base)))
+            .await?;
+        r.json().await.map_err(|source| ClientError::Connect {
+            endpoint: self.endpoint.clone(),
+            source,
+        })
+    }
+
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
         self.send(self.http.delete(format!("{}/jobs/{id}", self.base)))
             .await?;

@@ -57,8 +57,8 @@ fn version_of(prog: &Path, arg: &str) -> Option<String> {
     text.lines().next().map(|l| l.trim().to_string())
 }
 
-/// Runs every check. Nothing is changed on the host (the cgroup check only
-/// looks at permissions; it creates nothing).
+/// Runs every check. The cgroup check creates a throwaway job cgroup and
+/// removes it again; nothing else is changed on the host.
 pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
     let mut out = Vec::new();
     out.push(if nix::unistd::geteuid().is_root() {
@@ -155,44 +155,7 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
         });
     }
 
-    let mountinfo =
-        std::fs::read_to_string(sb.proc_root.join("self/mountinfo")).unwrap_or_default();
-    out.push(match cgroup::detect(&mountinfo, &sb.cgroup_root) {
-        Err(e) => warn(
-            "cgroups",
-            format!("{e}: jobs would run dockerd --rootless without limits"),
-            "mount cgroup2 (or the v1 hierarchies) read-write at /sys/fs/cgroup",
-        ),
-        Ok(layout) => {
-            let dirs: Vec<std::path::PathBuf> = match &layout {
-                cgroup::Layout::V1 { hierarchies } => {
-                    hierarchies.iter().map(|h| h.mount.clone()).collect()
-                }
-                cgroup::Layout::V2 { mount } => vec![mount.clone()],
-            };
-            let writable = dirs
-                .iter()
-                .all(|d| nix::unistd::access(d, nix::unistd::AccessFlags::W_OK).is_ok());
-            let kind = match layout {
-                cgroup::Layout::V1 { .. } => format!("v1, {} hierarchies", dirs.len()),
-                cgroup::Layout::V2 { .. } => "v2".to_string(),
-            };
-            if writable {
-                pass(
-                    "cgroups",
-                    format!("{kind}, writable: jobs get delegated cgroups"),
-                )
-            } else {
-                warn(
-                    "cgroups",
-                    format!(
-                        "{kind}, not writable: jobs would run dockerd --rootless without limits"
-                    ),
-                    "give the agent a writable cgroup filesystem (systemd: Delegate=yes)",
-                )
-            }
-        }
-    });
+    out.push(check_cgroups(sb));
 
     let fwd =
         std::fs::read_to_string(sb.proc_root.join("sys/net/ipv4/ip_forward")).unwrap_or_default();
@@ -213,6 +176,48 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
     out.push(check_port(serve.listen));
     out.push(check_certs(&serve.certs_dir));
     out
+}
+
+/// Delegation proven, not assumed: a throwaway job cgroup is created with
+/// limits and a process moved into it, exactly as a job start does.
+fn check_cgroups(sb: &SandboxConfig) -> Check {
+    let mountinfo =
+        std::fs::read_to_string(sb.proc_root.join("self/mountinfo")).unwrap_or_default();
+    let layout = match cgroup::detect(&mountinfo, &sb.cgroup_root) {
+        Ok(l) => l,
+        Err(e) => {
+            return warn(
+                "cgroups",
+                format!("{e}: jobs would run dockerd --rootless without limits"),
+                "mount cgroup2 (or the v1 hierarchies) read-write at /sys/fs/cgroup",
+            );
+        }
+    };
+    let host = cgroup::Host {
+        proc_root: &sb.proc_root,
+        systemd: cgroup::Host::systemd_booted(),
+    };
+    match cgroup::prove_delegation(layout, &host, &sb.cgroup_parent) {
+        Ok(proof) => pass("cgroups", proof),
+        Err(e) => {
+            let fix = match &e {
+                cgroup::CgroupError::NotDelegated { .. } => {
+                    "install deploy/systemd/berth.service (Delegate=yes), or run berth under \
+                     `systemd-run --scope -p Delegate=yes`"
+                }
+                cgroup::CgroupError::Controllers { .. } => {
+                    "delegate the cpu, memory and pids controllers to the agent's cgroup \
+                     (systemd: Delegate=yes)"
+                }
+                _ => "give the agent a read-write cgroup filesystem (systemd: Delegate=yes)",
+            };
+            fail(
+                "cgroups",
+                format!("{e}: jobs would run dockerd --rootless without limits"),
+                fix,
+            )
+        }
+    }
 }
 
 fn check_port(addr: SocketAddr) -> Check {

@@ -104,6 +104,32 @@ pub struct JobView {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The warm pool as the job API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolView {
+    pub size: usize,
+    pub ready: usize,
+    /// Warm starts that failed in a row (0 once one succeeds).
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// When the next warm start is tried, while backing off.
+    pub retry_in_secs: Option<u64>,
+}
+
+#[derive(Default)]
+struct PoolHealth {
+    failures: u32,
+    last_error: Option<String>,
+    retry_at: Option<std::time::Instant>,
+}
+
+/// Wait after `failures` failed warm starts in a row: 2 s, doubling, at
+/// most 5 minutes, so a host that cannot start jobs is not hammered.
+fn pool_backoff(failures: u32) -> Duration {
+    let secs = 2u64.saturating_mul(1u64 << failures.saturating_sub(1).min(16));
+    Duration::from_secs(secs.min(300))
+}
+
 struct Meta {
     created: SystemTime,
     expires: SystemTime,
@@ -121,6 +147,7 @@ pub struct Jobs {
     /// out once: its id range, state and certificate become the job's alone.
     pool: Mutex<VecDeque<crate::sandbox::Sandbox>>,
     pool_size: usize,
+    pool_health: Mutex<PoolHealth>,
     refill: Mutex<Option<tokio::task::JoinHandle<()>>>,
     closing: std::sync::atomic::AtomicBool,
     /// The agent's runtime: sandboxes start, stop and expire there, whatever
@@ -154,6 +181,7 @@ impl Jobs {
             max_ttl,
             pool: Mutex::new(VecDeque::new()),
             pool_size,
+            pool_health: Mutex::new(PoolHealth::default()),
             refill: Mutex::new(None),
             closing: std::sync::atomic::AtomicBool::new(false),
             rt: tokio::runtime::Handle::current(),
@@ -183,14 +211,37 @@ impl Jobs {
                     Ok(sb) => {
                         tracing::debug!(sandbox = %sb.id(), "warm sandbox ready");
                         me.pool.lock().unwrap().push_back(sb);
+                        *me.pool_health.lock().unwrap() = PoolHealth::default();
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot start a warm sandbox; retrying in 5 s");
-                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        let wait = {
+                            let mut h = me.pool_health.lock().unwrap();
+                            h.failures += 1;
+                            h.last_error = Some(e.to_string());
+                            let wait = pool_backoff(h.failures);
+                            h.retry_at = Some(std::time::Instant::now() + wait);
+                            wait
+                        };
+                        tracing::error!(error = %e, retry_in = ?wait, "cannot start a warm sandbox");
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }
         }));
+    }
+
+    pub fn pool_view(&self) -> PoolView {
+        let h = self.pool_health.lock().unwrap();
+        PoolView {
+            size: self.pool_size,
+            ready: self.pooled(),
+            failures: h.failures,
+            last_error: h.last_error.clone(),
+            retry_in_secs: h.retry_at.map(|t| {
+                t.saturating_duration_since(std::time::Instant::now())
+                    .as_secs()
+            }),
+        }
     }
 
     /// A warm sandbox that is still healthy, if any.
@@ -404,6 +455,13 @@ mod tests {
         assert!(parse_duration("2w").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn the_warm_pool_backs_off_exponentially_up_to_a_cap() {
+        let waits: Vec<u64> = (1..=10).map(|n| pool_backoff(n).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(pool_backoff(u32::MAX), Duration::from_secs(300));
     }
 
     #[test]

@@ -8,6 +8,7 @@ fn main() {
         berth::sandbox::child::stage1_main(args.get(2).map(String::as_str).unwrap_or(""));
     }
     let cli = berth::cli::Cli::parse();
+    berth::cli::enter_delegated_scope(&cli);
     // A pipeline's output is the user's: the embedded agent speaks up only
     // for warnings unless BERTH_LOG says otherwise.
     let default_log = match cli.command {

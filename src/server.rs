@@ -414,6 +414,13 @@ pub fn inherited_listener() -> Result<Option<std::net::TcpListener>, String> {
     if kind != nix::sys::socket::SockType::Stream {
         return Err("LISTEN_FDS: fd 3 is not a stream socket".into());
     }
+    // Inherited without close-on-exec: every `ip`, `iptables` or helper the
+    // agent starts would hold the listening socket.
+    nix::fcntl::fcntl(
+        3,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| format!("LISTEN_FDS: cannot mark fd 3 close-on-exec: {e}"))?;
     // SAFETY: fd 3 belongs to this process from here on (protocol above).
     Ok(Some(unsafe { std::net::TcpListener::from_raw_fd(3) }))
 }

@@ -149,18 +149,27 @@ fn the_docker_cli_works_unchanged_over_mutual_tls() {
     );
 
     // events with --since/--until, networks, volumes, ps, rm.
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let since = (unix_now() - 1).to_string();
     docker_tls_ok(&job, &["network", "create", "net1"]);
     docker_tls_ok(&job, &["volume", "create", "vol1"]);
-    // --until 1s means "until one second ago".
-    std::thread::sleep(Duration::from_millis(1500));
+    // The event happened before this moment by construction, whatever the
+    // machine's load; an `--until` just ahead makes events return once it
+    // passes.
+    let until = (unix_now() + 2).to_string();
     let ev = docker_tls_ok(
         &job,
         &[
             "events",
             "--since",
-            "5m",
+            &since,
             "--until",
-            "1s",
+            &until,
             "--filter",
             "type=network",
         ],

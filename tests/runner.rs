@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn berth() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_berth"))
+    Command::new(berth_bin())
 }
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("BERTH_TEST_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
 
 fn pipeline(name: &str, body: &str) -> PathBuf {
@@ -270,7 +272,7 @@ fn serve_takes_a_socket_from_systemd_socket_activation() {
     cmd.arg("-c")
         .arg(format!(
             "LISTEN_PID=$$ LISTEN_FDS=1 exec {} serve --config {} --certs-dir {}",
-            env!("CARGO_BIN_EXE_berth"),
+            berth_bin().display(),
             cfg.display(),
             certs.display()
         ))

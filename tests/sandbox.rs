@@ -186,13 +186,22 @@ fn docker_run_build_networks_and_cgroup_features_work_inside_a_job() {
         ],
     );
     let cid = docker_ok(&s, &["inspect", "-f", "{{.Id}}", "capped"]);
-    let quota = std::fs::read_to_string(format!(
-        "/sys/fs/cgroup/cpu/berth/{}/job/docker/{}/cpu.cfs_quota_us",
-        sb.id(),
-        cid.trim()
-    ))
-    .unwrap();
-    assert_eq!(quota.trim(), "50000");
+    let quota = container_cgroup_file(&sb, &cid, ("cpu", "cpu.cfs_quota_us"), "cpu.max");
+    let quota = std::fs::read_to_string(&quota).unwrap_or_else(|e| panic!("{quota:?}: {e}"));
+    assert!(
+        quota.trim() == "50000" || quota.trim() == "50000 100000",
+        "--cpus 0.5 became {quota:?}"
+    );
+    // --memory is written on the container's own cgroup, inside the job's.
+    let sleeper = docker_ok(&s, &["inspect", "-f", "{{.Id}}", "sleeper"]);
+    let mem = container_cgroup_file(
+        &sb,
+        &sleeper,
+        ("memory", "memory.limit_in_bytes"),
+        "memory.max",
+    );
+    let mem = std::fs::read_to_string(&mem).unwrap_or_else(|e| panic!("{mem:?}: {e}"));
+    assert_eq!(mem.trim(), (64u64 << 20).to_string());
 
     // Nothing of the job listens in the host's network namespace.
     let range = sb.record().host_id..sb.record().host_id + 65536;
@@ -320,20 +329,27 @@ fn a_job_cannot_touch_the_host_nor_raise_its_limits() {
     // job's own limit: the limit lives above the job's cgroup namespace.
     let cg = sb.record().cgroup.clone().unwrap();
     assert_eq!(cg.memory_limit(), Some(600 << 20));
-    let _ = docker(
-        &s,
-        &[
-            "run",
-            "--rm",
-            "--privileged",
-            "busybox:test",
-            "sh",
-            "-c",
-            "mkdir -p /cg && mount -t cgroup -o memory cgroup /cg; \
-         for f in /cg/memory.limit_in_bytes /cg/../memory.limit_in_bytes; do echo 8589934592 > $f; done; \
-         echo 8589934592 > /sys/fs/cgroup/memory/memory.limit_in_bytes",
-        ],
-    );
+    // In its own cgroup namespace, and in the job's (`--cgroupns host`).
+    for cgroupns in ["private", "host"] {
+        let _ = docker(
+            &s,
+            &[
+                "run",
+                "--rm",
+                "--privileged",
+                "--cgroupns",
+                cgroupns,
+                "busybox:test",
+                "sh",
+                "-c",
+                // Both layouts: v1's memory hierarchy, v2's single tree.
+                "mkdir -p /cg /cg2; mount -t cgroup -o memory cgroup /cg; mount -t cgroup2 none /cg2; \
+         for f in /cg/memory.limit_in_bytes /cg/../memory.limit_in_bytes \
+                  /sys/fs/cgroup/memory/memory.limit_in_bytes; do echo 8589934592 > $f; done; \
+         for f in /cg2/memory.max /cg2/../memory.max /sys/fs/cgroup/memory.max; do echo max > $f; done",
+            ],
+        );
+    }
     assert_eq!(
         cg.memory_limit(),
         Some(600 << 20),
@@ -754,6 +770,33 @@ fn teardown_leaves_nothing_behind() {
         "dockerd, containerd, shims, containers: {:?}",
         traces.pids
     );
+    // No process of the job holds a descriptor of the agent's: the start
+    // channel (a SOCK_SEQPACKET pair made in the host's network namespace)
+    // is closed everywhere once dockerd runs.
+    let seqpackets: Vec<String> = std::fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.get(4) == Some(&"0005")).then(|| format!("socket:[{}]", w[6]))
+        })
+        .collect();
+    for pid in &traces.pids {
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            let target = target.to_string_lossy();
+            assert!(
+                !seqpackets.iter().any(|s| *s == target),
+                "job process {pid} holds the agent's channel as fd {:?}",
+                fd.file_name()
+            );
+        }
+    }
     let t = rt.block_on(e.teardown(sb.id())).unwrap();
     assert!(t.took < Duration::from_secs(15));
     traces.assert_gone();
@@ -801,6 +844,7 @@ fn a_killed_dockerd_is_noticed_and_the_job_reported_failed() {
         job_dir: e.config().state_dir.join("jobs").join(sb.id()),
         state_dir: e.config().state_dir.clone(),
         slot: sb.record().slot,
+        cgroups: sb.record().cgroup.unwrap().limit_dirs(),
     };
     rt.block_on(e.teardown(sb.id())).unwrap();
     traces.assert_gone();
@@ -822,7 +866,7 @@ fn a_sandbox_left_by_a_killed_agent_is_cleaned_on_restart() {
         ),
     )
     .unwrap();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_berth"))
+    let mut agent = Command::new(berth_bin())
         .args(["sandbox", "up", "--config", conf_path.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -861,6 +905,7 @@ fn a_sandbox_left_by_a_killed_agent_is_cleaned_on_restart() {
         job_dir: cfg.state_dir.join("jobs").join(&rec.id),
         state_dir: cfg.state_dir.clone(),
         slot: rec.slot,
+        cgroups: cg.limit_dirs(),
     }
     .assert_gone();
 }
@@ -913,7 +958,7 @@ fn missing_prerequisites_and_exhausted_pools_name_the_fix() {
         .expect("dockerd exits")
         .to_string();
     assert!(
-        err.contains("dockerd exited") && err.contains("dockerd.log"),
+        err.contains("dockerd exited") && err.contains("/failed/") && err.contains(".log"),
         "{err}"
     );
     let id = err
@@ -969,4 +1014,42 @@ fn without_delegable_cgroups_jobs_fall_back_to_rootless_dockerd() {
     let traces = Traces::capture(&e, &sb);
     rt.block_on(e.teardown(sb.id())).unwrap();
     traces.assert_gone();
+}
+
+#[test]
+fn a_failed_start_keeps_its_log_and_quotes_its_last_lines() {
+    if !prerequisites() {
+        return;
+    }
+    // A "dockerd" that explains itself and exits, as a broken install would.
+    let mut cfg = engine_config(12, "failed-start");
+    let fake = cfg.state_dir.with_extension("fake-dockerd");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'level=fatal msg=\"fake dockerd: cannot start: bad storage driver\"' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    cfg.dockerd = fake.clone();
+    let state = cfg.state_dir.clone();
+    let rt = rt();
+    let e = berth::sandbox::Engine::new(cfg).unwrap();
+    let err = rt.block_on(e.start(None)).err().expect("the start fails");
+    let text = err.to_string();
+    assert!(text.contains("dockerd exited during start"), "{text}");
+    assert!(
+        text.contains("fake dockerd: cannot start: bad storage driver"),
+        "the error quotes the log: {text}"
+    );
+    let SandboxError::StartFailed { id, kept, .. } = &err else {
+        panic!("expected StartFailed, got {err:?}");
+    };
+    let kept = kept.as_ref().expect("the log is kept");
+    assert_eq!(kept.path, state.join("failed").join(format!("{id}.log")));
+    assert!(text.contains(&kept.path.display().to_string()), "{text}");
+    let log = std::fs::read_to_string(&kept.path).unwrap();
+    assert!(log.contains("bad storage driver"), "{log}");
+    // The job itself is gone: the kept log is all that remains of it.
+    assert!(!state.join("jobs").join(id).exists());
+    let _ = std::fs::remove_file(&fake);
 }

@@ -2,19 +2,11 @@
 //! and waits for the agent to map ids and hand over the link) and pid 1 of
 //! the job's pid namespace (mounts the job's view, starts dockerd, reaps
 //! zombies, forwards signals). Runs single-threaded, outside any tokio
-//! runtime: `unshare(CLONE_NEWUSER)` refuses multi-threaded callers.
-//!
-//! Sync protocol on fd 3 (a socketpair with the agent):
-//!   agent → 'G'  the helper is in the job's cgroups: unshare now
-//!   child → 'U'  unshared: write uid/gid maps, move the link in
-//!   agent → 'M'  mapped
-//!   child → "P<host pid of init>\n", then "R\n" once dockerd is started,
-//!           or "E<message>\n" on failure.
+//! runtime: `unshare(CLONE_NEWUSER)` refuses multi-threaded callers. It talks
+//! to the agent through `protocol`.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::FromRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,9 +17,9 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::cgroup::Layout;
+use super::protocol::{FromHelper, HelperEnd};
 use super::sys;
 
-pub const SYNC_FD: i32 = 3;
 pub const HIDDEN_SUBCOMMAND: &str = "__sandbox-stage1";
 
 /// Everything the job's side needs, passed as JSON on the command line.
@@ -61,55 +53,15 @@ pub struct ChildSpec {
     pub shared_layers: Vec<PathBuf>,
 }
 
-/// Sends one byte and `fds` (SCM_RIGHTS) on the sync socket.
-pub fn send_with_fds(sock: i32, byte: u8, fds: &[std::os::fd::OwnedFd]) -> std::io::Result<()> {
-    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-    use std::os::fd::AsRawFd;
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let iov = [std::io::IoSlice::new(std::slice::from_ref(&byte))];
-    let cmsg = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
-    sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::empty(), None)
-        .map(drop)
-        .map_err(std::io::Error::from)
-}
-
-/// Receives one byte and the descriptors sent with it.
-fn recv_with_fds(sock: i32) -> std::io::Result<(u8, Vec<std::os::fd::OwnedFd>)> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    use std::os::fd::FromRawFd;
-    let mut byte = [0u8; 1];
-    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([i32; 253]);
-    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(std::io::Error::from)?;
-    if msg.bytes == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(std::io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(v) = c {
-            // SAFETY: the kernel installed these descriptors for us.
-            fds.extend(
-                v.into_iter()
-                    .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
-            );
-        }
-    }
-    Ok((byte[0], fds))
-}
-
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-fn fail(sync: &mut UnixStream, what: &str) -> ! {
+/// Reports `what` to the agent (and the job's log) and exits.
+fn fail(sync: &HelperEnd, what: &str) -> ! {
     eprintln!("berth sandbox: {what}");
-    let _ = sync.write_all(format!("E{}\n", what.replace('\n', " ")).as_bytes());
+    let _ = sync.send(&FromHelper::Failed {
+        message: what.to_string(),
+    });
     std::process::exit(1);
-}
-
-fn expect(sync: &mut UnixStream, want: u8) -> bool {
-    let mut b = [0u8];
-    sync.read_exact(&mut b).is_ok() && b[0] == want
 }
 
 fn exit_code(ws: WaitStatus) -> Option<i32> {
@@ -135,47 +87,61 @@ fn attach_shared_layers(spec: &ChildSpec, trees: Vec<std::os::fd::OwnedFd>) -> R
 
 /// Entry of `berth __sandbox-stage1 <json>`. Never returns.
 pub fn stage1_main(spec_json: &str) -> ! {
-    // SAFETY: the agent passes the sync socket as fd 3 and nothing else owns it.
-    let mut sync = unsafe { UnixStream::from_raw_fd(SYNC_FD) };
+    // Only the channel (fd 3) and stdio come from the agent; anything else
+    // it may have leaked is closed before the helper does anything.
+    if let Err(e) = sys::close_fds_from(4) {
+        eprintln!("berth sandbox: {e}");
+        std::process::exit(1);
+    }
+    let sync = match HelperEnd::from_fd3() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("berth sandbox: no channel to the agent on fd 3: {e}");
+            std::process::exit(1);
+        }
+    };
     let spec: ChildSpec = match serde_json::from_str(spec_json) {
         Ok(s) => s,
-        Err(e) => fail(&mut sync, &format!("bad spec: {e}")),
+        Err(e) => fail(&sync, &format!("bad spec: {e}")),
     };
     // Own session: a Ctrl-C on the agent's terminal must not reach the job.
     if let Err(e) = sys::setsid() {
-        fail(&mut sync, &e.to_string());
+        fail(&sync, &e.to_string());
     }
-    let trees = match recv_with_fds(std::os::fd::AsRawFd::as_raw_fd(&sync)) {
-        Ok((b'G', trees)) if trees.len() == spec.shared_layers.len() => trees,
-        Ok((b'G', trees)) => fail(
-            &mut sync,
+    let trees = match sync.start() {
+        Ok(t) if t.len() == spec.shared_layers.len() => t,
+        Ok(t) => fail(
+            &sync,
             &format!(
                 "expected {} shared layers, got {}",
                 spec.shared_layers.len(),
-                trees.len()
+                t.len()
             ),
         ),
-        _ => fail(&mut sync, "agent went away before start"),
+        Err(e) => fail(&sync, &format!("before start: {e}")),
     };
     if !trees.is_empty()
         && let Err(e) = attach_shared_layers(&spec, trees)
     {
-        fail(&mut sync, &e);
+        fail(&sync, &e);
     }
     if let Err(e) = sys::unshare(sys::job_namespaces(spec.cgroupns)) {
-        fail(&mut sync, &e.to_string());
+        fail(&sync, &e.to_string());
     }
-    if sync.write_all(b"U").is_err() || !expect(&mut sync, b'M') {
-        fail(&mut sync, "agent went away while mapping ids");
+    if let Err(e) = sync
+        .send(&FromHelper::Unshared)
+        .and_then(|()| sync.mapped())
+    {
+        fail(&sync, &format!("while the agent mapped ids: {e}"));
     }
     if let Err(e) = sys::become_ns_root() {
-        fail(&mut sync, &e.to_string());
+        fail(&sync, &e.to_string());
     }
     match sys::fork() {
-        Err(e) => fail(&mut sync, &e.to_string()),
+        Err(e) => fail(&sync, &e.to_string()),
         Ok(None) => init_main(&spec, sync),
         Ok(Some(init)) => {
-            let _ = sync.write_all(format!("P{init}\n").as_bytes());
+            let _ = sync.send(&FromHelper::Init { pid: init as u32 });
             drop(sync);
             // The monitor: lives as long as the job's init and reports its end.
             loop {
@@ -193,9 +159,9 @@ pub fn stage1_main(spec_json: &str) -> ! {
     }
 }
 
-fn init_main(spec: &ChildSpec, mut sync: UnixStream) -> ! {
+fn init_main(spec: &ChildSpec, sync: HelperEnd) -> ! {
     if let Err(e) = setup(spec) {
-        fail(&mut sync, &e);
+        fail(&sync, &e);
     }
     let forwarded = [
         Signal::SIGTERM,
@@ -209,19 +175,19 @@ fn init_main(spec: &ChildSpec, mut sync: UnixStream) -> ! {
     all.push(Signal::SIGCHLD);
     let set = match sys::catch_and_block(&all) {
         Ok(s) => s,
-        Err(e) => fail(&mut sync, &e.to_string()),
+        Err(e) => fail(&sync, &e.to_string()),
     };
     let dockerd = match dockerd_command(spec).spawn() {
         Ok(c) => c.id() as i32,
         Err(e) => fail(
-            &mut sync,
+            &sync,
             &format!(
                 "cannot start {}: {e} (install Debian's docker.io or set dockerd in the configuration)",
                 spec.dockerd.display()
             ),
         ),
     };
-    let _ = sync.write_all(b"R\n");
+    let _ = sync.send(&FromHelper::Ready);
     drop(sync);
     loop {
         let Ok(sig) = set.wait() else { continue };
@@ -349,18 +315,24 @@ fn setup(spec: &ChildSpec) -> Result<(), String> {
         }
         Some(Layout::V2 { .. }) => {
             mnt("cgroup2", "/sys/fs/cgroup", "cgroup2", hard, None)?;
-            // No internal processes: init and dockerd move to a leaf so that
-            // the delegated root can enable controllers for containers.
-            let leaf = Path::new("/sys/fs/cgroup/init");
-            std::fs::create_dir_all(leaf).map_err(|e| format!("mkdir {}: {e}", leaf.display()))?;
-            std::fs::write(leaf.join("cgroup.procs"), "0")
-                .map_err(|e| format!("join {}: {e}", leaf.display()))?;
+            // The agent moved this process into the leaf `/init` before the
+            // fork, so the namespace root holds no process and may hand its
+            // controllers down to dockerd's containers (cgroup v2 lets only
+            // leaves hold processes once controllers are enabled).
+            let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+            let want_own = format!("0::/{}", super::cgroup::INIT_LEAF);
+            if own.trim() != want_own {
+                return Err(format!(
+                    "the job's init is in cgroup {:?}, not {want_own:?}",
+                    own.trim()
+                ));
+            }
             let ctl =
                 std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
             let want: Vec<String> = ctl.split_whitespace().map(|c| format!("+{c}")).collect();
             if !want.is_empty() {
                 std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", want.join(" "))
-                    .map_err(|e| format!("enable controllers: {e}"))?;
+                    .map_err(|e| format!("enable controllers for the job's containers: {e}"))?;
             }
         }
         None => {}

@@ -8,9 +8,11 @@ pub mod cgroup;
 pub mod child;
 pub mod config;
 mod dns;
+pub mod evidence;
 pub mod net;
 mod ping;
 pub mod preload;
+pub mod protocol;
 pub mod record;
 pub mod seed;
 pub mod slots;
@@ -24,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
 pub use cgroup::{JobCgroup, Layout};
@@ -61,14 +62,30 @@ pub enum SandboxError {
     },
     #[error("job {id} failed to start: {why}")]
     Start { id: String, why: String },
-    #[error("job {id} did not answer /_ping within {timeout:?}; its dockerd log is {log}")]
-    NotReady {
+    #[error("job {id}'s dockerd did not answer /_ping within {timeout:?}")]
+    NotReady { id: String, timeout: Duration },
+    /// A start that failed, with what its log said (the log itself is kept
+    /// under `<state>/failed/`; the job's directory is gone).
+    #[error("{source}{}", show_evidence(.kept))]
+    StartFailed {
         id: String,
-        timeout: Duration,
-        log: PathBuf,
+        source: Box<SandboxError>,
+        kept: Option<evidence::Kept>,
     },
     #[error("no such job: {0}")]
     NoSuchJob(String),
+}
+
+fn show_evidence(kept: &Option<evidence::Kept>) -> String {
+    match kept {
+        Some(k) if !k.tail.is_empty() => format!(
+            "\n  the job's log ends with (all of it kept in {}):\n{}",
+            k.path.display(),
+            k.tail
+        ),
+        Some(k) => format!(" (the job's log, empty, is {})", k.path.display()),
+        None => String::new(),
+    }
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -356,10 +373,17 @@ impl Engine {
         }
         let mountinfo = std::fs::read_to_string(cfg.proc_root.join("self/mountinfo"))
             .map_err(io("cannot read", &cfg.proc_root.join("self/mountinfo")))?;
+        let host = cgroup::Host {
+            proc_root: &cfg.proc_root,
+            systemd: cgroup::Host::systemd_booted(),
+        };
         let layout = match cgroup::detect(&mountinfo, &cfg.cgroup_root)
-            .and_then(|l| JobCgroup::probe(&l, &cfg.cgroup_parent).map(|()| l))
+            .and_then(|l| cgroup::prepare(l, &host, &cfg.cgroup_parent))
         {
-            Ok(l) => Some(l),
+            Ok(l) => {
+                tracing::debug!(cgroups = %l.describe(), "jobs get delegated cgroups");
+                Some(l)
+            }
             Err(e) => {
                 tracing::error!(
                     error = %e,
@@ -563,11 +587,18 @@ impl Engine {
                 Ok(sb)
             }
             Err(e) => {
-                tracing::warn!(job = %id, error = %e, "job failed to start; tearing it down");
+                // The log goes with the job's directory: keep it first.
+                let kept = evidence::keep(&cfg.state_dir, &id, &sb.dockerd_log());
+                tracing::warn!(job = %id, error = %e, log = ?kept.as_ref().map(|k| &k.path),
+                    "job failed to start; tearing it down");
                 if let Err(te) = self.teardown(&id).await {
                     tracing::error!(job = %id, error = %te, "teardown after failed start");
                 }
-                Err(e)
+                Err(SandboxError::StartFailed {
+                    id,
+                    source: Box::new(e),
+                    kept,
+                })
             }
         }
     }
@@ -660,9 +691,7 @@ impl Engine {
             .mode(0o600)
             .open(&log_path)
             .map_err(io("cannot open", &log_path))?;
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-            .map_err(io("cannot create socketpair for", &dir))?;
-        let theirs_fd = theirs.as_raw_fd();
+        let (chan, theirs) = protocol::pair().map_err(|e| start_err(&id, e))?;
         let mut cmd = tokio::process::Command::new(&self.helper);
         cmd.arg(HIDDEN_SUBCOMMAND)
             .arg(serde_json::to_string(&spec).map_err(|e| start_err(&id, e))?)
@@ -670,10 +699,7 @@ impl Engine {
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().map_err(io("cannot dup", &log_path))?)
             .stderr(log);
-        // SAFETY: the hook only calls dup2 (async-signal-safe).
-        unsafe {
-            cmd.pre_exec(move || sys::dup_to_fd3(theirs_fd));
-        }
+        sys::place_on_fd3(&mut cmd, theirs.as_raw_fd());
         let mut child = cmd
             .spawn()
             .map_err(io("cannot start helper", &self.helper))?;
@@ -708,23 +734,6 @@ impl Engine {
             });
         });
 
-        ours.set_nonblocking(true)
-            .map_err(io("cannot configure", &dir))?;
-        let stream =
-            tokio::net::UnixStream::from_std(ours).map_err(io("cannot configure", &dir))?;
-        let (rd, mut wr) = stream.into_split();
-        let mut rd = BufReader::new(rd);
-        let step = Duration::from_secs(10);
-        let lost = |what: &str| {
-            start_err(
-                &id,
-                format!("helper went away {what}; see {}", log_path.display()),
-            )
-        };
-
-        if let Some(cg) = &rec.cgroup {
-            cg.attach(pid)?;
-        }
         // The shared layers, seen through the job's id map, go to the helper
         // by fd; it attaches them before it creates the job's namespaces.
         let mut trees = Vec::new();
@@ -737,51 +746,26 @@ impl Engine {
                 );
             }
         }
-        child::send_with_fds(std::os::fd::AsRawFd::as_raw_fd(wr.as_ref()), b'G', &trees)
-            .map_err(|_| lost("before unshare"))?;
-        drop(trees);
-        let mut b = [0u8; 1];
-        match tokio::time::timeout(step, tokio::io::AsyncReadExt::read_exact(&mut rd, &mut b)).await
-        {
-            Ok(Ok(_)) if b[0] == b'U' => {}
-            Ok(Ok(_)) => {
-                let mut line = String::new();
-                let _ = rd.read_line(&mut line).await;
-                return Err(start_err(&id, line.trim()));
-            }
-            _ => return Err(lost("while unsharing")),
-        }
-        let map = format!("0 {} {}\n", rec.host_id, config::RANGE_SIZE);
-        for f in ["uid_map", "gid_map"] {
-            let p = cfg.proc_root.join(pid.to_string()).join(f);
-            std::fs::write(&p, &map).map_err(io("cannot write", &p))?;
-        }
-        net::move_peer(&id, pid)?;
-        wr.write_all(b"M")
+        let handshake = Handshake {
+            chan,
+            pid,
+            trees,
+            cgroup: rec.cgroup.clone(),
+            host_id: rec.host_id,
+            proc_root: cfg.proc_root.clone(),
+            job_id: id.clone(),
+            step: cfg.ready_timeout,
+        };
+        let (init_pid, done) = tokio::task::spawn_blocking(move || handshake.run())
             .await
-            .map_err(|_| lost("after mapping"))?;
-
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(step, rd.read_line(&mut line))
-                .await
-                .map_err(|_| lost("(timed out)"))?
-                .map_err(|_| lost("(read error)"))?;
-            if n == 0 {
-                return Err(lost("before dockerd started"));
-            }
-            let line = line.trim_end();
-            if let Some(p) = line.strip_prefix('P') {
-                rec.init_pid = p.parse().ok();
-                rec.save(&cfg.state_dir)
-                    .map_err(io("cannot write record in", &dir))?;
-                *sb.inner.record.lock().unwrap() = rec.clone();
-            } else if line == "R" {
-                break;
-            } else if let Some(msg) = line.strip_prefix('E') {
-                return Err(start_err(&id, msg));
-            }
+            .map_err(|e| start_err(&id, e))?;
+        if init_pid.is_some() {
+            rec.init_pid = init_pid;
+            rec.save(&cfg.state_dir)
+                .map_err(io("cannot write record in", &dir))?;
+            *sb.inner.record.lock().unwrap() = rec.clone();
         }
+        done?;
         let socket = api_socket(&dir);
         let deadline = Instant::now() + cfg.ready_timeout;
         let mut exited = sb.inner.exited.clone();
@@ -793,9 +777,8 @@ impl Engine {
                 return Err(start_err(
                     &id,
                     format!(
-                        "dockerd exited during start ({}); see {}",
+                        "dockerd exited during start ({})",
                         describe_exit(exited.borrow().unwrap_or(-1)),
-                        log_path.display()
                     ),
                 ));
             }
@@ -803,7 +786,6 @@ impl Engine {
                 return Err(SandboxError::NotReady {
                     id,
                     timeout: cfg.ready_timeout,
-                    log: log_path,
                 });
             }
             let _ = tokio::time::timeout(Duration::from_millis(5), exited.changed()).await;
@@ -961,6 +943,82 @@ impl Engine {
     }
 }
 
+/// The agent's side of a job's start, from the spawned stage-1 helper to a
+/// started dockerd (see `protocol`). Blocking: it runs off the runtime.
+struct Handshake {
+    chan: protocol::AgentEnd,
+    /// The stage-1 helper.
+    pid: u32,
+    trees: Vec<std::os::fd::OwnedFd>,
+    cgroup: Option<JobCgroup>,
+    host_id: u32,
+    proc_root: PathBuf,
+    job_id: String,
+    /// Bound on each step.
+    step: Duration,
+}
+
+impl Handshake {
+    /// The job's init pid (once known) and how the start went.
+    fn run(self) -> (Option<u32>, Result<(), SandboxError>) {
+        let mut init = None;
+        let r = self.steps(&mut init);
+        (init, r)
+    }
+
+    fn steps(mut self, init: &mut Option<u32>) -> Result<(), SandboxError> {
+        let id = self.job_id.clone();
+        let proto = |e: protocol::ProtocolError| match e {
+            protocol::ProtocolError::Failed { message } => start_err(&id, message),
+            e => start_err(&id, format!("stage-1 helper: {e}")),
+        };
+        // The helper goes into the job's delegated cgroups before it
+        // creates the job's cgroup namespace, which is rooted there.
+        if let Some(cg) = &self.cgroup {
+            cg.attach(self.pid)?;
+        }
+        self.chan
+            .start(&std::mem::take(&mut self.trees))
+            .map_err(proto)?;
+        self.chan.unshared(self.step).map_err(proto)?;
+        // Namespaces exist: the helper, and the init it forks next, move to
+        // their leaf; then ids and the link.
+        if let Some(cg) = &self.cgroup {
+            cg.settle(self.pid)?;
+        }
+        let map = format!("0 {} {}\n", self.host_id, config::RANGE_SIZE);
+        for f in ["uid_map", "gid_map"] {
+            let p = self.proc_root.join(self.pid.to_string()).join(f);
+            std::fs::write(&p, &map).map_err(io("cannot write", &p))?;
+        }
+        net::move_peer(&self.job_id, self.pid)?;
+        self.chan.mapped().map_err(proto)?;
+        // The helper names the init it forked; the init says when dockerd
+        // runs. Either may come first.
+        loop {
+            match self
+                .chan
+                .recv("the job's init and dockerd", self.step)
+                .map_err(proto)?
+            {
+                protocol::FromHelper::Init { pid } => *init = Some(pid),
+                protocol::FromHelper::Ready if init.is_some() => return Ok(()),
+                protocol::FromHelper::Ready => {
+                    // Ready before Init: the pid follows.
+                    match self.chan.recv("init", self.step).map_err(proto)? {
+                        protocol::FromHelper::Init { pid } => {
+                            *init = Some(pid);
+                            return Ok(());
+                        }
+                        other => return Err(proto(protocol::unexpected("init", &other))),
+                    }
+                }
+                other => return Err(proto(protocol::unexpected("init or ready", &other))),
+            }
+        }
+    }
+}
+
 /// A user namespace that maps 0..65535 onto `first..`, held by a short-lived
 /// helper process: the id map of a job's shared layer mounts.
 struct IdmapNs {
@@ -975,13 +1033,7 @@ impl IdmapNs {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        // SAFETY: unshare is a single async-signal-safe syscall.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)
-                    .map_err(std::io::Error::from)
-            });
-        }
+        sys::unshare_user_in_child(&mut cmd);
         let mut child = cmd
             .spawn()
             .map_err(io("cannot start", Path::new("sleep")))?;

@@ -136,25 +136,36 @@ pub fn fork() -> Result<Option<i32>, SysError> {
     }
 }
 
-/// Duplicate `fd` onto fd 3 of a child between fork and exec.
-///
-/// # Safety
-/// Must only be called in a `pre_exec` hook: it uses nothing but `dup2`,
-/// which is async-signal-safe.
-pub unsafe fn dup_to_fd3(fd: i32) -> std::io::Result<()> {
-    if fd == 3 {
-        // dup2(3, 3) is a no-op that would leave close-on-exec set.
-        // SAFETY: fcntl is async-signal-safe and touches only the fd table.
-        if unsafe { libc::fcntl(3, libc::F_SETFD, 0) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        return Ok(());
+/// Places `fd` on fd 3 of the child `cmd` starts (without close-on-exec),
+/// between fork and exec: the stage-1 helper's end of its channel.
+pub fn place_on_fd3(cmd: &mut tokio::process::Command, fd: i32) {
+    // SAFETY: the hook runs between fork and exec and calls only dup2 or
+    // fcntl, both async-signal-safe, touching only the child's fd table.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if fd == 3 {
+                // dup2(3, 3) is a no-op that would leave close-on-exec set.
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
-    // SAFETY: dup2 is async-signal-safe and touches only the fd table.
-    if unsafe { libc::dup2(fd, 3) } < 0 {
-        return Err(std::io::Error::last_os_error());
+}
+
+/// Makes the child `cmd` starts enter a new user namespace before exec.
+pub fn unshare_user_in_child(cmd: &mut std::process::Command) {
+    // SAFETY: the hook runs between fork and exec and makes one syscall
+    // (unshare), which is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            nix::sched::unshare(CloneFlags::CLONE_NEWUSER).map_err(std::io::Error::from)
+        });
     }
-    Ok(())
 }
 
 extern "C" fn noop_handler(_: libc::c_int) {}
@@ -285,6 +296,52 @@ pub fn attach_tree(tree: std::os::fd::BorrowedFd<'_>, target: &Path) -> Result<(
             target: target.into(),
             source: Errno::last(),
         });
+    }
+    Ok(())
+}
+
+/// The value of extended attribute `name` of `path`, or None when it has
+/// none (or it cannot be read).
+pub fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let n = std::ffi::CString::new(name).ok()?;
+    let mut buf = [0u8; 256];
+    // SAFETY: valid C strings and a buffer of the length passed; the result
+    // is checked before the buffer is read.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(len).ok().map(|l| buf[..l].to_vec())
+}
+
+/// Takes ownership of descriptors the kernel installed with a received
+/// SCM_RIGHTS message.
+pub fn adopt_received_fds(fds: Vec<i32>) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    fds.into_iter()
+        // SAFETY: the kernel just installed these descriptors in this
+        // process for the message being read; nothing else owns them.
+        .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        .collect()
+}
+
+/// Takes fd 3, which the agent places in the stage-1 helper as its end of
+/// the sync channel (see `protocol`). Call once, at the helper's entry.
+pub fn take_fd3() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: by the protocol fd 3 of the helper is its end of the pair,
+    // and nothing else in the process owns it.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(3) }
+}
+
+/// Closes every descriptor from `first` up, whatever the parent leaked: a
+/// privileged helper starts with only what it was meant to have.
+pub fn close_fds_from(first: u32) -> Result<(), SysError> {
+    // SAFETY: close_range only closes descriptors; none from `first` up is
+    // owned by Rust code at the helper's entry (this runs before anything
+    // else opens one).
+    let r = unsafe { libc::close_range(first, u32::MAX, 0) };
+    if r < 0 {
+        return Err(call("close_range", Errno::last()));
     }
     Ok(())
 }

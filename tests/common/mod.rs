@@ -15,6 +15,37 @@ use berth::sandbox::{Engine, SandboxConfig};
 /// Only this variable skips the privileged tests; CI never sets it.
 pub const OPT_OUT: &str = "BERTH_SKIP_PRIVILEGED_TESTS";
 
+/// The berth binary under test: the one cargo built, or `BERTH_TEST_BIN`
+/// where the test binaries run elsewhere (the cgroup v2 guest lane).
+pub fn berth_bin() -> PathBuf {
+    std::env::var_os("BERTH_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_berth").into())
+}
+
+/// A file of a container's cgroup inside a job: `v1` is (hierarchy, file),
+/// `v2` the file's name in the single tree.
+pub fn container_cgroup_file(
+    sb: &berth::sandbox::Sandbox,
+    container_id: &str,
+    v1: (&str, &str),
+    v2: &str,
+) -> PathBuf {
+    use berth::sandbox::Layout;
+    let cg = sb.record().cgroup.expect("the job has delegated cgroups");
+    let below = Path::new("job/docker").join(container_id.trim());
+    match &cg.layout {
+        Layout::V1 { hierarchies } => {
+            let h = hierarchies
+                .iter()
+                .find(|h| h.controllers.iter().any(|c| c == v1.0))
+                .unwrap_or_else(|| panic!("no {} hierarchy", v1.0));
+            h.mount.join(&cg.rel).join(below).join(v1.1)
+        }
+        Layout::V2 { mount, .. } => mount.join(&cg.rel).join(below).join(v2),
+    }
+}
+
 /// Panics, naming the fix, when something the privileged tests need is
 /// missing. Returns false only under the explicit opt-out.
 pub fn prerequisites() -> bool {
@@ -51,7 +82,7 @@ pub fn engine_config(n: u32, name: &str) -> SandboxConfig {
         // Left by an interrupted earlier run: recover it before reuse.
         if let Ok(e) = Engine::new(SandboxConfig {
             state_dir: state_dir.clone(),
-            helper: env!("CARGO_BIN_EXE_berth").into(),
+            helper: berth_bin(),
             ..Default::default()
         }) {
             let rt = tokio::runtime::Runtime::new().unwrap();
@@ -60,7 +91,7 @@ pub fn engine_config(n: u32, name: &str) -> SandboxConfig {
     }
     SandboxConfig {
         state_dir,
-        helper: env!("CARGO_BIN_EXE_berth").into(),
+        helper: berth_bin(),
         uid_base: 1_600_000_000 + n * 8 * 65536,
         uid_ranges: 8,
         net_pool: Ipv4Addr::new(10, 214, n as u8, 0),
@@ -176,6 +207,8 @@ pub struct Traces {
     pub job_dir: PathBuf,
     pub state_dir: PathBuf,
     pub slot: u32,
+    /// The job's limit cgroups (one per hierarchy), wherever its home is.
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl Traces {
@@ -193,6 +226,11 @@ impl Traces {
             job_dir: engine.config().state_dir.join("jobs").join(sb.id()),
             state_dir: engine.config().state_dir.clone(),
             slot: sb.record().slot,
+            cgroups: sb
+                .record()
+                .cgroup
+                .map(|c| c.limit_dirs())
+                .unwrap_or_default(),
         }
     }
 
@@ -234,6 +272,9 @@ impl Traces {
         }
         for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
             let d = h.path().join("berth").join(id);
+            assert!(!d.exists(), "cgroup {} survived", d.display());
+        }
+        for d in &self.cgroups {
             assert!(!d.exists(), "cgroup {} survived", d.display());
         }
         let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
@@ -490,7 +531,7 @@ impl FrontDoor {
     /// `berth job create` (the real CLI) against this front door.
     pub fn create_job(&self, extra: &[&str]) -> TlsJob {
         let out_dir = self.certs.join(format!("job-{}", rand_suffix()));
-        let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        let out = Command::new(berth_bin())
             .args(["job", "create", "--json", "--endpoint", &self.endpoint()])
             .arg("--certs-dir")
             .arg(&self.certs)
@@ -514,7 +555,7 @@ impl FrontDoor {
 
     /// Runs `berth job <args>` against this front door.
     pub fn job_cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_berth"))
+        Command::new(berth_bin())
             .arg("job")
             .args(args)
             .args(["--endpoint", &self.endpoint()])

@@ -1,9 +1,13 @@
 //! Host cgroups of a job, on v1 (one directory per hierarchy) and v2.
 //!
-//! Shape (DESIGN.md, "delegated cgroups"): limits sit on a root-owned
-//! `<parent>/<job>` directory; only its child `<parent>/<job>/job` is handed to
-//! the job's root, and the job's cgroup namespace is rooted there. The job can
-//! subdivide its own share but never raise the limits above it.
+//! Shape (docs/sandbox.md, "cgroups"): limits sit on a root-owned
+//! `<home>/<parent>/<job>` directory; only its child `…/<job>/job` is handed
+//! to the job's root, and the job's cgroup namespace is rooted there. The job
+//! can subdivide its own share but never raise the limits above it. On v2 the
+//! home is the agent's own (delegated) cgroup; on v1 the hierarchies' roots.
+
+pub mod v1;
+pub mod v2;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -31,6 +35,21 @@ pub enum CgroupError {
     NoHierarchy(PathBuf),
     #[error("cgroup {path} still has processes after {waited:?}")]
     Busy { path: PathBuf, waited: Duration },
+    #[error("cannot tell the agent's own cgroup from {path}: {why}")]
+    OwnCgroup { path: PathBuf, why: String },
+    #[error(
+        "the agent's cgroup {path} is managed by systemd but not delegated to it: run berth as \
+         the shipped berth.service (Delegate=yes), or start it with \
+         `systemd-run --scope -p Delegate=yes berth …` (the berth command does this by itself)"
+    )]
+    NotDelegated { path: PathBuf },
+    #[error("cannot enable the {controllers} controller(s) in {path}: {source}{hint}")]
+    Controllers {
+        path: PathBuf,
+        controllers: String,
+        source: std::io::Error,
+        hint: &'static str,
+    },
 }
 
 /// One mounted v1 hierarchy, e.g. `/sys/fs/cgroup/cpu,cpuacct` with
@@ -58,11 +77,31 @@ impl Hierarchy {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "version", rename_all = "lowercase")]
 pub enum Layout {
-    V1 { hierarchies: Vec<Hierarchy> },
-    V2 { mount: PathBuf },
+    V1 {
+        hierarchies: Vec<Hierarchy>,
+    },
+    V2 {
+        mount: PathBuf,
+        /// The cgroup jobs are placed below, relative to `mount`: the
+        /// agent's own delegated cgroup (empty for the root). Filled in by
+        /// [`prepare`].
+        #[serde(default)]
+        home: PathBuf,
+    },
 }
 
-/// Reads the cgroup layout under `root` from mountinfo text.
+impl Layout {
+    /// "v1, N hierarchies" or "v2 below /home".
+    pub fn describe(&self) -> String {
+        match self {
+            Layout::V1 { hierarchies } => format!("v1, {} hierarchies", hierarchies.len()),
+            Layout::V2 { home, .. } => format!("v2, jobs below /{}", home.display()),
+        }
+    }
+}
+
+/// Reads the cgroup layout under `root` from mountinfo text. A v2 layout
+/// comes back with an empty home: [`prepare`] finds it.
 pub fn detect(mountinfo: &str, root: &Path) -> Result<Layout, CgroupError> {
     let mut v1 = Vec::new();
     for line in mountinfo.lines() {
@@ -77,7 +116,10 @@ pub fn detect(mountinfo: &str, root: &Path) -> Result<Layout, CgroupError> {
         let mount = PathBuf::from(unescape(pre[4]));
         let fstype = post[0];
         if fstype == "cgroup2" && mount == root {
-            return Ok(Layout::V2 { mount });
+            return Ok(Layout::V2 {
+                mount,
+                home: PathBuf::new(),
+            });
         }
         if fstype == "cgroup" && mount.parent() == Some(root) {
             let controllers: Vec<String> = post[2]
@@ -99,6 +141,98 @@ pub fn detect(mountinfo: &str, root: &Path) -> Result<Layout, CgroupError> {
         return Err(CgroupError::NoHierarchy(root.into()));
     }
     Ok(Layout::V1 { hierarchies: v1 })
+}
+
+/// What [`prepare`] needs to know about the host.
+pub struct Host<'a> {
+    /// procfs (`/proc/self/cgroup` tells the agent's own cgroup).
+    pub proc_root: &'a Path,
+    /// Whether systemd manages this host's cgroups (`/run/systemd/system`).
+    pub systemd: bool,
+}
+
+impl Host<'_> {
+    pub fn systemd_booted() -> bool {
+        Path::new("/run/systemd/system").is_dir()
+    }
+}
+
+/// Makes `layout` ready for jobs below `parent`: on v2 finds the agent's
+/// home, moves the agent into a leaf of it and hands the controllers down;
+/// on v1 creates the parent in every hierarchy. Proves delegation: any
+/// error means jobs cannot get cgroups here.
+pub fn prepare(layout: Layout, host: &Host<'_>, parent: &str) -> Result<Layout, CgroupError> {
+    match layout {
+        Layout::V1 { hierarchies } => {
+            v1::prepare(&hierarchies, parent)?;
+            Ok(Layout::V1 { hierarchies })
+        }
+        Layout::V2 { mount, .. } => {
+            let home = v2::prepare(&mount, host, parent)?;
+            Ok(Layout::V2 { mount, home })
+        }
+    }
+}
+
+/// Proves that jobs can get cgroups here, by doing what a job start does:
+/// prepares `layout` (on v2: the agent's home taken over, controllers handed
+/// down), creates a throwaway job cgroup with limits, moves a process into
+/// its delegated child and (v2) its leaf, checks where the process landed,
+/// and removes it all. Returns what was proven.
+pub fn prove_delegation(
+    layout: Layout,
+    host: &Host<'_>,
+    parent: &str,
+) -> Result<String, CgroupError> {
+    let layout = prepare(layout, host, parent)?;
+    let id = format!("doctor-{}", std::process::id());
+    let cg = JobCgroup::new(layout.clone(), parent, &id);
+    let limits = Limits {
+        memory_bytes: Some(256 << 20),
+        pids: Some(64),
+        cpus: Some(0.5),
+    };
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|source| CgroupError::Write {
+            path: "sleep".into(),
+            source,
+        })?;
+    let pid = child.id();
+    let proven = (|| {
+        cg.create(&limits, 0, 0)?;
+        cg.attach(pid)?;
+        cg.settle(pid)?;
+        let file = PathBuf::from(format!("/proc/{pid}/cgroup"));
+        let now = read(&file)?;
+        let want = match &layout {
+            Layout::V1 { .. } => cg.rel.join(DELEGATED),
+            Layout::V2 { .. } => cg.rel.join(DELEGATED).join(INIT_LEAF),
+        };
+        let want = format!("/{}", want.display());
+        if !now.lines().any(|l| l.ends_with(&format!(":{want}"))) {
+            return Err(CgroupError::OwnCgroup {
+                path: file,
+                why: format!("a process moved into {want} is elsewhere: {}", now.trim()),
+            });
+        }
+        Ok(format!(
+            "{}: created a job cgroup with limits, moved a process into {want}",
+            layout.describe()
+        ))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let cleaned = cg
+        .kill_all(Duration::from_secs(5))
+        .and_then(|()| cg.remove());
+    let proven = proven?;
+    cleaned?;
+    Ok(proven)
 }
 
 fn unescape(s: &str) -> String {
@@ -139,35 +273,32 @@ fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), CgroupError> {
     })
 }
 
-/// cpuset refuses tasks until `cpus` and `mems` are set: copy them down.
-fn inherit_cpuset(dir: &Path) -> Result<(), CgroupError> {
-    let Some(parent) = dir.parent() else {
-        return Ok(());
-    };
-    for f in ["cpuset.cpus", "cpuset.mems"] {
-        if read(&dir.join(f))?.trim().is_empty() {
-            write(&dir.join(f), read(&parent.join(f))?.trim())?;
-        }
-    }
-    Ok(())
-}
-
 /// The cgroups of one job.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct JobCgroup {
     pub layout: Layout,
-    /// `<parent>/<job id>`, relative to each hierarchy's root.
+    /// `<home>/<parent>/<job id>`, relative to each hierarchy's root.
     pub rel: PathBuf,
 }
 
 /// Name of the delegated child below the job's limit cgroup.
 pub const DELEGATED: &str = "job";
 
+/// v2: the leaf below the delegated child that holds the job's stage-1
+/// helper, its init and dockerd, so that the delegated child itself holds no
+/// process and can enable controllers for the containers (cgroup v2's
+/// no-internal-process rule). Inside the job it is `/init`.
+pub const INIT_LEAF: &str = "init";
+
 impl JobCgroup {
     pub fn new(layout: Layout, parent: &str, job_id: &str) -> Self {
+        let home = match &layout {
+            Layout::V1 { .. } => PathBuf::new(),
+            Layout::V2 { home, .. } => home.clone(),
+        };
         JobCgroup {
             layout,
-            rel: Path::new(parent).join(job_id),
+            rel: home.join(parent).join(job_id),
         }
     }
 
@@ -178,7 +309,7 @@ impl JobCgroup {
                 .iter()
                 .map(|h| h.mount.join(&self.rel))
                 .collect(),
-            Layout::V2 { mount } => vec![mount.join(&self.rel)],
+            Layout::V2 { mount, .. } => vec![mount.join(&self.rel)],
         }
     }
 
@@ -190,104 +321,39 @@ impl JobCgroup {
             .collect()
     }
 
-    /// Checks that the agent can create cgroups under `parent` in every
-    /// hierarchy. Creates `parent` (shared by all jobs) when missing.
-    pub fn probe(layout: &Layout, parent: &str) -> Result<(), CgroupError> {
-        match layout {
-            Layout::V1 { hierarchies } => {
-                for h in hierarchies {
-                    let mut dir = h.mount.clone();
-                    for comp in Path::new(parent).components() {
-                        dir.push(comp);
-                        mkdir(&dir)?;
-                        if h.has("cpuset") {
-                            inherit_cpuset(&dir)?;
-                        }
-                    }
-                }
-            }
-            Layout::V2 { mount } => {
-                let mut dir = mount.clone();
-                enable_v2_controllers(&dir)?;
-                for comp in Path::new(parent).components() {
-                    dir.push(comp);
-                    mkdir(&dir)?;
-                    enable_v2_controllers(&dir)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Creates the limit cgroup and its delegated child owned by the job's
     /// root (`uid`/`gid` on the host).
     pub fn create(&self, limits: &Limits, uid: u32, gid: u32) -> Result<(), CgroupError> {
         match &self.layout {
-            Layout::V1 { hierarchies } => {
-                for h in hierarchies {
-                    let dir = h.mount.join(&self.rel);
-                    mkdir(&dir)?;
-                    let child = dir.join(DELEGATED);
-                    mkdir(&child)?;
-                    if h.has("cpuset") {
-                        inherit_cpuset(&dir)?;
-                        inherit_cpuset(&child)?;
-                    }
-                    if h.has("memory")
-                        && let Some(m) = limits.memory_bytes
-                    {
-                        write(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
-                    }
-                    if h.has("pids")
-                        && let Some(p) = limits.pids
-                    {
-                        write(&dir.join("pids.max"), &p.to_string())?;
-                    }
-                    if h.has("cpu")
-                        && let Some(c) = limits.cpus
-                    {
-                        write(&dir.join("cpu.cfs_period_us"), "100000")?;
-                        write(&dir.join("cpu.cfs_quota_us"), &cpu_quota(c).to_string())?;
-                    }
-                    for f in ["", "cgroup.procs", "tasks"] {
-                        chown(&child.join(f), uid, gid)?;
-                    }
-                }
-            }
-            Layout::V2 { mount } => {
-                let dir = mount.join(&self.rel);
-                mkdir(&dir)?;
-                if let Some(m) = limits.memory_bytes {
-                    write(&dir.join("memory.max"), &m.to_string())?;
-                }
-                if let Some(p) = limits.pids {
-                    write(&dir.join("pids.max"), &p.to_string())?;
-                }
-                if let Some(c) = limits.cpus {
-                    write(&dir.join("cpu.max"), &format!("{} 100000", cpu_quota(c)))?;
-                }
-                enable_v2_controllers(&dir)?;
-                let child = dir.join(DELEGATED);
-                mkdir(&child)?;
-                for f in [
-                    "",
-                    "cgroup.procs",
-                    "cgroup.threads",
-                    "cgroup.subtree_control",
-                ] {
-                    chown(&child.join(f), uid, gid)?;
-                }
-            }
+            Layout::V1 { hierarchies } => v1::create(hierarchies, &self.rel, limits, uid, gid),
+            Layout::V2 { mount, .. } => v2::create(&mount.join(&self.rel), limits, uid, gid),
         }
-        Ok(())
     }
 
-    /// Moves `pid` into the delegated child of every hierarchy.
+    /// Moves `pid` (the job's stage-1 helper, before it creates the job's
+    /// cgroup namespace) into the delegated child of every hierarchy.
     pub fn attach(&self, pid: u32) -> Result<(), CgroupError> {
         for d in self.delegated_dirs() {
             write(&d.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())
+    }
+
+    /// Moves `pid` (the stage-1 helper, after it created the job's cgroup
+    /// namespace and before it forks the job's init) into its final place:
+    /// on v2 the `init` leaf, on v1 where it already is.
+    pub fn settle(&self, pid: u32) -> Result<(), CgroupError> {
+        match &self.layout {
+            Layout::V1 { .. } => Ok(()),
+            Layout::V2 { mount, .. } => write(
+                &mount
+                    .join(&self.rel)
+                    .join(DELEGATED)
+                    .join(INIT_LEAF)
+                    .join("cgroup.procs"),
+                &pid.to_string(),
+            ),
+        }
     }
 
     /// All pids anywhere in the job's subtree (read from one hierarchy: every
@@ -308,7 +374,7 @@ impl JobCgroup {
     /// SIGKILLs every process of the job until the subtree is empty.
     pub fn kill_all(&self, timeout: Duration) -> Result<(), CgroupError> {
         let deadline = Instant::now() + timeout;
-        if let Layout::V2 { mount } = &self.layout {
+        if let Layout::V2 { mount, .. } = &self.layout {
             // cgroup.kill (5.14+) kills the subtree atomically, even forkers.
             let _ = std::fs::write(mount.join(&self.rel).join("cgroup.kill"), "1");
         }
@@ -369,7 +435,7 @@ impl JobCgroup {
                 .mount
                 .join(&self.rel)
                 .join("memory.limit_in_bytes"),
-            Layout::V2 { mount } => mount.join(&self.rel).join("memory.max"),
+            Layout::V2 { mount, .. } => mount.join(&self.rel).join("memory.max"),
         };
         std::fs::read_to_string(file).ok()?.trim().parse().ok()
     }
@@ -377,21 +443,6 @@ impl JobCgroup {
 
 fn cpu_quota(cpus: f64) -> u64 {
     ((cpus * 100_000.0).round() as u64).max(1000)
-}
-
-fn enable_v2_controllers(dir: &Path) -> Result<(), CgroupError> {
-    let available = read(&dir.join("cgroup.controllers"))?;
-    let enabled = read(&dir.join("cgroup.subtree_control"))?;
-    let want: Vec<String> = available
-        .split_whitespace()
-        .filter(|c| matches!(*c, "cpu" | "cpuset" | "memory" | "pids" | "io"))
-        .filter(|c| !enabled.split_whitespace().any(|e| e == *c))
-        .map(|c| format!("+{c}"))
-        .collect();
-    if !want.is_empty() {
-        write(&dir.join("cgroup.subtree_control"), &want.join(" "))?;
-    }
-    Ok(())
 }
 
 fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
@@ -435,7 +486,8 @@ mod tests {
         assert_eq!(
             detect(mi, Path::new("/sys/fs/cgroup")).unwrap(),
             Layout::V2 {
-                mount: "/sys/fs/cgroup".into()
+                mount: "/sys/fs/cgroup".into(),
+                home: PathBuf::new(),
             }
         );
         assert!(matches!(
@@ -445,53 +497,30 @@ mod tests {
     }
 
     #[test]
-    fn v2_create_writes_limits_on_parent_and_delegates_child() {
-        // A plain directory stands in for cgroupfs: the logic is the same.
-        let root = std::env::temp_dir().join(format!("berth-cg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("berth")).unwrap();
-        for d in [root.clone(), root.join("berth")] {
-            std::fs::write(d.join("cgroup.controllers"), "cpu memory pids").unwrap();
-            std::fs::write(d.join("cgroup.subtree_control"), "").unwrap();
-        }
+    fn records_written_before_homes_still_load() {
+        let old = r#"{"layout":{"version":"v2","mount":"/sys/fs/cgroup"},"rel":"berth/j1"}"#;
+        let cg: JobCgroup = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            cg.limit_dirs(),
+            vec![PathBuf::from("/sys/fs/cgroup/berth/j1")]
+        );
+    }
+
+    #[test]
+    fn v2_jobs_live_below_the_home() {
         let cg = JobCgroup::new(
             Layout::V2 {
-                mount: root.clone(),
+                mount: "/sys/fs/cgroup".into(),
+                home: "system.slice/berth.service".into(),
             },
             "berth",
             "j1",
         );
-        let job = root.join("berth/j1");
-        std::fs::create_dir_all(job.join(DELEGATED)).unwrap();
-        std::fs::write(job.join("cgroup.controllers"), "cpu memory pids").unwrap();
-        std::fs::write(job.join("cgroup.subtree_control"), "").unwrap();
-        for f in ["cgroup.procs", "cgroup.threads", "cgroup.subtree_control"] {
-            std::fs::write(job.join(DELEGATED).join(f), "").unwrap();
-        }
-        let limits = Limits {
-            memory_bytes: Some(1 << 30),
-            pids: Some(100),
-            cpus: Some(1.5),
-        };
-        cg.create(&limits, 1234, 5678).unwrap();
         assert_eq!(
-            std::fs::read_to_string(job.join("memory.max")).unwrap(),
-            "1073741824"
+            cg.delegated_dirs(),
+            vec![PathBuf::from(
+                "/sys/fs/cgroup/system.slice/berth.service/berth/j1/job"
+            )]
         );
-        assert_eq!(
-            std::fs::read_to_string(job.join("cpu.max")).unwrap(),
-            "150000 100000"
-        );
-        assert_eq!(
-            std::fs::read_to_string(job.join("cgroup.subtree_control")).unwrap(),
-            "+cpu +memory +pids"
-        );
-        use std::os::unix::fs::MetadataExt;
-        let md = std::fs::metadata(job.join(DELEGATED).join("cgroup.procs")).unwrap();
-        assert_eq!((md.uid(), md.gid()), (1234, 5678));
-        // The limit files stay root-owned: the job cannot raise them.
-        assert_eq!(std::fs::metadata(job.join("memory.max")).unwrap().uid(), 0);
-        assert_eq!(cg.memory_limit(), Some(1 << 30));
-        std::fs::remove_dir_all(&root).unwrap();
     }
 }
