@@ -114,53 +114,28 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-struct Job {
-    id: String,
-    dir: PathBuf,
-}
-
-fn create_job() -> Job {
+fn create_job() -> TlsJob {
     let dir = PathBuf::from(format!("/var/lib/bt-systemd-job-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let out = berth_ok(&["job", "create", "--json", "--out", dir.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("job create --json");
-    Job {
+    TlsJob {
         id: v["id"].as_str().unwrap().to_string(),
+        endpoint: format!("tcp://{ENDPOINT}"),
         dir,
     }
 }
 
-fn docker(job: &Job, args: &[&str], input: Option<&[u8]>) -> Output {
-    use std::io::Write;
-    let mut c = Command::new("docker")
-        .env("DOCKER_HOST", format!("tcp://{ENDPOINT}"))
-        .env("DOCKER_TLS_VERIFY", "1")
-        .env("DOCKER_CERT_PATH", &job.dir)
-        .env("DOCKER_BUILDKIT", "0")
-        .args(args)
-        .stdin(if input.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(b) = input {
-        c.stdin.take().unwrap().write_all(b).unwrap();
-    }
-    c.wait_with_output().unwrap()
+fn import_busybox(job: &TlsJob) {
+    docker_tls_ok_stdin(
+        job,
+        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
+    );
 }
 
-fn docker_ok(job: &Job, args: &[&str]) -> String {
-    let o = docker(job, args, None);
-    assert!(
-        o.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+fn docker_tls_ok_stdin(job: &TlsJob, args: &[&str]) {
+    let o = docker_tls_stdin(job, args, Some(busybox_tar()));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 fn service_cgroup() -> PathBuf {
@@ -220,17 +195,8 @@ fn the_shipped_units_run_jobs_in_berth_services_delegated_subtree() {
     );
 
     // Full Docker in the job: a container, its cgroup inside the job's.
-    let out = docker(
-        &job,
-        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
-        Some(busybox_tar()),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    docker_ok(
+    import_busybox(&job);
+    docker_tls_ok(
         &job,
         &[
             "run",
@@ -244,7 +210,7 @@ fn the_shipped_units_run_jobs_in_berth_services_delegated_subtree() {
             "600",
         ],
     );
-    let cid = docker_ok(&job, &["inspect", "-f", "{{.Id}}", "s"]);
+    let cid = docker_tls_ok(&job, &["inspect", "-f", "{{.Id}}", "s"]);
     let mem = job_cg
         .join("job/docker")
         .join(cid.trim())
@@ -258,7 +224,7 @@ fn the_shipped_units_run_jobs_in_berth_services_delegated_subtree() {
     ok("systemctl daemon-reload");
     ok("systemd-run --unit berth-test-neighbour --wait --quiet true");
     ok("systemctl daemon-reload");
-    assert!(docker_ok(&job, &["top", "s"]).contains("sleep 600"));
+    assert!(docker_tls_ok(&job, &["top", "s"]).contains("sleep 600"));
     let ctl = std::fs::read_to_string(home.join("cgroup.subtree_control")).unwrap();
     assert!(ctl.contains("memory") && ctl.contains("pids"), "{ctl}");
     assert_eq!(
@@ -278,12 +244,8 @@ fn the_shipped_units_run_jobs_in_berth_services_delegated_subtree() {
 
     // kill -9 of the agent: systemd restarts it, it tears the rest down.
     let job = create_job();
-    docker(
-        &job,
-        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
-        Some(busybox_tar()),
-    );
-    docker_ok(&job, &["run", "-d", "busybox:test", "sleep", "600"]);
+    import_busybox(&job);
+    docker_tls_ok(&job, &["run", "-d", "busybox:test", "sleep", "600"]);
     let old = main_pid();
     ok(&format!("kill -9 {old}"));
     wait_until("systemd restarts the agent", || {

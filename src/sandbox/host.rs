@@ -1,0 +1,191 @@
+//! Preparing the host for jobs, once, before any job starts: the whole
+//! configuration and every prerequisite checked, the state dir created and
+//! locked, cgroups delegated, forwarding on, the links' MTU and the DNS
+//! relays' upstreams found, preloaded images converted.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{Layout, SandboxConfig, SandboxError, cgroup, config, io, net, preload, record, slots};
+
+/// What the engine keeps of the host's preparation.
+pub(super) struct Prepared {
+    pub helper: PathBuf,
+    /// None: cgroups cannot be delegated here; jobs run dockerd --rootless.
+    pub layout: Option<Layout>,
+    pub mtu: u32,
+    pub upstreams: Vec<SocketAddr>,
+    pub preloads: Vec<PathBuf>,
+    pub lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
+    cfg.validate()?;
+    let helper = if cfg.helper.as_os_str().is_empty() {
+        std::env::current_exe().map_err(io("cannot find", Path::new("/proc/self/exe")))?
+    } else {
+        cfg.helper.clone()
+    };
+    check_prerequisites(cfg, &helper)?;
+    // Socket paths below the state dir must fit sun_path (108 bytes).
+    if cfg.state_dir.as_os_str().len() > 48 {
+        return Err(config::ConfigError::Invalid {
+            key: "state_dir",
+            why: format!(
+                "{} is longer than 48 bytes; dockerd's sockets below it would not fit a unix socket path",
+                cfg.state_dir.display()
+            ),
+        }
+        .into());
+    }
+    // 0711: jobs traverse to their own directory but list nothing.
+    mkdir_mode(&cfg.state_dir, 0o711)?;
+    mkdir_mode(&record::jobs_dir(&cfg.state_dir), 0o711)?;
+    mkdir_mode(&slots::slots_dir(&cfg.state_dir), 0o700)?;
+    let lock = lock_state_dir(&cfg.state_dir)?;
+    // dockerd writes its trust key to /etc/docker; each job binds its own
+    // directory over it, which needs the mount point to exist.
+    if !Path::new("/etc/docker").is_dir() {
+        mkdir_mode(Path::new("/etc/docker"), 0o755)?;
+    }
+    let mountinfo = std::fs::read_to_string(cfg.proc_root.join("self/mountinfo"))
+        .map_err(io("cannot read", &cfg.proc_root.join("self/mountinfo")))?;
+    let host = cgroup::Host {
+        proc_root: &cfg.proc_root,
+        systemd: cgroup::Host::systemd_booted(),
+    };
+    let layout = match cgroup::detect(&mountinfo, &cfg.cgroup_root)
+        .and_then(|l| cgroup::prepare(l, &host, &cfg.cgroup_parent))
+    {
+        Ok(l) => {
+            tracing::debug!(cgroups = %l.describe(), "jobs get delegated cgroups");
+            Some(l)
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "CGROUPS CANNOT BE DELEGATED: jobs fall back to dockerd --rootless, without \
+                 whole-job limits, per-container --memory/--cpus, docker top, pause or stats; \
+                 give the agent a writable cgroup filesystem to fix this"
+            );
+            None
+        }
+    };
+    net::enable_forwarding(&cfg.proc_root)?;
+    let mtu = if cfg.mtu == 0 {
+        net::default_route_mtu()
+    } else {
+        cfg.mtu
+    };
+    let upstreams = if cfg.dns_upstreams.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        net::nameservers(&text)
+            .into_iter()
+            .map(|ip: IpAddr| SocketAddr::new(ip, 53))
+            .collect()
+    } else {
+        cfg.dns_upstreams.clone()
+    };
+    let preloads = preload::prepare(&cfg.preload, &cfg.state_dir.join("preload"))?;
+    Ok(Prepared {
+        helper,
+        layout,
+        mtu,
+        upstreams,
+        preloads,
+        lock,
+    })
+}
+
+fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, SandboxError> {
+    let path = state_dir.join("agent.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io("cannot open", &path))?;
+    let mut lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(f, _)| {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            drop(f);
+            SandboxError::Prerequisite(format!(
+                "another berth agent (pid {}) is using {}; stop it or give this one its own --state-dir",
+                holder.trim(),
+                state_dir.display()
+            ))
+        },
+    )?;
+    use std::io::{Seek, Write};
+    let _ = lock.set_len(0);
+    let _ = lock.seek(std::io::SeekFrom::Start(0));
+    let _ = write!(lock, "{}", std::process::id());
+    Ok(lock)
+}
+
+fn check_prerequisites(cfg: &SandboxConfig, helper: &Path) -> Result<(), SandboxError> {
+    let pre = |s: String| Err(SandboxError::Prerequisite(s));
+    if !nix::unistd::geteuid().is_root() {
+        return pre(
+            "berth's sandbox needs root: it creates user namespaces over an exclusive \
+                    host id range, cgroups and host network links; run the agent as root"
+                .into(),
+        );
+    }
+    let max_userns = std::fs::read_to_string(cfg.proc_root.join("sys/user/max_user_namespaces"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if max_userns == Some(0) {
+        return pre(
+            "user namespaces are disabled: run `sysctl -w user.max_user_namespaces=28633`".into(),
+        );
+    }
+    if !cfg.proc_root.join("self/ns/user").exists() {
+        return pre(
+            "this kernel has no user namespaces (CONFIG_USER_NS): berth cannot isolate jobs".into(),
+        );
+    }
+    if !is_executable(&cfg.dockerd) {
+        return pre(format!(
+            "dockerd not found at {}: install it (`apt-get install docker.io`) or set dockerd in the configuration",
+            cfg.dockerd.display()
+        ));
+    }
+    if !is_executable(helper) {
+        return pre(format!(
+            "berth helper binary {} is not executable",
+            helper.display()
+        ));
+    }
+    for (prog, pkg) in [("ip", "iproute2"), ("iptables", "iptables")] {
+        if std::process::Command::new(prog).arg("-V").output().is_err() {
+            return pre(format!(
+                "`{prog}` not found: install it (`apt-get install {pkg}`)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn is_executable(p: &Path) -> bool {
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+pub(super) fn mkdir_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(io("cannot create", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io("cannot chmod", path))
+}
+
+pub(super) fn chown(path: &Path, id: u32) -> Result<(), SandboxError> {
+    std::os::unix::fs::chown(path, Some(id), Some(id)).map_err(io("cannot chown", path))
+}

@@ -1,0 +1,629 @@
+//! Starting a job, as named steps: claim a slot and write the record, make
+//! the job's directories and files, its cgroups, its link and rules, its DNS
+//! relay; spawn the stage-1 helper and walk it through the handshake (cgroup
+//! placement, uid maps, the link moved in); wait for dockerd to answer; load
+//! preloaded images. Any failure tears down what was made.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::child::{ChildSpec, HIDDEN_SUBCOMMAND};
+use super::host::{chown, mkdir_mode};
+use super::{
+    Engine, Inner, JobCgroup, JobRecord, Limits, Sandbox, SandboxError, SeedState, Status,
+    api_socket, code_of, config, describe_exit, dns, evidence, io, net, ping, protocol, record,
+    seed, slots, start_err, sys,
+};
+
+impl Engine {
+    /// Starts a job and returns once its dockerd answers `/_ping`.
+    pub async fn start(&self, limits: Option<Limits>) -> Result<Sandbox, SandboxError> {
+        let seed = if self.preloads.is_empty() || !self.cfg.share_preloads {
+            None
+        } else {
+            self.ensure_seed().await
+        };
+        self.start_with(limits, seed).await
+    }
+
+    /// The shared image store, built on first use from a sandbox that loads
+    /// the preloads. None (and every job loads the archives itself) where
+    /// idmapped mounts are not available.
+    async fn ensure_seed(&self) -> Option<Arc<seed::Seed>> {
+        let mut state = self.seed.lock().await;
+        match &*state {
+            SeedState::Ready(s) => return Some(s.clone()),
+            SeedState::Off => return None,
+            SeedState::Unbuilt => {}
+        }
+        let t0 = Instant::now();
+        match self.build_seed().await {
+            Ok(s) => {
+                tracing::info!(
+                    layers = s.layers.len(),
+                    took_ms = t0.elapsed().as_millis() as u64,
+                    "shared image store ready: preloaded images are mounted into jobs, not copied"
+                );
+                let s = Arc::new(s);
+                *state = SeedState::Ready(s.clone());
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "shared images unavailable: every job loads the preloaded archives itself");
+                let _ = seed::remove(&self.cfg.state_dir.join("seed"));
+                *state = SeedState::Off;
+                None
+            }
+        }
+    }
+
+    async fn build_seed(&self) -> Result<seed::Seed, SandboxError> {
+        let sb = Box::pin(self.start_with(None, None)).await?;
+        let rec = sb.record();
+        // Stop dockerd gracefully so that its image store is complete on disk.
+        sb.inner.status.send_replace(Status::Stopping);
+        if let Some(init) = rec.init_pid {
+            sys::kill(init as i32, nix::sys::signal::Signal::SIGTERM).ok();
+        }
+        let mut exited = sb.inner.exited.clone();
+        if tokio::time::timeout(Duration::from_secs(30), exited.wait_for(|e| e.is_some()))
+            .await
+            .is_err()
+        {
+            if let Some(init) = rec.init_pid {
+                sys::kill(init as i32, nix::sys::signal::Signal::SIGKILL).ok();
+            }
+            let _ = exited.wait_for(|e| e.is_some()).await;
+        }
+        let data = sb.inner.dir.join("root").join("data");
+        let dest = self.cfg.state_dir.join("seed").join("data");
+        let host_id = rec.host_id;
+        let adopted = tokio::task::spawn_blocking(move || seed::adopt(&data, &dest, host_id))
+            .await
+            .map_err(|e| start_err(sb.id(), e))?;
+        self.teardown(sb.id()).await?;
+        let s = adopted?;
+        // Idmapped mounts of this filesystem must work here, or jobs load.
+        probe_idmap(&s.data)?;
+        Ok(s)
+    }
+
+    async fn start_with(
+        &self,
+        limits: Option<Limits>,
+        seed: Option<Arc<seed::Seed>>,
+    ) -> Result<Sandbox, SandboxError> {
+        let limits = limits.unwrap_or_else(|| self.cfg.default_limits.clone());
+        limits.validate()?;
+        let id = new_id();
+        let cfg = self.cfg.clone();
+        let slot = {
+            let (cfg, jid) = (cfg.clone(), id.clone());
+            tokio::task::spawn_blocking(move || slots::claim(&cfg, &jid))
+                .await
+                .map_err(|e| start_err(&id, e))??
+        };
+        let (host_ip, job_ip) = cfg.link_addrs(slot);
+        let host_id = slots::range_of(&cfg, slot).start as u32;
+        let dir = record::job_dir(&cfg.state_dir, &id);
+        let mut rec = JobRecord {
+            id: id.clone(),
+            slot,
+            host_id,
+            host_ip,
+            job_ip,
+            cgroup: self
+                .layout
+                .clone()
+                .map(|l| JobCgroup::new(l, &cfg.cgroup_parent, &id)),
+            monitor_pid: None,
+            init_pid: None,
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        if let Err(e) = mkdir_mode(&dir, 0o711).and_then(|()| {
+            rec.save(&cfg.state_dir)
+                .map_err(io("cannot write record in", &dir))
+        }) {
+            let _ = slots::release(&cfg.state_dir, slot, &id);
+            return Err(e);
+        }
+        let (status, _) = watch::channel(Status::Starting);
+        let (exited_tx, exited) = watch::channel(None);
+        let sb = Sandbox {
+            inner: Arc::new(Inner {
+                id: id.clone(),
+                record: Mutex::new(rec.clone()),
+                dir: dir.clone(),
+                status,
+                exited,
+                relay: Mutex::new(None),
+                started: Instant::now(),
+            }),
+        };
+        self.jobs.lock().unwrap().insert(id.clone(), sb.clone());
+        match self.launch(&sb, &mut rec, &limits, exited_tx, seed).await {
+            Ok(()) => {
+                sb.inner.status.send_if_modified(|s| {
+                    if *s == Status::Starting {
+                        *s = Status::Running;
+                        true
+                    } else {
+                        false
+                    }
+                });
+                tracing::info!(job = %id, slot, took_ms = sb.age().as_millis() as u64, "job ready");
+                Ok(sb)
+            }
+            Err(e) => {
+                // The log goes with the job's directory: keep it first.
+                let kept = evidence::keep(&cfg.state_dir, &id, &sb.dockerd_log());
+                tracing::warn!(job = %id, error = %e, log = ?kept.as_ref().map(|k| &k.path),
+                    "job failed to start; tearing it down");
+                if let Err(te) = self.teardown(&id).await {
+                    tracing::error!(job = %id, error = %te, "teardown after failed start");
+                }
+                Err(SandboxError::StartFailed {
+                    id,
+                    source: Box::new(e),
+                    kept,
+                })
+            }
+        }
+    }
+
+    /// The steps of a start, in order. The record is on disk before the
+    /// first: whatever a step made, a failure (or a crash) is torn down.
+    async fn launch(
+        &self,
+        sb: &Sandbox,
+        rec: &mut JobRecord,
+        limits: &Limits,
+        exited_tx: watch::Sender<Option<i32>>,
+        seed: Option<Arc<seed::Seed>>,
+    ) -> Result<(), SandboxError> {
+        let files = self.make_files(sb, rec, seed.as_deref()).await?;
+        self.make_cgroups(rec, limits).await?;
+        self.make_link(rec).await?;
+        self.start_dns(sb, rec).await?;
+        let spec = self.child_spec(rec, &files, seed.as_deref());
+        let (pid, chan) = self.spawn_helper(sb, rec, &spec, &files, exited_tx)?;
+        self.handshake(sb, rec, pid, chan, seed.as_deref()).await?;
+        self.wait_ready(sb).await?;
+        self.preload(sb, seed.is_some()).await
+    }
+
+    /// The job's directories (private to its root: other jobs map other
+    /// ids), the shared images' metadata, daemon.json and resolv.conf.
+    async fn make_files(
+        &self,
+        sb: &Sandbox,
+        rec: &JobRecord,
+        seed: Option<&seed::Seed>,
+    ) -> Result<JobFiles, SandboxError> {
+        let dir = sb.inner.dir.clone();
+        let root = dir.join("root");
+        for d in [&root, &dir.join("api")] {
+            mkdir_mode(d, 0o700)?;
+            chown(d, rec.host_id)?;
+        }
+        for sub in ["data", "exec", "home", "xdg", "tmp", "etc-docker"] {
+            let p = root.join(sub);
+            mkdir_mode(&p, 0o700)?;
+            chown(&p, rec.host_id)?;
+        }
+        if let Some(sd) = seed {
+            let (sd, jd, data, uid) = (sd.clone(), dir.clone(), root.join("data"), rec.host_id);
+            tokio::task::spawn_blocking(move || seed::materialize(&sd, &jd, &data, uid))
+                .await
+                .map_err(|e| start_err(&rec.id, e))??;
+        }
+        let daemon_json = root.join("daemon.json");
+        std::fs::write(&daemon_json, "{}\n").map_err(io("cannot write", &daemon_json))?;
+        chown(&daemon_json, rec.host_id)?;
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(&resolv, format!("nameserver {}\n", rec.host_ip))
+            .map_err(io("cannot write", &resolv))?;
+        std::fs::set_permissions(&resolv, std::fs::Permissions::from_mode(0o644))
+            .map_err(io("cannot chmod", &resolv))?;
+        Ok(JobFiles {
+            log: dir.join("dockerd.log"),
+            dir,
+            root,
+            resolv,
+        })
+    }
+
+    /// The job's limit cgroup and its delegated child (none in the rootless
+    /// fallback).
+    async fn make_cgroups(&self, rec: &JobRecord, limits: &Limits) -> Result<(), SandboxError> {
+        let Some(cg) = rec.cgroup.clone() else {
+            return Ok(());
+        };
+        let (l, uid) = (limits.clone(), rec.host_id);
+        tokio::task::spawn_blocking(move || cg.create(&l, uid, uid))
+            .await
+            .map_err(|e| start_err(&rec.id, e))??;
+        Ok(())
+    }
+
+    /// The veth pair (host end addressed and up) and the job's rules.
+    async fn make_link(&self, rec: &JobRecord) -> Result<(), SandboxError> {
+        let (id, host_ip, job_ip, mtu) = (rec.id.clone(), rec.host_ip, rec.job_ip, self.mtu);
+        tokio::task::spawn_blocking(move || -> Result<(), net::NetError> {
+            net::create_link(&id, host_ip, mtu)?;
+            net::add_rules(&id, host_ip, job_ip)
+        })
+        .await
+        .map_err(|e| start_err(&rec.id, e))??;
+        Ok(())
+    }
+
+    /// The job's DNS relay on the host end of its link.
+    async fn start_dns(&self, sb: &Sandbox, rec: &JobRecord) -> Result<(), SandboxError> {
+        let relay = dns::Relay::start(
+            SocketAddr::new(rec.host_ip.into(), 53),
+            self.upstreams.clone(),
+        )
+        .await?;
+        *sb.inner.relay.lock().unwrap() = Some(relay);
+        Ok(())
+    }
+
+    /// Everything the job's side needs to know.
+    fn child_spec(
+        &self,
+        rec: &JobRecord,
+        files: &JobFiles,
+        seed: Option<&seed::Seed>,
+    ) -> ChildSpec {
+        let (cfg, id) = (&self.cfg, &rec.id);
+        ChildSpec {
+            job_id: id.clone(),
+            dockerd: cfg.dockerd.clone(),
+            root: files.root.clone(),
+            api_socket: api_socket(&files.dir),
+            etc_docker: files.root.join("etc-docker"),
+            resolv_conf: files.resolv.clone(),
+            hostname: format!("berth-{id}"),
+            cgroup: self.layout.clone(),
+            cgroupns: self.layout.is_some() && cfg.proc_root.join("self/ns/cgroup").exists(),
+            peer_ifname: net::peer_ifname(id),
+            job_ip: rec.job_ip,
+            host_ip: rec.host_ip,
+            mtu: self.mtu,
+            // dockerd stops its containers within the grace, leaving it a
+            // margin to exit before the SIGKILL.
+            shutdown_timeout: (cfg.stop_grace.as_secs() * 3 / 5).max(1),
+            extra_args: cfg.extra_dockerd_args.clone(),
+            shared_layers: seed
+                .map(|sd| {
+                    (0..sd.layers.len())
+                        .map(|i| seed::layer_mount_point(&files.dir, i))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Starts the stage-1 helper with only its end of the channel (fd 3),
+    /// an empty environment and the job's log as stdout and stderr, and
+    /// watches it from then on: its exit is the job's end.
+    fn spawn_helper(
+        &self,
+        sb: &Sandbox,
+        rec: &mut JobRecord,
+        spec: &ChildSpec,
+        files: &JobFiles,
+        exited_tx: watch::Sender<Option<i32>>,
+    ) -> Result<(u32, protocol::AgentEnd), SandboxError> {
+        let id = rec.id.clone();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&files.log)
+            .map_err(io("cannot open", &files.log))?;
+        let (chan, theirs) = protocol::pair().map_err(|e| start_err(&id, e))?;
+        let mut cmd = tokio::process::Command::new(&self.helper);
+        cmd.arg(HIDDEN_SUBCOMMAND)
+            .arg(serde_json::to_string(spec).map_err(|e| start_err(&id, e))?)
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(io("cannot dup", &files.log))?)
+            .stderr(log);
+        sys::place_on_fd3(&mut cmd, theirs.as_raw_fd());
+        let mut child = cmd
+            .spawn()
+            .map_err(io("cannot start helper", &self.helper))?;
+        drop(theirs);
+        let pid = child
+            .id()
+            .ok_or_else(|| start_err(&id, "helper exited at once"))?;
+        rec.monitor_pid = Some(pid);
+        self.save_record(sb, rec)?;
+
+        let status = sb.inner.status.clone();
+        tokio::spawn(async move {
+            let code = match child.wait().await {
+                Ok(s) => std::os::unix::process::ExitStatusExt::into_raw(s),
+                Err(_) => -1,
+            };
+            let code = code_of(code);
+            let _ = exited_tx.send(Some(code));
+            status.send_modify(|s| {
+                *s = match s {
+                    Status::Stopping | Status::Stopped => Status::Stopped,
+                    _ => {
+                        let why = describe_exit(code);
+                        tracing::warn!(job = %id, %why, "job's dockerd ended unexpectedly");
+                        Status::Failed(why)
+                    }
+                }
+            });
+        });
+        Ok((pid, chan))
+    }
+
+    /// Walks the helper through the protocol, off the runtime: cgroup
+    /// placement, the shared layers, uid maps, the link moved in, its init.
+    async fn handshake(
+        &self,
+        sb: &Sandbox,
+        rec: &mut JobRecord,
+        pid: u32,
+        chan: protocol::AgentEnd,
+        seed: Option<&seed::Seed>,
+    ) -> Result<(), SandboxError> {
+        // The shared layers, seen through the job's id map, go to the helper
+        // by fd; it attaches them before it creates the job's namespaces.
+        let mut trees = Vec::new();
+        if let Some(sd) = seed {
+            let ns = IdmapNs::new(rec.host_id)?;
+            for l in &sd.layers {
+                trees.push(
+                    sys::idmapped_readonly_clone(&sd.data.join(l), ns.fd())
+                        .map_err(|e| start_err(&rec.id, e))?,
+                );
+            }
+        }
+        let handshake = Handshake {
+            chan,
+            pid,
+            trees,
+            cgroup: rec.cgroup.clone(),
+            host_id: rec.host_id,
+            proc_root: self.cfg.proc_root.clone(),
+            job_id: rec.id.clone(),
+            step: self.cfg.ready_timeout,
+        };
+        let (init_pid, done) = tokio::task::spawn_blocking(move || handshake.run())
+            .await
+            .map_err(|e| start_err(&rec.id, e))?;
+        if init_pid.is_some() {
+            rec.init_pid = init_pid;
+            self.save_record(sb, rec)?;
+        }
+        done
+    }
+
+    /// Waits until dockerd answers `/_ping`, or ends, or the ready timeout
+    /// passes.
+    async fn wait_ready(&self, sb: &Sandbox) -> Result<(), SandboxError> {
+        let socket = sb.socket();
+        let deadline = Instant::now() + self.cfg.ready_timeout;
+        let mut exited = sb.inner.exited.clone();
+        loop {
+            if ping::ping(&socket).await {
+                return Ok(());
+            }
+            if let Some(code) = *exited.borrow() {
+                return Err(start_err(
+                    sb.id(),
+                    format!("dockerd exited during start ({})", describe_exit(code)),
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::NotReady {
+                    id: sb.id().into(),
+                    timeout: self.cfg.ready_timeout,
+                });
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(5), exited.changed()).await;
+        }
+    }
+
+    /// Loads the preloaded archives into the job, where they are not
+    /// shared through the seed.
+    async fn preload(&self, sb: &Sandbox, shared: bool) -> Result<(), SandboxError> {
+        if shared {
+            return Ok(());
+        }
+        for tar in &self.preloads {
+            ping::load_image(&sb.socket(), tar)
+                .await
+                .map_err(|e| start_err(sb.id(), format!("preloading {}: {e}", tar.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `rec` to disk and to the live job.
+    fn save_record(&self, sb: &Sandbox, rec: &JobRecord) -> Result<(), SandboxError> {
+        rec.save(&self.cfg.state_dir)
+            .map_err(io("cannot write record in", &sb.inner.dir))?;
+        *sb.inner.record.lock().unwrap() = rec.clone();
+        Ok(())
+    }
+}
+
+/// Where a starting job's files are.
+struct JobFiles {
+    /// `<state>/jobs/<id>`.
+    dir: PathBuf,
+    /// Its root-owned-by-the-job part: data-root, exec-root, home.
+    root: PathBuf,
+    resolv: PathBuf,
+    /// The helper's, init's and dockerd's output.
+    log: PathBuf,
+}
+
+/// The agent's side of a job's start, from the spawned stage-1 helper to a
+/// started dockerd (see `protocol`). Blocking: it runs off the runtime.
+struct Handshake {
+    chan: protocol::AgentEnd,
+    /// The stage-1 helper.
+    pid: u32,
+    trees: Vec<std::os::fd::OwnedFd>,
+    cgroup: Option<JobCgroup>,
+    host_id: u32,
+    proc_root: PathBuf,
+    job_id: String,
+    /// Bound on each step.
+    step: Duration,
+}
+
+impl Handshake {
+    /// The job's init pid (once known) and how the start went.
+    fn run(self) -> (Option<u32>, Result<(), SandboxError>) {
+        let mut init = None;
+        let r = self.steps(&mut init);
+        (init, r)
+    }
+
+    fn steps(mut self, init: &mut Option<u32>) -> Result<(), SandboxError> {
+        let id = self.job_id.clone();
+        let proto = |e: protocol::ProtocolError| match e {
+            protocol::ProtocolError::Failed { message } => start_err(&id, message),
+            e => start_err(&id, format!("stage-1 helper: {e}")),
+        };
+        // The helper goes into the job's delegated cgroups before it
+        // creates the job's cgroup namespace, which is rooted there.
+        if let Some(cg) = &self.cgroup {
+            cg.attach(self.pid)?;
+        }
+        self.chan
+            .start(&std::mem::take(&mut self.trees))
+            .map_err(proto)?;
+        self.chan.unshared(self.step).map_err(proto)?;
+        // Namespaces exist: the helper, and the init it forks next, move to
+        // their leaf; then ids and the link.
+        if let Some(cg) = &self.cgroup {
+            cg.settle(self.pid)?;
+        }
+        let map = format!("0 {} {}\n", self.host_id, config::RANGE_SIZE);
+        for f in ["uid_map", "gid_map"] {
+            let p = self.proc_root.join(self.pid.to_string()).join(f);
+            std::fs::write(&p, &map).map_err(io("cannot write", &p))?;
+        }
+        net::move_peer(&self.job_id, self.pid)?;
+        self.chan.mapped().map_err(proto)?;
+        // The helper names the init it forked; the init says when dockerd
+        // runs. Either may come first.
+        loop {
+            match self
+                .chan
+                .recv("the job's init and dockerd", self.step)
+                .map_err(proto)?
+            {
+                protocol::FromHelper::Init { pid } => *init = Some(pid),
+                protocol::FromHelper::Ready if init.is_some() => return Ok(()),
+                protocol::FromHelper::Ready => {
+                    // Ready before Init: the pid follows.
+                    match self.chan.recv("init", self.step).map_err(proto)? {
+                        protocol::FromHelper::Init { pid } => {
+                            *init = Some(pid);
+                            return Ok(());
+                        }
+                        other => return Err(proto(protocol::unexpected("init", &other))),
+                    }
+                }
+                other => return Err(proto(protocol::unexpected("init or ready", &other))),
+            }
+        }
+    }
+}
+
+/// A user namespace that maps 0..65535 onto `first..`, held by a short-lived
+/// helper process: the id map of a job's shared layer mounts.
+struct IdmapNs {
+    child: std::process::Child,
+    ns: std::fs::File,
+}
+
+impl IdmapNs {
+    fn new(first: u32) -> Result<IdmapNs, SandboxError> {
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("60")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        sys::unshare_user_in_child(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .map_err(io("cannot start", Path::new("sleep")))?;
+        let pid = child.id();
+        let done = (|| {
+            let ns_path = PathBuf::from(format!("/proc/{pid}/ns/user"));
+            let map = format!("0 {first} {}\n", config::RANGE_SIZE);
+            for f in ["uid_map", "gid_map"] {
+                let p = PathBuf::from(format!("/proc/{pid}/{f}"));
+                std::fs::write(&p, &map).map_err(io("cannot write", &p))?;
+            }
+            std::fs::File::open(&ns_path).map_err(io("cannot open", &ns_path))
+        })();
+        match done {
+            Ok(ns) => Ok(IdmapNs { child, ns }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.ns)
+    }
+}
+
+impl Drop for IdmapNs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Checks that an idmapped clone of `dir` can be made here.
+fn probe_idmap(dir: &Path) -> Result<(), SandboxError> {
+    let ns = IdmapNs::new(u32::MAX - config::RANGE_SIZE - 1)?;
+    sys::idmapped_readonly_clone(dir, ns.fd())
+        .map(drop)
+        .map_err(|e| start_err("seed", e))
+}
+
+fn new_id() -> String {
+    use rand::Rng;
+    let n: u64 = rand::thread_rng().r#gen();
+    format!("{:012x}", n & 0xffff_ffff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_12_hex() {
+        let id = new_id();
+        assert_eq!(id.len(), 12);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(new_id(), new_id());
+    }
+}
