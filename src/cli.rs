@@ -364,7 +364,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Doctor { engine, front } => {
             let file = load_file_unvalidated(&engine)?;
             let serve = front.apply(file.serve);
-            let checks = crate::doctor::run(&file.sandbox, &serve);
+            let mut checks = crate::doctor::run(&file.sandbox, &serve);
+            checks.extend(crate::doctor::check_running_agent(&serve).await);
             print!("{}", crate::doctor::render(&checks));
             let failed = checks
                 .iter()

@@ -287,6 +287,40 @@ fn check_certs(dir: &Path) -> Check {
     }
 }
 
+/// When an agent answers on the configured port with the admin bundle in
+/// `certs_dir`: how full its warm pool is, and why not. None when no agent
+/// runs there (nothing to say).
+pub async fn check_running_agent(serve: &ServeConfig) -> Option<Check> {
+    let endpoint = format!("localhost:{}", serve.listen.port());
+    let client = crate::client::AgentClient::new(&endpoint, &serve.certs_dir).ok()?;
+    let pool = match client.pool().await {
+        Ok(p) => p,
+        Err(crate::client::ClientError::Connect { .. }) => return None,
+        Err(e) => {
+            return Some(warn(
+                "running agent",
+                format!("{endpoint}: {e}"),
+                "check the agent's log (journalctl -u berth)",
+            ));
+        }
+    };
+    let (ready, size) = (pool["ready"].as_u64()?, pool["size"].as_u64()?);
+    Some(match pool["last_error"].as_str() {
+        Some(e) => warn(
+            "warm pool",
+            format!(
+                "{ready} of {size} ready; {} start(s) failed in a row, next try in {}s: {e}",
+                pool["failures"], pool["retry_in_secs"]
+            ),
+            "fix what the error names; the pool retries by itself",
+        ),
+        None => pass(
+            "warm pool",
+            format!("{ready} of {size} ready at {endpoint}"),
+        ),
+    })
+}
+
 /// The table, one check a line, failures with their fix.
 pub fn render(checks: &[Check]) -> String {
     let w = checks.iter().map(|c| c.name.len()).max().unwrap_or(5);

@@ -150,6 +150,8 @@ pub struct Jobs {
     pool_health: Mutex<PoolHealth>,
     refill: Mutex<Option<tokio::task::JoinHandle<()>>>,
     closing: std::sync::atomic::AtomicBool,
+    /// Cancelled at shutdown: ends a warm-pool backoff at once.
+    closed: tokio_util::sync::CancellationToken,
     /// The agent's runtime: sandboxes start, stop and expire there, whatever
     /// thread serves the request that asked for it (client connections live
     /// on their own threads), and a client that goes away mid-request does
@@ -184,6 +186,7 @@ impl Jobs {
             pool_health: Mutex::new(PoolHealth::default()),
             refill: Mutex::new(None),
             closing: std::sync::atomic::AtomicBool::new(false),
+            closed: tokio_util::sync::CancellationToken::new(),
             rt: tokio::runtime::Handle::current(),
         })
     }
@@ -223,7 +226,10 @@ impl Jobs {
                             wait
                         };
                         tracing::error!(error = %e, retry_in = ?wait, "cannot start a warm sandbox");
-                        tokio::time::sleep(wait).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = me.closed.cancelled() => break,
+                        }
                     }
                 }
             }
@@ -423,6 +429,7 @@ impl Jobs {
     pub async fn shutdown(&self) {
         self.closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.closed.cancel();
         let refill = self.refill.lock().unwrap().take();
         if let Some(t) = refill {
             // Let a sandbox that is starting finish, so it is torn down below.

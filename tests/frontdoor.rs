@@ -711,3 +711,56 @@ fn a_warm_pool_hands_out_fresh_sandboxes_at_once_and_refills() {
     drop(fd);
     assert!(dirs().is_empty(), "shutdown left sandboxes: {:?}", dirs());
 }
+
+#[test]
+fn a_warm_pool_that_cannot_start_says_why_in_job_ls_and_doctor() {
+    if !prerequisites() {
+        return;
+    }
+    let mut cfg = engine_config(37, "pool-fails");
+    let fake = cfg.state_dir.with_extension("fake-dockerd");
+    fake_dockerd(&fake, "fake dockerd: no storage driver works here");
+    cfg.dockerd = fake.clone();
+    let engine = std::sync::Arc::new(berth::sandbox::Engine::new(cfg).unwrap());
+    let fd = FrontDoor::start_engine(engine, "pool-fails", |c| c.warm_pool = 1);
+    // The first warm start fails at once; from then on it is retried with
+    // a growing wait, and `job ls` tells why the pool is empty.
+    let mut text = String::new();
+    for _ in 0..600 {
+        text = out(&fd.job_cli(&["ls"]));
+        if text.contains("failed in a row") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        text.contains("warm pool: 0 of 1 ready")
+            && text.contains("next try in")
+            && text.contains("fake dockerd: no storage driver works here"),
+        "{text}"
+    );
+    // So does doctor, pointed at the running agent.
+    let doctor = Command::new(berth_bin())
+        .args([
+            "doctor",
+            "--listen",
+            &fd.endpoint(),
+            "--state-dir",
+            "/var/lib/bt/pool-fails-doctor",
+        ])
+        .arg("--certs-dir")
+        .arg(&fd.certs)
+        .output()
+        .unwrap();
+    let report = out(&doctor);
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("warm pool"))
+        .unwrap_or("");
+    assert!(
+        line.contains("WARN") && line.contains("0 of 1 ready") && report.contains("fake dockerd"),
+        "{report}"
+    );
+    drop(fd);
+    let _ = std::fs::remove_file(&fake);
+}

@@ -1024,12 +1024,10 @@ fn a_failed_start_keeps_its_log_and_quotes_its_last_lines() {
     // A "dockerd" that explains itself and exits, as a broken install would.
     let mut cfg = engine_config(12, "failed-start");
     let fake = cfg.state_dir.with_extension("fake-dockerd");
-    std::fs::write(
+    fake_dockerd(
         &fake,
-        "#!/bin/sh\necho 'level=fatal msg=\"fake dockerd: cannot start: bad storage driver\"' >&2\nexit 3\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        "level=fatal msg=\"fake dockerd: cannot start: bad storage driver\"",
+    );
     cfg.dockerd = fake.clone();
     let state = cfg.state_dir.clone();
     let rt = rt();

@@ -23,6 +23,13 @@ pub fn berth_bin() -> PathBuf {
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_berth").into())
 }
 
+/// Writes a stand-in `dockerd` at `path` that explains itself on stderr and
+/// exits 3, as a broken install would.
+pub fn fake_dockerd(path: &Path, says: &str) {
+    std::fs::write(path, format!("#!/bin/sh\necho '{says}' >&2\nexit 3\n")).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
 /// A file of a container's cgroup inside a job: `v1` is (hierarchy, file),
 /// `v2` the file's name in the single tree.
 pub fn container_cgroup_file(
