@@ -85,19 +85,17 @@ impl AgentClient {
     }
 
     pub async fn list(&self) -> Result<Vec<serde_json::Value>, ClientError> {
-        let r = self
-            .send(self.http.get(format!("{}/jobs", self.base)))
-            .await?;
-        r.json().await.map_err(|source| ClientError::Connect {
-            endpoint: self.endpoint.clone(),
-            source,
-        })
+        self.get_json("jobs").await
     }
 
     /// The agent's warm pool (`GET /berth/v1/pool`).
     pub async fn pool(&self) -> Result<serde_json::Value, ClientError> {
+        self.get_json("pool").await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let r = self
-            .send(self.http.get(format!("{}/pool", self.base)))
+            .send(self.http.get(format!("{}/{path}", self.base)))
             .await?;
         r.json().await.map_err(|source| ClientError::Connect {
             endpoint: self.endpoint.clone(),

@@ -11,13 +11,18 @@ use super::{Layout, SandboxConfig, SandboxError, cgroup, config, io, net, preloa
 
 /// What the engine keeps of the host's preparation.
 pub(super) struct Prepared {
+    /// The berth binary that runs as each job's stage-1 helper.
     pub helper: PathBuf,
     /// None: cgroups cannot be delegated here; jobs run dockerd --rootless.
     pub layout: Option<Layout>,
+    /// MTU of job links.
     pub mtu: u32,
+    /// Where the jobs' DNS relays forward.
     pub upstreams: Vec<SocketAddr>,
+    /// Archives loaded into (or shared with) every new job.
     pub preloads: Vec<PathBuf>,
-    pub lock: nix::fcntl::Flock<std::fs::File>,
+    /// Exclusive lock on the state dir, held for the engine's lifetime.
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
@@ -94,7 +99,7 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         mtu,
         upstreams,
         preloads,
-        lock,
+        _lock: lock,
     })
 }
 

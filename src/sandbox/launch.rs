@@ -24,7 +24,7 @@ use super::{
 impl Engine {
     /// Starts a job and returns once its dockerd answers `/_ping`.
     pub async fn start(&self, limits: Option<Limits>) -> Result<Sandbox, SandboxError> {
-        let seed = if self.preloads.is_empty() || !self.cfg.share_preloads {
+        let seed = if self.host.preloads.is_empty() || !self.cfg.share_preloads {
             None
         } else {
             self.ensure_seed().await
@@ -119,6 +119,7 @@ impl Engine {
             host_ip,
             job_ip,
             cgroup: self
+                .host
                 .layout
                 .clone()
                 .map(|l| JobCgroup::new(l, &cfg.cgroup_parent, &id)),
@@ -257,7 +258,7 @@ impl Engine {
 
     /// The veth pair (host end addressed and up) and the job's rules.
     async fn make_link(&self, rec: &JobRecord) -> Result<(), SandboxError> {
-        let (id, host_ip, job_ip, mtu) = (rec.id.clone(), rec.host_ip, rec.job_ip, self.mtu);
+        let (id, host_ip, job_ip, mtu) = (rec.id.clone(), rec.host_ip, rec.job_ip, self.host.mtu);
         tokio::task::spawn_blocking(move || -> Result<(), net::NetError> {
             net::create_link(&id, host_ip, mtu)?;
             net::add_rules(&id, host_ip, job_ip)
@@ -271,7 +272,7 @@ impl Engine {
     async fn start_dns(&self, sb: &Sandbox, rec: &JobRecord) -> Result<(), SandboxError> {
         let relay = dns::Relay::start(
             SocketAddr::new(rec.host_ip.into(), 53),
-            self.upstreams.clone(),
+            self.host.upstreams.clone(),
         )
         .await?;
         *sb.inner.relay.lock().unwrap() = Some(relay);
@@ -294,12 +295,12 @@ impl Engine {
             etc_docker: files.root.join("etc-docker"),
             resolv_conf: files.resolv.clone(),
             hostname: format!("berth-{id}"),
-            cgroup: self.layout.clone(),
-            cgroupns: self.layout.is_some() && cfg.proc_root.join("self/ns/cgroup").exists(),
+            cgroup: self.host.layout.clone(),
+            cgroupns: self.host.layout.is_some() && cfg.proc_root.join("self/ns/cgroup").exists(),
             peer_ifname: net::peer_ifname(id),
             job_ip: rec.job_ip,
             host_ip: rec.host_ip,
-            mtu: self.mtu,
+            mtu: self.host.mtu,
             // dockerd stops its containers within the grace, leaving it a
             // margin to exit before the SIGKILL.
             shutdown_timeout: (cfg.stop_grace.as_secs() * 3 / 5).max(1),
@@ -333,7 +334,7 @@ impl Engine {
             .open(&files.log)
             .map_err(io("cannot open", &files.log))?;
         let (chan, theirs) = protocol::pair().map_err(|e| start_err(&id, e))?;
-        let mut cmd = tokio::process::Command::new(&self.helper);
+        let mut cmd = tokio::process::Command::new(&self.host.helper);
         cmd.arg(HIDDEN_SUBCOMMAND)
             .arg(serde_json::to_string(spec).map_err(|e| start_err(&id, e))?)
             .env_clear()
@@ -343,7 +344,7 @@ impl Engine {
         sys::place_on_fd3(&mut cmd, theirs.as_raw_fd());
         let mut child = cmd
             .spawn()
-            .map_err(io("cannot start helper", &self.helper))?;
+            .map_err(io("cannot start helper", &self.host.helper))?;
         drop(theirs);
         let pid = child
             .id()
@@ -447,7 +448,7 @@ impl Engine {
         if shared {
             return Ok(());
         }
-        for tar in &self.preloads {
+        for tar in &self.host.preloads {
             ping::load_image(&sb.socket(), tar)
                 .await
                 .map_err(|e| start_err(sb.id(), format!("preloading {}: {e}", tar.display())))?;

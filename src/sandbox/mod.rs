@@ -29,7 +29,6 @@ mod sys;
 mod teardown;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -231,19 +230,12 @@ enum SeedState {
 
 pub struct Engine {
     cfg: Arc<SandboxConfig>,
-    helper: PathBuf,
-    /// None: cgroups cannot be delegated here; jobs run dockerd --rootless.
-    layout: Option<Layout>,
-    mtu: u32,
-    upstreams: Vec<SocketAddr>,
-    /// docker-save archives loaded into every new job.
-    preloads: Vec<PathBuf>,
+    /// What preparing the host found and holds (the state dir's lock among
+    /// it: two agents on one state dir would tear down each other's jobs).
+    host: host::Prepared,
     /// The shared image store built from the preloads (see `seed`).
     seed: tokio::sync::Mutex<SeedState>,
     jobs: Mutex<HashMap<String, Sandbox>>,
-    /// Exclusive lock on the state dir for the engine's lifetime: two agents
-    /// on one state dir would tear down each other's jobs as "left over".
-    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Engine {
@@ -251,24 +243,12 @@ impl Engine {
     /// host (state dirs, cgroups, forwarding). Does not recover old jobs:
     /// call [`Engine::recover`] for that.
     pub fn new(cfg: SandboxConfig) -> Result<Engine, SandboxError> {
-        let host::Prepared {
-            helper,
-            layout,
-            mtu,
-            upstreams,
-            preloads,
-            lock,
-        } = host::prepare(&cfg)?;
+        let host = host::prepare(&cfg)?;
         Ok(Engine {
-            preloads,
+            host,
             seed: tokio::sync::Mutex::new(SeedState::Unbuilt),
             cfg: Arc::new(cfg),
-            helper,
-            layout,
-            mtu,
-            upstreams,
             jobs: Mutex::new(HashMap::new()),
-            _lock: lock,
         })
     }
 
@@ -279,11 +259,11 @@ impl Engine {
     /// True when jobs get delegated cgroups (ordinary dockerd); false when
     /// they fall back to `dockerd --rootless`.
     pub fn delegates_cgroups(&self) -> bool {
-        self.layout.is_some()
+        self.host.layout.is_some()
     }
 
     pub fn mtu(&self) -> u32 {
-        self.mtu
+        self.host.mtu
     }
 
     pub fn get(&self, id: &str) -> Option<Sandbox> {
