@@ -202,7 +202,7 @@ fn the_shipped_units_run_jobs_in_berth_services_delegated_subtree() {
             "run",
             "-d",
             "--name",
-            "s",
+            "sleeper",
             "--memory",
             "64m",
             "busybox:test",
@@ -210,7 +210,7 @@ fn the_shipped_units_run_jobs_in_berth_services_delegated_subtree() {
             "600",
         ],
     );
-    let cid = docker_tls_ok(&job, &["inspect", "-f", "{{.Id}}", "s"]);
+    let cid = docker_tls_ok(&job, &["inspect", "-f", "{{.Id}}", "sleeper"]);
     let mem = job_cg
         .join("job/docker")
         .join(cid.trim())
@@ -224,7 +224,7 @@ fn the_shipped_units_run_jobs_in_berth_services_delegated_subtree() {
     ok("systemctl daemon-reload");
     ok("systemd-run --unit berth-test-neighbour --wait --quiet true");
     ok("systemctl daemon-reload");
-    assert!(docker_tls_ok(&job, &["top", "s"]).contains("sleep 600"));
+    assert!(docker_tls_ok(&job, &["top", "sleeper"]).contains("sleep 600"));
     let ctl = std::fs::read_to_string(home.join("cgroup.subtree_control")).unwrap();
     assert!(ctl.contains("memory") && ctl.contains("pids"), "{ctl}");
     assert_eq!(

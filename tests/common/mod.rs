@@ -26,6 +26,7 @@ pub fn berth_bin() -> PathBuf {
 /// Writes a stand-in `dockerd` at `path` that explains itself on stderr and
 /// exits 3, as a broken install would.
 pub fn fake_dockerd(path: &Path, says: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, format!("#!/bin/sh\necho '{says}' >&2\nexit 3\n")).unwrap();
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }

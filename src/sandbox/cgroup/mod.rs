@@ -426,6 +426,16 @@ impl JobCgroup {
         Ok(())
     }
 
+    /// Current process limit of the job (for tests and reports).
+    pub fn pids_limit(&self) -> Option<u64> {
+        let dir = match &self.layout {
+            Layout::V1 { hierarchies } => hierarchies.iter().find(|h| h.has("pids"))?.mount.clone(),
+            Layout::V2 { mount, .. } => mount.clone(),
+        };
+        let text = std::fs::read_to_string(dir.join(&self.rel).join("pids.max")).ok()?;
+        text.trim().parse().ok()
+    }
+
     /// Current memory limit of the job (for tests and reports).
     pub fn memory_limit(&self) -> Option<u64> {
         let file = match &self.layout {
