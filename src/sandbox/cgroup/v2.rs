@@ -42,13 +42,30 @@ pub fn home_of(own: &Path) -> PathBuf {
     }
 }
 
-/// Whether systemd delegated `dir` (it marks delegated cgroups with the
-/// `trusted.delegate` extended attribute, `user.delegate` for a user's
-/// manager, since systemd 251).
+/// Whether systemd delegated `dir`. Current systemd marks delegated
+/// cgroups with the `trusted.delegate` (or, for a user's manager,
+/// `user.delegate`) extended attribute; older ones do not, so without the
+/// mark systemd is asked for the unit's own `Delegate=` setting.
 pub fn delegated_by_systemd(dir: &Path) -> bool {
-    ["trusted.delegate", "user.delegate"]
+    let marked = ["trusted.delegate", "user.delegate"]
         .iter()
-        .any(|name| crate::sandbox::sys::getxattr(dir, name).is_some_and(|v| v == b"1"))
+        .any(|name| crate::sandbox::sys::getxattr(dir, name).is_some_and(|v| v == b"1"));
+    marked
+        || unit_of(dir).is_some_and(|unit| {
+            std::process::Command::new("systemctl")
+                .args(["show", "--property=Delegate", "--value", unit])
+                .output()
+                .is_ok_and(|o| {
+                    o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "yes"
+                })
+        })
+}
+
+/// The systemd unit whose cgroup `dir` is (a service or a scope).
+fn unit_of(dir: &Path) -> Option<&str> {
+    dir.file_name()?
+        .to_str()
+        .filter(|n| n.ends_with(".service") || n.ends_with(".scope"))
 }
 
 /// Marks a process that already asked systemd for a delegated scope, so it
@@ -263,6 +280,19 @@ mod tests {
             home_of(Path::new("system.slice/x.scope")),
             PathBuf::from("system.slice/x.scope")
         );
+    }
+
+    #[test]
+    fn the_unit_of_a_cgroup_is_its_service_or_scope() {
+        assert_eq!(
+            unit_of(Path::new("/sys/fs/cgroup/system.slice/berth.service")),
+            Some("berth.service")
+        );
+        assert_eq!(
+            unit_of(Path::new("/sys/fs/cgroup/system.slice/run-r1.scope")),
+            Some("run-r1.scope")
+        );
+        assert_eq!(unit_of(Path::new("/sys/fs/cgroup/system.slice")), None);
     }
 
     #[test]
