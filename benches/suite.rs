@@ -16,7 +16,15 @@
 //!    shared image store against loading the archive into every job, and
 //!    a job without preloads as the floor.
 //!
-//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload runs a subset.
+//! 6. Teardown: a job removed idle and with 3 running containers (one of
+//!    them paused), against the same with a 3 s `stop_grace` (the opt-in
+//!    graceful stop, the old default); and `berth run` of the hello
+//!    pipeline: its wall time minus the sum of its steps.
+//! 7. The job's own disk (a loop-mounted sparse ext4): cold start → first
+//!    docker CLI answer with and without it, alternating in one run.
+//!
+//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk
+//! runs a subset.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -64,6 +72,16 @@ fn start_to_usable(
         rt.block_on(e.teardown(sb.id())).unwrap();
     }
     out
+}
+
+/// One start → first `docker version` answer, then teardown.
+fn start_to_usable_once(e: &berth::sandbox::Engine, rt: &tokio::runtime::Runtime) -> Vec<f64> {
+    let t = Instant::now();
+    let sb = rt.block_on(e.start(None)).unwrap();
+    common::docker_ok(&sb.socket(), &["version", "-f", "{{.Server.Version}}"]);
+    let took = ms(t.elapsed());
+    rt.block_on(e.teardown(sb.id())).unwrap();
+    vec![took]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -669,6 +687,85 @@ fn main() {
         );
     }
 
+    // 6. Teardown.
+    if section("teardown") {
+        let quick = common::engine(63, "bs-teardown");
+        let idle = teardown_times(&quick, &rt, 0, n);
+        let busy = teardown_times(&quick, &rt, 3, n);
+        drop(quick);
+        let graceful = berth::sandbox::Engine::new(berth::sandbox::SandboxConfig {
+            stop_grace: Duration::from_secs(3),
+            ..common::engine_config(63, "bs-teardown-grace")
+        })
+        .unwrap();
+        let grace_runs = n.clamp(1, 5);
+        let with_grace = teardown_times(&graceful, &rt, 3, grace_runs);
+        drop(graceful);
+        let hello: Vec<f64> = (0..n.clamp(1, 5)).map(|_| hello_overhead()).collect();
+        row(
+            &mut table,
+            format!(
+                "| teardown, idle job (ms) | {:.0} | {:.0} |",
+                median(&idle),
+                pct(&idle, 0.95)
+            ),
+        );
+        row(
+            &mut table,
+            format!(
+                "| teardown, 3 running containers, one paused (ms) | {:.0} | {:.0} |",
+                median(&busy),
+                pct(&busy, 0.95)
+            ),
+        );
+        row(
+            &mut table,
+            format!(
+                "| same with stop_grace = 3 s (opt-in graceful stop), {grace_runs} runs (ms) | {:.0} | {:.2}× the default |",
+                median(&with_grace),
+                median(&with_grace) / median(&busy)
+            ),
+        );
+        row(
+            &mut table,
+            format!(
+                "| hello pipeline: wall time minus its steps, {} runs (ms) | {:.0} | {:.0} |",
+                hello.len(),
+                median(&hello),
+                pct(&hello, 0.95)
+            ),
+        );
+    }
+
+    // 7. The job's own disk against none, alternating.
+    if section("disk") {
+        let with = common::engine(63, "bs-disk");
+        let without = berth::sandbox::Engine::new(berth::sandbox::SandboxConfig {
+            default_limits: berth::sandbox::Limits {
+                disk_bytes: Some(0),
+                ..berth::sandbox::SandboxConfig::default().default_limits
+            },
+            ..common::engine_config(62, "bs-nodisk")
+        })
+        .unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            a.extend(start_to_usable_once(&with, &rt));
+            b.extend(start_to_usable_once(&without, &rt));
+        }
+        row(
+            &mut table,
+            format!(
+                "| new job with its own 20 GiB disk: start → first docker CLI answer (ms) | {:.0} | {:.0} ({:+.0} / {:.2}× against no disk: {:.0}) |",
+                median(&a),
+                pct(&a, 0.95),
+                median(&a) - median(&b),
+                median(&a) / median(&b),
+                median(&b)
+            ),
+        );
+    }
+
     println!(
         "## berth benchmark suite — {n} runs per latency, {} cores",
         std::thread::available_parallelism()
@@ -681,6 +778,57 @@ fn main() {
     for r in table {
         println!("{r}");
     }
+}
+
+/// Times `teardown` of jobs that each run `containers` sleeping containers
+/// (the last one paused).
+fn teardown_times(
+    e: &berth::sandbox::Engine,
+    rt: &tokio::runtime::Runtime,
+    containers: usize,
+    runs: usize,
+) -> Vec<f64> {
+    let mut out = Vec::new();
+    for _ in 0..runs {
+        let sb = rt.block_on(e.start(None)).unwrap();
+        if containers > 0 {
+            common::import_busybox(&sb.socket());
+        }
+        let mut last = String::new();
+        for _ in 0..containers {
+            last = common::docker_ok(&sb.socket(), &["run", "-d", "busybox:test", "sleep", "600"]);
+        }
+        if containers > 0 {
+            common::docker_ok(&sb.socket(), &["pause", last.trim()]);
+        }
+        let t = Instant::now();
+        rt.block_on(e.teardown(sb.id())).unwrap();
+        out.push(ms(t.elapsed()));
+    }
+    out
+}
+
+/// `berth run pipelines/hello.toml`: berth's own time (wall minus steps),
+/// as the runner reports it, in ms.
+fn hello_overhead() -> f64 {
+    let o = Command::new(common::berth_bin())
+        .args(["run", "pipelines/hello.toml"])
+        .env("BERTH_STATE_DIR", "/var/lib/bt/bs-hello")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "hello pipeline failed:\n{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("berth's own time:"))
+        .expect("the runner reports its own time");
+    let secs: f64 = line
+        .split("berth's own time:")
+        .nth(1)
+        .and_then(|r| r.trim().split('s').next())
+        .and_then(|v| v.parse().ok())
+        .expect("seconds");
+    secs * 1000.0
 }
 
 fn rand_n() -> usize {

@@ -109,6 +109,12 @@ pub enum JobCmd {
         /// Labels, KEY=VALUE (repeatable).
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// Memory limit of the whole job in bytes (the agent's default otherwise).
+        #[arg(long)]
+        memory_bytes: Option<u64>,
+        /// Size of the job's own disk in bytes; 0 for none (the agent's default otherwise).
+        #[arg(long)]
+        disk_bytes: Option<u64>,
     },
     /// List the agent's jobs.
     Ls {
@@ -315,11 +321,6 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let stop = crate::signals::Stop::install().map_err(|e| CliError::Job(e.to_string()))?;
             let inherited = crate::server::inherited_listener().map_err(CliError::Usage)?;
             let engine = std::sync::Arc::new(Engine::new(file.sandbox)?);
-            for r in engine.recover().await {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "recovery");
-                }
-            }
             let server = match inherited {
                 Some(l) => crate::server::Server::from_listener(serve, engine, l).await?,
                 None => crate::server::Server::bind(serve, engine).await?,
@@ -449,6 +450,8 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
             out,
             json,
             labels,
+            memory_bytes,
+            disk_bytes,
         } => {
             let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
             let mut spec = serde_json::Map::new();
@@ -464,6 +467,16 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
                 l.insert(k.into(), v.into());
             }
             spec.insert("labels".into(), l.into());
+            let mut limits = serde_json::Map::new();
+            if let Some(m) = memory_bytes {
+                limits.insert("memory_bytes".into(), m.into());
+            }
+            if let Some(d) = disk_bytes {
+                limits.insert("disk_bytes".into(), d.into());
+            }
+            if !limits.is_empty() {
+                spec.insert("limits".into(), limits.into());
+            }
             let created = client.create(&spec.into()).await?;
             let dir = out.unwrap_or_else(|| PathBuf::from(format!("berth-job-{}", created.id)));
             crate::pki::Bundle {

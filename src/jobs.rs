@@ -10,10 +10,17 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::pki::{Bundle, Ca, Identity, PkiError};
+use crate::sandbox::slots::SlotError;
 use crate::sandbox::{Engine, Limits, SandboxError, Status};
 
 /// Remembered ended jobs, so a late client gets "ended" rather than "unknown".
 const ENDED_MEMORY: usize = 4096;
+
+/// Longest wait between two tries to refill the warm pool.
+const POOL_RETRY_CAP: Duration = Duration::from_secs(300);
+
+/// How often failed teardowns are looked at (each has its own backoff).
+const JANITOR_TICK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -44,6 +51,8 @@ pub enum Refusal {
     Failed { id: String, why: String },
     #[error("berth: job {0} is not ready")]
     NotReady(String),
+    #[error("berth: job {id} is unhealthy: {why}")]
+    Unhealthy { id: String, why: String },
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -125,15 +134,13 @@ struct PoolHealth {
 
 /// Wait after `failures` failed warm starts in a row: 2 s, doubling, at
 /// most 5 minutes, so a host that cannot start jobs is not hammered.
-fn pool_backoff(failures: u32) -> Duration {
-    let secs = 2u64.saturating_mul(1u64 << failures.saturating_sub(1).min(16));
-    Duration::from_secs(secs.min(300))
-}
-
 struct Meta {
     created: SystemTime,
     expires: SystemTime,
     labels: BTreeMap<String, String>,
+    /// Its teardown has begun: the certificate opens nothing any more, but
+    /// the job stays listed until its last trace is gone.
+    ending: bool,
 }
 
 pub struct Jobs {
@@ -149,6 +156,8 @@ pub struct Jobs {
     pool_size: usize,
     pool_health: Mutex<PoolHealth>,
     refill: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// A warm sandbox is starting (and holds an id range).
+    warming: std::sync::atomic::AtomicBool,
     closing: std::sync::atomic::AtomicBool,
     /// Cancelled at shutdown: ends a warm-pool backoff at once.
     closed: tokio_util::sync::CancellationToken,
@@ -174,7 +183,7 @@ impl Jobs {
         max_ttl: Duration,
         pool_size: usize,
     ) -> Arc<Jobs> {
-        Arc::new(Jobs {
+        let jobs = Arc::new(Jobs {
             engine,
             ca,
             meta: Mutex::new(HashMap::new()),
@@ -185,10 +194,13 @@ impl Jobs {
             pool_size,
             pool_health: Mutex::new(PoolHealth::default()),
             refill: Mutex::new(None),
+            warming: std::sync::atomic::AtomicBool::new(false),
             closing: std::sync::atomic::AtomicBool::new(false),
             closed: tokio_util::sync::CancellationToken::new(),
             rt: tokio::runtime::Handle::current(),
-        })
+        });
+        jobs.start_janitor();
+        jobs
     }
 
     /// Number of warm sandboxes ready now.
@@ -210,7 +222,12 @@ impl Jobs {
         let me = self.clone();
         *slot = Some(self.rt.spawn(async move {
             while !me.closing.load(Ordering::SeqCst) && me.pooled() < me.pool_size {
-                match me.engine.start(None).await {
+                me.warming.store(true, Ordering::SeqCst);
+                let started = me.engine.start(None).await;
+                me.warming.store(false, Ordering::SeqCst);
+                match started {
+                    // Every range serves a job: nothing to warm until one ends.
+                    Err(SandboxError::Slot(SlotError::Exhausted { .. })) => break,
                     Ok(sb) => {
                         tracing::debug!(sandbox = %sb.id(), "warm sandbox ready");
                         me.pool.lock().unwrap().push_back(sb);
@@ -221,7 +238,7 @@ impl Jobs {
                             let mut h = me.pool_health.lock().unwrap();
                             h.failures += 1;
                             h.last_error = Some(e.to_string());
-                            let wait = pool_backoff(h.failures);
+                            let wait = crate::sandbox::backoff(h.failures, POOL_RETRY_CAP);
                             h.retry_at = Some(std::time::Instant::now() + wait);
                             wait
                         };
@@ -266,6 +283,57 @@ impl Jobs {
         &self.engine
     }
 
+    /// A sandbox for a new job: a warm one when its limits are the
+    /// defaults, else a fresh start. The warm pool never makes a job fail
+    /// while one of its id ranges could serve it: when every range is in
+    /// use, a warm sandbox (one still starting is waited for) is handed out
+    /// or, for other limits, torn down to free its range.
+    async fn sandbox_for(
+        &self,
+        standard: bool,
+        limits: Option<Limits>,
+    ) -> Result<crate::sandbox::Sandbox, JobError> {
+        if standard && let Some(sb) = self.take_pooled().await {
+            return Ok(sb);
+        }
+        loop {
+            match self.engine.start(limits.clone()).await {
+                Err(SandboxError::Slot(SlotError::Exhausted { .. }))
+                    if self.pool_holds_ranges() =>
+                {
+                    let warm = match self.take_pooled().await {
+                        Some(sb) => Some(sb),
+                        None => {
+                            self.wait_for_refill().await;
+                            self.take_pooled().await
+                        }
+                    };
+                    let Some(sb) = warm else { continue };
+                    if standard {
+                        return Ok(sb);
+                    }
+                    tracing::info!(sandbox = %sb.id(), "freeing a warm sandbox's id range for a job with its own limits");
+                    let _ = self.engine.teardown(sb.id()).await;
+                }
+                r => return Ok(r?),
+            }
+        }
+    }
+
+    /// True while the warm pool holds an id range: a sandbox ready or one
+    /// starting.
+    fn pool_holds_ranges(&self) -> bool {
+        self.pooled() > 0 || self.warming.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until the warm sandbox being started (if any) is in the pool
+    /// or has failed.
+    async fn wait_for_refill(&self) {
+        while self.warming.load(std::sync::atomic::Ordering::SeqCst) && self.pooled() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Starts a job and issues its client certificate, valid until the job
     /// expires. The job is torn down at expiry.
     pub async fn create(self: &Arc<Self>, req: CreateJob) -> Result<(JobView, Bundle), JobError> {
@@ -297,15 +365,12 @@ impl Jobs {
                 max: self.max_ttl,
             });
         }
-        let pooled = match &req.limits {
-            None => self.take_pooled().await,
-            Some(l) if *l == self.engine.config().default_limits => self.take_pooled().await,
-            Some(_) => None,
-        };
-        let sb = match pooled {
-            Some(sb) => sb,
-            None => self.engine.start(req.limits).await?,
-        };
+        let defaults = &self.engine.config().default_limits;
+        let standard = req
+            .limits
+            .as_ref()
+            .is_none_or(|l| l.or(defaults) == *defaults);
+        let sb = self.sandbox_for(standard, req.limits).await?;
         self.refill_pool();
         let created = SystemTime::now();
         let expires = created + ttl;
@@ -326,13 +391,15 @@ impl Jobs {
                 created,
                 expires,
                 labels: req.labels,
+                ending: false,
             },
         );
         let me = self.clone();
         let jid = id.clone();
         self.rt.spawn(async move {
             tokio::time::sleep(ttl).await;
-            if me.meta.lock().unwrap().contains_key(&jid) {
+            let live = me.meta.lock().unwrap().get(&jid).is_some_and(|m| !m.ending);
+            if live {
                 tracing::info!(job = %jid, "ttl expired: tearing the job down");
                 if let Err(e) = me.delete_here(&jid).await {
                     tracing::error!(job = %jid, error = %e, "teardown at expiry");
@@ -353,7 +420,9 @@ impl Jobs {
             .unwrap_or_default();
         let status = match sb.map(|s| s.status()) {
             Some(Status::Running) => "running".to_string(),
+            Some(Status::Unhealthy(why)) => format!("unhealthy: {why}"),
             Some(Status::Failed(why)) => format!("failed: {why}"),
+            Some(Status::TeardownFailed(why)) => format!("teardown-failed: {why}"),
             Some(Status::Starting) => "starting".into(),
             Some(Status::Stopping) | Some(Status::Stopped) | None => "stopping".into(),
         };
@@ -371,9 +440,23 @@ impl Jobs {
         self.view(id)
     }
 
+    /// Every job that exists on the host: those of this agent, and those an
+    /// earlier agent left whose teardown keeps failing.
     pub fn list(&self) -> Vec<JobView> {
         let ids: Vec<String> = self.meta.lock().unwrap().keys().cloned().collect();
         let mut v: Vec<JobView> = ids.iter().filter_map(|id| self.view(id)).collect();
+        for (id, stuck) in self.engine.stuck() {
+            if !ids.contains(&id) {
+                v.push(JobView {
+                    id,
+                    status: format!("teardown-failed: {}", stuck.why),
+                    address: String::new(),
+                    created_at: stuck.created_unix,
+                    expires_at: 0,
+                    labels: BTreeMap::new(),
+                });
+            }
+        }
         v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         v
     }
@@ -385,10 +468,34 @@ impl Jobs {
             .await
     }
 
-    async fn delete_here(&self, id: &str) -> Result<(), JobError> {
-        if self.meta.lock().unwrap().remove(id).is_none() {
+    /// Tears job `id` down. It leaves the books only once its last trace is
+    /// gone; a failed teardown keeps it listed (`teardown-failed`) and the
+    /// janitor retries it.
+    async fn delete_here(self: &Arc<Self>, id: &str) -> Result<(), JobError> {
+        let ours = match self.meta.lock().unwrap().get_mut(id) {
+            Some(m) => {
+                m.ending = true;
+                true
+            }
+            None => false,
+        };
+        if !ours && !self.engine.stuck().iter().any(|(s, _)| s == id) {
             return Err(JobError::NotFound(id.into()));
         }
+        match self.engine.teardown(id).await {
+            // NoSuchJob: another teardown of it finished first.
+            Ok(_) | Err(SandboxError::NoSuchJob(_)) => {
+                self.forget(id);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Job `id` is gone from the host: out of the books; its certificate
+    /// now meets "ended".
+    fn forget(self: &Arc<Self>, id: &str) {
+        self.meta.lock().unwrap().remove(id);
         {
             let mut ended = self.ended.lock().unwrap();
             ended.push_back(id.to_string());
@@ -396,19 +503,62 @@ impl Jobs {
                 ended.pop_front();
             }
         }
-        self.engine.teardown(id).await?;
-        Ok(())
+        // Its id range is free: the pool may have been short of one.
+        self.refill_pool();
+    }
+
+    /// Retries failed teardowns as their backoff comes due, until shutdown.
+    fn start_janitor(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let closed = self.closed.clone();
+        self.rt.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(JANITOR_TICK) => {}
+                    _ = closed.cancelled() => return,
+                }
+                let Some(jobs) = me.upgrade() else { return };
+                for id in jobs.engine.retries_due() {
+                    if jobs.engine.teardown(&id).await.is_ok() {
+                        tracing::info!(job = %id, "teardown retried and done");
+                        jobs.forget(&id);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Tears down, in the background, what an earlier agent left in the
+    /// state dir; what cannot be removed is listed and retried. The agent
+    /// serves meanwhile: left jobs hold their own id ranges and addresses.
+    pub fn recover_in_background(self: &Arc<Self>) {
+        let me = self.clone();
+        self.rt.spawn(async move {
+            for r in me.engine.recover().await {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "recovery");
+                }
+            }
+        });
     }
 
     /// The private socket of job `id`'s dockerd, or why it is refused.
     pub fn route(&self, id: &str) -> Result<PathBuf, Refusal> {
-        let expires = self.meta.lock().unwrap().get(id).map(|m| m.expires);
+        let expires = self
+            .meta
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|m| (!m.ending).then_some(m.expires));
         let Some(expires) = expires else {
             return Err(if self.ended.lock().unwrap().iter().any(|e| e == id) {
                 Refusal::Ended(id.into())
             } else {
                 Refusal::Unknown(id.into())
             });
+        };
+        let Some(expires) = expires else {
+            return Err(Refusal::Ended(id.into()));
         };
         if SystemTime::now() >= expires {
             return Err(Refusal::Expired(id.into()));
@@ -419,14 +569,35 @@ impl Jobs {
             .ok_or_else(|| Refusal::Ended(id.into()))?;
         match sb.status() {
             Status::Running => Ok(sb.socket()),
+            Status::Unhealthy(why) => Err(Refusal::Unhealthy { id: id.into(), why }),
             Status::Failed(why) => Err(Refusal::Failed { id: id.into(), why }),
             Status::Starting => Err(Refusal::NotReady(id.into())),
-            Status::Stopping | Status::Stopped => Err(Refusal::Ended(id.into())),
+            Status::Stopping | Status::Stopped | Status::TeardownFailed(_) => {
+                Err(Refusal::Ended(id.into()))
+            }
+        }
+    }
+
+    /// Resolves when job `id` stops being served (unhealthy, failed or
+    /// ending), with the refusal its clients get from then on; never for a
+    /// job this agent does not run.
+    pub async fn unserved(&self, id: &str) -> Refusal {
+        let Some(mut rx) = self.engine.get(id).map(|sb| sb.watch()) else {
+            return std::future::pending().await;
+        };
+        let status = match rx.wait_for(|s| *s != Status::Running).await {
+            Ok(s) => s.clone(),
+            Err(_) => Status::Stopped,
+        };
+        match status {
+            Status::Unhealthy(why) => Refusal::Unhealthy { id: id.into(), why },
+            Status::Failed(why) => Refusal::Failed { id: id.into(), why },
+            _ => Refusal::Ended(id.into()),
         }
     }
 
     /// Tears down every job and the warm pool (agent shutdown).
-    pub async fn shutdown(&self) {
+    pub async fn shutdown(self: &Arc<Self>) {
         self.closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.closed.cancel();
@@ -462,13 +633,6 @@ mod tests {
         assert!(parse_duration("2w").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
-    }
-
-    #[test]
-    fn the_warm_pool_backs_off_exponentially_up_to_a_cap() {
-        let waits: Vec<u64> = (1..=10).map(|n| pool_backoff(n).as_secs()).collect();
-        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
-        assert_eq!(pool_backoff(u32::MAX), Duration::from_secs(300));
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub fn json_response<T: serde::Serialize>(status: StatusCode, v: &T) -> Response
 
 fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
     let status = match r {
-        Refusal::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::NotReady(_) | Refusal::Unhealthy { .. } => StatusCode::SERVICE_UNAVAILABLE,
         Refusal::Failed { .. } => StatusCode::BAD_GATEWAY,
         _ => StatusCode::FORBIDDEN,
     };
@@ -322,7 +322,17 @@ async fn handle(ctx: &Ctx, mut req: Request<Incoming>) -> Response<ProxyBody> {
         }
     };
     let upstream = driver.clone();
-    let resp = match sender.send_request(req).await {
+    // A daemon that stops answering (hung, stopped, gone) ends the wait
+    // with the job's refusal instead of leaving the client hanging.
+    let answer = tokio::select! {
+        r = sender.send_request(req) => r,
+        refusal = ctx.jobs.unserved(&ctx.job) => {
+            up.conn = None;
+            tracing::warn!(job = %ctx.job, client = %ctx.peer, %method, %path, %refusal, "request cut: the job's dockerd stopped answering");
+            return refusal_response(&refusal);
+        }
+    };
+    let resp = match answer {
         Ok(r) => r,
         Err(e) => {
             up.conn = None;

@@ -134,12 +134,8 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
         } => AgentClient::new(&endpoint, &certs_dir)?,
         Agent::Embedded(cfg) => {
             let certs_dir = cfg.state_dir.join("runner-certs");
+            // The server recovers what an earlier run left, in the background.
             let engine = Arc::new(Engine::new(*cfg)?);
-            for r in engine.recover().await {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "recovery");
-                }
-            }
             let server = Server::bind(
                 ServeConfig {
                     listen: ([127, 0, 0, 1], 0).into(),
@@ -297,6 +293,13 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
         let t = took.map(secs).unwrap_or_else(|| "-".into());
         summary.push_str(&format!("  {:>2}  {name:<width$}  {r:<12}  {t}\n", i + 1));
     }
+    let wall = started.elapsed();
+    let in_steps: Duration = results.iter().filter_map(|(_, _, t)| *t).sum();
+    summary.push_str(&format!(
+        "  berth's own time: {:.2}s of {:.2}s (agent, job start and teardown; the rest is the steps)\n",
+        wall.saturating_sub(in_steps).as_secs_f64(),
+        wall.as_secs_f64()
+    ));
     display.out(summary.as_bytes());
     Ok(code)
 }

@@ -272,6 +272,8 @@ impl Server {
             "berth serving (mutual TLS)"
         );
         self.jobs.refill_pool();
+        // What an earlier agent left goes meanwhile; the listener is bound.
+        self.jobs.recover_in_background();
         let mut conns = JoinSet::new();
         let stop = tokio_util::sync::CancellationToken::new();
         tokio::pin!(shutdown);

@@ -243,6 +243,17 @@ fn dockerd_command(spec: &ChildSpec) -> Command {
     c
 }
 
+/// Size of the job's private tmpfs mounts. Their pages are charged to the
+/// job's memory limit too; the sizes keep one mount from taking all of it.
+/// dockerd keeps its state on the job's disk (data-root, exec-root, TMPDIR),
+/// not here.
+fn tmpfs_size(mount: &str) -> &'static str {
+    match mount {
+        "/tmp" | "/var/tmp" => "512m",
+        _ => "64m",
+    }
+}
+
 fn mnt(
     src: &str,
     target: &str,
@@ -264,7 +275,7 @@ fn setup(spec: &ChildSpec) -> Result<(), String> {
         "/run",
         "tmpfs",
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=755"),
+        Some(&format!("mode=755,size={}", tmpfs_size("/run"))),
     )?;
     let stash = Path::new("/run/.berth-host-cgroup");
     let keep_host_cgroup = spec.cgroup.is_none() && Path::new("/sys/fs/cgroup").is_dir();
@@ -347,7 +358,7 @@ fn setup(spec: &ChildSpec) -> Result<(), String> {
                 d,
                 "tmpfs",
                 MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                Some("mode=1777"),
+                Some(&format!("mode=1777,size={}", tmpfs_size(d))),
             )?;
         }
     }

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 /// Docker images expect).
 pub const RANGE_SIZE: u32 = 65536;
 
+/// Default bound on a job's disk: 20 GiB, allocated on the host as the job
+/// writes (a sparse image).
+pub const DEFAULT_DISK_BYTES: u64 = 20 << 30;
+
 /// Resource limits applied to a whole job (dockerd, containerd and every
 /// container it runs) through the host's cgroups.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -23,10 +27,37 @@ pub struct Limits {
     pub pids: Option<u64>,
     /// CPU bandwidth in cores (1.5 = one and a half cores).
     pub cpus: Option<f64>,
+    /// Size of the job's own filesystem (its images, containers, volumes,
+    /// build cache and temporary files); 0 puts the job's data on the state
+    /// dir's filesystem with no bound.
+    pub disk_bytes: Option<u64>,
 }
 
 impl Limits {
+    /// These limits, with every one left out taken from `defaults`.
+    pub fn or(&self, defaults: &Limits) -> Limits {
+        Limits {
+            memory_bytes: self.memory_bytes.or(defaults.memory_bytes),
+            pids: self.pids.or(defaults.pids),
+            cpus: self.cpus.or(defaults.cpus),
+            disk_bytes: self.disk_bytes.or(defaults.disk_bytes),
+        }
+    }
+
+    /// The job's disk bound, if it has one.
+    pub fn disk(&self) -> Option<u64> {
+        self.disk_bytes.filter(|b| *b != 0)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(d) = self.disk()
+            && d < super::disk::MIN_BYTES
+        {
+            return Err(ConfigError::Invalid {
+                key: "limits.disk_bytes",
+                why: format!("{d} is below 64 MiB (67108864); use 0 for no disk bound"),
+            });
+        }
         if let Some(m) = self.memory_bytes
             && m < 64 << 20
         {
@@ -87,9 +118,18 @@ pub struct SandboxConfig {
     pub cgroup_parent: String,
     /// procfs of the host (injectable for tests).
     pub proc_root: PathBuf,
-    /// SIGTERM-to-SIGKILL grace at teardown.
+    /// Grace given to a job's dockerd to stop its containers at teardown
+    /// before everything is killed. 0 (the default): killed at once; a job's
+    /// state is thrown away at its end, so a graceful stop protects nothing
+    /// unless containers must run their own shutdown (e.g. to flush reports
+    /// to a service outside the job).
     #[serde(with = "secs")]
     pub stop_grace: Duration,
+    /// How often a running job's dockerd is asked `/_ping`; three missed
+    /// answers in a row mark the job unhealthy (its clients get a clear
+    /// error instead of hanging).
+    #[serde(with = "secs")]
+    pub health_interval: Duration,
     /// How long start waits for the job's `/_ping`.
     #[serde(with = "secs")]
     pub ready_timeout: Duration,
@@ -137,12 +177,14 @@ impl Default for SandboxConfig {
             cgroup_root: "/sys/fs/cgroup".into(),
             cgroup_parent: "berth".into(),
             proc_root: "/proc".into(),
-            stop_grace: Duration::from_secs(3),
+            stop_grace: Duration::ZERO,
+            health_interval: Duration::from_secs(10),
             ready_timeout: Duration::from_secs(30),
             default_limits: Limits {
                 memory_bytes: Some(4 << 30),
                 pids: Some(4096),
                 cpus: None,
+                disk_bytes: Some(DEFAULT_DISK_BYTES),
             },
             preload: Vec::new(),
             share_preloads: true,
@@ -239,6 +281,14 @@ impl SandboxConfig {
         }
         if self.stop_grace > Duration::from_secs(600) {
             return inv("stop_grace", "must be at most 600 seconds".into());
+        }
+        if self.health_interval < Duration::from_millis(100)
+            || self.health_interval > Duration::from_secs(3600)
+        {
+            return inv(
+                "health_interval",
+                "must be between 0.1 and 3600 seconds".into(),
+            );
         }
         if self.ready_timeout < Duration::from_secs(1) {
             return inv("ready_timeout", "must be at least 1 second".into());
@@ -337,5 +387,30 @@ mod tests {
             ..Default::default()
         };
         assert!(l.validate().is_err());
+        let l = Limits {
+            disk_bytes: Some(1 << 20),
+            ..Default::default()
+        };
+        assert!(l.validate().unwrap_err().to_string().contains("disk_bytes"));
+        let l = Limits {
+            disk_bytes: Some(0),
+            ..Default::default()
+        };
+        l.validate().unwrap();
+        assert_eq!(l.disk(), None);
+    }
+
+    #[test]
+    fn limits_left_out_come_from_the_defaults() {
+        let d = SandboxConfig::default().default_limits;
+        let asked = Limits {
+            memory_bytes: Some(1 << 30),
+            ..Default::default()
+        };
+        let got = asked.or(&d);
+        assert_eq!(got.memory_bytes, Some(1 << 30));
+        assert_eq!(got.pids, d.pids);
+        assert_eq!(got.disk(), Some(DEFAULT_DISK_BYTES));
+        assert_eq!(Limits::default().or(&d), d);
     }
 }

@@ -20,6 +20,7 @@ use super::{
     api_socket, code_of, config, describe_exit, dns, evidence, io, net, ping, protocol, record,
     seed, slots, start_err, sys,
 };
+use super::{disk, health};
 
 impl Engine {
     /// Starts a job and returns once its dockerd answers `/_ping`.
@@ -64,7 +65,13 @@ impl Engine {
     }
 
     async fn build_seed(&self) -> Result<seed::Seed, SandboxError> {
-        let sb = Box::pin(self.start_with(None, None)).await?;
+        // Its data-root is renamed into the seed: on the state dir's
+        // filesystem, not on a disk of its own.
+        let limits = Limits {
+            disk_bytes: Some(0),
+            ..self.cfg.default_limits.clone()
+        };
+        let sb = Box::pin(self.start_with(Some(limits), None)).await?;
         let rec = sb.record();
         // Stop dockerd gracefully so that its image store is complete on disk.
         sb.inner.status.send_replace(Status::Stopping);
@@ -99,7 +106,11 @@ impl Engine {
         limits: Option<Limits>,
         seed: Option<Arc<seed::Seed>>,
     ) -> Result<Sandbox, SandboxError> {
-        let limits = limits.unwrap_or_else(|| self.cfg.default_limits.clone());
+        // What a job leaves out of its limits, it gets from the defaults.
+        let limits = limits.map_or_else(
+            || self.cfg.default_limits.clone(),
+            |l| l.or(&self.cfg.default_limits),
+        );
         limits.validate()?;
         let id = new_id();
         let cfg = self.cfg.clone();
@@ -162,6 +173,7 @@ impl Engine {
                     }
                 });
                 tracing::info!(job = %id, slot, took_ms = sb.age().as_millis() as u64, "job ready");
+                health::watch(sb.clone(), cfg.health_interval);
                 Ok(sb)
             }
             Err(e) => {
@@ -191,15 +203,41 @@ impl Engine {
         exited_tx: watch::Sender<Option<i32>>,
         seed: Option<Arc<seed::Seed>>,
     ) -> Result<(), SandboxError> {
+        // Independent, and each mostly waiting on the kernel or a tool.
+        tokio::try_join!(
+            self.make_disk(sb, rec, limits),
+            self.make_cgroups(rec, limits),
+            self.make_link(rec),
+        )?;
         let files = self.make_files(sb, rec, seed.as_deref()).await?;
-        self.make_cgroups(rec, limits).await?;
-        self.make_link(rec).await?;
         self.start_dns(sb, rec).await?;
         let spec = self.child_spec(rec, &files, seed.as_deref());
         let (pid, chan) = self.spawn_helper(sb, rec, &spec, &files, exited_tx)?;
         self.handshake(sb, rec, pid, chan, seed.as_deref()).await?;
         self.wait_ready(sb).await?;
         self.preload(sb, seed.is_some()).await
+    }
+
+    /// The job's `root` (everything its dockerd writes), on a filesystem of
+    /// its own when the job has a disk bound.
+    async fn make_disk(
+        &self,
+        sb: &Sandbox,
+        rec: &JobRecord,
+        limits: &Limits,
+    ) -> Result<(), SandboxError> {
+        let root = sb.inner.dir.join("root");
+        mkdir_mode(&root, 0o700)?;
+        match limits.disk() {
+            Some(bytes) => {
+                let (dir, uid) = (sb.inner.dir.clone(), rec.host_id);
+                tokio::task::spawn_blocking(move || disk::create(&dir, &root, bytes, uid))
+                    .await
+                    .map_err(|e| start_err(&rec.id, e))??;
+            }
+            None => chown(&root, rec.host_id)?,
+        }
+        Ok(())
     }
 
     /// The job's directories (private to its root: other jobs map other
@@ -212,10 +250,9 @@ impl Engine {
     ) -> Result<JobFiles, SandboxError> {
         let dir = sb.inner.dir.clone();
         let root = dir.join("root");
-        for d in [&root, &dir.join("api")] {
-            mkdir_mode(d, 0o700)?;
-            chown(d, rec.host_id)?;
-        }
+        let api = dir.join("api");
+        mkdir_mode(&api, 0o700)?;
+        chown(&api, rec.host_id)?;
         for sub in ["data", "exec", "home", "xdg", "tmp", "etc-docker"] {
             let p = root.join(sub);
             mkdir_mode(&p, 0o700)?;
@@ -228,7 +265,8 @@ impl Engine {
                 .map_err(|e| start_err(&rec.id, e))??;
         }
         let daemon_json = root.join("daemon.json");
-        std::fs::write(&daemon_json, "{}\n").map_err(io("cannot write", &daemon_json))?;
+        std::fs::write(&daemon_json, daemon_json_text())
+            .map_err(io("cannot write", &daemon_json))?;
         chown(&daemon_json, rec.host_id)?;
         let resolv = dir.join("resolv.conf");
         std::fs::write(&resolv, format!("nameserver {}\n", rec.host_ip))
@@ -608,6 +646,17 @@ fn probe_idmap(dir: &Path) -> Result<(), SandboxError> {
     sys::idmapped_readonly_clone(dir, ns.fd())
         .map(drop)
         .map_err(|e| start_err("seed", e))
+}
+
+/// Every job's daemon.json. Container logs are capped (json-file, 3 files
+/// of 10 MiB per container, the newest kept); a container may still ask for
+/// other log options.
+fn daemon_json_text() -> String {
+    let v = serde_json::json!({
+        "log-driver": "json-file",
+        "log-opts": { "max-size": "10m", "max-file": "3" },
+    });
+    format!("{v:#}\n")
 }
 
 fn new_id() -> String {

@@ -8,14 +8,17 @@
 //! `host` (prepare the host once), `launch` (a start, step by step),
 //! `protocol` + `child` (the agent and the job's side of a start),
 //! `teardown` (an end, and recovery), `cgroup`, `net`, `dns`, `slots`,
-//! `record`, `seed`/`preload` (shared images), `evidence` (failed starts'
-//! logs); `sys` is the only place that makes raw system calls.
+//! `record`, `disk` (a job's own filesystem), `seed`/`preload` (shared
+//! images), `evidence` (failed starts' logs), `health` (is a running job's
+//! dockerd answering); `sys` is the only place that makes raw system calls.
 
 pub mod cgroup;
 pub mod child;
 pub mod config;
+pub mod disk;
 mod dns;
 pub mod evidence;
+mod health;
 mod host;
 mod launch;
 pub mod net;
@@ -59,6 +62,8 @@ pub enum SandboxError {
     Preload(#[from] preload::PreloadError),
     #[error(transparent)]
     Seed(#[from] seed::SeedError),
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -79,6 +84,13 @@ pub enum SandboxError {
     },
     #[error("no such job: {0}")]
     NoSuchJob(String),
+    /// Something of the job could not be removed; it stays in the books as
+    /// `teardown-failed` and is retried.
+    #[error("teardown of job {id} failed (it stays listed and is retried): {source}")]
+    TeardownFailed {
+        id: String,
+        source: Box<SandboxError>,
+    },
 }
 
 fn show_evidence(kept: &Option<evidence::Kept>) -> String {
@@ -103,9 +115,14 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Sandbox
 pub enum Status {
     Starting,
     Running,
+    /// Running, but its dockerd has stopped answering (hung, stopped, or
+    /// overwhelmed); back to Running when it answers again.
+    Unhealthy(String),
     /// The job's dockerd (or its init) ended without being asked to.
     Failed(String),
     Stopping,
+    /// A teardown left something of the job on the host; it is retried.
+    TeardownFailed(String),
     Stopped,
 }
 
@@ -144,6 +161,10 @@ impl Sandbox {
     pub fn status(&self) -> Status {
         self.inner.status.borrow().clone()
     }
+    /// Follows the job's status as it changes.
+    pub fn watch(&self) -> watch::Receiver<Status> {
+        self.inner.status.subscribe()
+    }
     pub fn age(&self) -> Duration {
         self.inner.started.elapsed()
     }
@@ -151,7 +172,12 @@ impl Sandbox {
     pub async fn ended(&self) -> Status {
         let mut rx = self.inner.status.subscribe();
         let s = rx
-            .wait_for(|s| matches!(s, Status::Failed(_) | Status::Stopped))
+            .wait_for(|s| {
+                matches!(
+                    s,
+                    Status::Failed(_) | Status::Stopped | Status::TeardownFailed(_)
+                )
+            })
             .await
             .map(|s| s.clone());
         s.unwrap_or(Status::Stopped)
@@ -228,6 +254,17 @@ enum SeedState {
     Off,
 }
 
+/// A job whose teardown failed: in the books (and its record on disk) until
+/// a retry removes its last trace.
+#[derive(Debug, Clone)]
+pub struct Stuck {
+    pub why: String,
+    pub attempts: u32,
+    /// When the job was created (from its record), seconds since the epoch.
+    pub created_unix: u64,
+    pub next_try: Instant,
+}
+
 pub struct Engine {
     cfg: Arc<SandboxConfig>,
     /// What preparing the host found and holds (the state dir's lock among
@@ -236,6 +273,19 @@ pub struct Engine {
     /// The shared image store built from the preloads (see `seed`).
     seed: tokio::sync::Mutex<SeedState>,
     jobs: Mutex<HashMap<String, Sandbox>>,
+    /// Jobs whose teardown failed, live or left by an earlier agent.
+    stuck: Mutex<HashMap<String, Stuck>>,
+    /// What an earlier agent left in the state dir, as found before this
+    /// engine started anything: the jobs (ids) and the slot claims without
+    /// a job. Recovery touches only these, so it can run beside new starts.
+    left: Mutex<Left>,
+}
+
+#[derive(Default)]
+struct Left {
+    jobs: Vec<String>,
+    /// (slot, owner) claims whose owner has no directory.
+    claims: Vec<(u32, String)>,
 }
 
 impl Engine {
@@ -244,11 +294,18 @@ impl Engine {
     /// call [`Engine::recover`] for that.
     pub fn new(cfg: SandboxConfig) -> Result<Engine, SandboxError> {
         let host = host::prepare(&cfg)?;
+        let state = cfg.state_dir.clone();
+        let left = Left {
+            jobs: JobRecord::list_ids(&state),
+            claims: slots::orphan_claims(&state, &|owner| record::job_dir(&state, owner).exists()),
+        };
         Ok(Engine {
+            left: Mutex::new(left),
             host,
             seed: tokio::sync::Mutex::new(SeedState::Unbuilt),
             cfg: Arc::new(cfg),
             jobs: Mutex::new(HashMap::new()),
+            stuck: Mutex::new(HashMap::new()),
         })
     }
 
@@ -273,6 +330,37 @@ impl Engine {
     pub fn list(&self) -> Vec<Sandbox> {
         self.jobs.lock().unwrap().values().cloned().collect()
     }
+
+    /// Jobs whose teardown failed and is being retried.
+    pub fn stuck(&self) -> Vec<(String, Stuck)> {
+        let mut v: Vec<_> = self
+            .stuck
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Ids of stuck jobs whose next teardown attempt is due.
+    pub fn retries_due(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.stuck()
+            .into_iter()
+            .filter(|(_, s)| s.next_try <= now)
+            .map(|(id, _)| id)
+            .collect()
+    }
+}
+
+/// Wait before retry `n` (1-based) of something that failed: 2 s, doubling,
+/// at most `cap`.
+pub fn backoff(n: u32, cap: Duration) -> Duration {
+    Duration::from_secs(2)
+        .saturating_mul(1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX))
+        .min(cap)
 }
 
 fn start_err(id: &str, why: impl std::fmt::Display) -> SandboxError {
@@ -309,6 +397,15 @@ pub fn describe_exit(code: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_a_cap() {
+        let cap = Duration::from_secs(300);
+        let waits: Vec<u64> = (1..=10).map(|n| backoff(n, cap).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(backoff(u32::MAX, cap), cap);
+        assert_eq!(backoff(0, cap), Duration::from_secs(2));
+    }
 
     #[test]
     fn exit_descriptions() {

@@ -49,8 +49,13 @@ async fn get(socket: &Path, path: &str) -> Option<(hyper::StatusCode, Bytes)> {
 
 /// True when dockerd at `socket` answers `/_ping` with 200.
 pub async fn ping(socket: &Path) -> bool {
+    ping_within(socket, Duration::from_secs(2)).await
+}
+
+/// True when dockerd at `socket` answers `/_ping` with 200 within `patience`.
+pub async fn ping_within(socket: &Path, patience: Duration) -> bool {
     matches!(
-        tokio::time::timeout(Duration::from_secs(2), get(socket, "/_ping")).await,
+        tokio::time::timeout(patience, get(socket, "/_ping")).await,
         Ok(Some((hyper::StatusCode::OK, _)))
     )
 }

@@ -116,6 +116,12 @@ pub fn make_rprivate() -> Result<(), SysError> {
     })
 }
 
+/// Detaches the mount at `path` from the tree (MNT_DETACH): the filesystem
+/// goes when its last user does.
+pub fn unmount_detached(path: &Path) -> Result<(), Errno> {
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
+}
+
 pub fn sethostname(name: &str) -> Result<(), SysError> {
     nix::unistd::sethostname(name).map_err(|e| call(format!("sethostname({name})"), e))
 }

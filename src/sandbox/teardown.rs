@@ -1,19 +1,34 @@
-//! Ending jobs: a job's processes killed, then every trace of it removed
-//! from the host (cgroups, rules, link, directories, last the record and the
-//! slot claim); recovery of what an earlier agent left; shutdown.
+//! Ending jobs, whatever state they put themselves in: a job's processes
+//! killed (thawed first where frozen), then every trace of it removed from
+//! the host (cgroups, rules, link, disk, directories, last the record and the
+//! slot claim). A teardown that cannot finish keeps the job in the books as
+//! `teardown-failed` and is retried; recovery of what an earlier agent left;
+//! shutdown.
 
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+
 use super::child::HIDDEN_SUBCOMMAND;
 use super::{
-    Engine, JobRecord, SandboxError, Status, Teardown, io, net, ping, record, slots, start_err, sys,
+    Engine, JobRecord, Sandbox, SandboxError, Status, Stuck, Teardown, backoff, disk, io, net,
+    ping, record, slots, start_err, sys,
 };
 
+/// How long a teardown waits for the job's last tasks to die (tasks in
+/// uninterruptible sleep die when their I/O returns) before it reports the
+/// job as `teardown-failed` and leaves it for a retry.
+const KILL_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Longest wait between two retries of a failed teardown.
+const RETRY_CAP: Duration = Duration::from_secs(300);
+
 impl Engine {
-    /// Stops a job: SIGTERM to its init (forwarded to dockerd), a bounded
-    /// grace, SIGKILL of everything left, then removal of every trace on the
-    /// host. Idempotent; works for jobs of this process and for records left
-    /// by an earlier one.
+    /// Ends a job: an optional grace (`stop_grace`) for its containers, then
+    /// SIGKILL of everything of it, then removal of every trace on the host.
+    /// Idempotent; works for jobs of this process and for records left by an
+    /// earlier one. On failure the job stays listed (`Status::TeardownFailed`,
+    /// [`Engine::stuck`]) and its record stays on disk.
     pub async fn teardown(&self, id: &str) -> Result<Teardown, SandboxError> {
         let t0 = Instant::now();
         let live = self.get(id);
@@ -22,69 +37,127 @@ impl Engine {
             None => JobRecord::load(&self.cfg.state_dir, id)
                 .map_err(|_| SandboxError::NoSuchJob(id.into()))?,
         };
-        let mut killed = false;
-        if let Some(sb) = &live {
+        match self.end(live.as_ref(), &rec).await {
+            Ok(killed) => {
+                self.stuck.lock().unwrap().remove(id);
+                if let Some(sb) = self.jobs.lock().unwrap().remove(id) {
+                    sb.inner.status.send_replace(Status::Stopped);
+                }
+                let took = t0.elapsed();
+                tracing::info!(job = %id, took_ms = took.as_millis() as u64, killed, "job torn down");
+                Ok(Teardown {
+                    id: id.into(),
+                    took,
+                    killed,
+                })
+            }
+            Err(e) => {
+                let why = e.to_string();
+                let attempts = {
+                    let mut stuck = self.stuck.lock().unwrap();
+                    let attempts = stuck.get(id).map_or(0, |s| s.attempts) + 1;
+                    let wait = backoff(attempts, RETRY_CAP);
+                    stuck.insert(
+                        id.into(),
+                        Stuck {
+                            why: why.clone(),
+                            attempts,
+                            created_unix: rec.created_unix,
+                            next_try: Instant::now() + wait,
+                        },
+                    );
+                    attempts
+                };
+                if let Some(sb) = &live {
+                    sb.inner
+                        .status
+                        .send_replace(Status::TeardownFailed(why.clone()));
+                }
+                tracing::error!(job = %id, error = %why, attempts, "teardown failed; the job stays listed and is retried");
+                Err(SandboxError::TeardownFailed {
+                    id: id.into(),
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+
+    /// The steps of a teardown, in order. True when something was killed.
+    async fn end(&self, live: Option<&Sandbox>, rec: &JobRecord) -> Result<bool, SandboxError> {
+        if let Some(sb) = live {
             sb.inner.status.send_modify(|s| {
                 if !matches!(s, Status::Stopped) {
                     *s = Status::Stopping
                 }
             });
-            let mut exited = sb.inner.exited.clone();
-            if exited.borrow().is_none() {
-                // With no container running, a graceful stop protects nothing
-                // (the job's state is discarded) and dockerd 20.10 spends a
-                // fixed second waiting for its containerd: go straight to the kill.
-                let idle = ping::running_containers(&sb.socket()).await == Some(0);
-                if let (Some(init), false) = (rec.init_pid, idle) {
-                    sys::kill(init as i32, nix::sys::signal::Signal::SIGTERM).ok();
-                }
-                let grace = if idle {
-                    Duration::ZERO
-                } else {
-                    self.cfg.stop_grace
-                };
-                if grace.is_zero()
-                    || tokio::time::timeout(grace, exited.wait_for(|e| e.is_some()))
-                        .await
-                        .is_err()
-                {
-                    killed = true;
-                    if let Some(init) = rec.init_pid {
-                        // Killing a pid namespace's init kills every process in it.
-                        sys::kill(init as i32, nix::sys::signal::Signal::SIGKILL).ok();
-                    }
-                }
-            }
-        } else if let Some(init) = rec.init_pid.filter(|p| is_job_process(*p, id)) {
-            killed = true;
-            sys::kill(init as i32, nix::sys::signal::Signal::SIGKILL).ok();
+            self.grace(sb, rec).await;
         }
-        let cfg = self.cfg.clone();
-        let rec2 = rec.clone();
-        let id2 = id.to_string();
-        let cg = rec.cgroup.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), SandboxError> {
-            if let Some(cg) = &cg {
-                cg.kill_all(Duration::from_secs(10))?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| start_err(id, e))??;
-        if let Some(sb) = &live {
+        let killed = self.kill(live, rec).await?;
+        if let Some(sb) = live {
+            // The helper (the agent's child) is reaped by its watcher.
             let mut exited = sb.inner.exited.clone();
-            let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| e.is_some()))
-                .await;
+            let _ = tokio::time::timeout(KILL_PATIENCE, exited.wait_for(|e| e.is_some())).await;
             sb.inner.relay.lock().unwrap().take();
         }
+        self.remove_traces(rec).await?;
+        Ok(killed)
+    }
+
+    /// With `stop_grace` set and containers running, asks dockerd to stop
+    /// them (SIGTERM to the job's init, forwarded) and waits up to the grace.
+    async fn grace(&self, sb: &Sandbox, rec: &JobRecord) {
+        let grace = self.cfg.stop_grace;
+        let mut exited = sb.inner.exited.clone();
+        if grace.is_zero() || exited.borrow().is_some() {
+            return;
+        }
+        if ping::running_containers(&sb.socket())
+            .await
+            .is_none_or(|n| n == 0)
+        {
+            return;
+        }
+        if let Some(init) = rec.init_pid {
+            sys::kill(init as i32, Signal::SIGTERM).ok();
+        }
+        let _ = tokio::time::timeout(grace, exited.wait_for(|e| e.is_some())).await;
+    }
+
+    /// SIGKILL of the job's init (its pid namespace goes with it) and of
+    /// everything left in its cgroups, frozen tasks included; waits until
+    /// none is left.
+    async fn kill(&self, live: Option<&Sandbox>, rec: &JobRecord) -> Result<bool, SandboxError> {
+        let alive = match live {
+            Some(sb) => sb.inner.exited.borrow().is_none(),
+            None => rec.init_pid.is_some_and(|p| is_job_process(p, &rec.id)),
+        };
+        if alive && let Some(init) = rec.init_pid {
+            sys::kill(init as i32, Signal::SIGKILL).ok();
+        }
+        let Some(cg) = rec.cgroup.clone() else {
+            return Ok(alive);
+        };
+        let swept = tokio::task::spawn_blocking(move || cg.kill_all(KILL_PATIENCE))
+            .await
+            .map_err(|e| start_err(&rec.id, e))?;
+        swept?;
+        Ok(alive)
+    }
+
+    /// Everything of the job on the host, the record and the slot claim last:
+    /// until then a crash leaves enough for recovery.
+    async fn remove_traces(&self, rec: &JobRecord) -> Result<(), SandboxError> {
+        let cfg = self.cfg.clone();
+        let rec = rec.clone();
+        let id = rec.id.clone();
         tokio::task::spawn_blocking(move || -> Result<(), SandboxError> {
-            if let Some(cg) = &rec2.cgroup {
+            if let Some(cg) = &rec.cgroup {
                 cg.remove()?;
             }
-            net::delete_rules(&id2)?;
-            net::delete_link(&id2)?;
-            let dir = record::job_dir(&cfg.state_dir, &id2);
-            // The record goes last: until here a crash leaves it for recovery.
+            net::delete_rules(&rec.id)?;
+            net::delete_link(&rec.id)?;
+            let dir = record::job_dir(&cfg.state_dir, &rec.id);
+            disk::remove(&dir, &dir.join("root"))?;
             for entry in ["root", "api"] {
                 let p = dir.join(entry);
                 if p.exists() {
@@ -94,52 +167,44 @@ impl Engine {
             if dir.exists() {
                 std::fs::remove_dir_all(&dir).map_err(io("cannot remove", &dir))?;
             }
-            slots::release(&cfg.state_dir, rec2.slot, &id2).map_err(io(
+            slots::release(&cfg.state_dir, rec.slot, &rec.id).map_err(io(
                 "cannot release slot in",
                 &slots::slots_dir(&cfg.state_dir),
             ))?;
             Ok(())
         })
         .await
-        .map_err(|e| start_err(id, e))??;
-        if let Some(sb) = self.jobs.lock().unwrap().remove(id) {
-            sb.inner.status.send_replace(Status::Stopped);
-        }
-        let took = t0.elapsed();
-        tracing::info!(job = %id, took_ms = took.as_millis() as u64, killed, "job torn down");
-        Ok(Teardown {
-            id: id.into(),
-            took,
-            killed,
-        })
+        .map_err(|e| start_err(&id, e))?
     }
 
-    /// Tears down every job recorded in the state dir that this process does
-    /// not run (left by an agent that crashed or was killed), and releases
-    /// slot claims that have no job. Returns the ids torn down.
+    /// Tears down every job an earlier agent left in the state dir (one
+    /// that crashed or was killed), as found when this engine was made, and
+    /// releases slot claims that had no job. Safe beside new starts: it never
+    /// looks at what this engine made. Returns the ids torn down; those that
+    /// fail stay in [`Engine::stuck`] for a retry.
     pub async fn recover(&self) -> Vec<Result<String, SandboxError>> {
+        let left = std::mem::take(&mut *self.left.lock().unwrap());
         let mut out = Vec::new();
-        for id in JobRecord::list_ids(&self.cfg.state_dir) {
-            if self.get(&id).is_some() {
-                continue;
-            }
+        for id in left.jobs {
             tracing::warn!(job = %id, "recovering job left by a previous run");
             out.push(self.teardown(&id).await.map(|t| t.id).or_else(|e| match e {
                 // A directory without a record: created and crashed before the
                 // record was written. Nothing else of it exists.
                 SandboxError::NoSuchJob(_) => {
                     let dir = record::job_dir(&self.cfg.state_dir, &id);
-                    std::fs::remove_dir_all(&dir).map_err(io("cannot remove", &dir))?;
-                    Ok(id.clone())
+                    match std::fs::remove_dir_all(&dir) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            Err(io("cannot remove", &dir)(e))
+                        }
+                        _ => Ok(id.clone()),
+                    }
                 }
                 e => Err(e),
             }));
         }
-        let state = self.cfg.state_dir.clone();
-        let orphans =
-            slots::orphan_claims(&state, &|owner| record::job_dir(&state, owner).exists());
-        for (n, owner) in orphans {
-            let _ = slots::release(&state, n, &owner);
+        for (n, owner) in left.claims {
+            // Released only while still claimed by that owner.
+            let _ = slots::release(&self.cfg.state_dir, n, &owner);
         }
         out
     }

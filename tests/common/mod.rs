@@ -106,7 +106,6 @@ pub fn engine_config(n: u32, name: &str) -> SandboxConfig {
         net_pool_prefix: 24,
         // Loopback only: tests never send DNS anywhere else.
         dns_upstreams: vec![SocketAddr::from(([127, 0, 0, 1], 9))],
-        stop_grace: Duration::from_secs(3),
         ..Default::default()
     }
 }
@@ -307,6 +306,16 @@ impl Traces {
             "{} survived",
             self.job_dir.display()
         );
+        // No loop device still backs the job's disk image.
+        for dev in std::fs::read_dir("/sys/block").unwrap().flatten() {
+            let backing =
+                std::fs::read_to_string(dev.path().join("loop/backing_file")).unwrap_or_default();
+            assert!(
+                !backing.contains(id.as_str()),
+                "{} still backs {backing}",
+                dev.file_name().to_string_lossy()
+            );
+        }
         assert!(
             !self
                 .state_dir

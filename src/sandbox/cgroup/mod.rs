@@ -33,8 +33,13 @@ pub enum CgroupError {
         "no cgroup hierarchy is mounted under {0}; mount cgroup2 (or the v1 hierarchies) there"
     )]
     NoHierarchy(PathBuf),
-    #[error("cgroup {path} still has processes after {waited:?}")]
-    Busy { path: PathBuf, waited: Duration },
+    #[error("cgroup {path} still has processes after {waited:?}: {left}")]
+    Busy {
+        path: PathBuf,
+        waited: Duration,
+        /// What is left, e.g. "2 tasks (1234 in D state: uninterruptible)".
+        left: String,
+    },
     #[error("cannot tell the agent's own cgroup from {path}: {why}")]
     OwnCgroup { path: PathBuf, why: String },
     #[error(
@@ -191,6 +196,7 @@ pub fn prove_delegation(
         memory_bytes: Some(256 << 20),
         pids: Some(64),
         cpus: Some(0.5),
+        disk_bytes: None,
     };
     let mut child = std::process::Command::new("sleep")
         .arg("30")
@@ -371,13 +377,27 @@ impl JobCgroup {
         out
     }
 
-    /// SIGKILLs every process of the job until the subtree is empty.
+    /// SIGKILLs every process of the job until the subtree is empty, whatever
+    /// state the job left it in. v2: `cgroup.kill` takes the whole subtree at
+    /// once, forkers and frozen tasks included. v1: the subtree is frozen
+    /// first (no fork escapes the sweep), every task is sent SIGKILL, then
+    /// every freezer below is thawed, the job's own `docker pause`s included:
+    /// a frozen v1 task keeps a pending SIGKILL until it is thawed.
+    /// Tasks that stay (uninterruptible sleep) make it fail after `timeout`.
     pub fn kill_all(&self, timeout: Duration) -> Result<(), CgroupError> {
         let deadline = Instant::now() + timeout;
-        if let Layout::V2 { mount, .. } = &self.layout {
-            // cgroup.kill (5.14+) kills the subtree atomically, even forkers.
-            let _ = std::fs::write(mount.join(&self.rel).join("cgroup.kill"), "1");
+        let freezer = self.freezer_dir();
+        match (&self.layout, &freezer) {
+            (Layout::V2 { mount, .. }, _) => {
+                // cgroup.kill needs 5.14; older kernels get the sweep below.
+                let _ = std::fs::write(mount.join(&self.rel).join("cgroup.kill"), "1");
+            }
+            (Layout::V1 { .. }, Some(top)) => {
+                let _ = std::fs::write(top.join("freezer.state"), "FROZEN");
+            }
+            (Layout::V1 { .. }, None) => {}
         }
+        let mut pause = Duration::from_millis(1);
         loop {
             let pids = self.pids();
             if pids.is_empty() {
@@ -387,12 +407,33 @@ impl JobCgroup {
                 return Err(CgroupError::Busy {
                     path: self.limit_dirs()[0].clone(),
                     waited: timeout,
+                    left: describe_tasks(&pids),
                 });
             }
             for p in pids {
                 let _ = super::sys::kill(p as i32, nix::sys::signal::Signal::SIGKILL);
             }
-            std::thread::sleep(Duration::from_millis(10));
+            if let Some(top) = &freezer {
+                // Parents first (walk's order): a child thawed below a
+                // frozen parent would stay frozen.
+                walk(top, &mut |d| {
+                    let _ = std::fs::write(d.join("freezer.state"), "THAWED");
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// The job's directory in the v1 freezer hierarchy, if there is one.
+    fn freezer_dir(&self) -> Option<PathBuf> {
+        match &self.layout {
+            Layout::V1 { hierarchies } => hierarchies
+                .iter()
+                .find(|h| h.has("freezer"))
+                .map(|h| h.mount.join(&self.rel))
+                .filter(|d| d.exists()),
+            Layout::V2 { .. } => None,
         }
     }
 
@@ -449,6 +490,36 @@ impl JobCgroup {
         };
         std::fs::read_to_string(file).ok()?.trim().parse().ok()
     }
+}
+
+/// "3 tasks: 1234 D (uninterruptible sleep), 1240 Z (zombie), 1251 S".
+fn describe_tasks(pids: &[u32]) -> String {
+    let shown: Vec<String> = pids
+        .iter()
+        .take(5)
+        .map(|p| {
+            let state = std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let after = s.rsplit_once(')')?.1;
+                    after.split_whitespace().next().map(str::to_string)
+                })
+                .unwrap_or_else(|| "?".into());
+            let what = match state.as_str() {
+                "D" => " (uninterruptible sleep)",
+                "Z" => " (zombie)",
+                "T" | "t" => " (stopped)",
+                _ => "",
+            };
+            format!("{p} {state}{what}")
+        })
+        .collect();
+    let more = if pids.len() > shown.len() {
+        ", …"
+    } else {
+        ""
+    };
+    format!("{} task(s): {}{more}", pids.len(), shown.join(", "))
 }
 
 fn cpu_quota(cpus: f64) -> u64 {

@@ -166,6 +166,7 @@ fn adopt(dir: &Path) -> Result<(), CgroupError> {
     Err(CgroupError::Busy {
         path: dir.into(),
         waited: std::time::Duration::ZERO,
+        left: "processes kept arriving while they were moved to the agent's leaf".into(),
     })
 }
 
@@ -363,6 +364,7 @@ mod tests {
             memory_bytes: Some(1 << 30),
             pids: Some(100),
             cpus: Some(1.5),
+            disk_bytes: None,
         };
         create(&job, &limits, 1234, 5678).unwrap();
         assert_eq!(

@@ -1,0 +1,149 @@
+//! A job's disk bound: the job's `root` (data-root, exec-root, TMPDIR, home)
+//! is an ext4 filesystem of its own, in a sparse image beside it in the job's
+//! directory, loop-mounted by the agent before the job starts. The kernel
+//! enforces the size (a job that fills it gets ENOSPC alone); teardown
+//! unmounts it and deletes the image, which frees its space at once.
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The image's name in the job's directory (root-owned, 0600: the job never
+/// sees it, only the filesystem inside).
+pub const IMAGE: &str = "disk.img";
+
+/// The smallest bound a job may have: dockerd's own files take a few MiB.
+pub const MIN_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot create the job's disk image {path}: {source}")]
+    Image {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot run {tool} for {path}: {source} (install e2fsprogs and util-linux)")]
+    Spawn {
+        tool: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{tool} failed for {path}: {stderr}")]
+    Tool {
+        tool: &'static str,
+        path: PathBuf,
+        stderr: String,
+    },
+    #[error("cannot unmount the job's disk at {path}: {source}")]
+    Unmount { path: PathBuf, source: nix::Error },
+    #[error("cannot remove the job's disk image {path}: {source}")]
+    Remove {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Makes a `bytes`-sized filesystem whose root belongs to host id `owner`
+/// and mounts it on `root` (an existing, empty directory).
+pub fn create(job_dir: &Path, root: &Path, bytes: u64, owner: u32) -> Result<(), DiskError> {
+    let image = job_dir.join(IMAGE);
+    let err = |source| DiskError::Image {
+        path: image.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&image)
+        .map_err(err)?;
+    // Sparse: the host gives the job space as it writes, up to `bytes`.
+    file.set_len(bytes).map_err(err)?;
+    drop(file);
+    // No journal: the filesystem lives as long as the job, whose state is
+    // thrown away at its end; a crash loses nothing anyone keeps. Inode
+    // tables are initialised lazily, so this takes milliseconds.
+    run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E"])
+            .arg(format!(
+                "lazy_itable_init=1,nodiscard,root_owner={owner}:{owner}"
+            ))
+            .arg(&image),
+        "mkfs.ext4",
+        &image,
+    )?;
+    // `-o loop` sets the loop device up with autoclear: it goes with the
+    // last unmount.
+    run(
+        Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop,nodev,noatime"])
+            .arg(&image)
+            .arg(root),
+        "mount",
+        &image,
+    )?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    // Root-owned, so invisible to the job; nothing of the job goes there.
+    let lost = root.join("lost+found");
+    if lost.exists() {
+        std::fs::remove_dir(&lost).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Unmounts the job's filesystem from `root` (detached: it goes when its
+/// last user does, and the job's processes are gone by now) and deletes the
+/// image. Idempotent.
+pub fn remove(job_dir: &Path, root: &Path) -> Result<(), DiskError> {
+    // A mount stacked on another (a crash between two attempts) comes off too.
+    for _ in 0..8 {
+        match super::sys::unmount_detached(root) {
+            Ok(()) => continue,
+            // Not (or no longer) a mount point, or not there at all.
+            Err(nix::Error::EINVAL | nix::Error::ENOENT) => break,
+            Err(source) => {
+                return Err(DiskError::Unmount {
+                    path: root.into(),
+                    source,
+                });
+            }
+        }
+    }
+    let image = job_dir.join(IMAGE);
+    match std::fs::remove_file(&image) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DiskError::Remove {
+            path: image,
+            source,
+        }),
+    }
+}
+
+/// Bytes the job's image takes on the host now (its allocated blocks).
+pub fn used_on_host(job_dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(job_dir.join(IMAGE))
+        .ok()
+        .map(|m| m.blocks() * 512)
+}
+
+fn run(cmd: &mut Command, tool: &'static str, path: &Path) -> Result<(), DiskError> {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|source| DiskError::Spawn {
+            tool,
+            path: path.into(),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(DiskError::Tool {
+        tool,
+        path: path.into(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
