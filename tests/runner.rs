@@ -115,7 +115,7 @@ run = "echo SHOULD-NOT-RUN"
     // A step over its timeout is stopped, and the run says so (exit 124).
     let p = pipeline(
         "timeout",
-        "name = \"slow\"\n[[step]]\nname = \"sleeps\"\nrun = \"sleep 60\"\ntimeout = \"1s\"\n",
+        "name = \"slow\"\n[[step]]\nname = \"sleeps\"\nrun = \"sleep 3600\"\ntimeout = \"1s\"\n",
     );
     let t = Instant::now();
     let out = berth()
@@ -131,7 +131,8 @@ run = "echo SHOULD-NOT-RUN"
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert!(t.elapsed() < Duration::from_secs(30));
+    // Cut, not run to its end (a bound far from both, whatever the load).
+    assert!(t.elapsed() < Duration::from_secs(600));
     assert!(String::from_utf8_lossy(&out.stdout).contains("timed out"));
     assert!(jobs_left("run-fail").is_empty());
 }
@@ -144,7 +145,7 @@ fn interrupt_mid_step(sig: nix::sys::signal::Signal, n: u32, name: &str) {
     let p = pipeline(
         name,
         &format!(
-            "name = \"interrupted\"\n[[step]]\nname = \"long\"\nrun = \"echo started; sleep 120 # {marker}\"\n"
+            "name = \"interrupted\"\n[[step]]\nname = \"long\"\nrun = \"echo started; sleep 3600 # {marker}\"\n"
         ),
     );
     let mut child = berth()
@@ -172,7 +173,8 @@ fn interrupt_mid_step(sig: nix::sys::signal::Signal, n: u32, name: &str) {
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{sig}: {}", rest.join("\n"));
-    assert!(t.elapsed() < Duration::from_secs(20));
+    // Cut, not run to its end (a bound far from both, whatever the load).
+    assert!(t.elapsed() < Duration::from_secs(600));
     assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
     assert!(jobs_left(name).is_empty(), "{sig} left a job behind");
     // The step's process group is gone too.

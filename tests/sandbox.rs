@@ -77,7 +77,8 @@ fn docker_run_build_networks_and_cgroup_features_work_inside_a_job() {
         ],
     );
     let mut got = String::new();
-    for _ in 0..50 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
         got = stdout(&docker(
             &s,
             &[
@@ -468,7 +469,8 @@ fn two_jobs_see_nothing_of_each_other() {
     // Network: A's published port answers at A's address (from the host)...
     let a_ip = a.record().job_ip;
     let mut seen = String::new();
-    for _ in 0..50 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
         if let Ok(mut c) =
             std::net::TcpStream::connect_timeout(&(a_ip, 8080).into(), Duration::from_secs(1))
         {
@@ -532,7 +534,8 @@ fn containers_reach_the_outside_with_dns_and_the_right_mtu_but_not_the_host() {
 
     let target = outside.addr.to_string();
     let mut got = String::new();
-    for _ in 0..30 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
         got = stdout(&docker(
             &s,
             &[
@@ -830,8 +833,8 @@ fn a_killed_dockerd_is_noticed_and_the_job_reported_failed() {
     )
     .unwrap();
     let status = rt
-        .block_on(async { tokio::time::timeout(Duration::from_secs(10), sb.ended()).await })
-        .expect("the failure is noticed within 10 s");
+        .block_on(async { tokio::time::timeout(Duration::from_secs(120), sb.ended()).await })
+        .expect("the failure is noticed");
     match status {
         Status::Failed(why) => assert!(why.contains("SIGKILL"), "{why}"),
         other => panic!("expected Failed, got {other:?}"),

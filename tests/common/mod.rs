@@ -531,7 +531,7 @@ impl FrontDoor {
             });
         });
         let port = port_rx
-            .recv_timeout(Duration::from_secs(30))
+            .recv_timeout(Duration::from_secs(300))
             .expect("server up");
         FrontDoor {
             port,
