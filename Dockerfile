@@ -5,7 +5,8 @@
 #     --cap-add SYS_PTRACE --cap-add KILL --cap-add CHOWN --cap-add DAC_OVERRIDE --cap-add FOWNER \
 #     --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
 #     --security-opt systempaths=unconfined \
-#     -v /sys/fs/cgroup:/sys/fs/cgroup:rw -v berth-state:/var/lib/berth -v /etc/berth:/etc/berth \
+#     -v /sys/fs/cgroup:/sys/fs/cgroup:rw -v /dev:/dev \
+#     -v berth-state:/var/lib/berth -v /etc/berth:/etc/berth \
 #     berth
 
 FROM rust:1-bookworm AS build
@@ -18,9 +19,10 @@ RUN cargo build --release --locked --bin berth
 
 FROM debian:bookworm-slim
 # dockerd for every job, and what the sandbox needs: iptables and iproute2 for
-# the job's link, busybox-static for base images without a registry.
+# the job's link, e2fsprogs and mount for each job's own disk, busybox-static
+# for base images without a registry.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends docker.io iptables iproute2 busybox-static ca-certificates tar \
+ && apt-get install -y --no-install-recommends docker.io iptables iproute2 e2fsprogs mount busybox-static ca-certificates tar \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/berth /usr/local/bin/berth
 COPY pipelines /usr/share/berth/pipelines

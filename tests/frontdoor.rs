@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -548,7 +548,7 @@ fn a_client_that_disconnects_cancels_the_work_upstream() {
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(
         ctx.join("Dockerfile"),
-        "FROM busybox:test\nRUN sleep 60 && touch /finished\n",
+        "FROM busybox:test\nRUN sleep 3600 && touch /finished\n",
     )
     .unwrap();
     let mut build = Command::new("docker")
@@ -563,7 +563,8 @@ fn a_client_that_disconnects_cancels_the_work_upstream() {
         .unwrap();
     // Wait until the RUN step's container is running.
     let mut running = false;
-    for _ in 0..100 {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
         if docker_tls_ok(&job, &["ps", "-q"]).trim().len() >= 12 {
             running = true;
             break;
@@ -574,9 +575,10 @@ fn a_client_that_disconnects_cancels_the_work_upstream() {
     build.kill().unwrap();
     build.wait().unwrap();
     // dockerd sees the disconnect through berth and cancels the build: its
-    // container goes away long before the 60 s step could finish.
+    // container goes away long before the hour-long step could finish.
     let mut gone = false;
-    for _ in 0..150 {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
         if docker_tls_ok(&job, &["ps", "-q"]).trim().is_empty() {
             gone = true;
             break;
@@ -597,17 +599,17 @@ fn silent_clients_time_out_and_shutdown_tears_jobs_down() {
     docker_tls_ok(&job, &["version"]);
     // A TCP client that never starts a handshake is dropped after the timeout.
     use std::io::Read;
+    // The agent closes it (end of stream, not our own read timeout, which
+    // only bounds a failure).
     let mut idle = std::net::TcpStream::connect(("127.0.0.1", fd.port)).unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let t = std::time::Instant::now();
+    idle.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
     let mut buf = [0u8; 16];
-    let n = idle.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0, "the agent sent something to a silent client");
-    assert!(
-        t.elapsed() < Duration::from_secs(4),
-        "silent client kept for {:?}",
-        t.elapsed()
-    );
+    match idle.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("the agent sent {n} bytes to a silent client"),
+        Err(e) => panic!("the agent kept a silent client: {e}"),
+    }
     // Shutdown (SIGTERM in `berth serve`) tears every job down.
     let state = Path::new("/var/lib/bt/fd-shutdown/jobs").join(&job.id);
     assert!(state.exists());
@@ -634,7 +636,8 @@ fn a_warm_pool_hands_out_fresh_sandboxes_at_once_and_refills() {
         v
     };
     let wait_for = |n: usize| {
-        for _ in 0..300 {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while Instant::now() < deadline {
             if dirs().len() >= n && ready_count() >= n {
                 return;
             }
@@ -726,7 +729,8 @@ fn a_warm_pool_that_cannot_start_says_why_in_job_ls_and_doctor() {
     // The first warm start fails at once; from then on it is retried with
     // a growing wait, and `job ls` tells why the pool is empty.
     let mut text = String::new();
-    for _ in 0..600 {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
         text = out(&fd.job_cli(&["ls"]));
         if text.contains("failed in a row") {
             break;

@@ -172,6 +172,29 @@ fn check_prerequisites(cfg: &SandboxConfig, helper: &Path) -> Result<(), Sandbox
             ));
         }
     }
+    if cfg.default_limits.disk().is_some() {
+        // Each job's own disk: a loop-mounted ext4 image.
+        if std::process::Command::new("mkfs.ext4")
+            .arg("-V")
+            .output()
+            .is_err()
+        {
+            return pre(
+                "`mkfs.ext4` not found: install it (`apt-get install e2fsprogs`), or set \
+                 [sandbox.default_limits] disk_bytes = 0 to keep jobs' data on the state dir's \
+                 filesystem without a disk bound"
+                    .into(),
+            );
+        }
+        if !Path::new("/dev/loop-control").exists() {
+            return pre(
+                "/dev/loop-control is missing: jobs' disks are loop devices; load the loop \
+                 module (`modprobe loop`), give a container `--device /dev/loop-control` and \
+                 the loop devices, or set [sandbox.default_limits] disk_bytes = 0"
+                    .into(),
+            );
+        }
+    }
     Ok(())
 }
 
