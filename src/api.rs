@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
@@ -48,12 +49,14 @@ pub async fn serve<IO>(
 {
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let jobs = jobs.clone();
-        async move { Ok::<_, Infallible>(handle(&jobs, req, local, peer).await) }
+        async move { Ok::<_, Infallible>(handle(&jobs, req, local, peer, limits.body_idle).await) }
     });
+    // The same head limit as on a job's connections (431 above it).
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_head.max(8192))
+        .max_header_size(limits.max_head)
+        .max_buf_size(limits.max_head.max(8192) + 8192)
         .serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let r = tokio::select! {
@@ -74,6 +77,7 @@ async fn handle(
     req: Request<Incoming>,
     local: SocketAddr,
     peer: SocketAddr,
+    body_idle: Duration,
 ) -> Response<ProxyBody> {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     if let Decision::Deny {
@@ -96,7 +100,7 @@ async fn handle(
     }
     let id = path.strip_prefix("/berth/v1/jobs/").map(str::to_string);
     match (method, id) {
-        (Method::POST, None) => create(jobs, req, local).await,
+        (Method::POST, None) => create(jobs, req, local, peer, body_idle).await,
         (Method::GET, None) => json_response(StatusCode::OK, &jobs.list()),
         (Method::GET, Some(id)) => {
             match valid_id(&id).and_then(|()| jobs.get(&id).ok_or(StatusCode::NOT_FOUND)) {
@@ -128,6 +132,28 @@ async fn handle(
     }
 }
 
+/// A job request: empty (all defaults) or one JSON object, nothing else
+/// (serde would take a struct from an array too).
+fn parse_create(body: &[u8]) -> Result<CreateJob, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(CreateJob::default());
+    }
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if !v.is_object() {
+        return Err(format!(
+            "expected a JSON object such as {{\"ttl\": \"30m\"}}, got {}",
+            match v {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a boolean",
+                _ => "null",
+            }
+        ));
+    }
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
 fn valid_id(id: &str) -> Result<(), StatusCode> {
     if valid_job_id(id) {
         Ok(())
@@ -140,6 +166,8 @@ async fn create(
     jobs: &Arc<Jobs>,
     req: Request<Incoming>,
     local: SocketAddr,
+    peer: SocketAddr,
+    body_idle: Duration,
 ) -> Response<ProxyBody> {
     let ctype = req
         .headers()
@@ -170,26 +198,20 @@ async fn create(
         .map(|h| h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h).to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| local.ip().to_string());
-    let body = match read_body(req.into_body(), MAX_BODY).await {
+    let body = match read_body(req.into_body(), MAX_BODY, body_idle).await {
         Ok(b) => b,
-        Err(s) => {
-            return error_response(
-                s,
-                "berth: request body too large or broken (64 KiB at most)",
-            );
+        Err(r) => {
+            tracing::info!(client = %peer, refusal = ?r, "job request body refused");
+            return r.response();
         }
     };
-    let spec: CreateJob = if body.iter().all(u8::is_ascii_whitespace) {
-        CreateJob::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(s) => s,
-            Err(e) => {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!("berth: invalid job request: {e}"),
-                );
-            }
+    let spec = match parse_create(&body) {
+        Ok(s) => s,
+        Err(why) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &format!("berth: invalid job request: {why}"),
+            );
         }
     };
     match jobs.create(spec).await {

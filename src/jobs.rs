@@ -438,6 +438,7 @@ impl Jobs {
 
     pub fn get(&self, id: &str) -> Option<JobView> {
         self.view(id)
+            .or_else(|| self.list().into_iter().find(|v| v.id == id))
     }
 
     /// Every job that exists on the host: those of this agent, and those an

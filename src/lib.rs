@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod pki;
 pub mod policy;
 pub mod proxy;
+pub mod refusals;
 pub mod runner;
 pub mod sandbox;
 pub mod server;

@@ -41,6 +41,8 @@ pub struct HttpLimits {
     pub header_timeout: Duration,
     /// The largest request head accepted.
     pub max_head: usize,
+    /// Longest a request body may send nothing before it is cut.
+    pub body_idle: Duration,
 }
 
 impl Default for HttpLimits {
@@ -48,7 +50,102 @@ impl Default for HttpLimits {
         HttpLimits {
             header_timeout: Duration::from_secs(30),
             max_head: 64 * 1024,
+            body_idle: Duration::from_secs(60),
         }
+    }
+}
+
+/// What went wrong with a client's request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyFault {
+    /// It broke the HTTP framing: a bad or overflowing chunk size, a
+    /// truncated chunked body, fewer bytes than its Content-Length.
+    Malformed(String),
+    /// It sent nothing for the body-idle timeout.
+    Idle(Duration),
+}
+
+impl BodyFault {
+    /// The client's fault: a 4xx with what to fix.
+    pub fn response(&self) -> Response<ProxyBody> {
+        match self {
+            BodyFault::Malformed(e) => error_response(
+                StatusCode::BAD_REQUEST,
+                &format!("berth: the request body is malformed: {e}"),
+            ),
+            BodyFault::Idle(d) => error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!("berth: the request body sent nothing for {d:?}; request cut"),
+            ),
+        }
+    }
+}
+
+/// A client's request body on its way to dockerd: the same frames, with
+/// the client's faults told apart from the daemon's (see [`BodyFault`]), and
+/// cut when it sends nothing for `idle` (a trickle holds a dockerd
+/// connection). The idle clock runs only while the body owes data, not
+/// while dockerd is slow to take it.
+pub struct ClientBody {
+    inner: Incoming,
+    idle: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    fault: Arc<Mutex<Option<BodyFault>>>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, idle: Duration) -> (ClientBody, Arc<Mutex<Option<BodyFault>>>) {
+        let fault = Arc::new(Mutex::new(None));
+        let body = ClientBody {
+            inner,
+            idle,
+            timer: None,
+            fault: fault.clone(),
+        };
+        (body, fault)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                this.timer = None;
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let fault = BodyFault::Malformed(e.to_string());
+                *this.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(fault);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                *this.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(BodyFault::Idle(idle));
+                Poll::Ready(Some(Err(format!("request body idle for {idle:?}").into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -77,7 +174,7 @@ fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
     error_response(status, &r.to_string())
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+type Sender = hyper::client::conn::http1::SendRequest<ClientBody>;
 
 type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -172,6 +269,7 @@ struct Ctx {
     peer: SocketAddr,
     upstream: tokio::sync::Mutex<Upstream>,
     hijack: HijackSlot,
+    body_idle: Duration,
 }
 
 /// Serves one client connection authenticated as job `job`.
@@ -195,6 +293,7 @@ pub async fn serve<IO>(
             drivers: drivers_tx,
         }),
         hijack: Arc::new(Mutex::new(None)),
+        body_idle: limits.body_idle,
     });
     let svc_ctx = ctx.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -282,7 +381,10 @@ pub fn strip_version(path: &str) -> &str {
     path
 }
 
-async fn handle(ctx: &Ctx, mut req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
+    let (parts, body) = req.into_parts();
+    let (body, fault) = ClientBody::new(body, ctx.body_idle);
+    let mut req = Request::from_parts(parts, body);
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     if let Decision::Deny {
         rule,
@@ -336,6 +438,11 @@ async fn handle(ctx: &Ctx, mut req: Request<Incoming>) -> Response<ProxyBody> {
         Ok(r) => r,
         Err(e) => {
             up.conn = None;
+            let fault = fault.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(fault) = fault {
+                tracing::info!(job = %ctx.job, client = %ctx.peer, %method, %path, ?fault, "client's request body refused");
+                return fault.response();
+            }
             return error_response(
                 StatusCode::BAD_GATEWAY,
                 &format!(
@@ -417,13 +524,39 @@ async fn ready_sender<'a>(
         .ok_or_else(|| std::io::Error::other("no upstream connection"))
 }
 
-/// Reads a request body up to `max` bytes (job API requests).
-pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, StatusCode> {
+/// Why a job API request body was not read.
+#[derive(Debug)]
+pub enum BodyRefusal {
+    TooLarge(usize),
+    Client(BodyFault),
+}
+
+impl BodyRefusal {
+    pub fn response(&self) -> Response<ProxyBody> {
+        match self {
+            BodyRefusal::TooLarge(max) => error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("berth: the request body is over {max} bytes"),
+            ),
+            BodyRefusal::Client(f) => f.response(),
+        }
+    }
+}
+
+/// Reads a request body up to `max` bytes (job API requests), cut when it
+/// sends nothing for `idle`.
+pub async fn read_body(body: Incoming, max: usize, idle: Duration) -> Result<Bytes, BodyRefusal> {
+    let (body, fault) = ClientBody::new(body, idle);
     let limited = http_body_util::Limited::new(body, max);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(StatusCode::PAYLOAD_TOO_LARGE),
-        Err(_) => Err(StatusCode::BAD_REQUEST),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyRefusal::TooLarge(max)),
+        Err(e) => {
+            let f = fault.lock().unwrap_or_else(|p| p.into_inner()).take();
+            Err(BodyRefusal::Client(
+                f.unwrap_or_else(|| BodyFault::Malformed(e.to_string())),
+            ))
+        }
     }
 }
 

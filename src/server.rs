@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::jobs::Jobs;
 use crate::pki::{Ca, Identity, PkiError, host_names};
 use crate::proxy::{HttpLimits, RELAY_BUFFER};
+use crate::refusals::{Reason, Refusals};
 use crate::sandbox::Engine;
 use crate::workers::Workers;
 
@@ -33,6 +34,8 @@ pub struct ServeConfig {
     pub san: Vec<String>,
     pub handshake_timeout_secs: u64,
     pub header_timeout_secs: u64,
+    /// A request body that sends nothing this long is cut (408).
+    pub body_idle_timeout_secs: u64,
     pub default_ttl_secs: u64,
     pub max_ttl_secs: u64,
     /// How long shutdown waits for open connections before cutting them.
@@ -51,6 +54,7 @@ impl Default for ServeConfig {
             san: Vec::new(),
             handshake_timeout_secs: 10,
             header_timeout_secs: 30,
+            body_idle_timeout_secs: 60,
             default_ttl_secs: 3600,
             max_ttl_secs: 24 * 3600,
             drain_secs: 10,
@@ -97,6 +101,9 @@ impl ServeConfig {
         }
         if self.header_timeout_secs == 0 || self.header_timeout_secs > 3600 {
             return bad("header_timeout_secs", "must be 1..=3600");
+        }
+        if self.body_idle_timeout_secs == 0 || self.body_idle_timeout_secs > 3600 {
+            return bad("body_idle_timeout_secs", "must be 1..=3600");
         }
         if self.warm_pool > 64 {
             return bad(
@@ -261,6 +268,7 @@ impl Server {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let limits = HttpLimits {
             header_timeout: Duration::from_secs(self.cfg.header_timeout_secs),
+            body_idle: Duration::from_secs(self.cfg.body_idle_timeout_secs),
             ..HttpLimits::default()
         };
         let handshake = Duration::from_secs(self.cfg.handshake_timeout_secs);
@@ -276,6 +284,7 @@ impl Server {
         self.jobs.recover_in_background();
         let mut conns = JoinSet::new();
         let stop = tokio_util::sync::CancellationToken::new();
+        let refusals = Arc::new(Refusals::default());
         tokio::pin!(shutdown);
         loop {
             while conns.try_join_next().is_some() {}
@@ -300,6 +309,7 @@ impl Server {
                 }
             };
             let (acceptor, jobs, stop) = (self.acceptor.clone(), self.jobs.clone(), stop.clone());
+            let refusals = refusals.clone();
             self.workers.spawn(&mut conns, async move {
                 let tcp = match TcpStream::from_std(tcp) {
                     Ok(t) => t,
@@ -308,7 +318,8 @@ impl Server {
                         return;
                     }
                 };
-                connection(tcp, peer, local, acceptor, jobs, handshake, limits, stop).await
+                let ends = Ends { stop, refusals };
+                connection(tcp, peer, local, acceptor, jobs, handshake, limits, ends).await
             });
         }
         stop.cancel();
@@ -326,6 +337,13 @@ impl Server {
     }
 }
 
+/// How a connection may end early: the agent's shutdown, and the shared
+/// record of refused peers.
+struct Ends {
+    stop: tokio_util::sync::CancellationToken,
+    refusals: Arc<Refusals>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn connection(
     tcp: TcpStream,
@@ -335,14 +353,15 @@ async fn connection(
     jobs: Arc<Jobs>,
     handshake: Duration,
     limits: HttpLimits,
-    stop: tokio_util::sync::CancellationToken,
+    ends: Ends,
 ) {
+    let Ends { stop, refusals } = ends;
     let _ = tcp.set_nodelay(true);
     // A plain HTTP request on the TLS port: say so in one line, serve nothing.
     let mut first = [0u8; 1];
     match tokio::time::timeout(handshake, tcp.peek(&mut first)).await {
         Ok(Ok(1)) if first[0].is_ascii_uppercase() => {
-            tracing::warn!(client = %peer, "plaintext HTTP on the TLS port refused");
+            refusals.refused(Reason::Plaintext, peer, None);
             let mut tcp = tcp;
             let _ = tcp
                 .write_all(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
@@ -356,11 +375,11 @@ async fn connection(
     let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::warn!(client = %peer, error = %e, "TLS handshake refused");
+            refusals.refused(Reason::Handshake, peer, Some(&e));
             return;
         }
         Err(_) => {
-            tracing::warn!(client = %peer, "TLS handshake timed out");
+            refusals.refused(Reason::HandshakeTimeout, peer, None);
             return;
         }
     };
@@ -381,8 +400,8 @@ async fn connection(
                 .set_buffer_limit(Some(RELAY_BUFFER + RELAY_BUFFER / 8));
             crate::proxy::serve(tls, jobs, id, peer, limits, stop).await
         }
-        Some(Err(e)) => tracing::warn!(client = %peer, error = %e, "certificate refused"),
-        None => tracing::warn!(client = %peer, "no client certificate"),
+        Some(Err(e)) => refusals.refused(Reason::BadCertificate, peer, Some(&e)),
+        None => refusals.refused(Reason::NoCertificate, peer, None),
     }
 }
 

@@ -768,3 +768,122 @@ fn a_warm_pool_that_cannot_start_says_why_in_job_ls_and_doctor() {
     drop(fd);
     let _ = std::fs::remove_file(&fake);
 }
+
+/// Sends `raw` over a fresh TLS connection with `bundle`, half-closing
+/// when `close` is set, and reads one whole answer (head and its
+/// Content-Length body) or until the agent closes.
+async fn exchange(port: u16, bundle: &Path, parts: &[&[u8]], close: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = std::fs::read(bundle.join("ca.pem")).unwrap();
+    let cert = std::fs::read(bundle.join("cert.pem")).unwrap();
+    let key = std::fs::read(bundle.join("key.pem")).unwrap();
+    let mut s = tls_connect(port, &ca, Some((&cert, &key))).await.unwrap();
+    for p in parts {
+        s.write_all(p).await.unwrap();
+        s.flush().await.unwrap();
+    }
+    if close {
+        let _ = s.shutdown().await;
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    // A bound on failure only: every case here gets its answer at once or
+    // after the (short) body-idle timeout.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no answer: {}", String::from_utf8_lossy(&out)),
+        }
+        let text = String::from_utf8_lossy(&out);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn every_bad_body_and_head_gets_the_clients_4xx_and_the_agent_keeps_serving() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start_with(44, "fd-bodies", |c| c.body_idle_timeout_secs = 2);
+    let job = fd.create_job(&[]);
+    let admin = fd.certs.join("admin");
+    let rt = rt();
+    let post = |extra: &str| {
+        format!(
+            "POST /v1.41/containers/create HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n{extra}\r\n"
+        )
+    };
+    rt.block_on(async {
+        // Broken framing of a request body: the client's fault, 400.
+        for (what, head, body, close) in [
+            ("non-hex chunk size", post("Transfer-Encoding: chunked\r\n"), "zz\r\n{}\r\n0\r\n\r\n", false),
+            ("overflowing chunk size", post("Transfer-Encoding: chunked\r\n"), "ffffffffffffffffffffff\r\n{}\r\n0\r\n\r\n", false),
+            ("truncated chunked body", post("Transfer-Encoding: chunked\r\n"), "10\r\n{\"Im", true),
+            ("fewer bytes than Content-Length", post("Content-Length: 100\r\n"), "{\"Image\":", true),
+        ] {
+            let r = exchange(fd.port, &job.dir, &[head.as_bytes(), body.as_bytes()], close).await;
+            assert!(r.starts_with("HTTP/1.1 400"), "{what}: {r}");
+            assert!(r.contains("the request body is malformed"), "{what}: {r}");
+        }
+        // A body that stops sending is cut after the body-idle timeout (408),
+        // on a job's connection and on the job API.
+        let r = exchange(
+            fd.port,
+            &job.dir,
+            &[post("Content-Length: 100\r\n").as_bytes(), b"{\"Im"],
+            false,
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+        assert!(r.contains("sent nothing for"), "{r}");
+        let r = exchange(
+            fd.port,
+            &admin,
+            &[b"POST /berth/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{\"t"],
+            false,
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+        // The same head limit on admin connections as on a job's (431).
+        let big = format!(
+            "GET /berth/v1/jobs HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(70 * 1024)
+        );
+        let r = exchange(fd.port, &admin, &[big.as_bytes()], false).await;
+        assert!(r.starts_with("HTTP/1.1 431"), "{}", r.lines().next().unwrap_or(""));
+        // The job API takes a JSON object and nothing else.
+        for body in ["[]", "\"x\"", "42", "null", "[{\"ttl\": 60}]"] {
+            let req = format!(
+                "POST /berth/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let r = exchange(fd.port, &admin, &[req.as_bytes()], false).await;
+            assert!(r.starts_with("HTTP/1.1 400"), "{body}: {r}");
+            assert!(r.contains("expected a JSON object"), "{body}: {r}");
+        }
+    });
+    // No job was made of any of it, and the job still serves.
+    let ls = out(&fd.job_cli(&["ls"]));
+    assert_eq!(
+        ls.lines().filter(|l| l.contains("running")).count(),
+        1,
+        "{ls}"
+    );
+    docker_tls_ok(&job, &["version"]);
+}

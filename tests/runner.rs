@@ -258,14 +258,10 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
     assert!(text.contains("fix: apt-get install docker.io"), "{text}");
 }
 
-#[test]
-fn serve_takes_a_socket_from_systemd_socket_activation() {
-    if !prerequisites() {
-        return;
-    }
-    let cfg = write_config(34, "socket-act", "");
-    let certs = Path::new("/var/lib/bt/socket-act-certs");
-    let _ = std::fs::remove_dir_all(certs);
+/// `berth serve` as systemd starts it: its listening socket on fd 3
+/// (`LISTEN_FDS=1`, `LISTEN_PID` = its pid), stderr piped. Returns the
+/// agent and its port.
+fn serve_activated(cfg: &Path, certs: &Path) -> (std::process::Child, u16) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
@@ -295,8 +291,20 @@ fn serve_takes_a_socket_from_systemd_socket_activation() {
             Ok(())
         });
     }
-    let mut agent = cmd.spawn().unwrap();
+    let agent = cmd.spawn().unwrap();
     drop(listener);
+    (agent, port)
+}
+
+#[test]
+fn serve_takes_a_socket_from_systemd_socket_activation() {
+    if !prerequisites() {
+        return;
+    }
+    let cfg = write_config(34, "socket-act", "");
+    let certs = Path::new("/var/lib/bt/socket-act-certs");
+    let _ = std::fs::remove_dir_all(certs);
+    let (mut agent, port) = serve_activated(&cfg, certs);
     let mut err = BufReader::new(agent.stderr.take().unwrap()).lines();
     let first = err.next().unwrap().unwrap();
     assert!(first.contains(&format!("127.0.0.1:{port}")), "{first}");
@@ -339,4 +347,98 @@ fn serve_takes_a_socket_from_systemd_socket_activation() {
     let status = agent.wait().unwrap();
     assert!(status.success(), "{status}");
     assert!(jobs_left("socket-act").is_empty());
+}
+
+/// An agent process that is stopped (SIGTERM, waited for) however the test
+/// ends.
+struct Stopped(std::process::Child);
+
+impl Stopped {
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            self.stop();
+        }
+    }
+}
+
+#[test]
+fn a_flood_of_unauthenticated_peers_makes_a_few_log_lines() {
+    if !prerequisites() {
+        return;
+    }
+    let cfg = write_config(45, "log-flood", "");
+    let certs = Path::new("/var/lib/bt/log-flood-certs");
+    let _ = std::fs::remove_dir_all(certs);
+    let (agent, port) = serve_activated(&cfg, certs);
+    let mut agent = Stopped(agent);
+    let mut err = BufReader::new(agent.0.stderr.take().unwrap()).lines();
+    let first = err.next().unwrap().unwrap();
+    assert!(first.contains(&format!("127.0.0.1:{port}")), "{first}");
+    let lines = std::thread::spawn(move || err.map_while(Result::ok).collect::<Vec<String>>());
+    let ca = std::fs::read(certs.join("admin/ca.pem")).unwrap();
+    let started = Instant::now();
+    let rt = rt();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for i in 0..300 {
+            if i % 3 == 0 {
+                // TLS without a client certificate.
+                if let Ok(mut s) = tls_connect(port, &ca, None).await {
+                    let mut b = [0u8; 1];
+                    let _ = s.read(&mut b).await;
+                }
+            } else {
+                let mut t = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                // Garbage in place of a ClientHello, or plaintext HTTP.
+                let garbage: &[u8] = if i % 3 == 1 {
+                    &[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5]
+                } else {
+                    b"GET / HTTP/1.1\r\n\r\n"
+                };
+                let _ = t.write_all(garbage).await;
+                let mut b = Vec::new();
+                let _ = t.read_to_end(&mut b).await;
+            }
+        }
+    });
+    let elapsed = started.elapsed();
+    assert!(agent.stop().success());
+    let lines = lines.join().unwrap();
+    let refusals: Vec<&String> = lines
+        .iter()
+        .filter(|l| {
+            l.contains("WARN")
+                && (l.contains("handshake") || l.contains("plaintext") || l.contains("certificate"))
+        })
+        .collect();
+    // At most one line per reason per 10 s (five reasons), however long the
+    // flood took on this machine.
+    let windows = elapsed.as_secs() / 10 + 1;
+    assert!(!refusals.is_empty(), "refusals went unlogged: {lines:?}");
+    assert!(
+        refusals.len() as u64 <= 5 * windows,
+        "{} lines for 300 refused peers in {elapsed:?}:\n{}",
+        refusals.len(),
+        refusals
+            .iter()
+            .map(|l| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        refusals.iter().any(|l| l.contains("plaintext")),
+        "{refusals:?}"
+    );
 }

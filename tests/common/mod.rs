@@ -210,7 +210,9 @@ pub fn import_busybox(sock: &Path) {
 pub struct Traces {
     pub id: String,
     pub pids: Vec<u32>,
-    pub net_ns: Option<u64>,
+    /// The job's network namespace, held open: while held, its inode
+    /// number cannot be reused by a namespace made after the job's end.
+    pub net_ns: Option<std::fs::File>,
     pub job_dir: PathBuf,
     pub state_dir: PathBuf,
     pub slot: u32,
@@ -223,9 +225,7 @@ impl Traces {
         let pids = sb.pids();
         assert!(!pids.is_empty(), "a live job has processes");
         let init = sb.record().init_pid.expect("init pid");
-        let net_ns = std::fs::metadata(format!("/proc/{init}/ns/net"))
-            .ok()
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        let net_ns = std::fs::File::open(format!("/proc/{init}/ns/net")).ok();
         Traces {
             id: sb.id().to_string(),
             pids,
@@ -267,9 +267,10 @@ impl Traces {
                 "pid {pid} still sees a mount of job {id}"
             );
             if let (Some(ns), Ok(m)) = (
-                self.net_ns,
+                self.net_ns.as_ref().and_then(|f| f.metadata().ok()),
                 std::fs::metadata(format!("/proc/{pid}/ns/net")),
             ) {
+                let ns = std::os::unix::fs::MetadataExt::ino(&ns);
                 assert_ne!(
                     std::os::unix::fs::MetadataExt::ino(&m),
                     ns,
