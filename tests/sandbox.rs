@@ -1163,6 +1163,21 @@ fn a_job_that_fills_its_disk_gets_enospc_alone() {
         log_config.contains(r#""max-size":"10m""#) && log_config.contains(r#""max-file":"3""#),
         "{log_config}"
     );
+    // The job's private tmpfs mounts are sized.
+    let init = a.record().init_pid.unwrap();
+    let mounts = std::fs::read_to_string(format!("/proc/{init}/mountinfo")).unwrap();
+    for (at, size) in [
+        ("/tmp", "size=524288k"),
+        ("/dev/shm", "size=65536k"),
+        ("/run", "size=65536k"),
+    ] {
+        let line = mounts
+            .lines()
+            // The job's own, mounted over the host's: the last one.
+            .rfind(|l| l.split_whitespace().nth(4) == Some(at) && l.contains(" - tmpfs "))
+            .unwrap_or_else(|| panic!("no tmpfs at {at}:\n{mounts}"));
+        assert!(line.contains(size), "{at}: {line}");
+    }
     // 200 MB into a 128 MiB disk: the job's write fails with ENOSPC.
     let fill = docker(
         &a.socket(),
