@@ -16,7 +16,8 @@ use crate::sandbox::{Engine, Limits, SandboxError, Status};
 /// Remembered ended jobs, so a late client gets "ended" rather than "unknown".
 const ENDED_MEMORY: usize = 4096;
 
-/// Longest wait between two tries to refill the warm pool.
+/// Longest wait between two tries to refill the warm pool (2 s after the
+/// first failure, doubling): a host that cannot start jobs is not hammered.
 const POOL_RETRY_CAP: Duration = Duration::from_secs(300);
 
 /// How often failed teardowns are looked at (each has its own backoff).
@@ -132,8 +133,6 @@ struct PoolHealth {
     retry_at: Option<std::time::Instant>,
 }
 
-/// Wait after `failures` failed warm starts in a row: 2 s, doubling, at
-/// most 5 minutes, so a host that cannot start jobs is not hammered.
 struct Meta {
     created: SystemTime,
     expires: SystemTime,
