@@ -31,6 +31,10 @@ pub struct Created {
     /// The job's own address on the agent's host: ports the job publishes
     /// answer there.
     pub address: String,
+    /// The agent's host ports forwarded to the job; what it publishes
+    /// without a fixed host port answers at the endpoint's host too.
+    #[serde(default)]
+    pub ports: Option<crate::sandbox::PortRange>,
     pub expires_at: u64,
     pub ca: String,
     pub cert: String,
@@ -227,6 +231,7 @@ async fn create(
                     id: view.id,
                     endpoint: format!("tcp://{host}:{}", local.port()),
                     address: view.address,
+                    ports: view.ports,
                     expires_at: view.expires_at,
                     ca: bundle.ca_pem,
                     cert: bundle.cert_pem,

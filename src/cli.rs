@@ -235,6 +235,8 @@ struct FileConfig {
     sandbox: SandboxConfig,
     #[serde(default)]
     serve: crate::server::ServeConfig,
+    #[serde(default)]
+    registries: crate::sandbox::registries::Registries,
 }
 
 pub fn load_config(args: &EngineArgs) -> Result<SandboxConfig, CliError> {
@@ -264,6 +266,7 @@ fn load_file_unvalidated(args: &EngineArgs) -> Result<FileConfig, CliError> {
     if let Some(d) = &args.state_dir {
         cfg.sandbox.state_dir = d.clone();
     }
+    cfg.sandbox.registries = cfg.registries.clone();
     Ok(cfg)
 }
 
@@ -492,6 +495,8 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
                     serde_json::json!({
                         "id": created.id,
                         "endpoint": created.endpoint,
+                        "address": created.address,
+                        "ports": created.ports,
                         "expires_at": created.expires_at,
                         "cert_path": dir,
                         "ca": dir.join("ca.pem"),
@@ -562,6 +567,33 @@ mod tests {
         cfg.sandbox.validate().unwrap();
         cfg.serve.validate().unwrap();
         assert_eq!(cfg.serve.listen.port(), 2376);
+    }
+
+    #[test]
+    fn the_registries_section_reaches_the_engine_and_bad_entries_are_named() {
+        let dir = std::env::temp_dir().join(format!("berth-cli-reg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("berth.toml");
+        let args = |p: &Path| EngineArgs {
+            config: Some(p.to_path_buf()),
+            state_dir: None,
+        };
+        std::fs::write(
+            &path,
+            "[registries]\nmirrors = [\"http://10.0.0.1:5000\"]\ninsecure = [\"10.0.0.1:5000\"]\n",
+        )
+        .unwrap();
+        let cfg = load_config(&args(&path)).unwrap();
+        assert_eq!(cfg.registries.mirrors, ["http://10.0.0.1:5000"]);
+        assert_eq!(cfg.registries.insecure, ["10.0.0.1:5000"]);
+        std::fs::write(&path, "[registries]\nmirrors = [\"mirror.example:5000\"]\n").unwrap();
+        let e = load_config(&args(&path)).unwrap_err();
+        assert_eq!(e.exit_code(), 64);
+        assert!(e.to_string().contains("registries.mirrors[0]"), "{e}");
+        std::fs::write(&path, "[registries]\nmirror = []\n").unwrap();
+        let e = load_config(&args(&path)).unwrap_err().to_string();
+        assert!(e.contains("mirror"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::pki::{Bundle, Ca, Identity, PkiError};
 use crate::sandbox::slots::SlotError;
-use crate::sandbox::{Engine, Limits, SandboxError, Status};
+use crate::sandbox::{Engine, Limits, PortRange, SandboxError, Status};
 
 /// Remembered ended jobs, so a late client gets "ended" rather than "unknown".
 const ENDED_MEMORY: usize = 4096;
@@ -107,8 +107,13 @@ pub fn parse_duration(t: &str) -> Result<Duration, String> {
 pub struct JobView {
     pub id: String,
     pub status: String,
-    /// The job's address on the agent's host (published ports answer there).
+    /// The job's own address on the agent's host: every port its containers
+    /// publish answers there, from the agent's host.
     pub address: String,
+    /// The agent's host ports forwarded to the job (`"FIRST-LAST"`): the
+    /// ports its containers publish without a fixed host port (`-p 80`,
+    /// `-P`) come from here and answer at every address of the agent's host.
+    pub ports: Option<PortRange>,
     pub created_at: u64,
     pub expires_at: u64,
     pub labels: BTreeMap<String, String>,
@@ -413,10 +418,12 @@ impl Jobs {
         let meta = self.meta.lock().unwrap();
         let m = meta.get(id)?;
         let sb = self.engine.get(id);
-        let address = sb
+        let rec = sb.as_ref().map(|s| s.record());
+        let address = rec
             .as_ref()
-            .map(|s| s.record().job_ip.to_string())
+            .map(|r| r.job_ip.to_string())
             .unwrap_or_default();
+        let ports = rec.and_then(|r| r.ports);
         let status = match sb.map(|s| s.status()) {
             Some(Status::Running) => "running".to_string(),
             Some(Status::Unhealthy(why)) => format!("unhealthy: {why}"),
@@ -429,6 +436,7 @@ impl Jobs {
             id: id.to_string(),
             status,
             address,
+            ports,
             created_at: unix(m.created),
             expires_at: unix(m.expires),
             labels: m.labels.clone(),
@@ -451,6 +459,7 @@ impl Jobs {
                     id,
                     status: format!("teardown-failed: {}", stuck.why),
                     address: String::new(),
+                    ports: None,
                     created_at: stuck.created_unix,
                     expires_at: 0,
                     labels: BTreeMap::new(),

@@ -199,6 +199,10 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
         ),
         ("BERTH_JOB_ID".to_string(), created.id.clone()),
         ("BERTH_JOB_ADDR".to_string(), created.address.clone()),
+        (
+            "BERTH_JOB_PORTS".to_string(),
+            created.ports.map(|p| p.to_string()).unwrap_or_default(),
+        ),
     ];
     let total = pipeline.steps.len();
     let mut stop = !results.is_empty();

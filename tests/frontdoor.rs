@@ -887,3 +887,79 @@ fn every_bad_body_and_head_gets_the_clients_4xx_and_the_agent_keeps_serving() {
     );
     docker_tls_ok(&job, &["version"]);
 }
+
+#[test]
+fn testcontainers_with_its_defaults_reaches_what_a_job_publishes() {
+    if !prerequisites() {
+        return;
+    }
+    let probe = Command::new("python3")
+        .args(["-c", "import testcontainers.core.container"])
+        .output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "testcontainers-python is missing: python3 -m pip install testcontainers==4.15.0"
+    );
+    // The agent at an address of its host that a remote runner (a network
+    // namespace) reaches too; its certificate names every address the
+    // host has when it is made, so the link comes first.
+    let runner = Outside::create(15);
+    let fd = FrontDoor::start_with(15, "fd-testcontainers", |c| {
+        c.listen = "10.215.15.1:0".parse().unwrap();
+    });
+    let job = fd.create_job(&[]);
+    assert_eq!(job.endpoint, format!("tcp://{}", fd.endpoint()));
+    // The bundle carries the job's own address and its block of ports.
+    assert!(
+        job.address.parse::<std::net::Ipv4Addr>().is_ok(),
+        "{:?}",
+        job.address
+    );
+    let block: berth::sandbox::PortRange = job
+        .ports
+        .as_deref()
+        .expect("job create --json names the job's ports")
+        .parse()
+        .unwrap();
+    import(&job);
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/testcontainers_ports.py");
+    // On the agent's host, then on the remote runner: only the three
+    // variables docker:dind users set.
+    for netns in [None, Some(runner.name.as_str())] {
+        let mut c = match netns {
+            None => Command::new("python3"),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "python3"]);
+                c
+            }
+        };
+        let out = c
+            .arg(&script)
+            .arg("busybox:test")
+            .env("DOCKER_HOST", &job.endpoint)
+            .env("DOCKER_TLS_VERIFY", "1")
+            .env("DOCKER_CERT_PATH", &job.dir)
+            .env("TESTCONTAINERS_RYUK_DISABLED", "true")
+            // requests would trust these bundles instead of DOCKER_CERT_PATH/ca.pem.
+            .env_remove("REQUESTS_CA_BUNDLE")
+            .env_remove("CURL_CA_BUNDLE")
+            .env_remove("TC_HOST")
+            .env_remove("TESTCONTAINERS_HOST_OVERRIDE")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", self::out(&out), err(&out));
+        assert!(out.status.success(), "testcontainers ({netns:?}): {text}");
+        // It connected where docker:dind users expect: DOCKER_HOST's host,
+        // on a port of the job's block.
+        assert!(text.contains("host=10.215.15.1 "), "{text}");
+        let port: u16 = text
+            .split("port=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(block.contains(port), "{port} is outside {block}");
+    }
+}

@@ -179,11 +179,7 @@ fn a_hung_dockerd_makes_its_job_unhealthy_and_its_clients_get_a_clear_error() {
     // A client already waiting on the stopped daemon is answered, not left
     // hanging.
     let waiting = {
-        let job = TlsJob {
-            id: job.id.clone(),
-            dir: job.dir.clone(),
-            endpoint: job.endpoint.clone(),
-        };
+        let job = job.clone();
         std::thread::spawn(move || docker_tls(&job, &["version"]))
     };
     let ls = ls_until(&fd, Duration::from_secs(120), "the job unhealthy", |t| {
@@ -243,7 +239,7 @@ fn the_warm_pool_never_costs_a_job_its_id_range() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(err(&o).contains("no free uid range"), "{}", err(&o));
+    assert!(err(&o).contains("no free job slot"), "{}", err(&o));
 
     // A job with its own limits gets the range a warm sandbox holds.
     let rm = fd.job_cli(&["rm", &jobs[0].id]);

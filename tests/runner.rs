@@ -329,11 +329,7 @@ fn serve_takes_a_socket_from_systemd_socket_activation() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let job = TlsJob {
-        id: v["id"].as_str().unwrap().into(),
-        dir: certs.join("job"),
-        endpoint: v["endpoint"].as_str().unwrap().into(),
-    };
+    let job = TlsJob::from_create_json(&v, certs.join("job"));
     assert_eq!(
         docker_tls_ok(&job, &["version", "--format", "{{.Server.APIVersion}}"]).trim(),
         "1.41"

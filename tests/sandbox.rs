@@ -864,8 +864,14 @@ fn a_sandbox_left_by_a_killed_agent_is_cleaned_on_restart() {
     std::fs::write(
         conf_path,
         format!(
-            "[sandbox]\nstate_dir = {:?}\nuid_base = {}\nuid_ranges = {}\nnet_pool = \"{}\"\nnet_pool_prefix = {}\ndns_upstreams = [\"127.0.0.1:9\"]\n",
-            cfg.state_dir, cfg.uid_base, cfg.uid_ranges, cfg.net_pool, cfg.net_pool_prefix
+            "[sandbox]\nstate_dir = {:?}\nuid_base = {}\nuid_ranges = {}\nnet_pool = \"{}\"\nnet_pool_prefix = {}\nport_pool = \"{}\"\nports_per_job = {}\ndns_upstreams = [\"127.0.0.1:9\"]\n",
+            cfg.state_dir,
+            cfg.uid_base,
+            cfg.uid_ranges,
+            cfg.net_pool,
+            cfg.net_pool_prefix,
+            cfg.port_pool,
+            cfg.ports_per_job
         ),
     )
     .unwrap();
@@ -951,7 +957,7 @@ fn missing_prerequisites_and_exhausted_pools_name_the_fix() {
         .expect("pool of one")
         .to_string();
     assert!(
-        err.contains("no free uid range") && err.contains("uid_ranges"),
+        err.contains("no free job slot") && err.contains("uid_ranges"),
         "{err}"
     );
     // The first job keeps serving.

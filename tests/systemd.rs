@@ -120,9 +120,8 @@ fn create_job() -> TlsJob {
     let out = berth_ok(&["job", "create", "--json", "--out", dir.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("job create --json");
     TlsJob {
-        id: v["id"].as_str().unwrap().to_string(),
         endpoint: format!("tcp://{ENDPOINT}"),
-        dir,
+        ..TlsJob::from_create_json(&v, dir)
     }
 }
 

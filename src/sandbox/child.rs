@@ -17,6 +17,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::cgroup::Layout;
+use super::config::PortRange;
 use super::protocol::{FromHelper, HelperEnd};
 use super::sys;
 
@@ -43,6 +44,10 @@ pub struct ChildSpec {
     pub peer_ifname: String,
     pub job_ip: Ipv4Addr,
     pub host_ip: Ipv4Addr,
+    /// The host ports forwarded to the job: its dockerd allocates published
+    /// ports from them (the job's `ip_local_port_range`).
+    #[serde(default)]
+    pub ports: Option<PortRange>,
     pub mtu: u32,
     /// dockerd's --shutdown-timeout, in seconds.
     pub shutdown_timeout: u64,
@@ -433,6 +438,49 @@ fn setup_link(spec: &ChildSpec) -> Result<(), String> {
     if !out.status.success() {
         return Err(format!(
             "configuring the job's link failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    if let Some(p) = spec.ports {
+        // dockerd takes the host ports it publishes (`-p 80`, `-P`) from
+        // this range, which berth forwards to the job.
+        let f = "/proc/sys/net/ipv4/ip_local_port_range";
+        std::fs::write(f, format!("{} {}", p.first, p.last))
+            .map_err(|e| format!("set the job's port range in {f}: {e}"))?;
+    }
+    clamp_mss()
+}
+
+/// Networks the job's dockerd makes have an MTU of their own (user-defined
+/// ones 1500 with dockerd 20.10, whatever `--mtu` says): connections leaving
+/// through the job's link announce a segment size that fits the link, so
+/// they never depend on path-MTU discovery (ICMP the path may drop).
+fn clamp_mss() -> Result<(), String> {
+    let out = Command::new("iptables")
+        .env("PATH", PATH)
+        .args([
+            "-w",
+            "-t",
+            "mangle",
+            "-A",
+            "FORWARD",
+            "-o",
+            "eth0",
+            "-p",
+            "tcp",
+            "--tcp-flags",
+            "SYN,RST",
+            "SYN",
+            "-j",
+            "TCPMSS",
+            "--clamp-mss-to-pmtu",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run iptables (install iptables): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "clamping the job's TCP segment size failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }

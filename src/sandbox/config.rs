@@ -109,6 +109,15 @@ pub struct SandboxConfig {
     pub net_pool_prefix: u8,
     /// MTU of job links; 0 means that of the host's default-route interface.
     pub mtu: u32,
+    /// Host ports carved into blocks of `ports_per_job`: slot n's block is
+    /// where its dockerd allocates the ports containers publish (`-p 80`,
+    /// `-P`), and berth forwards it from every address of the agent's host.
+    /// Keep it out of the host's `ip_local_port_range` and away from ports
+    /// host services listen on; like `net_pool`, distinct per agent.
+    pub port_pool: PortRange,
+    /// Size of each job's block of published ports; 0 publishes nothing at
+    /// the agent's addresses (ports then answer only at the job's own).
+    pub ports_per_job: u16,
     /// Resolvers the per-job DNS relay forwards to; empty means the
     /// nameservers of the host's /etc/resolv.conf (loopback ones included).
     pub dns_upstreams: Vec<SocketAddr>,
@@ -142,10 +151,104 @@ pub struct SandboxConfig {
     /// mounts instead of loading them into every job (falls back to loading
     /// where the kernel cannot).
     pub share_preloads: bool,
-    /// Extra dockerd arguments, for benchmarks that compare against
-    /// dockerd's own listeners. Never read from a configuration file.
-    #[serde(skip)]
+    /// Extra arguments for every job's dockerd (`["--debug"]`). Flags
+    /// berth sets itself, and those `daemon.json` or `[registries]` carry,
+    /// are refused.
     pub extra_dockerd_args: Vec<String>,
+    /// `[registries]` of the configuration file (a section of its own).
+    #[serde(skip)]
+    pub registries: super::registries::Registries,
+}
+
+/// dockerd flags berth sets for every job (or writes to its daemon.json):
+/// a second value would break the job or fail its start.
+const BERTH_FLAGS: [(&str, &str); 16] = [
+    ("--data-root", "the job's data-root is berth's"),
+    ("--exec-root", "the job's exec-root is berth's"),
+    ("--pidfile", "berth sets it"),
+    ("--config-file", "berth writes the job's daemon.json"),
+    (
+        "--host",
+        "the job's API is berth's unix socket; clients come through the front door",
+    ),
+    (
+        "-H",
+        "the job's API is berth's unix socket; clients come through the front door",
+    ),
+    ("--tlsverify", "clients come through berth's front door"),
+    ("--mtu", "berth sets the link's MTU (`mtu`)"),
+    ("--shutdown-timeout", "berth sets it from `stop_grace`"),
+    ("--exec-opt", "berth sets the cgroup driver"),
+    ("--rootless", "berth chooses the mode"),
+    (
+        "--log-driver",
+        "daemon.json caps container logs; a container may ask for its own",
+    ),
+    (
+        "--log-opt",
+        "daemon.json caps container logs; a container may ask for its own",
+    ),
+    ("--registry-mirror", "use [registries] mirrors"),
+    ("--insecure-registry", "use [registries] insecure"),
+    ("--default-network-opt", "berth sets networks' MTU"),
+];
+
+/// An inclusive range of ports, written `"FIRST-LAST"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn count(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. \"20000-29999\""))?;
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{s:?}: {p:?} is not a port (1-65535)"))
+        };
+        let (first, last) = (port(a)?, port(b)?);
+        if last < first {
+            return Err(format!("{s:?}: the last port is below the first"));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 mod secs {
@@ -173,6 +276,11 @@ impl Default for SandboxConfig {
             net_pool: Ipv4Addr::new(10, 213, 0, 0),
             net_pool_prefix: 16,
             mtu: 0,
+            port_pool: PortRange {
+                first: 20000,
+                last: 29999,
+            },
+            ports_per_job: 64,
             dns_upstreams: Vec::new(),
             cgroup_root: "/sys/fs/cgroup".into(),
             cgroup_parent: "berth".into(),
@@ -189,6 +297,7 @@ impl Default for SandboxConfig {
             preload: Vec::new(),
             share_preloads: true,
             extra_dockerd_args: Vec::new(),
+            registries: Default::default(),
         }
     }
 }
@@ -197,6 +306,9 @@ impl Default for SandboxConfig {
 pub enum ConfigError {
     #[error("invalid configuration: {key}: {why}")]
     Invalid { key: &'static str, why: String },
+    /// An entry of a list or table (`registries.mirrors[1]`).
+    #[error("invalid configuration: {key}: {why}")]
+    InvalidAt { key: String, why: String },
 }
 
 impl SandboxConfig {
@@ -265,6 +377,35 @@ impl SandboxConfig {
                 format!("{} must be 0 (auto) or 1280..=65535", self.mtu),
             );
         }
+        if self.port_pool.first < 1024 {
+            return inv(
+                "port_pool",
+                format!(
+                    "{} starts below 1024, among ports host services listen on",
+                    self.port_pool
+                ),
+            );
+        }
+        if self.ports_per_job != 0 {
+            if self.ports_per_job < 8 {
+                return inv(
+                    "ports_per_job",
+                    format!(
+                        "{} is too few for a job's own connections; use at least 8, or 0 to publish nothing",
+                        self.ports_per_job
+                    ),
+                );
+            }
+            if u32::from(self.ports_per_job) > self.port_pool.count() {
+                return inv(
+                    "ports_per_job",
+                    format!(
+                        "{} is more than port_pool {} holds",
+                        self.ports_per_job, self.port_pool
+                    ),
+                );
+            }
+        }
         if self.cgroup_parent.is_empty()
             || self
                 .cgroup_parent
@@ -294,13 +435,54 @@ impl SandboxConfig {
             return inv("ready_timeout", "must be at least 1 second".into());
         }
         self.default_limits.validate()?;
+        for a in &self.extra_dockerd_args {
+            let flag = a.split('=').next().unwrap_or_default();
+            if let Some((f, why)) = BERTH_FLAGS.iter().find(|(f, _)| *f == flag) {
+                return inv("extra_dockerd_args", format!("{f} cannot be given: {why}"));
+            }
+        }
+        self.registries.load()?;
         Ok(())
     }
 
-    /// Number of job slots: bounded by both the uid pool and the address pool.
+    /// Number of job slots: bounded by the uid pool, the address pool and
+    /// the port pool.
     pub fn slots(&self) -> u32 {
         let nets = 1u64 << (32 - u32::from(self.net_pool_prefix) - 2);
-        u64::from(self.uid_ranges).min(nets) as u32
+        let mut n = u64::from(self.uid_ranges).min(nets);
+        if self.ports_per_job != 0 {
+            n = n.min(u64::from(
+                self.port_pool.count() / u32::from(self.ports_per_job),
+            ));
+        }
+        n as u32
+    }
+
+    /// Which pool bounds the number of slots, for the error that says all
+    /// are in use.
+    pub fn slots_bound(&self) -> &'static str {
+        let nets = 1u64 << (32 - u32::from(self.net_pool_prefix) - 2);
+        let slots = u64::from(self.slots());
+        if slots == u64::from(self.uid_ranges) {
+            "uid_ranges"
+        } else if slots == nets {
+            "net_pool_prefix"
+        } else {
+            "port_pool / ports_per_job"
+        }
+    }
+
+    /// Slot `n`'s block of published ports, if jobs publish any.
+    pub fn port_block(&self, slot: u32) -> Option<PortRange> {
+        if self.ports_per_job == 0 {
+            return None;
+        }
+        let first = u32::from(self.port_pool.first) + slot * u32::from(self.ports_per_job);
+        let last = first + u32::from(self.ports_per_job) - 1;
+        (last <= u32::from(self.port_pool.last)).then_some(PortRange {
+            first: first as u16,
+            last: last as u16,
+        })
     }
 
     /// Host and job addresses of slot `n`'s /30.
@@ -373,6 +555,82 @@ mod tests {
             c.link_addrs(1),
             (Ipv4Addr::new(10, 213, 0, 5), Ipv4Addr::new(10, 213, 0, 6))
         );
+    }
+
+    #[test]
+    fn port_blocks_are_disjoint_and_bound_the_slots() {
+        let c = SandboxConfig {
+            port_pool: "20000-20099".parse().unwrap(),
+            ports_per_job: 32,
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(c.slots(), 3);
+        assert_eq!(c.slots_bound(), "port_pool / ports_per_job");
+        assert_eq!(c.port_block(0).unwrap().to_string(), "20000-20031");
+        assert_eq!(c.port_block(2).unwrap().to_string(), "20064-20095");
+        assert_eq!(c.port_block(3), None);
+        let off = SandboxConfig {
+            ports_per_job: 0,
+            ..Default::default()
+        };
+        assert_eq!(off.port_block(0), None);
+        assert_eq!(off.slots(), 512);
+        assert_eq!(SandboxConfig::default().slots(), 156);
+    }
+
+    #[test]
+    fn port_ranges_parse_with_errors_that_say_why() {
+        assert_eq!(
+            "20000-29999".parse::<PortRange>().unwrap(),
+            PortRange {
+                first: 20000,
+                last: 29999
+            }
+        );
+        for bad in ["20000", "0-10", "30000-20000", "1-70000", "a-b"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+        let low = SandboxConfig {
+            port_pool: "80-1000".parse().unwrap(),
+            ..Default::default()
+        };
+        assert!(
+            low.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("port_pool")
+        );
+        let few = SandboxConfig {
+            ports_per_job: 4,
+            ..Default::default()
+        };
+        assert!(
+            few.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("ports_per_job")
+        );
+    }
+
+    #[test]
+    fn extra_dockerd_args_refuse_what_berth_sets() {
+        let with = |a: &[&str]| SandboxConfig {
+            extra_dockerd_args: a.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        with(&["--debug", "--max-concurrent-downloads", "6"])
+            .validate()
+            .unwrap();
+        for bad in [
+            "--data-root=/x",
+            "-H",
+            "--registry-mirror",
+            "--log-opt=max-size=1g",
+        ] {
+            let e = with(&[bad]).validate().unwrap_err().to_string();
+            assert!(e.contains("extra_dockerd_args"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub(super) struct Prepared {
     pub layout: Option<Layout>,
     /// MTU of job links.
     pub mtu: u32,
+    /// dockerd's major version, where `dockerd --version` says it.
+    pub dockerd_major: Option<u32>,
+    /// Registry settings for every job, CA files read.
+    pub registries: super::registries::Loaded,
     /// Where the jobs' DNS relays forward.
     pub upstreams: Vec<SocketAddr>,
     /// Archives loaded into (or shared with) every new job.
@@ -93,14 +97,32 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         cfg.dns_upstreams.clone()
     };
     let preloads = preload::prepare(&cfg.preload, &cfg.state_dir.join("preload"))?;
+    let dockerd_major = std::process::Command::new(&cfg.dockerd)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| dockerd_major(&String::from_utf8_lossy(&o.stdout)));
     Ok(Prepared {
         helper,
         layout,
         mtu,
+        dockerd_major,
+        registries: cfg.registries.load()?,
         upstreams,
         preloads,
         _lock: lock,
     })
+}
+
+/// The major version in `dockerd --version`'s answer
+/// (`Docker version 20.10.24+dfsg1, build 5d6db84`).
+fn dockerd_major(version: &str) -> Option<u32> {
+    version
+        .strip_prefix("Docker version ")?
+        .split(['.', ','])
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, SandboxError> {
@@ -216,4 +238,22 @@ pub(super) fn mkdir_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
 
 pub(super) fn chown(path: &Path, id: u32) -> Result<(), SandboxError> {
     std::os::unix::fs::chown(path, Some(id), Some(id)).map_err(io("cannot chown", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_dockerds_major_version() {
+        assert_eq!(
+            dockerd_major("Docker version 20.10.24+dfsg1, build 5d6db84\n"),
+            Some(20)
+        );
+        assert_eq!(
+            dockerd_major("Docker version 27.5.1, build 4c9b3b0"),
+            Some(27)
+        );
+        assert_eq!(dockerd_major("dockerd: command not found"), None);
+    }
 }

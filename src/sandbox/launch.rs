@@ -129,6 +129,7 @@ impl Engine {
             host_id,
             host_ip,
             job_ip,
+            ports: cfg.port_block(slot),
             cgroup: self
                 .host
                 .layout
@@ -265,9 +266,27 @@ impl Engine {
                 .map_err(|e| start_err(&rec.id, e))??;
         }
         let daemon_json = root.join("daemon.json");
-        std::fs::write(&daemon_json, daemon_json_text())
-            .map_err(io("cannot write", &daemon_json))?;
+        std::fs::write(
+            &daemon_json,
+            daemon_json_text(
+                self.host.mtu,
+                self.host.dockerd_major,
+                &self.host.registries,
+            ),
+        )
+        .map_err(io("cannot write", &daemon_json))?;
         chown(&daemon_json, rec.host_id)?;
+        // Private CAs where dockerd looks for them: /etc/docker/certs.d.
+        for (registry, pem) in &self.host.registries.cas {
+            let d = root.join("etc-docker").join("certs.d").join(registry);
+            for dir in [d.parent().unwrap_or(&d), &d] {
+                mkdir_mode(dir, 0o755)?;
+                chown(dir, rec.host_id)?;
+            }
+            let f = d.join("ca.crt");
+            std::fs::write(&f, pem).map_err(io("cannot write", &f))?;
+            chown(&f, rec.host_id)?;
+        }
         let resolv = dir.join("resolv.conf");
         std::fs::write(&resolv, format!("nameserver {}\n", rec.host_ip))
             .map_err(io("cannot write", &resolv))?;
@@ -296,10 +315,15 @@ impl Engine {
 
     /// The veth pair (host end addressed and up) and the job's rules.
     async fn make_link(&self, rec: &JobRecord) -> Result<(), SandboxError> {
-        let (id, host_ip, job_ip, mtu) = (rec.id.clone(), rec.host_ip, rec.job_ip, self.host.mtu);
+        let (id, mtu) = (rec.id.clone(), self.host.mtu);
+        let addrs = net::JobAddrs {
+            host_ip: rec.host_ip,
+            job_ip: rec.job_ip,
+            ports: rec.ports,
+        };
         tokio::task::spawn_blocking(move || -> Result<(), net::NetError> {
-            net::create_link(&id, host_ip, mtu)?;
-            net::add_rules(&id, host_ip, job_ip)
+            net::create_link(&id, addrs.host_ip, mtu, addrs.ports.is_some())?;
+            net::add_rules(&id, &addrs)
         })
         .await
         .map_err(|e| start_err(&rec.id, e))??;
@@ -338,6 +362,7 @@ impl Engine {
             peer_ifname: net::peer_ifname(id),
             job_ip: rec.job_ip,
             host_ip: rec.host_ip,
+            ports: rec.ports,
             mtu: self.host.mtu,
             // dockerd stops its containers within the grace, leaving it a
             // margin to exit before the SIGKILL.
@@ -650,12 +675,28 @@ fn probe_idmap(dir: &Path) -> Result<(), SandboxError> {
 
 /// Every job's daemon.json. Container logs are capped (json-file, 3 files
 /// of 10 MiB per container, the newest kept); a container may still ask for
-/// other log options.
-fn daemon_json_text() -> String {
-    let v = serde_json::json!({
+/// other log options. From dockerd 24 on, networks the job creates get the
+/// link's MTU (`--mtu` covers only the default bridge; older dockerds refuse
+/// the key, and the job's TCP segment clamp covers them).
+fn daemon_json_text(
+    mtu: u32,
+    dockerd_major: Option<u32>,
+    registries: &super::registries::Loaded,
+) -> String {
+    let mut v = serde_json::json!({
         "log-driver": "json-file",
         "log-opts": { "max-size": "10m", "max-file": "3" },
     });
+    if !registries.mirrors.is_empty() {
+        v["registry-mirrors"] = serde_json::json!(registries.mirrors);
+    }
+    if !registries.insecure.is_empty() {
+        v["insecure-registries"] = serde_json::json!(registries.insecure);
+    }
+    if dockerd_major.is_some_and(|m| m >= 24) {
+        v["default-network-opts"] =
+            serde_json::json!({ "bridge": { "com.docker.network.driver.mtu": mtu.to_string() } });
+    }
     format!("{v:#}\n")
 }
 
@@ -668,6 +709,30 @@ fn new_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_networks_get_the_link_mtu_where_dockerd_knows_how() {
+        let old: serde_json::Value =
+            serde_json::from_str(&daemon_json_text(1400, Some(20), &Default::default())).unwrap();
+        assert!(old.get("default-network-opts").is_none());
+        assert_eq!(old["log-opts"]["max-size"], "10m");
+        let new: serde_json::Value =
+            serde_json::from_str(&daemon_json_text(1400, Some(27), &Default::default())).unwrap();
+        assert_eq!(
+            new["default-network-opts"]["bridge"]["com.docker.network.driver.mtu"],
+            "1400"
+        );
+        let reg = crate::sandbox::registries::Loaded {
+            mirrors: vec!["http://10.0.0.1:5000".into()],
+            insecure: vec!["r.example:5000".into()],
+            cas: Vec::new(),
+        };
+        let unknown: serde_json::Value =
+            serde_json::from_str(&daemon_json_text(1400, None, &reg)).unwrap();
+        assert!(unknown.get("default-network-opts").is_none());
+        assert_eq!(unknown["registry-mirrors"][0], "http://10.0.0.1:5000");
+        assert_eq!(unknown["insecure-registries"][0], "r.example:5000");
+    }
 
     #[test]
     fn ids_are_12_hex() {

@@ -26,6 +26,7 @@ mod ping;
 pub mod preload;
 pub mod protocol;
 pub mod record;
+pub mod registries;
 pub mod seed;
 pub mod slots;
 mod sys;
@@ -39,7 +40,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 pub use cgroup::{JobCgroup, Layout};
-pub use config::{Limits, SandboxConfig};
+pub use config::{Limits, PortRange, SandboxConfig};
 /// Whether a dockerd answers `/_ping` on a socket (the engine's readiness check).
 pub use ping::ping;
 pub use record::JobRecord;

@@ -4,12 +4,17 @@
 //! `berth-job-<id>`, so teardown and recovery find exactly the job's rules.
 //!
 //! A job may open connections to the outside (NATed), and to its DNS relay on
-//! the host end of its link; nothing else on the host, no other job, and
-//! nothing from outside reaches it.
+//! the host end of its link; nothing else on the host and no other job. From
+//! outside, only its block of published ports reaches it: a connection to
+//! any address of the agent's host (loopback included) on a port of the
+//! block is forwarded to the job's address, where only what the job
+//! publishes answers.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
+
+use super::config::PortRange;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -25,7 +30,19 @@ pub enum NetError {
 }
 
 const FILTER_CHAINS: [(&str, &str); 2] = [("INPUT", "BERTH-INPUT"), ("FORWARD", "BERTH-FORWARD")];
-const NAT_CHAINS: [(&str, &str); 1] = [("POSTROUTING", "BERTH-POSTROUTING")];
+const NAT_CHAINS: [(&str, &str); 3] = [
+    ("PREROUTING", "BERTH-PREROUTING"),
+    ("OUTPUT", "BERTH-OUTPUT"),
+    ("POSTROUTING", "BERTH-POSTROUTING"),
+];
+
+/// The addresses of one job's link, and the host ports forwarded to it.
+#[derive(Debug, Clone, Copy)]
+pub struct JobAddrs {
+    pub host_ip: Ipv4Addr,
+    pub job_ip: Ipv4Addr,
+    pub ports: Option<PortRange>,
+}
 
 pub fn host_ifname(job_id: &str) -> String {
     format!("bh{}", &job_id[..job_id.len().min(12)])
@@ -87,8 +104,15 @@ pub fn enable_forwarding(proc_root: &Path) -> Result<(), NetError> {
     })
 }
 
-/// Creates the pair with the host end addressed and up.
-pub fn create_link(job_id: &str, host_ip: Ipv4Addr, mtu: u32) -> Result<(), NetError> {
+/// Creates the pair with the host end addressed and up. With `publish`,
+/// connections from the host's loopback may be forwarded over it
+/// (`route_localnet`; their source is rewritten to the host end).
+pub fn create_link(
+    job_id: &str,
+    host_ip: Ipv4Addr,
+    mtu: u32,
+    publish: bool,
+) -> Result<(), NetError> {
     let (h, p, m) = (host_ifname(job_id), peer_ifname(job_id), mtu.to_string());
     run(
         "ip",
@@ -101,6 +125,10 @@ pub fn create_link(job_id: &str, host_ip: Ipv4Addr, mtu: u32) -> Result<(), NetE
     let v6 = format!("/proc/sys/net/ipv6/conf/{h}/disable_ipv6");
     if Path::new("/proc/sys/net/ipv6").exists() {
         std::fs::write(&v6, "1").map_err(|source| NetError::Forwarding { path: v6, source })?;
+    }
+    if publish {
+        let p = format!("/proc/sys/net/ipv4/conf/{h}/route_localnet");
+        std::fs::write(&p, "1").map_err(|source| NetError::Forwarding { path: p, source })?;
     }
     run("ip", &["addr", "add", &format!("{host_ip}/30"), "dev", &h])?;
     run("ip", &["link", "set", &h, "up"])?;
@@ -154,11 +182,8 @@ fn ensure_chains() -> Result<(), NetError> {
 }
 
 /// The rules of one job, as `iptables` argument lists (table, chain, spec).
-pub fn job_rules(
-    job_id: &str,
-    host_ip: Ipv4Addr,
-    job_ip: Ipv4Addr,
-) -> Vec<(&'static str, &'static str, Vec<String>)> {
+pub fn job_rules(job_id: &str, a: &JobAddrs) -> Vec<(&'static str, &'static str, Vec<String>)> {
+    let (host_ip, job_ip) = (a.host_ip, a.job_ip);
     let h = host_ifname(job_id);
     let c = comment(job_id);
     let net = format!("{}/30", Ipv4Addr::from(u32::from(job_ip) & !3));
@@ -168,7 +193,7 @@ pub fn job_rules(
         out
     };
     let hip = host_ip.to_string();
-    vec![
+    let mut rules = vec![
         // The job's DNS relay answers on the host end of the link.
         (
             "filter",
@@ -213,7 +238,8 @@ pub fn job_rules(
             s(&["-i", &h, "-s", &net, "-j", "ACCEPT"]),
         ),
         ("filter", "BERTH-FORWARD", s(&["-i", &h, "-j", "DROP"])),
-        // Replies come back; nothing from outside opens a connection in.
+        // Replies come back; from outside, only connections forwarded to
+        // the job's published ports (below) open a connection in.
         (
             "filter",
             "BERTH-FORWARD",
@@ -228,18 +254,79 @@ pub fn job_rules(
                 "ACCEPT",
             ]),
         ),
-        ("filter", "BERTH-FORWARD", s(&["-o", &h, "-j", "DROP"])),
-        (
+    ];
+    if let Some(block) = a.ports {
+        let ports = format!("{}:{}", block.first, block.last);
+        let jip = job_ip.to_string();
+        for proto in ["tcp", "udp"] {
+            // Forwarded to the job from any address of the host, for
+            // clients on the host (OUTPUT) and elsewhere (PREROUTING)...
+            for chain in ["BERTH-PREROUTING", "BERTH-OUTPUT"] {
+                rules.push((
+                    "nat",
+                    chain,
+                    s(&[
+                        "-p",
+                        proto,
+                        "-m",
+                        "addrtype",
+                        "--dst-type",
+                        "LOCAL",
+                        "--dport",
+                        &ports,
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &jip,
+                    ]),
+                ));
+            }
+            // ...and let through, unless it comes from a job: another job's
+            // ports are never reachable, whichever started first.
+            rules.push((
+                "filter",
+                "BERTH-FORWARD",
+                s(&[
+                    "!",
+                    "-i",
+                    "bh+",
+                    "-o",
+                    &h,
+                    "-d",
+                    &jip,
+                    "-p",
+                    proto,
+                    "--dport",
+                    &ports,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "DNAT",
+                    "-j",
+                    "ACCEPT",
+                ]),
+            ));
+        }
+        // A client on the host's loopback reaches the job as the host end of
+        // the link: the job cannot answer 127.0.0.1.
+        rules.push((
             "nat",
             "BERTH-POSTROUTING",
-            s(&["-s", &net, "!", "-o", &h, "-j", "MASQUERADE"]),
-        ),
-    ]
+            s(&["-o", &h, "-s", "127.0.0.0/8", "-j", "MASQUERADE"]),
+        ));
+    }
+    rules.push(("filter", "BERTH-FORWARD", s(&["-o", &h, "-j", "DROP"])));
+    rules.push((
+        "nat",
+        "BERTH-POSTROUTING",
+        s(&["-s", &net, "!", "-o", &h, "-j", "MASQUERADE"]),
+    ));
+    rules
 }
 
-pub fn add_rules(job_id: &str, host_ip: Ipv4Addr, job_ip: Ipv4Addr) -> Result<(), NetError> {
+pub fn add_rules(job_id: &str, addrs: &JobAddrs) -> Result<(), NetError> {
     ensure_chains()?;
-    for (table, chain, spec) in job_rules(job_id, host_ip, job_ip) {
+    for (table, chain, spec) in job_rules(job_id, addrs) {
         let mut args = vec!["-w", "-t", table, "-A", chain];
         args.extend(spec.iter().map(String::as_str));
         run("iptables", &args)?;
@@ -314,8 +401,14 @@ mod tests {
     fn every_rule_is_tagged_and_in_our_chains() {
         let r = job_rules(
             "abc",
-            Ipv4Addr::new(10, 0, 0, 1),
-            Ipv4Addr::new(10, 0, 0, 2),
+            &JobAddrs {
+                host_ip: Ipv4Addr::new(10, 0, 0, 1),
+                job_ip: Ipv4Addr::new(10, 0, 0, 2),
+                ports: Some(PortRange {
+                    first: 20000,
+                    last: 20063,
+                }),
+            },
         );
         for (_, chain, spec) in &r {
             assert!(chain.starts_with("BERTH-"));
@@ -329,6 +422,48 @@ mod tests {
             r.iter()
                 .any(|(t, _, s)| *t == "nat" && s.contains(&"10.0.0.0/30".to_string()))
         );
+    }
+
+    #[test]
+    fn published_ports_are_let_in_before_the_drop_and_never_from_a_job() {
+        let a = JobAddrs {
+            host_ip: Ipv4Addr::new(10, 0, 0, 1),
+            job_ip: Ipv4Addr::new(10, 0, 0, 2),
+            ports: Some(PortRange {
+                first: 20000,
+                last: 20063,
+            }),
+        };
+        let r = job_rules("abc", &a);
+        let forward: Vec<&Vec<String>> = r
+            .iter()
+            .filter(|(_, c, _)| *c == "BERTH-FORWARD")
+            .map(|(_, _, s)| s)
+            .collect();
+        let drop_in = forward
+            .iter()
+            .position(|s| s[..4] == ["-o", "bhabc", "-j", "DROP"])
+            .unwrap();
+        let accepts: Vec<usize> = forward
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.contains(&"DNAT".to_string()))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(accepts.len(), 2);
+        for i in accepts {
+            assert!(i < drop_in);
+            assert_eq!(forward[i][..3], ["!", "-i", "bh+"]);
+            assert!(forward[i].contains(&"20000:20063".to_string()));
+        }
+        let dnat = r
+            .iter()
+            .filter(|(t, _, s)| *t == "nat" && s.contains(&"--to-destination".to_string()))
+            .count();
+        assert_eq!(dnat, 4, "tcp and udp, from the host and from elsewhere");
+        // Without a block, nothing is forwarded in.
+        let none = job_rules("abc", &JobAddrs { ports: None, ..a });
+        assert!(!none.iter().any(|(_, _, s)| s.contains(&"DNAT".to_string())));
     }
 
     #[test]

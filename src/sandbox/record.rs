@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::cgroup::JobCgroup;
+use super::config::PortRange;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -19,6 +20,9 @@ pub struct JobRecord {
     pub host_id: u32,
     pub host_ip: Ipv4Addr,
     pub job_ip: Ipv4Addr,
+    /// The host ports forwarded to the job (what its containers publish).
+    #[serde(default)]
+    pub ports: Option<PortRange>,
     pub cgroup: Option<JobCgroup>,
     /// Stage-1 helper that waits for the job's init (a direct child of the
     /// agent).
@@ -97,6 +101,7 @@ mod tests {
             host_id: 1_000_196_608,
             host_ip: Ipv4Addr::new(10, 0, 0, 1),
             job_ip: Ipv4Addr::new(10, 0, 0, 2),
+            ports: None,
             cgroup: None,
             monitor_pid: Some(42),
             init_pid: None,

@@ -13,10 +13,10 @@ use super::config::{RANGE_SIZE, SandboxConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
     #[error(
-        "no free uid range: all {total} ranges of the pool are in use or overlap /etc/subuid \
-         or /etc/subgid; raise uid_ranges in the configuration or end some jobs"
+        "no free job slot: all {total} slots are in use or their uid ranges overlap \
+         /etc/subuid or /etc/subgid; raise {bound} in the configuration or end some jobs"
     )]
-    Exhausted { total: u32 },
+    Exhausted { total: u32, bound: &'static str },
     #[error("cannot read {path}: {source}")]
     ReadIds {
         path: PathBuf,
@@ -138,7 +138,10 @@ pub fn claim(cfg: &SandboxConfig, job_id: &str) -> Result<u32, SlotError> {
             Err(source) => return Err(SlotError::Claim { path, source }),
         }
     }
-    Err(SlotError::Exhausted { total: cfg.slots() })
+    Err(SlotError::Exhausted {
+        total: cfg.slots(),
+        bound: cfg.slots_bound(),
+    })
 }
 
 /// Releases `slot` if it is still claimed by `job_id`. Idempotent.
@@ -214,7 +217,7 @@ mod tests {
         assert_eq!(claim(&c, "a").unwrap(), 1);
         assert_eq!(claim(&c, "b").unwrap(), 3);
         let e = claim(&c, "c").unwrap_err();
-        assert!(e.to_string().contains("no free uid range"), "{e}");
+        assert!(e.to_string().contains("no free job slot"), "{e}");
         release(&d, 1, "a").unwrap();
         assert_eq!(claim(&c, "c").unwrap(), 1);
     }

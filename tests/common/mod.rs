@@ -104,6 +104,13 @@ pub fn engine_config(n: u32, name: &str) -> SandboxConfig {
         uid_ranges: 8,
         net_pool: Ipv4Addr::new(10, 214, n as u8, 0),
         net_pool_prefix: 24,
+        // Below the host's ephemeral ports: a loopback server a test binds
+        // to port 0 never lands in another test's forwarded block.
+        port_pool: berth::sandbox::PortRange {
+            first: (10000 + n * 128) as u16,
+            last: (10000 + n * 128 + 127) as u16,
+        },
+        ports_per_job: 16,
         // Loopback only: tests never send DNS anywhere else.
         dns_upstreams: vec![SocketAddr::from(([127, 0, 0, 1], 9))],
         ..Default::default()
@@ -377,18 +384,11 @@ impl Outside {
         }
     }
 
-    /// Binds a TCP listener inside the namespace (from a thread that joins
-    /// it; the listening socket stays in that namespace).
+    /// Binds a TCP listener inside the namespace (the listening socket
+    /// stays in that namespace).
     fn listen(&self, port: u16) -> std::net::TcpListener {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|sc| {
-            sc.spawn(|| {
-                let ns = std::fs::File::open(&path).unwrap();
-                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                std::net::TcpListener::bind(("0.0.0.0", port)).unwrap()
-            })
-            .join()
-            .unwrap()
+        in_netns(&self.name, || {
+            std::net::TcpListener::bind(("0.0.0.0", port)).unwrap()
         })
     }
 
@@ -424,6 +424,21 @@ impl Drop for Outside {
             .args(["link", "del", &self.host_if])
             .status();
     }
+}
+
+/// Runs `f` on a thread that has joined the named network namespace
+/// (`ip netns`): sockets it makes stay in that namespace.
+pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let ns = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
 }
 
 /// A DNS server on loopback that answers every A question with `answer`.
@@ -475,16 +490,23 @@ pub fn rt() -> tokio::runtime::Runtime {
 /// it shuts the server down, which tears down its jobs.
 pub struct FrontDoor {
     pub port: u16,
+    /// The address it listens on (127.0.0.1 unless a test chose another).
+    pub ip: std::net::IpAddr,
     pub certs: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A job created through the front door: its id and its certificate dir.
+#[derive(Clone)]
 pub struct TlsJob {
     pub id: String,
     pub dir: PathBuf,
     pub endpoint: String,
+    /// The job's own address and its block of published ports, as
+    /// `job create --json` prints them.
+    pub address: String,
+    pub ports: Option<String>,
 }
 
 impl FrontDoor {
@@ -523,7 +545,7 @@ impl FrontDoor {
                 let server = berth::server::Server::bind(cfg, engine)
                     .await
                     .expect("bind");
-                port_tx.send(server.local_addr().port()).unwrap();
+                port_tx.send(server.local_addr()).unwrap();
                 server
                     .run(async {
                         let _ = stop_rx.await;
@@ -531,11 +553,12 @@ impl FrontDoor {
                     .await;
             });
         });
-        let port = port_rx
+        let addr = port_rx
             .recv_timeout(Duration::from_secs(300))
             .expect("server up");
         FrontDoor {
-            port,
+            port: addr.port(),
+            ip: addr.ip(),
             certs,
             stop: Some(stop),
             thread: Some(thread),
@@ -543,7 +566,7 @@ impl FrontDoor {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        SocketAddr::new(self.ip, self.port).to_string()
     }
 
     /// `berth job create` (the real CLI) against this front door.
@@ -564,11 +587,7 @@ impl FrontDoor {
             String::from_utf8_lossy(&out.stderr)
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        TlsJob {
-            id: v["id"].as_str().unwrap().to_string(),
-            dir: PathBuf::from(v["cert_path"].as_str().unwrap()),
-            endpoint: v["endpoint"].as_str().unwrap().to_string(),
-        }
+        TlsJob::from_create_json(&v, PathBuf::from(v["cert_path"].as_str().unwrap()))
     }
 
     /// Runs `berth job <args>` against this front door.
@@ -603,6 +622,19 @@ fn rand_suffix() -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     )
+}
+
+impl TlsJob {
+    /// The job `berth job create --json` printed, its bundle in `dir`.
+    pub fn from_create_json(v: &serde_json::Value, dir: PathBuf) -> TlsJob {
+        TlsJob {
+            id: v["id"].as_str().expect("id").to_string(),
+            dir,
+            endpoint: v["endpoint"].as_str().expect("endpoint").to_string(),
+            address: v["address"].as_str().expect("address").to_string(),
+            ports: v["ports"].as_str().map(String::from),
+        }
+    }
 }
 
 /// The docker CLI over mutual TLS with a job's certificate.
@@ -697,8 +729,14 @@ pub fn write_config(n: u32, name: &str, extra_sandbox: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[sandbox]\nstate_dir = {:?}\nuid_base = {}\nuid_ranges = {}\nnet_pool = \"{}\"\nnet_pool_prefix = {}\ndns_upstreams = [\"127.0.0.1:9\"]\n{extra_sandbox}\n",
-            cfg.state_dir, cfg.uid_base, cfg.uid_ranges, cfg.net_pool, cfg.net_pool_prefix
+            "[sandbox]\nstate_dir = {:?}\nuid_base = {}\nuid_ranges = {}\nnet_pool = \"{}\"\nnet_pool_prefix = {}\nport_pool = \"{}\"\nports_per_job = {}\ndns_upstreams = [\"127.0.0.1:9\"]\n{extra_sandbox}\n",
+            cfg.state_dir,
+            cfg.uid_base,
+            cfg.uid_ranges,
+            cfg.net_pool,
+            cfg.net_pool_prefix,
+            cfg.port_pool,
+            cfg.ports_per_job
         ),
     )
     .unwrap();

@@ -1,0 +1,638 @@
+//! What a job's network looks like from outside: published ports at every
+//! address of the agent's host (and nowhere else), and TCP through networks
+//! whose MTU is larger than the path's. Real dockerd, real CLI, test hosts in
+//! network namespaces the tests make.
+
+mod common;
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Whatever `addr` sends on one connection, or the connect error.
+fn read_from(addr: SocketAddr) -> std::io::Result<String> {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut s = String::new();
+    let _ = c.read_to_string(&mut s);
+    Ok(s)
+}
+
+/// Connects to `addr` until it sends `want` (a container's server may take a
+/// moment to listen); panics after a bound far from any load.
+fn answers(addr: SocketAddr, want: &str) {
+    answers_at(&[addr], want)
+}
+
+/// Like `answers`, for a name that resolves to several addresses: one of
+/// them must answer.
+fn answers_at(addrs: &[SocketAddr], want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        for addr in addrs {
+            match read_from(*addr) {
+                Ok(s) if s.contains(want) => return,
+                Ok(s) => last = format!("{addr} sent {s:?}"),
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{addrs:?} never answered {want:?}: {last}");
+}
+
+/// Connects to `addr` until it is refused (a port closing); panics after a
+/// bound far from any load.
+fn refused(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match read_from(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            Err(e) => last = e.to_string(),
+            Ok(s) => last = format!("it answered {s:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{addr} was not refused: {last}");
+}
+
+/// The host port `docker port` shows for the container's `port`.
+fn published(sock: &std::path::Path, container: &str, port: &str) -> u16 {
+    let out = docker_ok(sock, &["port", container, port]);
+    out.lines()
+        .next()
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("docker port {container} {port}: {out:?}"))
+}
+
+fn serve(sock: &std::path::Path, name: &str, publish: &str, port: u16, reply: &str) {
+    docker_ok(
+        sock,
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "-p",
+            publish,
+            "busybox:test",
+            // A server that answers every connection (each in a process
+            // of its own), with no gap between two.
+            "nc",
+            "-ll",
+            "-p",
+            &port.to_string(),
+            "-e",
+            "echo",
+            reply,
+        ],
+    );
+}
+
+#[test]
+fn published_ports_answer_at_every_address_of_the_agents_host_and_only_there() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    // A remote CI runner: a network namespace that reaches the agent's host
+    // at 10.215.13.1.
+    let runner = Outside::create(13);
+    let agent_addr = Ipv4Addr::new(10, 215, 13, 1);
+    let e = engine(13, "ports");
+    let a = rt.block_on(e.start(None)).unwrap();
+    let b = rt.block_on(e.start(None)).unwrap();
+    let (sa, sbk) = (a.socket(), b.socket());
+    import_busybox(&sa);
+    import_busybox(&sbk);
+    let (block_a, block_b) = (a.record().ports.unwrap(), b.record().ports.unwrap());
+    assert!(
+        block_a.last < block_b.first || block_b.last < block_a.first,
+        "{block_a} and {block_b} overlap"
+    );
+
+    // Docker picks the host port (`-p 8080`): from A's block.
+    serve(&sa, "web", "8080", 8080, "from-a");
+    let p = published(&sa, "web", "8080/tcp");
+    assert!(block_a.contains(p), "{p} is outside A's block {block_a}");
+    // From the agent's host: loopback, `localhost`, another of its addresses.
+    answers(SocketAddr::from(([127, 0, 0, 1], p)), "from-a");
+    let localhost: Vec<SocketAddr> = ("localhost", p).to_socket_addrs().unwrap().collect();
+    answers_at(&localhost, "from-a");
+    answers(SocketAddr::from((agent_addr, p)), "from-a");
+    // From the remote runner, through the agent's address.
+    let remote = in_netns(&runner.name, || {
+        read_from(SocketAddr::from((agent_addr, p)))
+    });
+    assert!(
+        remote.as_ref().is_ok_and(|s| s.contains("from-a")),
+        "the remote runner got {remote:?}"
+    );
+    // `docker run -P` takes from the block too.
+    let all = docker_ok(
+        &sa,
+        &[
+            "run",
+            "-d",
+            "--expose",
+            "9000",
+            "-P",
+            "busybox:test",
+            "sleep",
+            "3600",
+        ],
+    );
+    let pp = published(&sa, all.trim(), "9000/tcp");
+    assert!(block_a.contains(pp), "-P gave {pp}, outside {block_a}");
+
+    // Only what the job publishes opens: the rest of its block is refused,
+    // from the host and from the runner.
+    let unused = (block_a.first..=block_a.last)
+        .find(|q| *q != p && *q != pp)
+        .unwrap();
+    refused(SocketAddr::from(([127, 0, 0, 1], unused)));
+    let r = in_netns(&runner.name, || {
+        read_from(SocketAddr::from((agent_addr, unused)))
+    });
+    assert!(
+        r.is_err(),
+        "an unpublished port of A answered the runner: {r:?}"
+    );
+
+    // A fixed host port outside the block binds inside the job only: at the
+    // job's own address, never at the agent's.
+    serve(&sa, "fixed", "7000:7000", 7000, "fixed-a");
+    answers(SocketAddr::from((a.record().job_ip, 7000)), "fixed-a");
+    refused(SocketAddr::from(([127, 0, 0, 1], 7000)));
+
+    // No job reaches another job's published ports, by any address of the
+    // host.
+    for target in [b.record().host_ip, agent_addr, a.record().job_ip] {
+        let out = docker(
+            &sbk,
+            &[
+                "run",
+                "--rm",
+                "busybox:test",
+                "nc",
+                "-w",
+                "3",
+                &target.to_string(),
+                &p.to_string(),
+            ],
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("from-a"),
+            "B reached A's port {p} at {target}"
+        );
+    }
+    // B's published port is its own.
+    serve(&sbk, "web", "8080", 8080, "from-b");
+    let pb = published(&sbk, "web", "8080/tcp");
+    assert!(block_b.contains(pb), "{pb} is outside B's block {block_b}");
+    answers(SocketAddr::from(([127, 0, 0, 1], pb)), "from-b");
+
+    // Ports close with the container...
+    docker_ok(&sa, &["rm", "-f", "web"]);
+    refused(SocketAddr::from(([127, 0, 0, 1], p)));
+    // ...and with the job: its forwarding rules go with it.
+    let traces = Traces::capture(&e, &a);
+    rt.block_on(e.teardown(a.id())).unwrap();
+    traces.assert_gone();
+    refused(SocketAddr::from(([127, 0, 0, 1], pp)));
+    answers(SocketAddr::from(([127, 0, 0, 1], pb)), "from-b");
+    rt.block_on(e.teardown(b.id())).unwrap();
+}
+
+/// A path with a small MTU that drops ICMP "fragmentation needed": the
+/// host reaches a router namespace over a 1400-byte link; behind the router,
+/// a server namespace on a 1500-byte link. The router sends no ICMP error
+/// back to the server, so a server that sends 1500-byte packets stalls.
+struct NarrowPath {
+    router: String,
+    server: String,
+    host_if: String,
+    net: String,
+    server_addr: Ipv4Addr,
+}
+
+impl NarrowPath {
+    fn create(n: u8) -> NarrowPath {
+        let (router, server) = (format!("bt-rt{n}"), format!("bt-sv{n}"));
+        let host_if = format!("btr{n}h");
+        for ns in [&router, &server] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &host_if]).status();
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let in_ns = |ns: &str, args: &[&str]| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?} in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let net = format!("10.216.{n}");
+        ip(&["netns", "add", &router]);
+        ip(&["netns", "add", &server]);
+        // host <-> router: 1400.
+        ip(&[
+            "link", "add", &host_if, "mtu", "1400", "type", "veth", "peer", "name", "rt-h", "mtu",
+            "1400",
+        ]);
+        ip(&["link", "set", "rt-h", "netns", &router]);
+        ip(&["addr", "add", &format!("{net}.1/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        // router <-> server: 1500.
+        ip(&[
+            "-n", &router, "link", "add", "rt-s", "mtu", "1500", "type", "veth", "peer", "name",
+            "sv", "mtu", "1500",
+        ]);
+        ip(&["-n", &router, "link", "set", "sv", "netns", &server]);
+        for (ns, cmds) in [
+            (
+                &router,
+                vec![
+                    format!("addr add {net}.2/30 dev rt-h"),
+                    format!("addr add {net}.5/30 dev rt-s"),
+                    "link set rt-h up".into(),
+                    "link set rt-s up".into(),
+                    "link set lo up".into(),
+                    format!("route add default via {net}.1"),
+                ],
+            ),
+            (
+                &server,
+                vec![
+                    format!("addr add {net}.6/30 dev sv"),
+                    "link set sv up".into(),
+                    "link set lo up".into(),
+                    format!("route add default via {net}.5"),
+                ],
+            ),
+        ] {
+            for c in cmds {
+                let args: Vec<&str> = c.split(' ').collect();
+                let mut full = vec!["-n", ns.as_str()];
+                full.extend(args);
+                ip(&full);
+            }
+        }
+        in_ns(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // The black hole: no "fragmentation needed" ever leaves the router.
+        in_ns(
+            &router,
+            &[
+                "iptables",
+                "-w",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "icmp",
+                "--icmp-type",
+                "fragmentation-needed",
+                "-j",
+                "DROP",
+            ],
+        );
+        ip(&[
+            "route",
+            "add",
+            &format!("{net}.4/30"),
+            "via",
+            &format!("{net}.2"),
+        ]);
+        NarrowPath {
+            router,
+            server,
+            host_if,
+            net,
+            server_addr: Ipv4Addr::new(10, 216, n, 6),
+        }
+    }
+
+    /// Serves `bytes` zero bytes to every connection on `port`.
+    fn serve_bytes(&self, port: u16, bytes: usize) {
+        let l = in_netns(&self.server, || {
+            std::net::TcpListener::bind(("0.0.0.0", port)).unwrap()
+        });
+        std::thread::spawn(move || {
+            let chunk = vec![0u8; 64 * 1024];
+            for c in l.incoming().flatten() {
+                std::thread::spawn({
+                    let chunk = chunk.clone();
+                    move || {
+                        use std::io::Write;
+                        let mut c = c;
+                        let mut left = bytes;
+                        while left > 0 {
+                            let n = left.min(chunk.len());
+                            if c.write_all(&chunk[..n]).is_err() {
+                                return;
+                            }
+                            left -= n;
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+impl Drop for NarrowPath {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["route", "del", &format!("{}.4/30", self.net)])
+            .status();
+        for ns in [&self.server, &self.router] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+    }
+}
+
+#[test]
+fn a_compose_network_downloads_through_a_path_whose_mtu_is_smaller_and_drops_icmp() {
+    if !prerequisites() {
+        return;
+    }
+    let path = NarrowPath::create(14);
+    const SIZE: usize = 4 << 20;
+    path.serve_bytes(9000, SIZE);
+    let rt = rt();
+    let e = berth::sandbox::Engine::new(berth::sandbox::SandboxConfig {
+        // Job links as narrow as the path.
+        mtu: 1400,
+        ..engine_config(14, "mtu")
+    })
+    .unwrap();
+    let sb = rt.block_on(e.start(None)).unwrap();
+    let s = sb.socket();
+    import_busybox(&s);
+    // What every compose project gets: a user-defined network, whose MTU
+    // dockerd 20.10 leaves at 1500 whatever --mtu says.
+    docker_ok(&s, &["network", "create", "proj_default"]);
+    let script = format!(
+        "cat /sys/class/net/eth0/mtu; \
+         timeout 120 nc {} 9000 </dev/null | wc -c",
+        path.server_addr
+    );
+    let out = docker_ok(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "proj_default",
+            "busybox:test",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let mut lines = out.lines().map(str::trim);
+    let mtu = lines.next().unwrap_or_default();
+    let got = lines.next().unwrap_or_default();
+    assert!(
+        mtu.parse::<u32>().is_ok_and(|m| m > 1400),
+        "the premise: the container's network is wider than the path ({mtu})"
+    );
+    assert_eq!(
+        got,
+        SIZE.to_string(),
+        "the download stalled: {got} of {SIZE} bytes arrived"
+    );
+    rt.block_on(e.teardown(sb.id())).unwrap();
+}
+
+/// Debian's `docker-registry` in a test host's namespace, on `addr`, its
+/// storage in `dir`; TLS and htpasswd when given. Killed on drop.
+struct Registry {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Registry {
+    fn start(
+        netns: &str,
+        name: &str,
+        addr: &str,
+        tls: Option<(&str, &str)>,
+        htpasswd: Option<&std::path::Path>,
+    ) -> Registry {
+        assert!(
+            std::path::Path::new("/usr/bin/docker-registry").exists(),
+            "/usr/bin/docker-registry is missing: apt-get install docker-registry"
+        );
+        let dir = std::path::PathBuf::from(format!("/var/lib/bt/registry-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut yml = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.join("data").display()
+        );
+        if let Some((cert, key)) = tls {
+            std::fs::write(dir.join("cert.pem"), cert).unwrap();
+            std::fs::write(dir.join("key.pem"), key).unwrap();
+            yml += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.join("cert.pem").display(),
+                dir.join("key.pem").display()
+            );
+        }
+        if let Some(h) = htpasswd {
+            yml += &format!(
+                "auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
+                h.display()
+            );
+        }
+        std::fs::write(dir.join("config.yml"), yml).unwrap();
+        let log = std::fs::File::create(dir.join("log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "docker-registry", "serve"])
+            .arg(dir.join("config.yml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        // Up when it accepts connections.
+        let sa: SocketAddr = addr.parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while in_netns(netns, || {
+            TcpStream::connect_timeout(&sa, Duration::from_secs(1))
+        })
+        .is_err()
+        {
+            assert!(Instant::now() < deadline, "registry {name} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry { child, dir }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn registry_settings_reach_every_job_private_ca_insecure_and_mirror() {
+    if !prerequisites() {
+        return;
+    }
+    let host = Outside::create(16);
+    let ip = host.addr.to_string();
+    // A private CA and a server certificate for the test host's address.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let srv_key = rcgen::KeyPair::generate().unwrap();
+    let srv = rcgen::CertificateParams::new(vec![ip.clone()])
+        .unwrap()
+        .signed_by(&srv_key, &issuer)
+        .unwrap();
+    let work = std::path::PathBuf::from("/var/lib/bt/registries-test");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let ca_file = work.join("ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let htpasswd = work.join("htpasswd");
+    let h = Command::new("htpasswd")
+        .args(["-Bbc"])
+        .arg(&htpasswd)
+        .args(["ci", "s3cret"])
+        .output()
+        .expect("htpasswd: apt-get install apache2-utils");
+    assert!(h.status.success());
+    let (cert_pem, key_pem) = (srv.pem(), srv_key.serialize_pem());
+    let private = format!("{ip}:5443");
+    let unlisted = format!("{ip}:5444");
+    let plain = format!("{ip}:5000");
+    let _tls = Registry::start(
+        &host.name,
+        "private",
+        &private,
+        Some((&cert_pem, &key_pem)),
+        Some(&htpasswd),
+    );
+    // The same CA, but a registry the configuration does not name.
+    let _other = Registry::start(
+        &host.name,
+        "unlisted",
+        &unlisted,
+        Some((&cert_pem, &key_pem)),
+        None,
+    );
+    let _plain = Registry::start(&host.name, "plain", &plain, None, None);
+
+    // The section as an operator writes it in berth.toml.
+    let toml = format!(
+        "[registries]\nmirrors = [\"http://{plain}\"]\ninsecure = [\"{plain}\"]\n\
+         [registries.ca]\n\"{private}\" = \"{}\"\n",
+        ca_file.display()
+    );
+    let file: toml::Table = toml::from_str(&toml).unwrap();
+    let registries: berth::sandbox::registries::Registries =
+        file["registries"].clone().try_into().unwrap();
+    let rt = rt();
+    let e = berth::sandbox::Engine::new(berth::sandbox::SandboxConfig {
+        registries,
+        ..engine_config(16, "registries")
+    })
+    .unwrap();
+    let a = rt.block_on(e.start(None)).unwrap();
+    let b = rt.block_on(e.start(None)).unwrap();
+    let (sa, sbk) = (a.socket(), b.socket());
+    import_busybox(&sa);
+
+    let info = docker_ok(&sa, &["info", "--format", "{{json .RegistryConfig}}"]);
+    assert!(info.contains(&format!("http://{plain}/")), "{info}");
+    // The private registry: its CA verifies it, htpasswd lets the job in.
+    let login = docker(&sa, &["login", "-u", "ci", "--password-stdin", &private]);
+    assert!(!login.status.success(), "login without a password");
+    let login = docker_stdin(
+        &sa,
+        &["login", "-u", "ci", "--password-stdin", &private],
+        Some(b"s3cret"),
+    );
+    assert!(
+        login.status.success(),
+        "docker login to the private CA's registry: {}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+    let wrong = docker_stdin(
+        &sa,
+        &["login", "-u", "ci", "--password-stdin", &private],
+        Some(b"wrong"),
+    );
+    assert!(!wrong.status.success(), "a wrong password was accepted");
+    let image = format!("{private}/team/busybox:1");
+    docker_ok(&sa, &["tag", "busybox:test", &image]);
+    docker_ok(&sa, &["push", &image]);
+    // A registry with a certificate of the same CA, but not configured: the
+    // CA is trusted for the registry it is named for, and no other.
+    docker_ok(&sa, &["tag", "busybox:test", &format!("{unlisted}/x:1")]);
+    let push = docker(&sa, &["push", &format!("{unlisted}/x:1")]);
+    let why = String::from_utf8_lossy(&push.stderr);
+    assert!(
+        !push.status.success() && why.contains("x509"),
+        "an unlisted registry was trusted: {why}"
+    );
+    // Plain HTTP: push works where `insecure` lists it.
+    let on_plain = format!("{plain}/library/tool:1");
+    docker_ok(&sa, &["tag", "busybox:test", &on_plain]);
+    docker_ok(&sa, &["push", &on_plain]);
+
+    // Another job has the same settings: it pulls from the private
+    // registry with its own login, and Docker Hub names through the mirror.
+    let login = docker_stdin(
+        &sbk,
+        &["login", "-u", "ci", "--password-stdin", &private],
+        Some(b"s3cret"),
+    );
+    assert!(login.status.success());
+    docker_ok(&sbk, &["pull", &image]);
+    // `tool:1` is docker.io/library/tool:1: only the mirror has it (Docker
+    // Hub is not reachable from here).
+    let pull = docker(&sbk, &["pull", "tool:1"]);
+    let log = std::fs::read_to_string(_plain.dir.join("log")).unwrap();
+    assert!(
+        pull.status.success(),
+        "pull through the mirror: {}\nthe mirror's log: {log}",
+        String::from_utf8_lossy(&pull.stderr)
+    );
+    assert!(docker_ok(&sbk, &["images", "tool"]).contains("tool"));
+    // The mirror served it: the plain registry logged the manifest request.
+    assert!(
+        log.contains("/v2/library/tool/manifests/1 "),
+        "the mirror was not asked: {log}"
+    );
+    rt.block_on(e.teardown(a.id())).unwrap();
+    rt.block_on(e.teardown(b.id())).unwrap();
+    let _ = std::fs::remove_dir_all(&work);
+}
