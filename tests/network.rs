@@ -230,43 +230,24 @@ impl NarrowPath {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = Command::new("ip").args(["link", "del", &host_if]).status();
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let in_ns = |ns: &str, args: &[&str]| {
-            let out = Command::new("ip")
-                .args(["netns", "exec", ns])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{args:?} in {ns}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let in_ns = |ns: &str, args: &[&str]| ip_ok(&[&["netns", "exec", ns], args].concat());
         let net = format!("10.216.{n}");
-        ip(&["netns", "add", &router]);
-        ip(&["netns", "add", &server]);
+        ip_ok(&["netns", "add", &router]);
+        ip_ok(&["netns", "add", &server]);
         // host <-> router: 1400.
-        ip(&[
+        ip_ok(&[
             "link", "add", &host_if, "mtu", "1400", "type", "veth", "peer", "name", "rt-h", "mtu",
             "1400",
         ]);
-        ip(&["link", "set", "rt-h", "netns", &router]);
-        ip(&["addr", "add", &format!("{net}.1/30"), "dev", &host_if]);
-        ip(&["link", "set", &host_if, "up"]);
+        ip_ok(&["link", "set", "rt-h", "netns", &router]);
+        ip_ok(&["addr", "add", &format!("{net}.1/30"), "dev", &host_if]);
+        ip_ok(&["link", "set", &host_if, "up"]);
         // router <-> server: 1500.
-        ip(&[
+        ip_ok(&[
             "-n", &router, "link", "add", "rt-s", "mtu", "1500", "type", "veth", "peer", "name",
             "sv", "mtu", "1500",
         ]);
-        ip(&["-n", &router, "link", "set", "sv", "netns", &server]);
+        ip_ok(&["-n", &router, "link", "set", "sv", "netns", &server]);
         for (ns, cmds) in [
             (
                 &router,
@@ -293,7 +274,7 @@ impl NarrowPath {
                 let args: Vec<&str> = c.split(' ').collect();
                 let mut full = vec!["-n", ns.as_str()];
                 full.extend(args);
-                ip(&full);
+                ip_ok(&full);
             }
         }
         in_ns(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
@@ -313,7 +294,7 @@ impl NarrowPath {
                 "DROP",
             ],
         );
-        ip(&[
+        ip_ok(&[
             "route",
             "add",
             &format!("{net}.4/30"),

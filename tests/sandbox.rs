@@ -859,22 +859,7 @@ fn a_sandbox_left_by_a_killed_agent_is_cleaned_on_restart() {
         return;
     }
     let cfg = engine_config(9, "recovery");
-    let conf_path = Path::new("/var/lib/bt/recovery.toml");
-    std::fs::create_dir_all("/var/lib/bt").unwrap();
-    std::fs::write(
-        conf_path,
-        format!(
-            "[sandbox]\nstate_dir = {:?}\nuid_base = {}\nuid_ranges = {}\nnet_pool = \"{}\"\nnet_pool_prefix = {}\nport_pool = \"{}\"\nports_per_job = {}\ndns_upstreams = [\"127.0.0.1:9\"]\n",
-            cfg.state_dir,
-            cfg.uid_base,
-            cfg.uid_ranges,
-            cfg.net_pool,
-            cfg.net_pool_prefix,
-            cfg.port_pool,
-            cfg.ports_per_job
-        ),
-    )
-    .unwrap();
+    let conf_path = write_config(9, "recovery", "");
     let mut agent = Command::new(berth_bin())
         .args(["sandbox", "up", "--config", conf_path.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())

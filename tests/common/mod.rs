@@ -336,6 +336,16 @@ impl Traces {
     }
 }
 
+/// Runs `ip ARGS`, panicking with its error output if it fails.
+pub fn ip_ok(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A network namespace that plays "the outside world" for egress tests:
 /// `10.215.<n>.2` inside, `10.215.<n>.1` on the host end.
 pub struct Outside {
@@ -351,22 +361,14 @@ impl Outside {
         let peer = format!("bto{n}n");
         let _ = Command::new("ip").args(["netns", "del", &name]).status();
         let _ = Command::new("ip").args(["link", "del", &host_if]).status();
-        let sh = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        sh(&["netns", "add", &name]);
-        sh(&[
+        ip_ok(&["netns", "add", &name]);
+        ip_ok(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", &peer,
         ]);
-        sh(&["link", "set", &peer, "netns", &name]);
-        sh(&["addr", "add", &format!("10.215.{n}.1/24"), "dev", &host_if]);
-        sh(&["link", "set", &host_if, "up"]);
-        sh(&[
+        ip_ok(&["link", "set", &peer, "netns", &name]);
+        ip_ok(&["addr", "add", &format!("10.215.{n}.1/24"), "dev", &host_if]);
+        ip_ok(&["link", "set", &host_if, "up"]);
+        ip_ok(&[
             "-n",
             &name,
             "addr",
@@ -375,8 +377,8 @@ impl Outside {
             "dev",
             &peer,
         ]);
-        sh(&["-n", &name, "link", "set", &peer, "up"]);
-        sh(&["-n", &name, "link", "set", "lo", "up"]);
+        ip_ok(&["-n", &name, "link", "set", &peer, "up"]);
+        ip_ok(&["-n", &name, "link", "set", "lo", "up"]);
         Outside {
             name,
             host_if,
