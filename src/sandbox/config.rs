@@ -445,10 +445,15 @@ impl SandboxConfig {
         Ok(())
     }
 
+    /// Number of /30s in the address pool.
+    fn nets(&self) -> u64 {
+        1u64 << (32 - u32::from(self.net_pool_prefix) - 2)
+    }
+
     /// Number of job slots: bounded by the uid pool, the address pool and
     /// the port pool.
     pub fn slots(&self) -> u32 {
-        let nets = 1u64 << (32 - u32::from(self.net_pool_prefix) - 2);
+        let nets = self.nets();
         let mut n = u64::from(self.uid_ranges).min(nets);
         if self.ports_per_job != 0 {
             n = n.min(u64::from(
@@ -461,7 +466,7 @@ impl SandboxConfig {
     /// Which pool bounds the number of slots, for the error that says all
     /// are in use.
     pub fn slots_bound(&self) -> &'static str {
-        let nets = 1u64 << (32 - u32::from(self.net_pool_prefix) - 2);
+        let nets = self.nets();
         let slots = u64::from(self.slots());
         if slots == u64::from(self.uid_ranges) {
             "uid_ranges"

@@ -277,12 +277,15 @@ impl Engine {
         .map_err(io("cannot write", &daemon_json))?;
         chown(&daemon_json, rec.host_id)?;
         // Private CAs where dockerd looks for them: /etc/docker/certs.d.
+        let certs_d = root.join("etc-docker").join("certs.d");
+        if !self.host.registries.cas.is_empty() {
+            mkdir_mode(&certs_d, 0o755)?;
+            chown(&certs_d, rec.host_id)?;
+        }
         for (registry, pem) in &self.host.registries.cas {
-            let d = root.join("etc-docker").join("certs.d").join(registry);
-            for dir in [d.parent().unwrap_or(&d), &d] {
-                mkdir_mode(dir, 0o755)?;
-                chown(dir, rec.host_id)?;
-            }
+            let d = certs_d.join(registry);
+            mkdir_mode(&d, 0o755)?;
+            chown(&d, rec.host_id)?;
             let f = d.join("ca.crt");
             std::fs::write(&f, pem).map_err(io("cannot write", &f))?;
             chown(&f, rec.host_id)?;
