@@ -324,51 +324,141 @@ pub fn job_rules(job_id: &str, a: &JobAddrs) -> Vec<(&'static str, &'static str,
     rules
 }
 
+/// Adds every rule of the job in one `iptables-restore` batch, after
+/// checks that berth's chains are in place and jumped to. Where they are not
+/// (the first job since boot, or someone flushed the tables), whatever part
+/// of the batch landed is taken back, the chains are made, and the batch
+/// runs once more.
 pub fn add_rules(job_id: &str, addrs: &JobAddrs) -> Result<(), NetError> {
+    let script = add_script(&job_rules(job_id, addrs));
+    if restore(&script).is_ok() {
+        return Ok(());
+    }
+    delete_rules(job_id)?;
     ensure_chains()?;
-    for (table, chain, spec) in job_rules(job_id, addrs) {
-        let mut args = vec!["-w", "-t", table, "-A", chain];
-        args.extend(spec.iter().map(String::as_str));
-        run("iptables", &args)?;
+    restore(&script)
+}
+
+/// The batch that adds `rules`: per table, first a check of each jump into
+/// berth's chains (a missing one fails the batch before anything of that
+/// table is added), then the rules in order.
+fn add_script(rules: &[(&str, &str, Vec<String>)]) -> String {
+    let mut out = String::new();
+    for (table, chains) in [("filter", &FILTER_CHAINS[..]), ("nat", &NAT_CHAINS[..])] {
+        out.push_str(&format!("*{table}\n"));
+        for (builtin, ours) in chains {
+            out.push_str(&format!("-C {builtin} -j {ours}\n"));
+        }
+        for (_, chain, spec) in rules.iter().filter(|(t, _, _)| *t == table) {
+            out.push_str(&format!("-A {chain} {}\n", spec.join(" ")));
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// The batch that deletes `lines` (table, `-A` line as `iptables-save`
+/// prints it).
+fn delete_script(lines: &[(String, String)]) -> String {
+    let mut out = String::new();
+    for table in ["filter", "nat"] {
+        let mine: Vec<&str> = lines
+            .iter()
+            .filter(|(t, _)| t == table)
+            .filter_map(|(_, l)| l.strip_prefix("-A "))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("*{table}\n"));
+        for rule in mine {
+            out.push_str(&format!("-D {rule}\n"));
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// Runs one `iptables-restore` batch that leaves every other rule alone.
+fn restore(script: &str) -> Result<(), NetError> {
+    use std::io::Write;
+    let cmd = "iptables-restore -w --noflush".to_string();
+    let spawn = |source| NetError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    };
+    let mut child = Command::new("iptables-restore")
+        .args(["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(spawn)?;
+    let written = child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(script.as_bytes());
+    let out = child.wait_with_output().map_err(spawn)?;
+    written.map_err(spawn)?;
+    if !out.status.success() {
+        return Err(NetError::Failed {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
 
-/// Rules (as `-S` lines) tagged with `job_id`'s comment, in every berth chain.
-pub fn rules_of(job_id: &str) -> Vec<(String, String)> {
-    let tag = comment(job_id);
+/// Rules (table, `-A` line) tagged with `job_id`'s comment, in every berth
+/// chain, read with one `iptables-save`.
+pub fn rules_of(job_id: &str) -> Result<Vec<(String, String)>, NetError> {
+    Ok(tagged_rules(&run("iptables-save", &[])?, &comment(job_id)))
+}
+
+/// The `-A` lines of berth's chains in an `iptables-save` text that carry
+/// the comment `tag`, with their table.
+fn tagged_rules(save: &str, tag: &str) -> Vec<(String, String)> {
+    let ours = |chain: &str| {
+        FILTER_CHAINS
+            .iter()
+            .chain(NAT_CHAINS.iter())
+            .any(|(_, c)| *c == chain)
+    };
+    let mut table = "";
     let mut out = Vec::new();
-    for (table, chains) in [("filter", &FILTER_CHAINS[..]), ("nat", &NAT_CHAINS[..])] {
-        for (_, chain) in chains {
-            if let Ok(s) = run("iptables", &["-w", "-t", table, "-S", chain]) {
-                out.extend(
-                    s.lines()
-                        .filter(|l| l.starts_with("-A ") && l.split_whitespace().any(|w| w == tag))
-                        .map(|l| (table.to_string(), l.to_string())),
-                );
-            }
+    for line in save.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim();
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        if words.next() != Some("-A") || !words.next().is_some_and(ours) {
+            continue;
+        }
+        if words.any(|w| w.trim_matches('"') == tag) {
+            out.push((table.to_string(), line.to_string()));
         }
     }
     out
 }
 
-/// Deletes every rule of the job. Idempotent.
+/// Deletes every rule of the job in one batch. Idempotent: where another
+/// teardown of the same job removed some rules between the read and the
+/// batch, it reads again.
 pub fn delete_rules(job_id: &str) -> Result<(), NetError> {
-    for (table, line) in rules_of(job_id) {
-        let mut args: Vec<&str> = vec!["-w", "-t", &table];
-        let mut words = line.split_whitespace();
-        words.next(); // "-A"
-        args.push("-D");
-        args.extend(words);
-        match run("iptables", &args) {
-            Ok(_) => {}
-            // Already gone (another teardown of the same job got there first).
-            Err(NetError::Failed { stderr, .. })
-                if stderr.contains("does a matching rule exist") => {}
+    let mut tries = 0;
+    loop {
+        let lines = rules_of(job_id)?;
+        if lines.is_empty() {
+            return Ok(());
+        }
+        match restore(&delete_script(&lines)) {
+            Ok(()) => return Ok(()),
+            Err(_) if tries < 2 => tries += 1,
             Err(e) => return Err(e),
         }
     }
-    Ok(())
 }
 
 /// Nameservers of a resolv.conf text.
@@ -464,6 +554,65 @@ mod tests {
         // Without a block, nothing is forwarded in.
         let none = job_rules("abc", &JobAddrs { ports: None, ..a });
         assert!(!none.iter().any(|(_, _, s)| s.contains(&"DNAT".to_string())));
+    }
+
+    #[test]
+    fn one_batch_checks_the_jumps_before_adding_and_deletes_what_save_printed() {
+        let a = JobAddrs {
+            host_ip: Ipv4Addr::new(10, 0, 0, 1),
+            job_ip: Ipv4Addr::new(10, 0, 0, 2),
+            ports: Some(PortRange {
+                first: 20000,
+                last: 20063,
+            }),
+        };
+        let rules = job_rules("abc", &a);
+        let script = add_script(&rules);
+        let lines: Vec<&str> = script.lines().collect();
+        // Per table: the header, every jump checked, then every rule, COMMIT.
+        let nat = lines.iter().position(|l| *l == "*nat").unwrap();
+        assert_eq!(lines[0], "*filter");
+        assert_eq!(lines[1], "-C INPUT -j BERTH-INPUT");
+        assert_eq!(lines[2], "-C FORWARD -j BERTH-FORWARD");
+        assert_eq!(lines[nat - 1], "COMMIT");
+        assert_eq!(
+            lines[nat + 1..nat + 4],
+            [
+                "-C PREROUTING -j BERTH-PREROUTING",
+                "-C OUTPUT -j BERTH-OUTPUT",
+                "-C POSTROUTING -j BERTH-POSTROUTING"
+            ]
+        );
+        let added = lines.iter().filter(|l| l.starts_with("-A ")).count();
+        assert_eq!(added, rules.len());
+        // Rules keep their order within a table (the drops come last).
+        let filter: Vec<&&str> = lines[..nat]
+            .iter()
+            .filter(|l| l.starts_with("-A "))
+            .collect();
+        assert!(
+            filter
+                .last()
+                .unwrap()
+                .ends_with("-j DROP -m comment --comment berth-job-abc")
+        );
+
+        // What iptables-save prints of that job (quoted or not), beside
+        // another job's rules and the builtin chains' jumps.
+        let save = "# Generated by iptables-save\n*filter\n:INPUT ACCEPT [0:0]\n\
+            -A INPUT -j BERTH-INPUT\n\
+            -A BERTH-INPUT -i bhabc -j DROP -m comment --comment berth-job-abc\n\
+            -A BERTH-INPUT -i bhabcd -j DROP -m comment --comment berth-job-abcd\n\
+            -A DOCKER -i bhabc -m comment --comment berth-job-abc -j DROP\nCOMMIT\n\
+            *nat\n-A BERTH-POSTROUTING -s 10.0.0.0/30 ! -o bhabc -m comment --comment \"berth-job-abc\" -j MASQUERADE\nCOMMIT\n";
+        let mine = tagged_rules(save, &comment("abc"));
+        assert_eq!(mine.len(), 2, "{mine:?}");
+        assert_eq!(
+            delete_script(&mine),
+            "*filter\n-D BERTH-INPUT -i bhabc -j DROP -m comment --comment berth-job-abc\nCOMMIT\n\
+             *nat\n-D BERTH-POSTROUTING -s 10.0.0.0/30 ! -o bhabc -m comment --comment \"berth-job-abc\" -j MASQUERADE\nCOMMIT\n"
+        );
+        assert_eq!(delete_script(&[]), "");
     }
 
     #[test]
