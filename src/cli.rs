@@ -237,6 +237,8 @@ struct FileConfig {
     serve: crate::server::ServeConfig,
     #[serde(default)]
     registries: crate::sandbox::registries::Registries,
+    #[serde(default)]
+    cache: crate::sandbox::cache::CacheConfig,
 }
 
 pub fn load_config(args: &EngineArgs) -> Result<SandboxConfig, CliError> {
@@ -267,6 +269,7 @@ fn load_file_unvalidated(args: &EngineArgs) -> Result<FileConfig, CliError> {
         cfg.sandbox.state_dir = d.clone();
     }
     cfg.sandbox.registries = cfg.registries.clone();
+    cfg.sandbox.cache = cfg.cache.clone();
     Ok(cfg)
 }
 
@@ -593,6 +596,42 @@ mod tests {
         std::fs::write(&path, "[registries]\nmirror = []\n").unwrap();
         let e = load_config(&args(&path)).unwrap_err().to_string();
         assert!(e.contains("mirror"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_cache_section_reaches_the_engine_and_bad_entries_are_named() {
+        let dir = std::env::temp_dir().join(format!("berth-cli-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("berth.toml");
+        let args = EngineArgs {
+            config: Some(path.clone()),
+            state_dir: None,
+        };
+        std::fs::write(
+            &path,
+            "[cache]\nenabled = true\nupstream = \"https://registry.example\"\nmax_bytes = 1073741824\n",
+        )
+        .unwrap();
+        let cfg = load_config(&args).unwrap();
+        assert!(cfg.cache.enabled);
+        assert_eq!(cfg.cache.max_bytes, 1 << 30);
+        // The pool's last /30 is the cache's, not a job's.
+        assert_eq!(cfg.cache_addr().unwrap().to_string(), "10.213.255.253:5000");
+        for (text, key) in [
+            (
+                "[cache]\nenabled = true\nmax_bytes = 1000\n",
+                "cache.max_bytes",
+            ),
+            ("[cache]\nupstream = \"ftp://x\"\n", "cache.upstream"),
+            ("[cache]\nusername = \"ci\"\n", "cache.password_file"),
+            ("[cache]\nenable = true\n", "enable"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = load_config(&args).unwrap_err();
+            assert_eq!(e.exit_code(), 64, "{text}: {e}");
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -406,79 +406,6 @@ fn a_compose_network_downloads_through_a_path_whose_mtu_is_smaller_and_drops_icm
     rt.block_on(e.teardown(sb.id())).unwrap();
 }
 
-/// Debian's `docker-registry` in a test host's namespace, on `addr`, its
-/// storage in `dir`; TLS and htpasswd when given. Killed on drop.
-struct Registry {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-}
-
-impl Registry {
-    fn start(
-        netns: &str,
-        name: &str,
-        addr: &str,
-        tls: Option<(&str, &str)>,
-        htpasswd: Option<&std::path::Path>,
-    ) -> Registry {
-        assert!(
-            std::path::Path::new("/usr/bin/docker-registry").exists(),
-            "/usr/bin/docker-registry is missing: apt-get install docker-registry"
-        );
-        let dir = std::path::PathBuf::from(format!("/var/lib/bt/registry-{name}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut yml = format!(
-            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.join("data").display()
-        );
-        if let Some((cert, key)) = tls {
-            std::fs::write(dir.join("cert.pem"), cert).unwrap();
-            std::fs::write(dir.join("key.pem"), key).unwrap();
-            yml += &format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                dir.join("cert.pem").display(),
-                dir.join("key.pem").display()
-            );
-        }
-        if let Some(h) = htpasswd {
-            yml += &format!(
-                "auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
-                h.display()
-            );
-        }
-        std::fs::write(dir.join("config.yml"), yml).unwrap();
-        let log = std::fs::File::create(dir.join("log")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns, "docker-registry", "serve"])
-            .arg(dir.join("config.yml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        // Up when it accepts connections.
-        let sa: SocketAddr = addr.parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while in_netns(netns, || {
-            TcpStream::connect_timeout(&sa, Duration::from_secs(1))
-        })
-        .is_err()
-        {
-            assert!(Instant::now() < deadline, "registry {name} did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Registry { child, dir }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[test]
 fn registry_settings_reach_every_job_private_ca_insecure_and_mirror() {
     if !prerequisites() {
@@ -615,5 +542,196 @@ fn registry_settings_reach_every_job_private_ca_insecure_and_mirror() {
     );
     rt.block_on(e.teardown(a.id())).unwrap();
     rt.block_on(e.teardown(b.id())).unwrap();
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Upstream blob downloads the registry logged.
+fn blob_gets(r: &Registry) -> usize {
+    r.log_count("\"GET /v2/library/tool/blobs/sha256:")
+}
+
+#[test]
+fn a_shared_pull_through_cache_serves_the_next_job_from_the_host() {
+    if !prerequisites() {
+        return;
+    }
+    let host = Outside::create(17);
+    let ip = host.addr.to_string();
+    let work = std::path::PathBuf::from("/var/lib/bt/cache-test");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    // An account at the upstream, as at Docker Hub: the cache has it, no job
+    // does. (The registry's proxy answers token challenges with it; this
+    // upstream asks for none.)
+    let password_file = work.join("upstream-password");
+    std::fs::write(&password_file, "Upstream-S3cret\n").unwrap();
+    let up = format!("{ip}:5000");
+    let upstream = Registry::start(&host.name, "cache-upstream", &up, None, None);
+
+    let toml = format!(
+        "[cache]\nenabled = true\nupstream = \"http://{up}\"\nmax_bytes = {}\n\
+         username = \"mirror-bot\"\npassword_file = \"{}\"\n",
+        512u64 << 20,
+        password_file.display()
+    );
+    let file: toml::Table = toml::from_str(&toml).unwrap();
+    let cache: berth::sandbox::cache::CacheConfig = file["cache"].clone().try_into().unwrap();
+    let cfg = berth::sandbox::SandboxConfig {
+        cache,
+        // The test pushes the image to the upstream from a job.
+        registries: berth::sandbox::registries::Registries {
+            insecure: vec![up.clone()],
+            ..Default::default()
+        },
+        ..engine_config(17, "cache")
+    };
+    let rt = rt();
+    let e = berth::sandbox::Engine::new(cfg.clone()).unwrap();
+    let addr = e.cache().expect("the cache is enabled").addr();
+    let cache_dir = cfg.state_dir.join("cache");
+
+    // The image, on the upstream only.
+    let pusher = rt.block_on(e.start(None)).unwrap();
+    let ps = pusher.socket();
+    import_busybox(&ps);
+    let pushed = format!("{up}/library/tool:1");
+    docker_ok(&ps, &["tag", "busybox:test", &pushed]);
+    docker_ok(&ps, &["push", &pushed]);
+    rt.block_on(e.teardown(pusher.id())).unwrap();
+    assert_eq!(blob_gets(&upstream), 0);
+
+    // The first job pulls `tool:1` (docker.io/library/tool:1) through the
+    // cache, which fetches it from the upstream.
+    let a = rt.block_on(e.start(None)).unwrap();
+    let info = docker_ok(
+        &a.socket(),
+        &["info", "--format", "{{json .RegistryConfig.Mirrors}}"],
+    );
+    assert!(info.contains(&format!("http://{addr}/")), "{info}");
+    let pull = docker(&a.socket(), &["pull", "tool:1"]);
+    assert!(
+        pull.status.success(),
+        "pull through the cache: {}\nthe cache's log: {}",
+        String::from_utf8_lossy(&pull.stderr),
+        std::fs::read_to_string(e.cache().unwrap().log()).unwrap_or_default()
+    );
+    let fetched = blob_gets(&upstream);
+    assert!(
+        fetched > 0,
+        "the upstream was not asked for the image's blobs"
+    );
+    rt.block_on(e.teardown(a.id())).unwrap();
+
+    // The next job gets the blobs from the host: the upstream sees no
+    // further blob download.
+    let b = rt.block_on(e.start(None)).unwrap();
+    let bs = b.socket();
+    docker_ok(&bs, &["pull", "tool:1"]);
+    assert!(docker_ok(&bs, &["images", "tool"]).contains("tool"));
+    assert_eq!(
+        blob_gets(&upstream),
+        fetched,
+        "the second pull went to the upstream"
+    );
+    let served = std::fs::read_to_string(e.cache().unwrap().log()).unwrap();
+    assert!(
+        served.contains(&format!("{} - - ", b.record().job_ip))
+            && served.contains("/v2/library/tool/blobs/sha256:"),
+        "the cache did not serve job B: {served}"
+    );
+
+    // Nothing of the upstream's login reaches a job: not its daemon's
+    // settings, not the cache's files, even from a privileged container
+    // with the job's whole filesystem mounted.
+    import_busybox(&bs);
+    let config = cache_dir.join("config.yml");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let snoop = docker(
+        &bs,
+        &[
+            "run",
+            "--rm",
+            "--privileged",
+            "-v",
+            "/:/host",
+            "busybox:test",
+            "sh",
+            "-c",
+            &format!(
+                "cat /host{c}; cat /host{s}/cache/storage/docker/registry/v2/repositories/library/tool/_layers/sha256/*/link; grep -rl Upstream-S3cret /host{s}/jobs 2>/dev/null; echo done",
+                c = config.display(),
+                s = cfg.state_dir.display()
+            ),
+        ],
+    );
+    let seen = String::from_utf8_lossy(&snoop.stdout);
+    assert!(
+        seen.ends_with("done\n"),
+        "the container did not run: {seen} {}",
+        String::from_utf8_lossy(&snoop.stderr)
+    );
+    assert!(
+        !seen.contains("Upstream-S3cret"),
+        "a job read the upstream password: {seen}"
+    );
+    assert!(
+        !seen.contains("sha256:"),
+        "a job read the cache's storage: {seen}"
+    );
+    assert!(String::from_utf8_lossy(&snoop.stderr).contains("Permission denied"));
+
+    // Only jobs and the host reach the cache: from a remote host routed
+    // through the agent's, its address does not answer.
+    ip_ok(&[
+        "-n",
+        &host.name,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.215.17.1",
+    ]);
+    let remote = in_netns(&host.name, || {
+        TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))
+    });
+    assert!(remote.is_err(), "the cache answered a remote host");
+    TcpStream::connect(addr).expect("the cache answers the agent's host");
+
+    // Its storage is a filesystem of its own, of the bound.
+    let st = nix::sys::statvfs::statvfs(&cache_dir.join("storage")).unwrap();
+    let total = st.blocks() as u64 * st.fragment_size() as u64;
+    assert!(
+        total <= 512 << 20 && total > 400 << 20,
+        "the cache's filesystem has {total} bytes"
+    );
+    rt.block_on(e.teardown(b.id())).unwrap();
+
+    // A restarted agent keeps what the cache holds; a stopped one leaves
+    // neither its address nor its rules.
+    drop(e);
+    let save = Command::new("iptables-save").output().unwrap();
+    assert!(!String::from_utf8_lossy(&save.stdout).contains("berth-cache-"));
+    let lo = Command::new("ip")
+        .args(["-o", "addr", "show", "dev", "lo"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&lo.stdout).contains(&addr.ip().to_string()));
+    // Nor its registry (no connection is tried: the address is not the
+    // host's any more).
+    let cfg_path = cache_dir.join("config.yml");
+    let running = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+        .any(|c| String::from_utf8_lossy(&c).contains(&*cfg_path.to_string_lossy()));
+    assert!(!running, "the cache's registry outlived its agent");
+    let e = berth::sandbox::Engine::new(cfg).unwrap();
+    let c = rt.block_on(e.start(None)).unwrap();
+    docker_ok(&c.socket(), &["pull", "tool:1"]);
+    assert_eq!(blob_gets(&upstream), fetched, "a restart lost the cache");
+    rt.block_on(e.teardown(c.id())).unwrap();
+    drop(e);
     let _ = std::fs::remove_dir_all(&work);
 }

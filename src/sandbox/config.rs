@@ -158,6 +158,9 @@ pub struct SandboxConfig {
     /// `[registries]` of the configuration file (a section of its own).
     #[serde(skip)]
     pub registries: super::registries::Registries,
+    /// `[cache]` of the configuration file: the shared pull-through cache.
+    #[serde(skip)]
+    pub cache: super::cache::CacheConfig,
 }
 
 /// dockerd flags berth sets for every job (or writes to its daemon.json):
@@ -298,6 +301,7 @@ impl Default for SandboxConfig {
             share_preloads: true,
             extra_dockerd_args: Vec::new(),
             registries: Default::default(),
+            cache: Default::default(),
         }
     }
 }
@@ -442,12 +446,22 @@ impl SandboxConfig {
             }
         }
         self.registries.load()?;
+        self.cache.validate()?;
         Ok(())
     }
 
-    /// Number of /30s in the address pool.
+    /// Where the pull-through cache listens, when it is enabled: the host
+    /// end of the address pool's last /30 (no job gets that one).
+    pub fn cache_addr(&self) -> Option<std::net::SocketAddrV4> {
+        self.cache
+            .enabled
+            .then(|| super::cache::addr_in_pool(self.net_pool, self.net_pool_prefix))
+    }
+
+    /// Number of /30s in the address pool for jobs (the last one is the
+    /// cache's, when it is enabled).
     fn nets(&self) -> u64 {
-        1u64 << (32 - u32::from(self.net_pool_prefix) - 2)
+        (1u64 << (32 - u32::from(self.net_pool_prefix) - 2)) - u64::from(self.cache.enabled)
     }
 
     /// Number of job slots: bounded by the uid pool, the address pool and

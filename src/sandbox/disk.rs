@@ -47,15 +47,33 @@ pub enum DiskError {
 /// and mounts it on `root` (an existing, empty directory).
 pub fn create(job_dir: &Path, root: &Path, bytes: u64, owner: u32) -> Result<(), DiskError> {
     let image = job_dir.join(IMAGE);
+    make_image(&image, bytes, owner)?;
+    mount_image(&image, root, "loop,nodev,noatime")?;
     let err = |source| DiskError::Image {
         path: image.clone(),
+        source,
+    };
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    // Root-owned, so invisible to the job; nothing of the job goes there.
+    let lost = root.join("lost+found");
+    if lost.exists() {
+        std::fs::remove_dir(&lost).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// A new sparse image (0600) of `bytes` holding an ext4 filesystem whose
+/// root belongs to host id `owner`.
+pub fn make_image(image: &Path, bytes: u64, owner: u32) -> Result<(), DiskError> {
+    let err = |source| DiskError::Image {
+        path: image.into(),
         source,
     };
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&image)
+        .open(image)
         .map_err(err)?;
     // Sparse: the host gives the job space as it writes, up to `bytes`.
     file.set_len(bytes).map_err(err)?;
@@ -69,34 +87,44 @@ pub fn create(job_dir: &Path, root: &Path, bytes: u64, owner: u32) -> Result<(),
             .arg(format!(
                 "lazy_itable_init=1,nodiscard,root_owner={owner}:{owner}"
             ))
-            .arg(&image),
+            .arg(image),
         "mkfs.ext4",
-        &image,
-    )?;
-    // `-o loop` sets the loop device up with autoclear: it goes with the
-    // last unmount.
+        image,
+    )
+}
+
+/// Mounts `image` on `root` with `options` (which include `loop`: the loop
+/// device is set up with autoclear and goes with the last unmount).
+pub fn mount_image(image: &Path, root: &Path, options: &str) -> Result<(), DiskError> {
     run(
         Command::new("mount")
-            .args(["-t", "ext4", "-o", "loop,nodev,noatime"])
-            .arg(&image)
+            .args(["-t", "ext4", "-o", options])
+            .arg(image)
             .arg(root),
         "mount",
-        &image,
-    )?;
-    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    // Root-owned, so invisible to the job; nothing of the job goes there.
-    let lost = root.join("lost+found");
-    if lost.exists() {
-        std::fs::remove_dir(&lost).map_err(err)?;
-    }
-    Ok(())
+        image,
+    )
 }
 
 /// Unmounts the job's filesystem from `root` (detached: it goes when its
 /// last user does, and the job's processes are gone by now) and deletes the
 /// image. Idempotent.
 pub fn remove(job_dir: &Path, root: &Path) -> Result<(), DiskError> {
-    // A mount stacked on another (a crash between two attempts) comes off too.
+    unmount(root)?;
+    let image = job_dir.join(IMAGE);
+    match std::fs::remove_file(&image) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DiskError::Remove {
+            path: image,
+            source,
+        }),
+    }
+}
+
+/// Unmounts whatever is mounted on `root`, detached, mounts stacked on
+/// one another (a crash between two attempts) too. Idempotent.
+pub fn unmount(root: &Path) -> Result<(), DiskError> {
     for _ in 0..8 {
         match super::sys::unmount_detached(root) {
             Ok(()) => continue,
@@ -110,15 +138,7 @@ pub fn remove(job_dir: &Path, root: &Path) -> Result<(), DiskError> {
             }
         }
     }
-    let image = job_dir.join(IMAGE);
-    match std::fs::remove_file(&image) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DiskError::Remove {
-            path: image,
-            source,
-        }),
-    }
+    Ok(())
 }
 
 /// Bytes the job's image takes on the host now (its allocated blocks).

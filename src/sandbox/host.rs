@@ -25,6 +25,8 @@ pub(super) struct Prepared {
     pub upstreams: Vec<SocketAddr>,
     /// Archives loaded into (or shared with) every new job.
     pub preloads: Vec<PathBuf>,
+    /// The pull-through cache, when enabled (stopped before the lock goes).
+    pub cache: Option<super::cache::Cache>,
     /// Exclusive lock on the state dir, held for the engine's lifetime.
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -102,14 +104,32 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         .output()
         .ok()
         .and_then(|o| dockerd_major(&String::from_utf8_lossy(&o.stdout)));
+    let mut registries = cfg.registries.load()?;
+    let cache = match cfg.cache_addr() {
+        Some(addr) => {
+            let password = cfg.cache.validate()?;
+            let c = super::cache::Cache::start(
+                &cfg.cache,
+                password,
+                &cfg.state_dir.join("cache"),
+                addr,
+            )?;
+            // First: a job's dockerd tries its mirrors in order, then the
+            // upstream itself.
+            registries.mirrors.insert(0, c.mirror());
+            Some(c)
+        }
+        None => None,
+    };
     Ok(Prepared {
         helper,
         layout,
         mtu,
         dockerd_major,
-        registries: cfg.registries.load()?,
+        registries,
         upstreams,
         preloads,
+        cache,
         _lock: lock,
     })
 }
@@ -185,6 +205,12 @@ fn check_prerequisites(cfg: &SandboxConfig, helper: &Path) -> Result<(), Sandbox
         return pre(format!(
             "berth helper binary {} is not executable",
             helper.display()
+        ));
+    }
+    if cfg.cache.enabled && !is_executable(&cfg.cache.registry) {
+        return pre(format!(
+            "[cache] is enabled but its registry {} is not there: `apt-get install docker-registry` or set cache.registry",
+            cfg.cache.registry.display()
         ));
     }
     for (prog, pkg) in [("ip", "iproute2"), ("iptables", "iptables")] {

@@ -323,6 +323,7 @@ impl Engine {
             host_ip: rec.host_ip,
             job_ip: rec.job_ip,
             ports: rec.ports,
+            cache: self.host.cache.as_ref().map(|c| c.addr()),
         };
         tokio::task::spawn_blocking(move || -> Result<(), net::NetError> {
             net::create_link(&id, addrs.host_ip, mtu, addrs.ports.is_some())?;

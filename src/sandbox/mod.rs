@@ -12,6 +12,7 @@
 //! images), `evidence` (failed starts' logs), `health` (is a running job's
 //! dockerd answering); `sys` is the only place that makes raw system calls.
 
+pub mod cache;
 pub mod cgroup;
 pub mod child;
 pub mod config;
@@ -65,6 +66,8 @@ pub enum SandboxError {
     Seed(#[from] seed::SeedError),
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
+    #[error(transparent)]
+    Cache(#[from] cache::CacheError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -322,6 +325,11 @@ impl Engine {
 
     pub fn mtu(&self) -> u32 {
         self.host.mtu
+    }
+
+    /// The shared pull-through cache, when enabled.
+    pub fn cache(&self) -> Option<&cache::Cache> {
+        self.host.cache.as_ref()
     }
 
     pub fn get(&self, id: &str) -> Option<Sandbox> {

@@ -10,7 +10,7 @@
 //! block is forwarded to the job's address, where only what the job
 //! publishes answers.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::process::Command;
 
@@ -42,6 +42,8 @@ pub struct JobAddrs {
     pub host_ip: Ipv4Addr,
     pub job_ip: Ipv4Addr,
     pub ports: Option<PortRange>,
+    /// The agent's pull-through cache, which the job may reach.
+    pub cache: Option<SocketAddrV4>,
 }
 
 pub fn host_ifname(job_id: &str) -> String {
@@ -224,6 +226,27 @@ pub fn job_rules(job_id: &str, a: &JobAddrs) -> Vec<(&'static str, &'static str,
                 "ACCEPT",
             ]),
         ),
+    ];
+    if let Some(c) = a.cache {
+        // The agent's pull-through cache, on an address of its own.
+        rules.push((
+            "filter",
+            "BERTH-INPUT",
+            s(&[
+                "-i",
+                &h,
+                "-d",
+                &c.ip().to_string(),
+                "-p",
+                "tcp",
+                "--dport",
+                &c.port().to_string(),
+                "-j",
+                "ACCEPT",
+            ]),
+        ));
+    }
+    rules.extend([
         // Nothing else on the host: no host service, whatever it listens on.
         ("filter", "BERTH-INPUT", s(&["-i", &h, "-j", "DROP"])),
         // No job reaches another job.
@@ -254,7 +277,7 @@ pub fn job_rules(job_id: &str, a: &JobAddrs) -> Vec<(&'static str, &'static str,
                 "ACCEPT",
             ]),
         ),
-    ];
+    ]);
     if let Some(block) = a.ports {
         let ports = format!("{}:{}", block.first, block.last);
         let jip = job_ip.to_string();
@@ -330,27 +353,42 @@ pub fn job_rules(job_id: &str, a: &JobAddrs) -> Vec<(&'static str, &'static str,
 /// of the batch landed is taken back, the chains are made, and the batch
 /// runs once more.
 pub fn add_rules(job_id: &str, addrs: &JobAddrs) -> Result<(), NetError> {
-    let script = add_script(&job_rules(job_id, addrs));
+    add_batch(&comment(job_id), &appended(&job_rules(job_id, addrs)))
+}
+
+/// `lines` (table, command) in one batch; see [`add_rules`]. `tag` names
+/// the rules taken back when the chains were missing.
+fn add_batch(tag: &str, lines: &[(&str, String)]) -> Result<(), NetError> {
+    let script = add_script(lines);
     if restore(&script).is_ok() {
         return Ok(());
     }
-    delete_rules(job_id)?;
+    delete_tagged(tag)?;
     ensure_chains()?;
     restore(&script)
 }
 
-/// The batch that adds `rules`: per table, first a check of each jump into
+/// Rules as `-A` commands, in order.
+fn appended(rules: &[(&'static str, &'static str, Vec<String>)]) -> Vec<(&'static str, String)> {
+    rules
+        .iter()
+        .map(|(table, chain, spec)| (*table, format!("-A {chain} {}", spec.join(" "))))
+        .collect()
+}
+
+/// The batch that adds `lines`: per table, first a check of each jump into
 /// berth's chains (a missing one fails the batch before anything of that
-/// table is added), then the rules in order.
-fn add_script(rules: &[(&str, &str, Vec<String>)]) -> String {
+/// table is added), then the commands in order.
+fn add_script(lines: &[(&str, String)]) -> String {
     let mut out = String::new();
     for (table, chains) in [("filter", &FILTER_CHAINS[..]), ("nat", &NAT_CHAINS[..])] {
         out.push_str(&format!("*{table}\n"));
         for (builtin, ours) in chains {
             out.push_str(&format!("-C {builtin} -j {ours}\n"));
         }
-        for (_, chain, spec) in rules.iter().filter(|(t, _, _)| *t == table) {
-            out.push_str(&format!("-A {chain} {}\n", spec.join(" ")));
+        for (_, line) in lines.iter().filter(|(t, _)| *t == table) {
+            out.push_str(line);
+            out.push('\n');
         }
         out.push_str("COMMIT\n");
     }
@@ -413,7 +451,11 @@ fn restore(script: &str) -> Result<(), NetError> {
 /// Rules (table, `-A` line) tagged with `job_id`'s comment, in every berth
 /// chain, read with one `iptables-save`.
 pub fn rules_of(job_id: &str) -> Result<Vec<(String, String)>, NetError> {
-    Ok(tagged_rules(&run("iptables-save", &[])?, &comment(job_id)))
+    rules_tagged(&comment(job_id))
+}
+
+fn rules_tagged(tag: &str) -> Result<Vec<(String, String)>, NetError> {
+    Ok(tagged_rules(&run("iptables-save", &[])?, tag))
 }
 
 /// The `-A` lines of berth's chains in an `iptables-save` text that carry
@@ -447,9 +489,13 @@ fn tagged_rules(save: &str, tag: &str) -> Vec<(String, String)> {
 /// teardown of the same job removed some rules between the read and the
 /// batch, it reads again.
 pub fn delete_rules(job_id: &str) -> Result<(), NetError> {
+    delete_tagged(&comment(job_id))
+}
+
+fn delete_tagged(tag: &str) -> Result<(), NetError> {
     let mut tries = 0;
     loop {
-        let lines = rules_of(job_id)?;
+        let lines = rules_tagged(tag)?;
         if lines.is_empty() {
             return Ok(());
         }
@@ -459,6 +505,54 @@ pub fn delete_rules(job_id: &str) -> Result<(), NetError> {
             Err(e) => return Err(e),
         }
     }
+}
+
+fn cache_tag(addr: SocketAddrV4) -> String {
+    format!("berth-cache-{}", addr.ip())
+}
+
+/// The pull-through cache's address, on the host's loopback, and the rules
+/// that keep it to the host and to jobs: from any other interface it is
+/// dropped, and each job's own rules let it in from its link alone.
+pub fn add_cache(addr: SocketAddrV4) -> Result<(), NetError> {
+    let tag = cache_tag(addr);
+    delete_tagged(&tag)?;
+    run(
+        "ip",
+        &["addr", "replace", &format!("{}/32", addr.ip()), "dev", "lo"],
+    )?;
+    let ip = addr.ip().to_string();
+    let c = format!("-m comment --comment {tag}");
+    // Inserted at the top, in reverse: the host's own connections first.
+    add_batch(
+        &tag,
+        &[
+            (
+                "filter",
+                format!("-I BERTH-INPUT 1 -d {ip} ! -i bh+ -j DROP {c}"),
+            ),
+            (
+                "filter",
+                format!("-I BERTH-INPUT 1 -i lo -d {ip} -j ACCEPT {c}"),
+            ),
+        ],
+    )
+}
+
+/// Takes the cache's address and rules away. Idempotent.
+pub fn remove_cache(addr: SocketAddrV4) -> Result<(), NetError> {
+    delete_tagged(&cache_tag(addr))?;
+    let cidr = format!("{}/32", addr.ip());
+    if !run(
+        "ip",
+        &["-o", "-4", "addr", "show", "dev", "lo", "to", &cidr],
+    )?
+    .trim()
+    .is_empty()
+    {
+        run("ip", &["addr", "del", &cidr, "dev", "lo"])?;
+    }
+    Ok(())
 }
 
 /// Nameservers of a resolv.conf text.
@@ -498,6 +592,7 @@ mod tests {
                     first: 20000,
                     last: 20063,
                 }),
+                cache: None,
             },
         );
         for (_, chain, spec) in &r {
@@ -523,6 +618,7 @@ mod tests {
                 first: 20000,
                 last: 20063,
             }),
+            cache: None,
         };
         let r = job_rules("abc", &a);
         let forward: Vec<&Vec<String>> = r
@@ -551,6 +647,48 @@ mod tests {
             .filter(|(t, _, s)| *t == "nat" && s.contains(&"--to-destination".to_string()))
             .count();
         assert_eq!(dnat, 4, "tcp and udp, from the host and from elsewhere");
+        // The cache, where there is one, is let in from the job's link
+        // before everything else on the host is dropped.
+        let with_cache = job_rules(
+            "abc",
+            &JobAddrs {
+                cache: Some("10.0.255.253:5000".parse().unwrap()),
+                ..a
+            },
+        );
+        let input: Vec<&Vec<String>> = with_cache
+            .iter()
+            .filter(|(_, c, _)| *c == "BERTH-INPUT")
+            .map(|(_, _, s)| s)
+            .collect();
+        let to_cache = input
+            .iter()
+            .position(|s| s.contains(&"10.0.255.253".to_string()))
+            .expect("a rule for the cache");
+        assert_eq!(
+            input[to_cache][..10],
+            [
+                "-i",
+                "bhabc",
+                "-d",
+                "10.0.255.253",
+                "-p",
+                "tcp",
+                "--dport",
+                "5000",
+                "-j",
+                "ACCEPT"
+            ]
+        );
+        let drop_all = input
+            .iter()
+            .position(|s| s[..4] == ["-i", "bhabc", "-j", "DROP"])
+            .unwrap();
+        assert!(to_cache < drop_all);
+        assert!(
+            !r.iter()
+                .any(|(_, _, s)| s.contains(&"10.0.255.253".to_string()))
+        );
         // Without a block, nothing is forwarded in.
         let none = job_rules("abc", &JobAddrs { ports: None, ..a });
         assert!(!none.iter().any(|(_, _, s)| s.contains(&"DNAT".to_string())));
@@ -565,9 +703,10 @@ mod tests {
                 first: 20000,
                 last: 20063,
             }),
+            cache: None,
         };
         let rules = job_rules("abc", &a);
-        let script = add_script(&rules);
+        let script = add_script(&appended(&rules));
         let lines: Vec<&str> = script.lines().collect();
         // Per table: the header, every jump checked, then every rule, COMMIT.
         let nat = lines.iter().position(|l| *l == "*nat").unwrap();

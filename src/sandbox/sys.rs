@@ -174,6 +174,21 @@ pub fn unshare_user_in_child(cmd: &mut std::process::Command) {
     }
 }
 
+/// Has the kernel SIGKILL the child `cmd` starts when the thread that
+/// started it ends (the agent killed included).
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    // SAFETY: the hook runs between fork and exec and makes one syscall
+    // (prctl), which is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 extern "C" fn noop_handler(_: libc::c_int) {}
 
 /// Install a no-op handler for `signals` and block them, so that pid 1 of a

@@ -755,3 +755,90 @@ pub fn jobs_left(name: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Debian's `docker-registry` in a test host's namespace, on `addr`, its
+/// storage in `dir`; TLS and htpasswd when given. Killed on drop.
+pub struct Registry {
+    child: std::process::Child,
+    pub dir: std::path::PathBuf,
+}
+
+impl Registry {
+    pub fn start(
+        netns: &str,
+        name: &str,
+        addr: &str,
+        tls: Option<(&str, &str)>,
+        htpasswd: Option<&std::path::Path>,
+    ) -> Registry {
+        assert!(
+            std::path::Path::new("/usr/bin/docker-registry").exists(),
+            "/usr/bin/docker-registry is missing: apt-get install docker-registry"
+        );
+        let dir = std::path::PathBuf::from(format!("/var/lib/bt/registry-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut yml = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.join("data").display()
+        );
+        if let Some((cert, key)) = tls {
+            std::fs::write(dir.join("cert.pem"), cert).unwrap();
+            std::fs::write(dir.join("key.pem"), key).unwrap();
+            yml += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.join("cert.pem").display(),
+                dir.join("key.pem").display()
+            );
+        }
+        if let Some(h) = htpasswd {
+            yml += &format!(
+                "auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
+                h.display()
+            );
+        }
+        std::fs::write(dir.join("config.yml"), yml).unwrap();
+        let log = std::fs::File::create(dir.join("log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "docker-registry", "serve"])
+            .arg(dir.join("config.yml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        // Up when it accepts connections.
+        let sa: SocketAddr = addr.parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while in_netns(netns, || {
+            std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(1))
+        })
+        .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "registry {name} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry { child, dir }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Registry {
+    /// Lines of its log with `needle`: the requests it was asked.
+    pub fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(self.dir.join("log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+}
