@@ -22,8 +22,12 @@
 //!    pipeline: its wall time minus the sum of its steps.
 //! 7. The job's own disk (a loop-mounted sparse ext4): cold start → first
 //!    docker CLI answer with and without it, alternating in one run.
+//! 8. The shared pull-through cache: a fresh job's `docker pull` of a
+//!    120 MB Docker Hub name whose upstream (a registry in a test host's
+//!    namespace) sits behind a 200 Mbit/s link, through an empty cache, a
+//!    warm one, and with the upstream as the job's only mirror (no cache).
 //!
-//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk
+//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache
 //! runs a subset.
 
 #[path = "../tests/common/mod.rs"]
@@ -298,15 +302,16 @@ async fn tls_to(
     name: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &std::fs::read(dir.join("ca.pem")).unwrap()[..]) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let chain = rustls_pemfile::certs(&mut &std::fs::read(dir.join("cert.pem")).unwrap()[..])
+    let chain = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+        .unwrap()
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
-    let key = rustls_pemfile::private_key(&mut &std::fs::read(dir.join("key.pem")).unwrap()[..])
-        .unwrap()
-        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
     let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -766,6 +771,35 @@ fn main() {
         );
     }
 
+    // 8. The pull-through cache: cold, warm, and none.
+    if section("cache") {
+        let (cold, warm, direct, upstream_blobs) = cache_pulls(&rt, n.clamp(1, 5));
+        row(
+            &mut table,
+            format!(
+                "| fresh job pulls a 120 MB image, upstream at 200 Mbit/s, no cache (s) | {:.2} | {:.2} |",
+                median(&direct),
+                pct(&direct, 0.95)
+            ),
+        );
+        row(
+            &mut table,
+            format!(
+                "| same through an empty cache (s) | {:.2} | {:.2}× no cache |",
+                median(&cold),
+                median(&cold) / median(&direct)
+            ),
+        );
+        row(
+            &mut table,
+            format!(
+                "| same through a warm cache (s) | {:.2} | {:.2}× no cache; upstream blob downloads during warm pulls: {upstream_blobs} |",
+                median(&warm),
+                median(&warm) / median(&direct)
+            ),
+        );
+    }
+
     println!(
         "## berth benchmark suite — {n} runs per latency, {} cores",
         std::thread::available_parallelism()
@@ -778,6 +812,111 @@ fn main() {
     for r in table {
         println!("{r}");
     }
+}
+
+/// Seconds of each fresh job's `docker pull big:1` (docker.io/library/big:1,
+/// on the upstream only): through an empty cache (a new one each run), a
+/// warm one, and with the upstream itself as the mirror; and the blobs the
+/// upstream served during the warm pulls.
+fn cache_pulls(rt: &tokio::runtime::Runtime, runs: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, usize) {
+    use berth::sandbox::{Engine, SandboxConfig, cache::CacheConfig, registries::Registries};
+    let host = common::Outside::create(46);
+    let up = format!("{}:5000", host.addr);
+    let upstream = common::Registry::start(&host.name, "bench-upstream", &up, None, None);
+    // What leaves the upstream crosses a 200 Mbit/s link.
+    let tc = Command::new("ip")
+        .args([
+            "netns", "exec", &host.name, "tc", "qdisc", "add", "dev", "bto46n", "root",
+        ])
+        .args([
+            "tbf", "rate", "200mbit", "burst", "256kb", "latency", "50ms",
+        ])
+        .status()
+        .unwrap();
+    assert!(tc.success(), "tc qdisc tbf on the upstream's link");
+    // dockerd resolves `docker.io` before a pull: a resolver that answers
+    // at once, as a CI host's does (the test default is silent).
+    let dns = vec![common::spawn_dns_nxdomain()];
+    let direct = Engine::new(SandboxConfig {
+        registries: Registries {
+            mirrors: vec![format!("http://{up}")],
+            insecure: vec![up.clone()],
+            ..Default::default()
+        },
+        dns_upstreams: dns.clone(),
+        ..common::engine_config(46, "bs-cache-direct")
+    })
+    .unwrap();
+    {
+        let sb = rt.block_on(direct.start(None)).unwrap();
+        common::import_busybox(&sb.socket());
+        let ctx = PathBuf::from("/var/lib/bt/bench-cache-ctx");
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            "FROM busybox:test\nRUN head -c 120000000 /dev/urandom > /big\n",
+        )
+        .unwrap();
+        let image = format!("{up}/library/big:1");
+        common::docker_ok(
+            &sb.socket(),
+            &["build", "-q", "-t", &image, ctx.to_str().unwrap()],
+        );
+        common::docker_ok(&sb.socket(), &["push", &image]);
+        rt.block_on(direct.teardown(sb.id())).unwrap();
+    }
+    let pull = |e: &Engine| -> f64 {
+        let sb = rt.block_on(e.start(None)).unwrap();
+        let t = Instant::now();
+        common::docker_ok(&sb.socket(), &["pull", "big:1"]);
+        let s = t.elapsed().as_secs_f64();
+        rt.block_on(e.teardown(sb.id())).unwrap();
+        s
+    };
+    let cached = |n: u32, name: &str| {
+        let c = common::engine_config(n, name);
+        let _ = std::fs::remove_dir_all(c.state_dir.join("cache"));
+        Engine::new(SandboxConfig {
+            cache: CacheConfig {
+                enabled: true,
+                upstream: format!("http://{up}"),
+                max_bytes: 2 << 30,
+                ..Default::default()
+            },
+            dns_upstreams: dns.clone(),
+            ..c
+        })
+        .unwrap()
+    };
+    let (mut cold, mut with_direct) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        with_direct.push(pull(&direct));
+        let e = cached(47, "bs-cache-cold");
+        cold.push(pull(&e));
+    }
+    drop(direct);
+    let e = cached(48, "bs-cache-warm");
+    pull(&e);
+    // The cache keeps what it fetched once it has stored it (its own
+    // download, beside the one it streams to the job): the manifest and
+    // three blobs are then scheduled for expiry.
+    let log = e.cache().unwrap().log();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("Adding new scheduler entry for library/big@")
+        .count()
+        < 4
+    {
+        assert!(Instant::now() < deadline, "the cache never stored big:1");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let blobs = || upstream.log_count("\"GET /v2/library/big/blobs/sha256:");
+    let before = blobs();
+    let warm: Vec<f64> = (0..runs).map(|_| pull(&e)).collect();
+    let upstream_blobs = blobs() - before;
+    drop(e);
+    (cold, warm, with_direct, upstream_blobs)
 }
 
 /// Times `teardown` of jobs that each run `containers` sleeping containers

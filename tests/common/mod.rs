@@ -11,6 +11,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use berth::sandbox::{Engine, SandboxConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Only this variable skips the privileged tests; CI never sets it.
 pub const OPT_OUT: &str = "BERTH_SKIP_PRIVILEGED_TESTS";
@@ -445,6 +447,16 @@ pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
 
 /// A DNS server on loopback that answers every A question with `answer`.
 pub fn spawn_dns(answer: Ipv4Addr) -> SocketAddr {
+    dns_server(Some(answer))
+}
+
+/// A DNS server on loopback that knows no name (NXDOMAIN at once): what a
+/// job resolves fails fast instead of waiting for a silent resolver.
+pub fn spawn_dns_nxdomain() -> SocketAddr {
+    dns_server(None)
+}
+
+fn dns_server(answer: Option<Ipv4Addr>) -> SocketAddr {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = sock.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -469,12 +481,15 @@ pub fn spawn_dns(answer: Ipv4Addr) -> SocketAddr {
             } else {
                 0
             };
-            if qtype != 1 {
-                // Not an A question: answer with no records.
+            let Some(answer) = answer.filter(|_| qtype == 1) else {
+                // No records; no such name when the server knows none.
                 r[7] = 0;
+                if answer.is_none() {
+                    r[3] |= 3;
+                }
                 let _ = sock.send_to(&r, peer);
                 continue;
-            }
+            };
             r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
             r.extend_from_slice(&answer.octets());
             let _ = sock.send_to(&r, peer);
@@ -681,8 +696,10 @@ pub async fn tls_connect(
     client: Option<(&[u8], &[u8])>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
-        roots.add(c?).map_err(std::io::Error::other)?;
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(c.map_err(std::io::Error::other)?)
+            .map_err(std::io::Error::other)?;
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let b = rustls::ClientConfig::builder_with_provider(provider)
@@ -691,9 +708,10 @@ pub async fn tls_connect(
         .with_root_certificates(roots);
     let cfg = match client {
         Some((cert, key)) => {
-            let chain = rustls_pemfile::certs(&mut &cert[..]).collect::<Result<Vec<_>, _>>()?;
-            let key = rustls_pemfile::private_key(&mut &key[..])?
-                .ok_or_else(|| std::io::Error::other("no key"))?;
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(std::io::Error::other)?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(std::io::Error::other)?;
             b.with_client_auth_cert(chain, key)
                 .map_err(std::io::Error::other)?
         }
