@@ -2,6 +2,7 @@
 //! it (expiry, labels), TTL expiry, and the routing decision from a job
 //! identity to that job's private dockerd socket.
 
+use crate::locks::Lock;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -209,7 +210,7 @@ impl Jobs {
 
     /// Number of warm sandboxes ready now.
     pub fn pooled(&self) -> usize {
-        self.pool.lock().unwrap().len()
+        self.pool.locked().len()
     }
 
     /// Starts sandboxes in the background until the pool is full. One at a
@@ -219,7 +220,7 @@ impl Jobs {
         if self.pool_size == 0 || self.closing.load(Ordering::SeqCst) {
             return;
         }
-        let mut slot = self.refill.lock().unwrap();
+        let mut slot = self.refill.locked();
         if slot.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
@@ -234,12 +235,12 @@ impl Jobs {
                     Err(SandboxError::Slot(SlotError::Exhausted { .. })) => break,
                     Ok(sb) => {
                         tracing::debug!(sandbox = %sb.id(), "warm sandbox ready");
-                        me.pool.lock().unwrap().push_back(sb);
-                        *me.pool_health.lock().unwrap() = PoolHealth::default();
+                        me.pool.locked().push_back(sb);
+                        *me.pool_health.locked() = PoolHealth::default();
                     }
                     Err(e) => {
                         let wait = {
-                            let mut h = me.pool_health.lock().unwrap();
+                            let mut h = me.pool_health.locked();
                             h.failures += 1;
                             h.last_error = Some(e.to_string());
                             let wait = crate::sandbox::backoff(h.failures, POOL_RETRY_CAP);
@@ -258,7 +259,7 @@ impl Jobs {
     }
 
     pub fn pool_view(&self) -> PoolView {
-        let h = self.pool_health.lock().unwrap();
+        let h = self.pool_health.locked();
         PoolView {
             size: self.pool_size,
             ready: self.pooled(),
@@ -274,7 +275,7 @@ impl Jobs {
     /// A warm sandbox that is still healthy, if any.
     async fn take_pooled(&self) -> Option<crate::sandbox::Sandbox> {
         loop {
-            let sb = self.pool.lock().unwrap().pop_front()?;
+            let sb = self.pool.locked().pop_front()?;
             if sb.status() == Status::Running {
                 return Some(sb);
             }
@@ -389,7 +390,7 @@ impl Jobs {
                 return Err(e.into());
             }
         };
-        self.meta.lock().unwrap().insert(
+        self.meta.locked().insert(
             id.clone(),
             Meta {
                 created,
@@ -402,7 +403,7 @@ impl Jobs {
         let jid = id.clone();
         self.rt.spawn(async move {
             tokio::time::sleep(ttl).await;
-            let live = me.meta.lock().unwrap().get(&jid).is_some_and(|m| !m.ending);
+            let live = me.meta.locked().get(&jid).is_some_and(|m| !m.ending);
             if live {
                 tracing::info!(job = %jid, "ttl expired: tearing the job down");
                 if let Err(e) = me.delete_here(&jid).await {
@@ -415,7 +416,7 @@ impl Jobs {
     }
 
     fn view(&self, id: &str) -> Option<JobView> {
-        let meta = self.meta.lock().unwrap();
+        let meta = self.meta.locked();
         let m = meta.get(id)?;
         let sb = self.engine.get(id);
         let rec = sb.as_ref().map(|s| s.record());
@@ -451,7 +452,7 @@ impl Jobs {
     /// Every job that exists on the host: those of this agent, and those an
     /// earlier agent left whose teardown keeps failing.
     pub fn list(&self) -> Vec<JobView> {
-        let ids: Vec<String> = self.meta.lock().unwrap().keys().cloned().collect();
+        let ids: Vec<String> = self.meta.locked().keys().cloned().collect();
         let mut v: Vec<JobView> = ids.iter().filter_map(|id| self.view(id)).collect();
         for (id, stuck) in self.engine.stuck() {
             if !ids.contains(&id) {
@@ -481,7 +482,7 @@ impl Jobs {
     /// gone; a failed teardown keeps it listed (`teardown-failed`) and the
     /// janitor retries it.
     async fn delete_here(self: &Arc<Self>, id: &str) -> Result<(), JobError> {
-        let ours = match self.meta.lock().unwrap().get_mut(id) {
+        let ours = match self.meta.locked().get_mut(id) {
             Some(m) => {
                 m.ending = true;
                 true
@@ -504,9 +505,9 @@ impl Jobs {
     /// Job `id` is gone from the host: out of the books; its certificate
     /// now meets "ended".
     fn forget(self: &Arc<Self>, id: &str) {
-        self.meta.lock().unwrap().remove(id);
+        self.meta.locked().remove(id);
         {
-            let mut ended = self.ended.lock().unwrap();
+            let mut ended = self.ended.locked();
             ended.push_back(id.to_string());
             if ended.len() > ENDED_MEMORY {
                 ended.pop_front();
@@ -560,7 +561,7 @@ impl Jobs {
             .get(id)
             .map(|m| (!m.ending).then_some(m.expires));
         let Some(expires) = expires else {
-            return Err(if self.ended.lock().unwrap().iter().any(|e| e == id) {
+            return Err(if self.ended.locked().iter().any(|e| e == id) {
                 Refusal::Ended(id.into())
             } else {
                 Refusal::Unknown(id.into())
@@ -610,13 +611,13 @@ impl Jobs {
         self.closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.closed.cancel();
-        let refill = self.refill.lock().unwrap().take();
+        let refill = self.refill.locked().take();
         if let Some(t) = refill {
             // Let a sandbox that is starting finish, so it is torn down below.
             let _ = t.await;
         }
-        self.pool.lock().unwrap().clear();
-        let ids: Vec<String> = self.meta.lock().unwrap().keys().cloned().collect();
+        self.pool.locked().clear();
+        let ids: Vec<String> = self.meta.locked().keys().cloned().collect();
         for id in ids {
             if let Err(e) = self.delete_here(&id).await {
                 tracing::error!(job = %id, error = %e, "teardown at shutdown");

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod doctor;
 pub mod jobs;
+pub mod locks;
 pub mod pipeline;
 pub mod pki;
 pub mod policy;

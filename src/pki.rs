@@ -18,6 +18,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, string::Ia5String,
 };
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use time::OffsetDateTime;
 
 use crate::sandbox::record::write_atomic;
@@ -330,7 +332,7 @@ fn san_of(name: &str) -> Option<SanType> {
 }
 
 fn check_key_matches(cert_pem: &str, key: &KeyPair, path: &Path) -> Result<(), PkiError> {
-    let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+    let der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .next()
         .and_then(Result::ok)
         .ok_or_else(|| PkiError::Invalid {
@@ -352,7 +354,7 @@ fn check_key_matches(cert_pem: &str, key: &KeyPair, path: &Path) -> Result<(), P
 
 /// True when `cert_pem` names exactly `names` and is valid for 30 more days.
 fn server_cert_current(cert_pem: &str, names: &[String]) -> bool {
-    let Some(Ok(der)) = rustls_pemfile::certs(&mut cert_pem.as_bytes()).next() else {
+    let Some(Ok(der)) = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).next() else {
         return false;
     };
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
@@ -445,7 +447,7 @@ mod tests {
     }
 
     fn der_of(pem: &str) -> Vec<u8> {
-        rustls_pemfile::certs(&mut pem.as_bytes())
+        CertificateDer::pem_slice_iter(pem.as_bytes())
             .next()
             .unwrap()
             .unwrap()

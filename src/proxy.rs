@@ -8,6 +8,7 @@
 //! upgrade on their behalf). Half-close is carried through; when the client
 //! goes away, the upstream connection is closed and dockerd cancels the work.
 
+use crate::locks::Lock;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -332,7 +333,7 @@ pub async fn serve<IO>(
         return;
     }
     let parts = conn.into_parts();
-    let upgraded = ctx.hijack.lock().unwrap().take();
+    let upgraded = ctx.hijack.locked().take();
     let mut client = parts.io.into_inner();
     match upgraded {
         Some(up) => {
@@ -470,7 +471,7 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
             );
         }
     };
-    *ctx.hijack.lock().unwrap() = Some(upgraded);
+    *ctx.hijack.locked() = Some(upgraded);
     if client_upgrade {
         let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

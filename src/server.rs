@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use serde::{Deserialize, Serialize};
@@ -148,7 +149,7 @@ fn provider() -> rustls::crypto::CryptoProvider {
 fn tls_config(ca: &Ca, server: &crate::pki::Bundle) -> Result<rustls::ServerConfig, ServeError> {
     let provider = Arc::new(provider());
     let pem_certs = |pem: &str| -> Result<Vec<CertificateDer<'static>>, ServeError> {
-        rustls_pemfile::certs(&mut pem.as_bytes())
+        CertificateDer::pem_slice_iter(pem.as_bytes())
             .collect::<Result<_, _>>()
             .map_err(|e| ServeError::Tls(e.to_string()))
     };
@@ -159,9 +160,8 @@ fn tls_config(ca: &Ca, server: &crate::pki::Bundle) -> Result<rustls::ServerConf
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| ServeError::Tls(e.to_string()))?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut server.key_pem.as_bytes())
-        .map_err(|e| ServeError::Tls(e.to_string()))?
-        .ok_or_else(|| ServeError::Tls("server key missing".into()))?;
+    let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes())
+        .map_err(|e| ServeError::Tls(format!("the server key: {e}")))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| ServeError::Tls(e.to_string()))?

@@ -4,6 +4,7 @@
 //! placement, uid maps, the link moved in); wait for dockerd to answer; load
 //! preloaded images. Any failure tears down what was made.
 
+use crate::locks::Lock;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -162,7 +163,7 @@ impl Engine {
                 started: Instant::now(),
             }),
         };
-        self.jobs.lock().unwrap().insert(id.clone(), sb.clone());
+        self.jobs.locked().insert(id.clone(), sb.clone());
         match self.launch(&sb, &mut rec, &limits, exited_tx, seed).await {
             Ok(()) => {
                 sb.inner.status.send_if_modified(|s| {
@@ -341,7 +342,7 @@ impl Engine {
             self.host.upstreams.clone(),
         )
         .await?;
-        *sb.inner.relay.lock().unwrap() = Some(relay);
+        *sb.inner.relay.locked() = Some(relay);
         Ok(())
     }
 
@@ -527,7 +528,7 @@ impl Engine {
     fn save_record(&self, sb: &Sandbox, rec: &JobRecord) -> Result<(), SandboxError> {
         rec.save(&self.cfg.state_dir)
             .map_err(io("cannot write record in", &sb.inner.dir))?;
-        *sb.inner.record.lock().unwrap() = rec.clone();
+        *sb.inner.record.locked() = rec.clone();
         Ok(())
     }
 }

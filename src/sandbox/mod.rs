@@ -33,6 +33,7 @@ pub mod slots;
 mod sys;
 mod teardown;
 
+use crate::locks::Lock;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -153,7 +154,7 @@ impl Sandbox {
         &self.inner.id
     }
     pub fn record(&self) -> JobRecord {
-        self.inner.record.lock().unwrap().clone()
+        self.inner.record.locked().clone()
     }
     /// The job's private Docker API socket.
     pub fn socket(&self) -> PathBuf {
@@ -333,11 +334,11 @@ impl Engine {
     }
 
     pub fn get(&self, id: &str) -> Option<Sandbox> {
-        self.jobs.lock().unwrap().get(id).cloned()
+        self.jobs.locked().get(id).cloned()
     }
 
     pub fn list(&self) -> Vec<Sandbox> {
-        self.jobs.lock().unwrap().values().cloned().collect()
+        self.jobs.locked().values().cloned().collect()
     }
 
     /// Jobs whose teardown failed and is being retried.

@@ -5,6 +5,7 @@
 //! `teardown-failed` and is retried; recovery of what an earlier agent left;
 //! shutdown.
 
+use crate::locks::Lock;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -39,8 +40,8 @@ impl Engine {
         };
         match self.end(live.as_ref(), &rec).await {
             Ok(killed) => {
-                self.stuck.lock().unwrap().remove(id);
-                if let Some(sb) = self.jobs.lock().unwrap().remove(id) {
+                self.stuck.locked().remove(id);
+                if let Some(sb) = self.jobs.locked().remove(id) {
                     sb.inner.status.send_replace(Status::Stopped);
                 }
                 let took = t0.elapsed();
@@ -54,7 +55,7 @@ impl Engine {
             Err(e) => {
                 let why = e.to_string();
                 let attempts = {
-                    let mut stuck = self.stuck.lock().unwrap();
+                    let mut stuck = self.stuck.locked();
                     let attempts = stuck.get(id).map_or(0, |s| s.attempts) + 1;
                     let wait = backoff(attempts, RETRY_CAP);
                     stuck.insert(
@@ -97,7 +98,7 @@ impl Engine {
             // The helper (the agent's child) is reaped by its watcher.
             let mut exited = sb.inner.exited.clone();
             let _ = tokio::time::timeout(KILL_PATIENCE, exited.wait_for(|e| e.is_some())).await;
-            sb.inner.relay.lock().unwrap().take();
+            sb.inner.relay.locked().take();
         }
         self.remove_traces(rec).await?;
         Ok(killed)
@@ -183,7 +184,7 @@ impl Engine {
     /// looks at what this engine made. Returns the ids torn down; those that
     /// fail stay in [`Engine::stuck`] for a retry.
     pub async fn recover(&self) -> Vec<Result<String, SandboxError>> {
-        let left = std::mem::take(&mut *self.left.lock().unwrap());
+        let left = std::mem::take(&mut *self.left.locked());
         let mut out = Vec::new();
         for id in left.jobs {
             tracing::warn!(job = %id, "recovering job left by a previous run");
@@ -211,7 +212,7 @@ impl Engine {
 
     /// Tears down every job of this process (agent shutdown).
     pub async fn shutdown(&self) -> Vec<Result<Teardown, SandboxError>> {
-        let ids: Vec<String> = self.jobs.lock().unwrap().keys().cloned().collect();
+        let ids: Vec<String> = self.jobs.locked().keys().cloned().collect();
         let mut out = Vec::new();
         for id in ids {
             out.push(self.teardown(&id).await);
