@@ -151,13 +151,16 @@ pub fn move_peer(job_id: &str, pid: u32) -> Result<(), NetError> {
     .map(|_| ())
 }
 
-/// Deletes the pair (both ends go). Idempotent.
+/// Deletes the pair (both ends go). Idempotent: the kernel also removes the
+/// pair on its own when the job's network namespace goes, which may happen
+/// between the look and the delete.
 pub fn delete_link(job_id: &str) -> Result<(), NetError> {
     for name in [host_ifname(job_id), peer_ifname(job_id)] {
-        if Path::new("/sys/class/net").join(&name).exists() {
+        let there = || Path::new("/sys/class/net").join(&name).exists();
+        if there() {
             match run("ip", &["link", "del", &name]) {
                 Ok(_) => {}
-                Err(NetError::Failed { stderr, .. }) if stderr.contains("Cannot find") => {}
+                Err(_) if !there() => {}
                 Err(e) => return Err(e),
             }
         }
