@@ -1,6 +1,8 @@
 //! The job API on the front door, for the admin identity:
 //! `POST /berth/v1/jobs`, `GET /berth/v1/jobs`, `GET|DELETE /berth/v1/jobs/{id}`,
-//! `GET /berth/v1/pool` (the warm pool, and why it is short).
+//! `GET /berth/v1/jobs/{id}/audit` (its requests, as JSON lines, kept after
+//! it ends), `GET /berth/v1/pool` (the warm pool, and why it is short),
+//! `GET /berth/v1/metrics` (Prometheus text).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -91,7 +93,50 @@ async fn handle(
     } = policy::decide_admin(&method, &path)
     {
         tracing::warn!(identity = "admin", client = %peer, %method, %path, rule, "request denied");
+        jobs.metrics().denied(rule);
         return error_response(status, message);
+    }
+    if path == "/berth/v1/metrics" {
+        return match method {
+            Method::GET => {
+                let text = jobs.metrics().render(&jobs.snapshot());
+                let mut r = Response::new(Either::Right(Full::new(Bytes::from(text))));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+                );
+                r
+            }
+            _ => error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "berth: method not allowed on this path",
+            ),
+        };
+    }
+    if let Some(id) = path
+        .strip_prefix("/berth/v1/jobs/")
+        .and_then(|p| p.strip_suffix("/audit"))
+    {
+        if method != Method::GET {
+            return error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "berth: method not allowed on this path",
+            );
+        }
+        return match jobs.audit().read(id) {
+            Some(lines) => {
+                let mut r = Response::new(Either::Right(Full::new(Bytes::from(lines))));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/x-ndjson"),
+                );
+                r
+            }
+            None => error_response(
+                StatusCode::NOT_FOUND,
+                &format!("berth: no audit records for job {id} (unknown, or past the retention)"),
+            ),
+        };
     }
     if path == "/berth/v1/pool" {
         return match method {
@@ -220,6 +265,21 @@ async fn create(
     };
     match jobs.create(spec).await {
         Ok((view, bundle)) => {
+            jobs.audit().record(&crate::audit::Record {
+                ts_ms: crate::audit::now_ms(),
+                job: view.id.clone(),
+                identity: "admin".into(),
+                client: peer.to_string(),
+                event: "created".into(),
+                method: String::new(),
+                target: String::new(),
+                status: 201,
+                bytes_to_daemon: 0,
+                bytes_to_client: 0,
+                duration_ms: 0,
+                decision: String::new(),
+                rule: None,
+            });
             let host = if host.contains(':') && !host.starts_with('[') {
                 format!("[{host}]")
             } else {

@@ -14,8 +14,19 @@ use crate::sandbox::{Engine, Limits, SandboxConfig, SandboxError, Status};
     about = "Docker-in-Docker CI build agent: one real dockerd per job, in its own user namespaces"
 )]
 pub struct Cli {
+    /// How log lines are written to stderr: `text` for people, `json` (one
+    /// object per line, with the job and client of its span) for log
+    /// collectors. BERTH_LOG filters them (`info`, `berth::proxy=debug`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BERTH_LOG_FORMAT")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -128,6 +139,15 @@ pub enum JobCmd {
         #[command(flatten)]
         agent: AgentArgs,
         id: String,
+    },
+    /// What a job did with its daemon: one line per request (kept after the job ends).
+    Audit {
+        #[command(flatten)]
+        agent: AgentArgs,
+        id: String,
+        /// The records as the agent keeps them, JSON lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -323,20 +343,27 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve { engine, front } => {
             let file = load_file(&engine)?;
             let serve = front.apply(file.serve);
-            serve.validate()?;
+            // Configuration and PKI first: the host is not touched until
+            // both are known good.
+            let tls = crate::server::Tls::prepare(&serve)?;
             let stop = crate::signals::Stop::install().map_err(|e| CliError::Job(e.to_string()))?;
             let inherited = crate::server::inherited_listener().map_err(CliError::Usage)?;
             let engine = std::sync::Arc::new(Engine::new(file.sandbox)?);
             let server = match inherited {
-                Some(l) => crate::server::Server::from_listener(serve, engine, l).await?,
-                None => crate::server::Server::bind(serve, engine).await?,
+                Some(l) => crate::server::Server::from_listener(serve, tls, engine, l).await?,
+                None => crate::server::Server::bind(serve, tls, engine).await?,
             };
-            eprintln!(
-                "berth listening on {} (mutual TLS); admin bundle in {}",
-                server.local_addr(),
-                server.admin_dir().display()
-            );
-            server.run(shutdown_signal(stop)).await;
+            // systemd's Type=notify: ready once the listener is bound (and
+            // a no-op without NOTIFY_SOCKET).
+            if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+                tracing::warn!(error = %e, "cannot tell systemd the agent is ready");
+            }
+            server
+                .run(async {
+                    shutdown_signal(stop).await;
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                })
+                .await;
             Ok(())
         }
         Command::Certs(CertsCmd::Init { dir, san }) => {
@@ -555,6 +582,53 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
             let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
             client.delete(&id).await?;
             println!("removed {id}");
+            Ok(())
+        }
+        JobCmd::Audit { agent, id, json } => {
+            let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
+            let lines = client.audit(&id).await?;
+            if json {
+                print!("{lines}");
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<8} {:<6} {:>10} {:>10} {:>7}  REQUEST",
+                "TIME (UTC)", "DECISION", "STATUS", "TO DAEMON", "TO CLIENT", "MS"
+            );
+            for l in lines.lines() {
+                let Ok(r) = serde_json::from_str::<crate::audit::Record>(l) else {
+                    continue;
+                };
+                let when = time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(r.ts_ms) * 1_000_000,
+                )
+                .map(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default()
+                })
+                .unwrap_or_default();
+                let what = match r.event.as_str() {
+                    "request" => format!("{} {}", r.method, r.target),
+                    other => format!("({other} by {} {})", r.identity, r.client),
+                };
+                let decision = match &r.rule {
+                    Some(rule) => format!("{}:{rule}", r.decision),
+                    None => r.decision.clone(),
+                };
+                println!(
+                    "{:<24} {:<8} {:<6} {:>10} {:>10} {:>7}  {what}",
+                    when.get(..23).unwrap_or(&when),
+                    decision,
+                    if r.status == 0 {
+                        String::new()
+                    } else {
+                        r.status.to_string()
+                    },
+                    r.bytes_to_daemon,
+                    r.bytes_to_client,
+                    r.duration_ms
+                );
+            }
             Ok(())
         }
     }

@@ -103,6 +103,17 @@ impl AgentClient {
         })
     }
 
+    /// Job `id`'s audit records, JSON lines (`GET /berth/v1/jobs/{id}/audit`).
+    pub async fn audit(&self, id: &str) -> Result<String, ClientError> {
+        let r = self
+            .send(self.http.get(format!("{}/jobs/{id}/audit", self.base)))
+            .await?;
+        r.text().await.map_err(|source| ClientError::Connect {
+            endpoint: self.endpoint.clone(),
+            source,
+        })
+    }
+
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
         self.send(self.http.delete(format!("{}/jobs/{id}", self.base)))
             .await?;

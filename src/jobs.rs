@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{Audit, Record};
+use crate::metrics::{Metrics, Snapshot};
 use crate::pki::{Bundle, Ca, Identity, PkiError};
 use crate::sandbox::slots::SlotError;
 use crate::sandbox::{Engine, Limits, PortRange, SandboxError, Status};
@@ -55,6 +57,20 @@ pub enum Refusal {
     NotReady(String),
     #[error("berth: job {id} is unhealthy: {why}")]
     Unhealthy { id: String, why: String },
+}
+
+impl Refusal {
+    /// A short, stable name (an audit rule).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Unknown(_) => "job-unknown",
+            Refusal::Ended(_) => "job-ended",
+            Refusal::Expired(_) => "job-expired",
+            Refusal::Failed { .. } => "job-failed",
+            Refusal::NotReady(_) => "job-not-ready",
+            Refusal::Unhealthy { .. } => "job-unhealthy",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -166,6 +182,8 @@ pub struct Jobs {
     closing: std::sync::atomic::AtomicBool,
     /// Cancelled at shutdown: ends a warm-pool backoff at once.
     closed: tokio_util::sync::CancellationToken,
+    metrics: Metrics,
+    audit: Audit,
     /// The agent's runtime: sandboxes start, stop and expire there, whatever
     /// thread serves the request that asked for it (client connections live
     /// on their own threads), and a client that goes away mid-request does
@@ -187,6 +205,7 @@ impl Jobs {
         default_ttl: Duration,
         max_ttl: Duration,
         pool_size: usize,
+        audit: Audit,
     ) -> Arc<Jobs> {
         let jobs = Arc::new(Jobs {
             engine,
@@ -202,6 +221,8 @@ impl Jobs {
             warming: std::sync::atomic::AtomicBool::new(false),
             closing: std::sync::atomic::AtomicBool::new(false),
             closed: tokio_util::sync::CancellationToken::new(),
+            metrics: Metrics::new(),
+            audit,
             rt: tokio::runtime::Handle::current(),
         });
         jobs.start_janitor();
@@ -228,7 +249,7 @@ impl Jobs {
         *slot = Some(self.rt.spawn(async move {
             while !me.closing.load(Ordering::SeqCst) && me.pooled() < me.pool_size {
                 me.warming.store(true, Ordering::SeqCst);
-                let started = me.engine.start(None).await;
+                let started = me.start_sandbox("warm", None).await;
                 me.warming.store(false, Ordering::SeqCst);
                 match started {
                     // Every range serves a job: nothing to warm until one ends.
@@ -280,12 +301,61 @@ impl Jobs {
                 return Some(sb);
             }
             tracing::warn!(sandbox = %sb.id(), status = ?sb.status(), "dropping a dead warm sandbox");
-            let _ = self.engine.teardown(sb.id()).await;
+            let _ = self.end(sb.id()).await;
         }
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// The gauges of a scrape, read now.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut jobs: BTreeMap<String, i64> = BTreeMap::new();
+        for v in self.list() {
+            *jobs.entry(crate::metrics::state_of(&v.status)).or_default() += 1;
+        }
+        let pool = self.pool_view();
+        Snapshot {
+            jobs: jobs.into_iter().collect(),
+            pool_size: pool.size as i64,
+            pool_ready: pool.ready as i64,
+            free_ranges: self.engine.free_slots() as i64,
+        }
+    }
+
+    /// A sandbox start (`kind`: for a job or the warm pool), counted.
+    async fn start_sandbox(
+        &self,
+        kind: &'static str,
+        limits: Option<Limits>,
+    ) -> Result<crate::sandbox::Sandbox, SandboxError> {
+        let t0 = std::time::Instant::now();
+        let r = self.engine.start(limits).await;
+        match &r {
+            Ok(_) => self.metrics.started(kind, t0.elapsed()),
+            Err(e) => self.metrics.start_failed(e.reason()),
+        }
+        r
+    }
+
+    /// A teardown, counted.
+    async fn end(&self, id: &str) -> Result<crate::sandbox::Teardown, SandboxError> {
+        let r = self.engine.teardown(id).await;
+        match &r {
+            Ok(t) => self.metrics.torn_down(t.took),
+            Err(SandboxError::NoSuchJob(_)) => {}
+            Err(_) => self.metrics.teardown_failed(),
+        }
+        r
     }
 
     /// A sandbox for a new job: a warm one when its limits are the
@@ -302,7 +372,7 @@ impl Jobs {
             return Ok(sb);
         }
         loop {
-            match self.engine.start(limits.clone()).await {
+            match self.start_sandbox("job", limits.clone()).await {
                 Err(SandboxError::Slot(SlotError::Exhausted { .. }))
                     if self.pool_holds_ranges() =>
                 {
@@ -318,7 +388,7 @@ impl Jobs {
                         return Ok(sb);
                     }
                     tracing::info!(sandbox = %sb.id(), "freeing a warm sandbox's id range for a job with its own limits");
-                    let _ = self.engine.teardown(sb.id()).await;
+                    let _ = self.end(sb.id()).await;
                 }
                 r => return Ok(r?),
             }
@@ -386,7 +456,7 @@ impl Jobs {
         ) {
             Ok(b) => b,
             Err(e) => {
-                let _ = self.engine.teardown(&id).await;
+                let _ = self.end(&id).await;
                 return Err(e.into());
             }
         };
@@ -492,7 +562,7 @@ impl Jobs {
         if !ours && !self.engine.stuck().iter().any(|(s, _)| s == id) {
             return Err(JobError::NotFound(id.into()));
         }
-        match self.engine.teardown(id).await {
+        match self.end(id).await {
             // NoSuchJob: another teardown of it finished first.
             Ok(_) | Err(SandboxError::NoSuchJob(_)) => {
                 self.forget(id);
@@ -506,6 +576,22 @@ impl Jobs {
     /// now meets "ended".
     fn forget(self: &Arc<Self>, id: &str) {
         self.meta.locked().remove(id);
+        self.audit.record(&Record {
+            ts_ms: crate::audit::now_ms(),
+            job: id.into(),
+            identity: "agent".into(),
+            client: String::new(),
+            event: "ended".into(),
+            method: String::new(),
+            target: String::new(),
+            status: 0,
+            bytes_to_daemon: 0,
+            bytes_to_client: 0,
+            duration_ms: 0,
+            decision: String::new(),
+            rule: None,
+        });
+        self.audit.close(id);
         {
             let mut ended = self.ended.locked();
             ended.push_back(id.to_string());
@@ -522,14 +608,24 @@ impl Jobs {
         let me = Arc::downgrade(self);
         let closed = self.closed.clone();
         self.rt.spawn(async move {
+            let mut ticks: u64 = 0;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(JANITOR_TICK) => {}
                     _ = closed.cancelled() => return,
                 }
                 let Some(jobs) = me.upgrade() else { return };
+                // Audit files past their retention, every ten minutes (and
+                // at the first tick).
+                if ticks.is_multiple_of(600) {
+                    let removed = jobs.audit.expire();
+                    if removed > 0 {
+                        tracing::info!(removed, "audit files past their retention removed");
+                    }
+                }
+                ticks += 1;
                 for id in jobs.engine.retries_due() {
-                    if jobs.engine.teardown(&id).await.is_ok() {
+                    if jobs.end(&id).await.is_ok() {
                         tracing::info!(job = %id, "teardown retried and done");
                         jobs.forget(&id);
                     }

@@ -3,11 +3,13 @@
 //! reachable only through berth's mutual-TLS front door.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod doctor;
 pub mod jobs;
 pub mod locks;
+pub mod metrics;
 pub mod pipeline;
 pub mod pki;
 pub mod policy;

@@ -32,7 +32,11 @@ pub fn decide_job(_method: &Method, path: &str) -> Decision {
 
 /// A request from the admin identity.
 pub fn decide_admin(_method: &Method, path: &str) -> Decision {
-    if path == "/berth/v1/jobs" || path.starts_with("/berth/v1/jobs/") || path == "/berth/v1/pool" {
+    if path == "/berth/v1/jobs"
+        || path.starts_with("/berth/v1/jobs/")
+        || path == "/berth/v1/pool"
+        || path == "/berth/v1/metrics"
+    {
         return Decision::Allow;
     }
     if path.starts_with(API_PREFIX) {

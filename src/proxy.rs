@@ -92,16 +92,23 @@ pub struct ClientBody {
     idle: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     fault: Arc<Mutex<Option<BodyFault>>>,
+    /// The request's account, for a job's request.
+    account: Option<Arc<Account>>,
 }
 
 impl ClientBody {
-    pub fn new(inner: Incoming, idle: Duration) -> (ClientBody, Arc<Mutex<Option<BodyFault>>>) {
+    fn new(
+        inner: Incoming,
+        idle: Duration,
+        account: Option<Arc<Account>>,
+    ) -> (ClientBody, Arc<Mutex<Option<BodyFault>>>) {
         let fault = Arc::new(Mutex::new(None));
         let body = ClientBody {
             inner,
             idle,
             timer: None,
             fault: fault.clone(),
+            account,
         };
         (body, fault)
     }
@@ -119,6 +126,9 @@ impl Body for ClientBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 this.timer = None;
+                if let (Some(d), Some(a)) = (f.data_ref(), &this.account) {
+                    a.moved(d.len() as u64, 0);
+                }
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -147,6 +157,89 @@ impl Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// One request's account: how it was decided and answered and what it
+/// moved. Counted and audited once, when the last of its parts (the request
+/// body, the response body, a hijacked stream) is done with it.
+pub struct Account {
+    jobs: Arc<Jobs>,
+    job: String,
+    client: SocketAddr,
+    method: String,
+    target: String,
+    started: std::time::Instant,
+    status: std::sync::atomic::AtomicU16,
+    to_daemon: std::sync::atomic::AtomicU64,
+    to_client: std::sync::atomic::AtomicU64,
+    verdict: Mutex<(&'static str, Option<String>)>,
+}
+
+impl Account {
+    fn new(ctx: &Ctx, method: &hyper::Method, uri: &hyper::Uri) -> Arc<Account> {
+        Arc::new(Account {
+            jobs: ctx.jobs.clone(),
+            job: ctx.job.clone(),
+            client: ctx.peer,
+            method: method.to_string(),
+            target: uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default(),
+            started: std::time::Instant::now(),
+            status: Default::default(),
+            to_daemon: Default::default(),
+            to_client: Default::default(),
+            verdict: Mutex::new(("allow", None)),
+        })
+    }
+
+    fn answered(&self, status: StatusCode) {
+        self.status
+            .store(status.as_u16(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn decided(&self, decision: &'static str, rule: String) {
+        *self.verdict.locked() = (decision, Some(rule));
+    }
+
+    fn moved(&self, to_daemon: u64, to_client: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.to_daemon.fetch_add(to_daemon, Relaxed);
+        self.to_client.fetch_add(to_client, Relaxed);
+    }
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (status, to_daemon, to_client) = (
+            self.status.load(Relaxed),
+            self.to_daemon.load(Relaxed),
+            self.to_client.load(Relaxed),
+        );
+        let m = self.jobs.metrics();
+        m.request(status);
+        m.moved(to_daemon, to_client);
+        let (decision, rule) = std::mem::take(&mut *self.verdict.locked());
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        tracing::debug!(method = %self.method, path = %self.target, status, to_daemon, to_client, duration_ms, decision, "request served");
+        self.jobs.audit().record(&crate::audit::Record {
+            ts_ms: crate::audit::now_ms(),
+            job: std::mem::take(&mut self.job),
+            identity: "job".into(),
+            client: self.client.to_string(),
+            event: "request".into(),
+            method: std::mem::take(&mut self.method),
+            target: std::mem::take(&mut self.target),
+            status,
+            bytes_to_daemon: to_daemon,
+            bytes_to_client: to_client,
+            duration_ms,
+            decision: decision.into(),
+            rule,
+        });
     }
 }
 
@@ -221,6 +314,22 @@ impl DriverCell {
 pub struct Relayed {
     inner: Incoming,
     upstream: DriverCell,
+    /// The request's account (none in unit tests of the relay alone).
+    account: Option<Arc<Account>>,
+}
+
+impl Relayed {
+    fn counted(
+        f: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
+        account: &Option<Arc<Account>>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let (Poll::Ready(Some(Ok(frame))), Some(a)) = (&f, account)
+            && let Some(d) = frame.data_ref()
+        {
+            a.moved(0, d.len() as u64);
+        }
+        f
+    }
 }
 
 impl Body for Relayed {
@@ -228,14 +337,15 @@ impl Body for Relayed {
     type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Poll::Ready(f) = Pin::new(&mut self.inner).poll_frame(cx) {
-            return Poll::Ready(f);
+        let this = self.get_mut();
+        if let Poll::Ready(f) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Relayed::counted(Poll::Ready(f), &this.account);
         }
-        if self.upstream.poll(cx).is_pending() {
-            return Pin::new(&mut self.inner).poll_frame(cx);
+        if this.upstream.poll(cx).is_pending() {
+            return Relayed::counted(Pin::new(&mut this.inner).poll_frame(cx), &this.account);
         }
         Poll::Pending
     }
@@ -262,7 +372,7 @@ struct Upstream {
 
 /// The raw upstream stream of a hijacked request, handed from the request
 /// handler to the connection once hyper has written the answer.
-type HijackSlot = Arc<Mutex<Option<hyper::upgrade::Upgraded>>>;
+type HijackSlot = Arc<Mutex<Option<(hyper::upgrade::Upgraded, Arc<Account>)>>>;
 
 struct Ctx {
     jobs: Arc<Jobs>,
@@ -336,7 +446,7 @@ pub async fn serve<IO>(
     let upgraded = ctx.hijack.locked().take();
     let mut client = parts.io.into_inner();
     match upgraded {
-        Some(up) => {
+        Some((up, account)) => {
             let mut up = TokioIo::new(up);
             // Bytes the client sent right after the request head (stdin).
             if !parts.read_buf.is_empty() && up.write_all(&parts.read_buf).await.is_err() {
@@ -347,6 +457,7 @@ pub async fn serve<IO>(
             // output keeps flowing back, and the other way round.
             match tokio::io::copy_bidirectional(&mut client, &mut up).await {
                 Ok((to_daemon, to_client)) => {
+                    account.moved(to_daemon + parts.read_buf.len() as u64, to_client);
                     tracing::debug!(job = %ctx.job, to_daemon, to_client, "hijacked stream closed")
                 }
                 Err(e) => tracing::debug!(job = %ctx.job, error = %e, "hijacked stream broke"),
@@ -384,7 +495,19 @@ pub fn strip_version(path: &str) -> &str {
 
 async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
-    let (body, fault) = ClientBody::new(body, ctx.body_idle);
+    let account = Account::new(ctx, &parts.method, &parts.uri);
+    let resp = answer(ctx, parts, body, &account).await;
+    account.answered(resp.status());
+    resp
+}
+
+async fn answer(
+    ctx: &Ctx,
+    parts: hyper::http::request::Parts,
+    body: Incoming,
+    account: &Arc<Account>,
+) -> Response<ProxyBody> {
+    let (body, fault) = ClientBody::new(body, ctx.body_idle, Some(account.clone()));
     let mut req = Request::from_parts(parts, body);
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     if let Decision::Deny {
@@ -394,12 +517,15 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
     } = policy::decide_job(&method, &path)
     {
         tracing::warn!(job = %ctx.job, client = %ctx.peer, %method, %path, rule, "request denied");
+        ctx.jobs.metrics().denied(rule);
+        account.decided("deny", rule.into());
         return error_response(status, message);
     }
     let socket = match ctx.jobs.route(&ctx.job) {
         Ok(s) => s,
         Err(r) => {
             tracing::warn!(job = %ctx.job, client = %ctx.peer, %method, %path, refusal = %r, "request refused");
+            account.decided("refused", r.kind().into());
             return refusal_response(&r);
         }
     };
@@ -432,6 +558,7 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
         refusal = ctx.jobs.unserved(&ctx.job) => {
             up.conn = None;
             tracing::warn!(job = %ctx.job, client = %ctx.peer, %method, %path, %refusal, "request cut: the job's dockerd stopped answering");
+            account.decided("refused", refusal.kind().into());
             return refusal_response(&refusal);
         }
     };
@@ -454,7 +581,13 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
         }
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return resp.map(|inner| Either::Left(Relayed { inner, upstream }));
+        return resp.map(|inner| {
+            Either::Left(Relayed {
+                inner,
+                upstream,
+                account: Some(account.clone()),
+            })
+        });
     }
     // Hijacked: this upstream connection now belongs to the raw stream.
     up.conn = None;
@@ -471,7 +604,7 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
             );
         }
     };
-    *ctx.hijack.locked() = Some(upgraded);
+    *ctx.hijack.locked() = Some((upgraded, account.clone()));
     if client_upgrade {
         let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -547,7 +680,7 @@ impl BodyRefusal {
 /// Reads a request body up to `max` bytes (job API requests), cut when it
 /// sends nothing for `idle`.
 pub async fn read_body(body: Incoming, max: usize, idle: Duration) -> Result<Bytes, BodyRefusal> {
-    let (body, fault) = ClientBody::new(body, idle);
+    let (body, fault) = ClientBody::new(body, idle, None);
     let limited = http_body_util::Limited::new(body, max);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
@@ -655,6 +788,7 @@ mod tests {
                     true => Either::Left(Relayed {
                         inner,
                         upstream: driver,
+                        account: None,
                     }),
                     false => Either::Right(inner),
                 }))

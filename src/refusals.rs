@@ -21,6 +21,17 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// A short, stable name (a metrics label).
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Plaintext => "plaintext",
+            Reason::Handshake => "handshake",
+            Reason::HandshakeTimeout => "handshake_timeout",
+            Reason::NoCertificate => "no_certificate",
+            Reason::BadCertificate => "bad_certificate",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Reason::Plaintext => "plaintext HTTP on the TLS port refused",

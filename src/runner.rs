@@ -134,19 +134,17 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
         } => AgentClient::new(&endpoint, &certs_dir)?,
         Agent::Embedded(cfg) => {
             let certs_dir = cfg.state_dir.join("runner-certs");
+            let serve = ServeConfig {
+                listen: ([127, 0, 0, 1], 0).into(),
+                certs_dir: certs_dir.clone(),
+                // One job: a warm pool would only cost a second dockerd.
+                warm_pool: 0,
+                ..ServeConfig::default()
+            };
+            let tls = crate::server::Tls::prepare(&serve)?;
             // The server recovers what an earlier run left, in the background.
             let engine = Arc::new(Engine::new(*cfg)?);
-            let server = Server::bind(
-                ServeConfig {
-                    listen: ([127, 0, 0, 1], 0).into(),
-                    certs_dir: certs_dir.clone(),
-                    // One job: a warm pool would only cost a second dockerd.
-                    warm_pool: 0,
-                    ..ServeConfig::default()
-                },
-                engine,
-            )
-            .await?;
+            let server = Server::bind(serve, tls, engine).await?;
             let endpoint = server.local_addr().to_string();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let task = tokio::spawn(server.run(async {

@@ -45,6 +45,11 @@ pub struct ServeConfig {
     pub warm_pool: usize,
     /// Threads serving client connections (0: one per CPU).
     pub workers: usize,
+    /// How long a job's audit file is kept after the job ends.
+    pub audit_retention_secs: u64,
+    /// Bound on one job's audit file; records past it are counted, not
+    /// written.
+    pub audit_max_bytes: u64,
 }
 
 impl Default for ServeConfig {
@@ -61,6 +66,8 @@ impl Default for ServeConfig {
             drain_secs: 10,
             warm_pool: 2,
             workers: 0,
+            audit_retention_secs: 7 * 24 * 3600,
+            audit_max_bytes: 16 << 20,
         }
     }
 }
@@ -111,6 +118,9 @@ impl ServeConfig {
                 "warm_pool",
                 "must be at most 64 (each warm sandbox holds about 115 MiB)",
             );
+        }
+        if self.audit_max_bytes < 4096 {
+            return bad("audit_max_bytes", "must be at least 4096");
         }
         if self.workers > 1024 {
             return bad("workers", "must be at most 1024 (0: one per CPU)");
@@ -175,22 +185,35 @@ fn tls_config(ca: &Ca, server: &crate::pki::Bundle) -> Result<rustls::ServerConf
     Ok(cfg)
 }
 
-/// The CA, a current server certificate for the host's names, the admin
-/// bundle, and the TLS acceptor built from them.
-fn prepare_tls(cfg: &ServeConfig) -> Result<(TlsAcceptor, Ca), ServeError> {
-    let ca = Ca::load_or_create(&cfg.certs_dir)?;
-    let server = ca.ensure_server(&cfg.certs_dir, &host_names(&cfg.san))?;
-    ca.ensure_admin(&cfg.certs_dir)?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls_config(&ca, &server)?));
-    Ok((acceptor, ca))
+/// The front door's configuration checked and its TLS material ready: the
+/// CA, a current server certificate for the host's names, the admin bundle
+/// and the acceptor built from them. Made before the engine, so that a bad
+/// configuration or CA stops the agent before anything on the host changes.
+pub struct Tls {
+    acceptor: TlsAcceptor,
+    ca: Ca,
+}
+
+impl Tls {
+    pub fn prepare(cfg: &ServeConfig) -> Result<Tls, ServeError> {
+        cfg.validate()?;
+        let ca = Ca::load_or_create(&cfg.certs_dir)?;
+        let server = ca.ensure_server(&cfg.certs_dir, &host_names(&cfg.san))?;
+        ca.ensure_admin(&cfg.certs_dir)?;
+        let acceptor = TlsAcceptor::from(Arc::new(tls_config(&ca, &server)?));
+        Ok(Tls { acceptor, ca })
+    }
 }
 
 impl Server {
-    /// Validates, prepares the PKI (CA, server certificate for the host's
-    /// names, admin bundle) and binds; serves nothing until [`Server::run`].
-    pub async fn bind(cfg: ServeConfig, engine: Arc<Engine>) -> Result<Server, ServeError> {
-        cfg.validate()?;
-        let (acceptor, ca) = prepare_tls(&cfg)?;
+    /// Binds with TLS material from [`Tls::prepare`] (for `cfg`); serves
+    /// nothing until [`Server::run`].
+    pub async fn bind(
+        cfg: ServeConfig,
+        tls: Tls,
+        engine: Arc<Engine>,
+    ) -> Result<Server, ServeError> {
+        let Tls { acceptor, ca } = tls;
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| ServeError::Bind {
@@ -209,11 +232,11 @@ impl Server {
     /// activation).
     pub async fn from_listener(
         mut cfg: ServeConfig,
+        tls: Tls,
         engine: Arc<Engine>,
         listener: std::net::TcpListener,
     ) -> Result<Server, ServeError> {
-        cfg.validate()?;
-        let (acceptor, ca) = prepare_tls(&cfg)?;
+        let Tls { acceptor, ca } = tls;
         let addr = cfg.listen;
         let bind_err = |source| ServeError::Bind {
             addr,
@@ -234,12 +257,22 @@ impl Server {
         ca: Ca,
     ) -> Result<Server, ServeError> {
         let workers = Workers::start(cfg.workers).map_err(ServeError::Workers)?;
+        let audit = crate::audit::Audit::new(
+            &engine.config().state_dir.join("audit"),
+            Duration::from_secs(cfg.audit_retention_secs),
+            cfg.audit_max_bytes,
+        )
+        .map_err(|e| ServeError::Config {
+            key: "audit",
+            why: e.to_string(),
+        })?;
         let jobs = Jobs::new(
             engine,
             Arc::new(ca),
             Duration::from_secs(cfg.default_ttl_secs),
             Duration::from_secs(cfg.max_ttl_secs),
             cfg.warm_pool,
+            audit,
         );
         Ok(Server {
             listener,
@@ -275,6 +308,7 @@ impl Server {
         let local = self.local_addr();
         tracing::info!(
             listen = %local,
+            admin_bundle = %self.admin_dir.display(),
             warm_pool = self.cfg.warm_pool,
             workers = self.workers.threads(),
             "berth serving (mutual TLS)"
@@ -319,7 +353,14 @@ impl Server {
                     }
                 };
                 let ends = Ends { stop, refusals };
-                connection(tcp, peer, local, acceptor, jobs, handshake, limits, ends).await
+                // Every line of this connection names its client (and, once
+                // the certificate says, its job).
+                let span = tracing::info_span!("conn", client = %peer, job = tracing::field::Empty);
+                tracing::Instrument::instrument(
+                    connection(tcp, peer, local, acceptor, jobs, handshake, limits, ends),
+                    span,
+                )
+                .await
             });
         }
         stop.cancel();
@@ -356,12 +397,14 @@ async fn connection(
     ends: Ends,
 ) {
     let Ends { stop, refusals } = ends;
+    let counted = jobs.clone();
+    let _open = counted.metrics().connection();
     let _ = tcp.set_nodelay(true);
     // A plain HTTP request on the TLS port: say so in one line, serve nothing.
     let mut first = [0u8; 1];
     match tokio::time::timeout(handshake, tcp.peek(&mut first)).await {
         Ok(Ok(1)) if first[0].is_ascii_uppercase() => {
-            refusals.refused(Reason::Plaintext, peer, None);
+            refused(&refusals, &jobs, Reason::Plaintext, peer, None);
             let mut tcp = tcp;
             let _ = tcp
                 .write_all(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
@@ -375,11 +418,11 @@ async fn connection(
     let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            refusals.refused(Reason::Handshake, peer, Some(&e));
+            refused(&refusals, &jobs, Reason::Handshake, peer, Some(&e));
             return;
         }
         Err(_) => {
-            refusals.refused(Reason::HandshakeTimeout, peer, None);
+            refused(&refusals, &jobs, Reason::HandshakeTimeout, peer, None);
             return;
         }
     };
@@ -392,6 +435,7 @@ async fn connection(
     match identity {
         Some(Ok(Identity::Admin)) => crate::api::serve(tls, jobs, local, peer, limits, stop).await,
         Some(Ok(Identity::Job(id))) => {
+            tracing::Span::current().record("job", id.as_str());
             // Room for a whole write buffer of hyper's, records included:
             // a batch of response bytes leaves in one write.
             let mut tls = tls;
@@ -400,9 +444,21 @@ async fn connection(
                 .set_buffer_limit(Some(RELAY_BUFFER + RELAY_BUFFER / 8));
             crate::proxy::serve(tls, jobs, id, peer, limits, stop).await
         }
-        Some(Err(e)) => refusals.refused(Reason::BadCertificate, peer, Some(&e)),
-        None => refusals.refused(Reason::NoCertificate, peer, None),
+        Some(Err(e)) => refused(&refusals, &jobs, Reason::BadCertificate, peer, Some(&e)),
+        None => refused(&refusals, &jobs, Reason::NoCertificate, peer, None),
     }
+}
+
+/// A refused connection: logged (rate-limited) and counted.
+fn refused(
+    refusals: &Refusals,
+    jobs: &Jobs,
+    reason: Reason,
+    peer: SocketAddr,
+    detail: Option<&dyn std::fmt::Display>,
+) {
+    refusals.refused(reason, peer, detail);
+    jobs.metrics().refused(reason.label());
 }
 
 /// A listening socket handed over by systemd socket activation

@@ -447,8 +447,9 @@ fn bad_input_gets_a_clear_error_and_the_agent_keeps_serving() {
         // Malformed HTTP.
         let r = tls_request(fd.port, &job.dir, b"THIS IS NOT HTTP\r\n\r\n").await.unwrap();
         assert!(status(r.clone()).starts_with("HTTP/1.1 400"), "{:?}", status(r));
-        // Oversized headers.
-        let big = format!("GET /_ping HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(200_000));
+        // Oversized headers (over the 64 KiB limit, and small enough to be
+        // sent whole before the agent answers and closes).
+        let big = format!("GET /_ping HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(70 * 1024));
         let r = tls_request(fd.port, &job.dir, big.as_bytes()).await.unwrap();
         assert!(status(r.clone()).starts_with("HTTP/1.1 431"), "{:?}", status(r));
         // Invalid JSON, wrong content type, unknown fields, absurd TTL on the job API.
@@ -970,4 +971,204 @@ fn testcontainers_with_its_defaults_reaches_what_a_job_publishes() {
             .unwrap_or_else(|| panic!("{text}"));
         assert!(block.contains(port), "{port} is outside {block}");
     }
+}
+
+/// The agent's metrics, scraped as Prometheus does and parsed by the
+/// Prometheus project's own OpenMetrics parser (prometheus_client, from
+/// PyPI): `{name: [[sample, labels, value], ...]}`.
+fn scrape(fd: &FrontDoor) -> serde_json::Value {
+    let raw = rt()
+        .block_on(tls_request(
+            fd.port,
+            &fd.certs.join("admin"),
+            b"GET /berth/v1/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ))
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    let parse = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = {}
+for f in text_string_to_metric_families(sys.stdin.read()):
+    for s in f.samples:
+        out.setdefault(s.name, []).append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let o = docker_stdin_cmd("python3", &["-c", parse], body.as_bytes());
+    assert!(
+        o.status.success(),
+        "the OpenMetrics parser refused the exposition (python3 -m pip install prometheus-client): {}\n{body}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Runs `prog args` with `input` on its standard input.
+fn docker_stdin_cmd(prog: &str, args: &[&str], input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut c = Command::new(prog)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(input).unwrap();
+    c.wait_with_output().unwrap()
+}
+
+/// The value of `sample` whose labels include `labels`.
+fn sample(m: &serde_json::Value, sample: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    m.as_object()?
+        .values()
+        .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+        .find_map(|s| {
+            let ok = s[0] == sample && labels.iter().all(|(k, v)| s[1][*k] == *v);
+            ok.then(|| s[2].as_f64()).flatten()
+        })
+}
+
+#[test]
+fn metrics_and_the_audit_tell_what_every_job_did() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start(29, "fd-metrics");
+    let job = fd.create_job(&[]);
+    import(&job);
+    docker_tls_ok(&job, &["version"]);
+    // A hijacked stream (attach) and a response body both ways.
+    assert_eq!(
+        docker_tls_ok(&job, &["run", "--rm", "busybox:test", "echo", "hi"]).trim(),
+        "hi"
+    );
+    // A denied request: a job's certificate on the job API.
+    let denied = rt()
+        .block_on(tls_request(
+            fd.port,
+            &job.dir,
+            b"GET /berth/v1/jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ))
+        .unwrap();
+    assert!(String::from_utf8_lossy(&denied).starts_with("HTTP/1.1 403"));
+    // A refused connection: plaintext HTTP on the TLS port.
+    {
+        use std::io::{Read, Write};
+        let mut t = std::net::TcpStream::connect(("127.0.0.1", fd.port)).unwrap();
+        t.write_all(b"GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        let _ = t.read_to_string(&mut s);
+        assert!(s.starts_with("HTTP/1.0 400"), "{s}");
+    }
+
+    let m = scrape(&fd);
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        sample(&m, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} missing: {m}"))
+    };
+    assert_eq!(get("berth_jobs", &[("state", "running")]), 1.0);
+    assert!(get("berth_sandbox_starts_total", &[("kind", "job")]) >= 1.0);
+    assert!(get("berth_sandbox_ready_seconds_count", &[]) >= 1.0);
+    assert!(get("berth_proxy_requests_total", &[("class", "2xx")]) >= 3.0);
+    assert!(get("berth_proxy_requests_total", &[("class", "4xx")]) >= 1.0);
+    assert!(get("berth_proxy_bytes_total", &[("direction", "to_daemon")]) > 0.0);
+    assert!(get("berth_proxy_bytes_total", &[("direction", "to_client")]) > 0.0);
+    assert_eq!(
+        get("berth_denials_total", &[("rule", "job-api-needs-admin")]),
+        1.0
+    );
+    assert!(
+        get(
+            "berth_refused_connections_total",
+            &[("reason", "plaintext")]
+        ) >= 1.0
+    );
+    assert!(get("berth_resident_memory_bytes", &[]) > 1e6);
+    assert!(get("berth_open_connections", &[]) >= 1.0);
+    assert!(get("berth_free_id_ranges", &[]) >= 1.0);
+    assert!(sample(&m, "berth_warm_pool_size", &[]).is_some());
+
+    // The audit: one record per request, with what it moved and how it
+    // was decided; the job's creation first.
+    let audit = |id: &str| -> Vec<serde_json::Value> {
+        let o = fd.job_cli(&["audit", id, "--json"]);
+        assert!(o.status.success(), "{}", err(&o));
+        out(&o)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let recs = audit(&job.id);
+    assert_eq!(recs[0]["event"], "created");
+    assert_eq!(recs[0]["identity"], "admin");
+    let find = |recs: &[serde_json::Value], f: &dyn Fn(&serde_json::Value) -> bool| {
+        recs.iter()
+            .find(|r| f(r))
+            .cloned()
+            .unwrap_or_else(|| panic!("no such record in {recs:?}"))
+    };
+    let version = find(&recs, &|r| {
+        r["target"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("/version"))
+    });
+    assert_eq!(version["status"], 200);
+    assert_eq!(version["decision"], "allow");
+    assert!(version["bytes_to_client"].as_u64().unwrap() > 0);
+    let attach = find(&recs, &|r| {
+        r["target"].as_str().is_some_and(|t| t.contains("/attach"))
+    });
+    assert_eq!(attach["status"], 101);
+    assert!(attach["bytes_to_client"].as_u64().unwrap() > 0, "{attach}");
+    let import = find(&recs, &|r| {
+        r["target"]
+            .as_str()
+            .is_some_and(|t| t.contains("/images/create"))
+    });
+    assert!(
+        import["bytes_to_daemon"].as_u64().unwrap() > 100_000,
+        "{import}"
+    );
+    let deny = find(&recs, &|r| r["decision"] == "deny");
+    assert_eq!(deny["rule"], "job-api-needs-admin");
+    assert_eq!(deny["status"], 403);
+    assert!(deny["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    // The table for people.
+    let table = out(&fd.job_cli(&["audit", &job.id]));
+    assert!(table.contains("deny:job-api-needs-admin"), "{table}");
+    // Kept after the job ends, with its end.
+    let rm = fd.job_cli(&["rm", &job.id]);
+    assert!(rm.status.success(), "{}", err(&rm));
+    let recs = audit(&job.id);
+    assert_eq!(recs.last().unwrap()["event"], "ended");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(format!("/var/lib/bt/fd-metrics/audit/{}.jsonl", job.id))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let m = scrape(&fd);
+    assert!(sample(&m, "berth_jobs", &[("state", "running")]).is_none());
+    assert!(sample(&m, "berth_teardown_seconds_count", &[]).unwrap() >= 1.0);
+    // Another job's certificate reads no audit (the job API is the admin's).
+    let other = fd.create_job(&[]);
+    let r = rt()
+        .block_on(tls_request(
+            fd.port,
+            &other.dir,
+            format!(
+                "GET /berth/v1/jobs/{}/audit HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                job.id
+            )
+            .as_bytes(),
+        ))
+        .unwrap();
+    assert!(String::from_utf8_lossy(&r).starts_with("HTTP/1.1 403"));
 }

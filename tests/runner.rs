@@ -262,6 +262,14 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
 /// (`LISTEN_FDS=1`, `LISTEN_PID` = its pid), stderr piped. Returns the
 /// agent and its port.
 fn serve_activated(cfg: &Path, certs: &Path) -> (std::process::Child, u16) {
+    serve_activated_with(cfg, certs, &[])
+}
+
+fn serve_activated_with(
+    cfg: &Path,
+    certs: &Path,
+    env: &[(&str, &Path)],
+) -> (std::process::Child, u16) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
@@ -274,6 +282,7 @@ fn serve_activated(cfg: &Path, certs: &Path) -> (std::process::Child, u16) {
             cfg.display(),
             certs.display()
         ))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     // SAFETY: only dup2/fcntl between fork and exec.
@@ -304,11 +313,33 @@ fn serve_takes_a_socket_from_systemd_socket_activation() {
     let cfg = write_config(34, "socket-act", "");
     let certs = Path::new("/var/lib/bt/socket-act-certs");
     let _ = std::fs::remove_dir_all(certs);
-    let (mut agent, port) = serve_activated(&cfg, certs);
+    // systemd's readiness protocol (Type=notify): a datagram socket named
+    // by NOTIFY_SOCKET.
+    let notify_path = Path::new("/var/lib/bt/socket-act-notify.sock");
+    let _ = std::fs::remove_file(notify_path);
+    let notify = std::os::unix::net::UnixDatagram::bind(notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(300)))
+        .unwrap();
+    let (mut agent, port) = serve_activated_with(&cfg, certs, &[("NOTIFY_SOCKET", notify_path)]);
     let mut err = BufReader::new(agent.stderr.take().unwrap()).lines();
-    let first = err.next().unwrap().unwrap();
-    assert!(first.contains(&format!("127.0.0.1:{port}")), "{first}");
+    let serving = err
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("berth serving"))
+        .expect("the agent says where it serves");
+    assert!(serving.contains(&format!("127.0.0.1:{port}")), "{serving}");
     std::thread::spawn(move || for _ in err {});
+    // Ready once it serves (the bound only ends a failure).
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 on NOTIFY_SOCKET");
+    assert!(
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "READY=1"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     let out = berth()
         .args([
             "job",
@@ -340,9 +371,16 @@ fn serve_takes_a_socket_from_systemd_socket_activation() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
+    let n = notify.recv(&mut buf).expect("STOPPING=1 on NOTIFY_SOCKET");
+    assert!(
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "STOPPING=1")
+    );
     let status = agent.wait().unwrap();
     assert!(status.success(), "{status}");
     assert!(jobs_left("socket-act").is_empty());
+    let _ = std::fs::remove_file(notify_path);
 }
 
 /// An agent process that is stopped (SIGTERM, waited for) however the test
@@ -437,4 +475,116 @@ fn a_flood_of_unauthenticated_peers_makes_a_few_log_lines() {
         refusals.iter().any(|l| l.contains("plaintext")),
         "{refusals:?}"
     );
+}
+
+#[test]
+fn json_logs_name_the_job_of_every_line_they_can() {
+    if !prerequisites() {
+        return;
+    }
+    let cfg = write_config(32, "run-json", "");
+    let p = pipeline(
+        "json",
+        r#"
+name = "json-logs"
+[[step]]
+name = "ping"
+run = "docker version --format '{{.Server.APIVersion}}'"
+"#,
+    );
+    let out = berth()
+        .args(["--log-format", "json", "run"])
+        .arg(&p)
+        .arg("--config")
+        .arg(&cfg)
+        .env("BERTH_LOG", "berth=debug")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let ready = lines
+        .iter()
+        .find(|l| l["message"] == "job ready")
+        .unwrap_or_else(|| panic!("no 'job ready' line: {stderr}"));
+    let job = ready["job"].as_str().unwrap().to_string();
+    assert!(
+        ready["level"] == "INFO" && ready["timestamp"].is_string(),
+        "{ready}"
+    );
+    // Lines logged while serving the job's connections carry the job and
+    // the client through their span.
+    let in_span = lines
+        .iter()
+        .filter(|l| {
+            l["spans"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|s| s["name"] == "conn" && s["job"] == job.as_str())
+            })
+        })
+        .count();
+    assert!(
+        in_span > 0,
+        "no line in a connection span of job {job}: {stderr}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "job torn down" && l["job"] == job.as_str())
+    );
+}
+
+#[test]
+fn a_bad_ca_stops_serve_before_anything_on_the_host_changes() {
+    if !prerequisites() {
+        return;
+    }
+    let base = PathBuf::from("/var/lib/bt/serve-badca");
+    let _ = std::fs::remove_dir_all(&base);
+    let ca = base.join("certs/ca");
+    std::fs::create_dir_all(&ca).unwrap();
+    std::fs::write(ca.join("cert.pem"), "not a certificate\n").unwrap();
+    std::fs::write(ca.join("key.pem"), "not a key\n").unwrap();
+    let state = base.join("state");
+    let parent = "berth-badca-test";
+    let cfg = base.join("berth.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[serve]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n[sandbox]\nstate_dir = {:?}\ncgroup_parent = \"{parent}\"\nnet_pool = \"10.214.32.0\"\nnet_pool_prefix = 24\n",
+            base.join("certs"),
+            state
+        ),
+    )
+    .unwrap();
+    let out = berth()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve started with a broken CA");
+    assert!(
+        stderr.contains("key.pem"),
+        "the error does not name the file: {stderr}"
+    );
+    // Nothing of the engine was made: no state dir, no cgroup parent.
+    assert!(!state.exists(), "the state dir was created: {stderr}");
+    let cgroups = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .any(|c| {
+            c.path().join(parent).exists()
+                || std::fs::read_dir(c.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|d| d.path().join(parent).exists())
+        });
+    assert!(!cgroups && !Path::new("/sys/fs/cgroup").join(parent).exists());
+    let _ = std::fs::remove_dir_all(&base);
 }

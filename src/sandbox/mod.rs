@@ -328,6 +328,11 @@ impl Engine {
         self.host.mtu
     }
 
+    /// Job slots (id ranges) that no job or sandbox holds now.
+    pub fn free_slots(&self) -> usize {
+        slots::free(&self.cfg).unwrap_or(0)
+    }
+
     /// The shared pull-through cache, when enabled.
     pub fn cache(&self) -> Option<&cache::Cache> {
         self.host.cache.as_ref()
@@ -371,6 +376,26 @@ pub fn backoff(n: u32, cap: Duration) -> Duration {
     Duration::from_secs(2)
         .saturating_mul(1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX))
         .min(cap)
+}
+
+impl SandboxError {
+    /// A short, stable name for what went wrong (a metrics label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SandboxError::Config(_) => "config",
+            SandboxError::Prerequisite(_) => "prerequisite",
+            SandboxError::Slot(slots::SlotError::Exhausted { .. }) => "no_free_range",
+            SandboxError::Slot(_) => "slot",
+            SandboxError::Cgroup(_) => "cgroup",
+            SandboxError::Net(_) | SandboxError::Dns(_) => "network",
+            SandboxError::Preload(_) | SandboxError::Seed(_) => "images",
+            SandboxError::Disk(_) => "disk",
+            SandboxError::Cache(_) => "cache",
+            SandboxError::NotReady { .. } => "not_ready",
+            SandboxError::StartFailed { source, .. } => source.reason(),
+            _ => "start_failed",
+        }
+    }
 }
 
 fn start_err(id: &str, why: impl std::fmt::Display) -> SandboxError {

@@ -144,6 +144,17 @@ pub fn claim(cfg: &SandboxConfig, job_id: &str) -> Result<u32, SlotError> {
     })
 }
 
+/// Usable slots that nothing claims now.
+pub fn free(cfg: &SandboxConfig) -> Result<usize, SlotError> {
+    let mut reserved = read_subid(&cfg.subuid_file)?;
+    reserved.extend(read_subid(&cfg.subgid_file)?);
+    let dir = slots_dir(&cfg.state_dir);
+    Ok(usable_slots(cfg, &reserved)
+        .into_iter()
+        .filter(|n| !dir.join(n.to_string()).exists())
+        .count())
+}
+
 /// Releases `slot` if it is still claimed by `job_id`. Idempotent.
 pub fn release(state_dir: &Path, slot: u32, job_id: &str) -> std::io::Result<()> {
     let path = slots_dir(state_dir).join(slot.to_string());

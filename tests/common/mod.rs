@@ -559,7 +559,8 @@ impl FrontDoor {
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
-                let server = berth::server::Server::bind(cfg, engine)
+                let tls = berth::server::Tls::prepare(&cfg).expect("TLS");
+                let server = berth::server::Server::bind(cfg, tls, engine)
                     .await
                     .expect("bind");
                 port_tx.send(server.local_addr()).unwrap();

@@ -1,0 +1,286 @@
+//! Per-job audit: one JSON line per request a job's certificate made (and
+//! per lifecycle event: created, ended), in `STATE/audit/<job>.jsonl`
+//! (root's, 0600). Kept after the job ends for `audit_retention_secs`, each
+//! file bounded by `audit_max_bytes` (records past the bound are counted,
+//! not written). Read through `GET /berth/v1/jobs/{id}/audit` and
+//! `berth job audit ID`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::locks::Lock;
+
+/// One audited event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Milliseconds since the epoch.
+    pub ts_ms: u64,
+    pub job: String,
+    /// `job` (the job's certificate) or `admin`.
+    pub identity: String,
+    pub client: String,
+    /// `request`, `created` or `ended`.
+    pub event: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub method: String,
+    /// Path and query.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub target: String,
+    #[serde(default, skip_serializing_if = "is_zero16")]
+    pub status: u16,
+    #[serde(default)]
+    pub bytes_to_daemon: u64,
+    #[serde(default)]
+    pub bytes_to_client: u64,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// `allow`, `deny` (the policy) or `refused` (the job is not served).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub decision: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+fn is_zero16(v: &u16) -> bool {
+    *v == 0
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// An open audit file and what it holds.
+struct Open {
+    file: std::fs::File,
+    bytes: u64,
+}
+
+pub struct Audit {
+    dir: PathBuf,
+    retention: Duration,
+    max_bytes: u64,
+    open: Mutex<HashMap<String, Open>>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Audit {
+    pub fn new(dir: &Path, retention: Duration, max_bytes: u64) -> Result<Audit, AuditError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| AuditError::Io {
+                what: "create",
+                path: dir.into(),
+                source,
+            })?;
+        Ok(Audit {
+            dir: dir.into(),
+            retention,
+            max_bytes,
+            open: Mutex::new(HashMap::new()),
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn path(&self, job: &str) -> PathBuf {
+        self.dir.join(format!("{job}.jsonl"))
+    }
+
+    /// Records that did not fit their file's bound (or could not be written).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Appends `rec` to its job's file, one write of one line.
+    pub fn record(&self, rec: &Record) {
+        if !crate::pki::valid_job_id(&rec.job) {
+            return;
+        }
+        let mut line = match serde_json::to_vec(rec) {
+            Ok(l) => l,
+            Err(_) => return,
+        };
+        line.push(b'\n');
+        let mut open = self.open.locked();
+        if !open.contains_key(&rec.job) {
+            let path = self.path(&rec.job);
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(file) => {
+                    let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+                    open.insert(rec.job.clone(), Open { file, bytes });
+                }
+                Err(e) => {
+                    tracing::warn!(job = %rec.job, path = %path.display(), error = %e, "cannot open the job's audit file");
+                    self.dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        let Some(f) = open.get_mut(&rec.job) else {
+            return;
+        };
+        if f.bytes + line.len() as u64 > self.max_bytes || f.file.write_all(&line).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        f.bytes += line.len() as u64;
+    }
+
+    /// The job ended: its file is closed (and kept for the retention).
+    pub fn close(&self, job: &str) {
+        self.open.locked().remove(job);
+    }
+
+    /// The job's records as written (JSON lines), if it has any.
+    pub fn read(&self, job: &str) -> Option<Vec<u8>> {
+        if !crate::pki::valid_job_id(job) {
+            return None;
+        }
+        std::fs::read(self.path(job)).ok()
+    }
+
+    /// Removes the files of jobs that ended longer ago than the retention
+    /// (last written before it, and not open).
+    pub fn expire(&self) -> usize {
+        let open: Vec<String> = self.open.locked().keys().cloned().collect();
+        let cutoff = SystemTime::now()
+            .checked_sub(self.retention)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut removed = 0;
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(job) = name.strip_suffix(".jsonl") else {
+                continue;
+            };
+            if open.iter().any(|o| o == job) {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < cutoff);
+            if old && std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(job: &str, n: u16) -> Record {
+        Record {
+            ts_ms: now_ms(),
+            job: job.into(),
+            identity: "job".into(),
+            client: "127.0.0.1:5000".into(),
+            event: "request".into(),
+            method: "GET".into(),
+            target: "/v1.41/containers/json?all=1".into(),
+            status: n,
+            bytes_to_daemon: 0,
+            bytes_to_client: 3,
+            duration_ms: 1,
+            decision: "allow".into(),
+            rule: None,
+        }
+    }
+
+    #[test]
+    fn records_are_lines_of_json_bounded_per_job_and_expired_after_the_retention() {
+        let dir = std::env::temp_dir().join(format!("berth-audit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = Audit::new(&dir, Duration::from_secs(3600), 600).unwrap();
+        a.record(&rec("aaaaaaaaaaaa", 200));
+        a.record(&rec("aaaaaaaaaaaa", 404));
+        a.record(&rec("bbbbbbbbbbbb", 200));
+        // Not a job id: never a path.
+        a.record(&rec("../../etc/x", 200));
+        let text = String::from_utf8(a.read("aaaaaaaaaaaa").unwrap()).unwrap();
+        let got: Vec<Record> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].status, 404);
+        assert_eq!(got[0], rec("aaaaaaaaaaaa", 200).clone_with_ts(got[0].ts_ms));
+        assert!(a.read("../../etc/x").is_none());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join("aaaaaaaaaaaa.jsonl"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        // The bound: whole records only, the rest counted.
+        for _ in 0..10 {
+            a.record(&rec("aaaaaaaaaaaa", 200));
+        }
+        let len = std::fs::metadata(dir.join("aaaaaaaaaaaa.jsonl"))
+            .unwrap()
+            .len();
+        assert!(len <= 600, "{len}");
+        assert!(a.dropped() > 0);
+        let text = String::from_utf8(a.read("aaaaaaaaaaaa").unwrap()).unwrap();
+        assert!(
+            text.lines()
+                .all(|l| serde_json::from_str::<Record>(l).is_ok())
+        );
+        // Retention: an ended job's file goes once it is older; an open one
+        // stays.
+        a.close("aaaaaaaaaaaa");
+        let old = SystemTime::now() - Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join("aaaaaaaaaaaa.jsonl"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join("bbbbbbbbbbbb.jsonl"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(a.expire(), 1);
+        assert!(a.read("aaaaaaaaaaaa").is_none());
+        assert!(a.read("bbbbbbbbbbbb").is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    impl Record {
+        fn clone_with_ts(mut self, ts: u64) -> Record {
+            self.ts_ms = ts;
+            self
+        }
+    }
+}
