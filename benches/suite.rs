@@ -443,7 +443,7 @@ fn main() {
         }
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&tls_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        cfgprobe.extra_dockerd_args = vec![
+        cfgprobe.unchecked_dockerd_args = vec![
             "--host".into(),
             "tcp://0.0.0.0:2377".into(),
             "--tlsverify".into(),

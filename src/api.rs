@@ -94,7 +94,7 @@ async fn handle(
     {
         tracing::warn!(identity = "admin", client = %peer, %method, %path, rule, "request denied");
         jobs.metrics().denied(rule);
-        return error_response(status, message);
+        return error_response(status, &message);
     }
     if path == "/berth/v1/metrics" {
         return match method {
@@ -265,7 +265,7 @@ async fn create(
     };
     match jobs.create(spec).await {
         Ok((view, bundle)) => {
-            jobs.audit().record(&crate::audit::Record {
+            jobs.audit().record(crate::audit::Record {
                 ts_ms: crate::audit::now_ms(),
                 job: view.id.clone(),
                 identity: "admin".into(),

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -74,31 +75,70 @@ struct Open {
     bytes: u64,
 }
 
+/// Work for the writer thread, in order.
+enum Op {
+    Write(Box<Record>),
+    Close(String),
+    /// Answered once everything queued before it is written.
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// Records waiting for the writer; past this, new ones are counted as
+/// dropped rather than held (a request never waits for the disk).
+const QUEUE: usize = 8192;
+
+/// How often the writer takes what is queued: a request only appends to a
+/// list, and the writer wakes a few times a second, not once per request.
+const WRITE_EVERY: Duration = Duration::from_millis(200);
+
+/// The audit log. Requests hand their records to a writer thread of its
+/// own; the request path neither serialises nor writes nor wakes anyone.
 pub struct Audit {
     dir: PathBuf,
     retention: Duration,
-    max_bytes: u64,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     open: Mutex<HashMap<String, Open>>,
-    dropped: std::sync::atomic::AtomicU64,
+    queue: Mutex<Queue>,
+    wake: std::sync::Condvar,
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    ops: Vec<Op>,
+    closed: bool,
 }
 
 impl Audit {
     pub fn new(dir: &Path, retention: Duration, max_bytes: u64) -> Result<Audit, AuditError> {
+        let io = |source| AuditError::Io {
+            what: "create",
+            path: dir.into(),
+            source,
+        };
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|source| AuditError::Io {
-                what: "create",
-                path: dir.into(),
-                source,
-            })?;
+            .map_err(io)?;
+        let shared = Arc::new(Shared {
+            open: Mutex::new(HashMap::new()),
+            queue: Mutex::new(Queue::default()),
+            wake: std::sync::Condvar::new(),
+            dropped: AtomicU64::new(0),
+        });
+        let (d, sh) = (dir.to_path_buf(), shared.clone());
+        std::thread::Builder::new()
+            .name("berth-audit".into())
+            .spawn(move || writer(&d, max_bytes, &sh))
+            .map_err(io)?;
         Ok(Audit {
             dir: dir.into(),
             retention,
-            max_bytes,
-            open: Mutex::new(HashMap::new()),
-            dropped: std::sync::atomic::AtomicU64::new(0),
+            shared,
         })
     }
 
@@ -106,56 +146,45 @@ impl Audit {
         self.dir.join(format!("{job}.jsonl"))
     }
 
-    /// Records that did not fit their file's bound (or could not be written).
+    /// Records that did not fit their file's bound, the queue, or the disk.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 
-    /// Appends `rec` to its job's file, one write of one line.
-    pub fn record(&self, rec: &Record) {
+    fn push(&self, op: Op, wake: bool) -> bool {
+        let mut q = self.shared.queue.locked();
+        if q.ops.len() >= QUEUE && matches!(op, Op::Write(_)) {
+            return false;
+        }
+        q.ops.push(op);
+        drop(q);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        true
+    }
+
+    /// Queues `rec` for its job's file.
+    pub fn record(&self, rec: Record) {
         if !crate::pki::valid_job_id(&rec.job) {
             return;
         }
-        let mut line = match serde_json::to_vec(rec) {
-            Ok(l) => l,
-            Err(_) => return,
-        };
-        line.push(b'\n');
-        let mut open = self.open.locked();
-        if !open.contains_key(&rec.job) {
-            let path = self.path(&rec.job);
-            match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&path)
-            {
-                Ok(file) => {
-                    let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-                    open.insert(rec.job.clone(), Open { file, bytes });
-                }
-                Err(e) => {
-                    tracing::warn!(job = %rec.job, path = %path.display(), error = %e, "cannot open the job's audit file");
-                    self.dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return;
-                }
-            }
+        if !self.push(Op::Write(Box::new(rec)), false) {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        let Some(f) = open.get_mut(&rec.job) else {
-            return;
-        };
-        if f.bytes + line.len() as u64 > self.max_bytes || f.file.write_all(&line).is_err() {
-            self.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return;
-        }
-        f.bytes += line.len() as u64;
     }
 
-    /// The job ended: its file is closed (and kept for the retention).
+    /// The job ended: its file is closed once its records are written (and
+    /// kept for the retention).
     pub fn close(&self, job: &str) {
-        self.open.locked().remove(job);
+        self.push(Op::Close(job.into()), false);
+    }
+
+    /// Waits until every record queued so far is written.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.push(Op::Flush(tx), true);
+        let _ = rx.recv_timeout(Duration::from_secs(10));
     }
 
     /// The job's records as written (JSON lines), if it has any.
@@ -163,13 +192,15 @@ impl Audit {
         if !crate::pki::valid_job_id(job) {
             return None;
         }
+        self.flush();
         std::fs::read(self.path(job)).ok()
     }
 
     /// Removes the files of jobs that ended longer ago than the retention
     /// (last written before it, and not open).
     pub fn expire(&self) -> usize {
-        let open: Vec<String> = self.open.locked().keys().cloned().collect();
+        self.flush();
+        let open: Vec<String> = self.shared.open.locked().keys().cloned().collect();
         let cutoff = SystemTime::now()
             .checked_sub(self.retention)
             .unwrap_or(SystemTime::UNIX_EPOCH);
@@ -192,6 +223,83 @@ impl Audit {
         }
         removed
     }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        // What is queued is written; then the writer ends.
+        self.flush();
+        self.shared.queue.locked().closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+/// The writer thread: takes what is queued every `WRITE_EVERY` (at once
+/// for a flush), one write of one line per record, files kept open while
+/// their job lives.
+fn writer(dir: &Path, max_bytes: u64, shared: &Shared) {
+    loop {
+        let (ops, closed) = {
+            let q = shared.queue.locked();
+            let (mut q, _) = shared
+                .wake
+                .wait_timeout(q, WRITE_EVERY)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (std::mem::take(&mut q.ops), q.closed)
+        };
+        for op in ops {
+            match op {
+                Op::Write(rec) => {
+                    if !append(dir, max_bytes, shared, &rec) {
+                        shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Op::Close(job) => {
+                    shared.open.locked().remove(&job);
+                }
+                Op::Flush(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+fn append(dir: &Path, max_bytes: u64, shared: &Shared, rec: &Record) -> bool {
+    let Ok(mut line) = serde_json::to_vec(rec) else {
+        return false;
+    };
+    line.push(b'\n');
+    let mut open = shared.open.locked();
+    if !open.contains_key(&rec.job) {
+        let path = dir.join(format!("{}.jsonl", rec.job));
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(file) => {
+                let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+                open.insert(rec.job.clone(), Open { file, bytes });
+            }
+            Err(e) => {
+                tracing::warn!(job = %rec.job, path = %path.display(), error = %e, "cannot open the job's audit file");
+                return false;
+            }
+        }
+    }
+    let Some(f) = open.get_mut(&rec.job) else {
+        return false;
+    };
+    if f.bytes + line.len() as u64 > max_bytes || f.file.write_all(&line).is_err() {
+        return false;
+    }
+    f.bytes += line.len() as u64;
+    true
 }
 
 #[cfg(test)]
@@ -221,11 +329,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("berth-audit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let a = Audit::new(&dir, Duration::from_secs(3600), 600).unwrap();
-        a.record(&rec("aaaaaaaaaaaa", 200));
-        a.record(&rec("aaaaaaaaaaaa", 404));
-        a.record(&rec("bbbbbbbbbbbb", 200));
+        a.record(rec("aaaaaaaaaaaa", 200));
+        a.record(rec("aaaaaaaaaaaa", 404));
+        a.record(rec("bbbbbbbbbbbb", 200));
         // Not a job id: never a path.
-        a.record(&rec("../../etc/x", 200));
+        a.record(rec("../../etc/x", 200));
         let text = String::from_utf8(a.read("aaaaaaaaaaaa").unwrap()).unwrap();
         let got: Vec<Record> = text
             .lines()
@@ -243,8 +351,9 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         // The bound: whole records only, the rest counted.
         for _ in 0..10 {
-            a.record(&rec("aaaaaaaaaaaa", 200));
+            a.record(rec("aaaaaaaaaaaa", 200));
         }
+        a.flush();
         let len = std::fs::metadata(dir.join("aaaaaaaaaaaa.jsonl"))
             .unwrap()
             .len();

@@ -259,6 +259,8 @@ struct FileConfig {
     registries: crate::sandbox::registries::Registries,
     #[serde(default)]
     cache: crate::sandbox::cache::CacheConfig,
+    #[serde(default)]
+    policy: crate::policy::Policy,
 }
 
 pub fn load_config(args: &EngineArgs) -> Result<SandboxConfig, CliError> {
@@ -290,6 +292,7 @@ fn load_file_unvalidated(args: &EngineArgs) -> Result<FileConfig, CliError> {
     }
     cfg.sandbox.registries = cfg.registries.clone();
     cfg.sandbox.cache = cfg.cache.clone();
+    cfg.serve.policy = cfg.policy.clone();
     Ok(cfg)
 }
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{Audit, Record};
 use crate::metrics::{Metrics, Snapshot};
 use crate::pki::{Bundle, Ca, Identity, PkiError};
+use crate::policy::Policy;
 use crate::sandbox::slots::SlotError;
 use crate::sandbox::{Engine, Limits, PortRange, SandboxError, Status};
 
@@ -184,6 +185,7 @@ pub struct Jobs {
     closed: tokio_util::sync::CancellationToken,
     metrics: Metrics,
     audit: Audit,
+    policy: Policy,
     /// The agent's runtime: sandboxes start, stop and expire there, whatever
     /// thread serves the request that asked for it (client connections live
     /// on their own threads), and a client that goes away mid-request does
@@ -206,6 +208,7 @@ impl Jobs {
         max_ttl: Duration,
         pool_size: usize,
         audit: Audit,
+        policy: Policy,
     ) -> Arc<Jobs> {
         let jobs = Arc::new(Jobs {
             engine,
@@ -223,6 +226,7 @@ impl Jobs {
             closed: tokio_util::sync::CancellationToken::new(),
             metrics: Metrics::new(),
             audit,
+            policy,
             rt: tokio::runtime::Handle::current(),
         });
         jobs.start_janitor();
@@ -315,6 +319,11 @@ impl Jobs {
 
     pub fn audit(&self) -> &Audit {
         &self.audit
+    }
+
+    /// What a job's requests may ask of its daemon.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// The gauges of a scrape, read now.
@@ -576,7 +585,7 @@ impl Jobs {
     /// now meets "ended".
     fn forget(self: &Arc<Self>, id: &str) {
         self.meta.locked().remove(id);
-        self.audit.record(&Record {
+        self.audit.record(Record {
             ts_ms: crate::audit::now_ms(),
             job: id.into(),
             identity: "agent".into(),

@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::jobs::{Jobs, Refusal};
-use crate::policy::{self, Decision};
+use crate::policy::{self, Decision, strip_version};
 
 pub type ProxyBody = Either<Relayed, Full<Bytes>>;
 
@@ -225,7 +225,7 @@ impl Drop for Account {
         let (decision, rule) = std::mem::take(&mut *self.verdict.locked());
         let duration_ms = self.started.elapsed().as_millis() as u64;
         tracing::debug!(method = %self.method, path = %self.target, status, to_daemon, to_client, duration_ms, decision, "request served");
-        self.jobs.audit().record(&crate::audit::Record {
+        self.jobs.audit().record(crate::audit::Record {
             ts_ms: crate::audit::now_ms(),
             job: std::mem::take(&mut self.job),
             identity: "job".into(),
@@ -268,7 +268,11 @@ fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
     error_response(status, &r.to_string())
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<ClientBody>;
+/// A request body on its way to dockerd: streamed, or read whole for the
+/// policy.
+type UpBody = Either<ClientBody, Full<Bytes>>;
+
+type Sender = hyper::client::conn::http1::SendRequest<UpBody>;
 
 type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -482,17 +486,6 @@ fn is_hijack(method: &hyper::Method, path: &str) -> bool {
     )
 }
 
-/// "/v1.41/containers/json" → "/containers/json".
-pub fn strip_version(path: &str) -> &str {
-    if let Some(rest) = path.strip_prefix("/v")
-        && let Some(i) = rest.find('/')
-        && rest[..i].chars().all(|c| c.is_ascii_digit() || c == '.')
-    {
-        return &rest[i..];
-    }
-    path
-}
-
 async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
     let account = Account::new(ctx, &parts.method, &parts.uri);
@@ -507,20 +500,61 @@ async fn answer(
     body: Incoming,
     account: &Arc<Account>,
 ) -> Response<ProxyBody> {
-    let (body, fault) = ClientBody::new(body, ctx.body_idle, Some(account.clone()));
-    let mut req = Request::from_parts(parts, body);
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
+    let deny = |rule: &'static str, status, message: &str| {
+        tracing::warn!(job = %ctx.job, client = %ctx.peer, %method, %path, rule, "request denied");
+        ctx.jobs.metrics().denied(rule);
+        account.decided("deny", rule.into());
+        error_response(status, message)
+    };
     if let Decision::Deny {
         rule,
         status,
         message,
     } = policy::decide_job(&method, &path)
     {
-        tracing::warn!(job = %ctx.job, client = %ctx.peer, %method, %path, rule, "request denied");
-        ctx.jobs.metrics().denied(rule);
-        account.decided("deny", rule.into());
-        return error_response(status, message);
+        return deny(rule, status, &message);
     }
+    // The profile: a body it must read is read whole (bounded) and sent on
+    // as read; any other streams through.
+    let policy = ctx.jobs.policy();
+    let (body, fault) = if policy.needs_body(&method, &path) {
+        let bytes = match read_body(body, policy.max_body_bytes, ctx.body_idle).await {
+            Ok(b) => b,
+            Err(BodyRefusal::TooLarge(max)) => {
+                return deny(
+                    "body-too-large",
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!(
+                        "berth: denied by this agent's policy: the request body is over {max} bytes (policy.max_body_bytes)"
+                    ),
+                );
+            }
+            Err(r) => return r.response(),
+        };
+        if let Decision::Deny {
+            rule,
+            status,
+            message,
+        } = policy.decide(&method, &parts.uri, Some(&bytes))
+        {
+            return deny(rule, status, &message);
+        }
+        account.moved(bytes.len() as u64, 0);
+        (Either::Right(Full::new(bytes)), None)
+    } else {
+        if let Decision::Deny {
+            rule,
+            status,
+            message,
+        } = policy.decide(&method, &parts.uri, None)
+        {
+            return deny(rule, status, &message);
+        }
+        let (b, fault) = ClientBody::new(body, ctx.body_idle, Some(account.clone()));
+        (Either::Left(b), Some(fault))
+    };
+    let mut req = Request::from_parts(parts, body);
     let socket = match ctx.jobs.route(&ctx.job) {
         Ok(s) => s,
         Err(r) => {
@@ -566,7 +600,7 @@ async fn answer(
         Ok(r) => r,
         Err(e) => {
             up.conn = None;
-            let fault = fault.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let fault = fault.and_then(|f| f.locked().take());
             if let Some(fault) = fault {
                 tracing::info!(job = %ctx.job, client = %ctx.peer, %method, %path, ?fault, "client's request body refused");
                 return fault.response();

@@ -50,6 +50,9 @@ pub struct ServeConfig {
     /// Bound on one job's audit file; records past it are counted, not
     /// written.
     pub audit_max_bytes: u64,
+    /// `[policy]` of the configuration file (a section of its own).
+    #[serde(skip)]
+    pub policy: crate::policy::Policy,
 }
 
 impl Default for ServeConfig {
@@ -68,6 +71,7 @@ impl Default for ServeConfig {
             workers: 0,
             audit_retention_secs: 7 * 24 * 3600,
             audit_max_bytes: 16 << 20,
+            policy: Default::default(),
         }
     }
 }
@@ -118,6 +122,9 @@ impl ServeConfig {
                 "warm_pool",
                 "must be at most 64 (each warm sandbox holds about 115 MiB)",
             );
+        }
+        if let Err((key, why)) = self.policy.validate() {
+            return Err(ServeError::Config { key, why });
         }
         if self.audit_max_bytes < 4096 {
             return bad("audit_max_bytes", "must be at least 4096");
@@ -273,6 +280,7 @@ impl Server {
             Duration::from_secs(cfg.max_ttl_secs),
             cfg.warm_pool,
             audit,
+            cfg.policy.clone(),
         );
         Ok(Server {
             listener,

@@ -1172,3 +1172,118 @@ fn metrics_and_the_audit_tell_what_every_job_did() {
         .unwrap();
     assert!(String::from_utf8_lossy(&r).starts_with("HTTP/1.1 403"));
 }
+
+#[test]
+fn a_strict_policy_denies_what_reaches_past_the_container_and_the_cli_says_why() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start_with(38, "fd-policy", |c| {
+        c.policy = berth::policy::Policy {
+            profile: berth::policy::Profile::Strict,
+            allowed_bind_sources: vec!["/tmp/shared".into()],
+            allowed_capabilities: vec!["NET_ADMIN".into()],
+            allowed_registries: vec!["docker.io".into()],
+            max_body_bytes: 64 * 1024,
+        }
+    });
+    let job = fd.create_job(&[]);
+    import(&job);
+    let denied = |args: &[&str], rule: &str| {
+        let o = docker_tls(&job, args);
+        let e = err(&o);
+        assert!(!o.status.success(), "{args:?} was let through");
+        assert!(
+            e.contains("denied by this agent's policy") && e.contains(rule),
+            "{args:?}: {e}"
+        );
+    };
+    let run = |flags: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec!["run".into(), "--rm".into()];
+        v.extend(flags.iter().map(|s| s.to_string()));
+        v.extend(["busybox:test".into(), "true".into()]);
+        v
+    };
+    for (flags, rule) in [
+        (&["--privileged"][..], "privileged"),
+        (&["-v", "/:/host"], "bind-mount"),
+        (
+            &["--mount", "type=bind,source=/etc,target=/e"],
+            "bind-mount",
+        ),
+        (&["--pid", "host"], "host-pid"),
+        (&["--ipc", "host"], "host-ipc"),
+        (&["--uts", "host"], "host-uts"),
+        (&["--network", "host"], "host-network"),
+        (&["--userns", "host"], "host-userns"),
+        (&["--cap-add", "SYS_ADMIN"], "cap-add"),
+        (&["--security-opt", "seccomp=unconfined"], "unconfined"),
+        (&["--security-opt", "apparmor=unconfined"], "unconfined"),
+        (&["--device", "/dev/null:/dev/x"], "devices"),
+    ] {
+        let args = run(flags);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        denied(&args, rule);
+    }
+    denied(&["pull", "quay.io/team/tool:1"], "registry");
+    // What stays inside the job is let through.
+    for flags in [
+        &["-v", "data:/data"][..],
+        &["-v", "/tmp/shared/cache:/cache"],
+        &["--cap-add", "NET_ADMIN"],
+        &["--tmpfs", "/scratch"],
+    ] {
+        let args = run(flags);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker_tls_ok(&job, &args);
+    }
+    docker_tls_ok(
+        &job,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "sleeper",
+            "busybox:test",
+            "sleep",
+            "600",
+        ],
+    );
+    denied(&["exec", "--privileged", "sleeper", "true"], "privileged");
+    docker_tls_ok(&job, &["exec", "sleeper", "true"]);
+    // A body past the bound is denied, not read without end.
+    let big = format!(
+        "{{\"Image\":\"busybox:test\",\"Env\":[\"X={}\"]}}",
+        "a".repeat(70 * 1024)
+    );
+    let req = format!(
+        "POST /v1.41/containers/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{big}",
+        big.len()
+    );
+    let r = rt()
+        .block_on(tls_request(fd.port, &job.dir, req.as_bytes()))
+        .unwrap();
+    assert!(String::from_utf8_lossy(&r).starts_with("HTTP/1.1 413"));
+    // Every denial is counted and audited.
+    let audit = out(&fd.job_cli(&["audit", &job.id, "--json"]));
+    let denials: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["decision"] == "deny")
+        .collect();
+    assert_eq!(denials.len(), 15, "{audit}");
+    assert!(
+        denials
+            .iter()
+            .any(|r| r["rule"] == "bind-mount" && r["status"] == 403)
+    );
+    let m = scrape(&fd);
+    assert_eq!(
+        sample(&m, "berth_denials_total", &[("rule", "bind-mount")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&m, "berth_denials_total", &[("rule", "body-too-large")]),
+        Some(1.0)
+    );
+}

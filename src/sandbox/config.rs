@@ -155,6 +155,11 @@ pub struct SandboxConfig {
     /// berth sets itself, and those `daemon.json` or `[registries]` carry,
     /// are refused.
     pub extra_dockerd_args: Vec<String>,
+    /// Never read from a configuration file: flags added after berth's own,
+    /// unchecked. The benchmark suite opens dockerd's own TLS listener with
+    /// them, to measure the front door against it on the same daemon.
+    #[serde(skip)]
+    pub unchecked_dockerd_args: Vec<String>,
     /// `[registries]` of the configuration file (a section of its own).
     #[serde(skip)]
     pub registries: super::registries::Registries,
@@ -300,6 +305,7 @@ impl Default for SandboxConfig {
             preload: Vec::new(),
             share_preloads: true,
             extra_dockerd_args: Vec::new(),
+            unchecked_dockerd_args: Vec::new(),
             registries: Default::default(),
             cache: Default::default(),
         }

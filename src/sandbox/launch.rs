@@ -372,7 +372,12 @@ impl Engine {
             // dockerd stops its containers within the grace, leaving it a
             // margin to exit before the SIGKILL.
             shutdown_timeout: (cfg.stop_grace.as_secs() * 3 / 5).max(1),
-            extra_args: cfg.extra_dockerd_args.clone(),
+            extra_args: cfg
+                .extra_dockerd_args
+                .iter()
+                .chain(&cfg.unchecked_dockerd_args)
+                .cloned()
+                .collect(),
             shared_layers: seed
                 .map(|sd| {
                     (0..sd.layers.len())
