@@ -576,6 +576,19 @@ pub fn nameservers(resolv_conf: &str) -> Vec<std::net::IpAddr> {
 mod tests {
     use super::*;
 
+    /// A job's link with a block of published ports and no cache.
+    fn addrs() -> JobAddrs {
+        JobAddrs {
+            host_ip: Ipv4Addr::new(10, 0, 0, 1),
+            job_ip: Ipv4Addr::new(10, 0, 0, 2),
+            ports: Some(PortRange {
+                first: 20000,
+                last: 20063,
+            }),
+            cache: None,
+        }
+    }
+
     #[test]
     fn names_fit_ifnamsiz() {
         let id = "0123456789abcdef0123";
@@ -586,18 +599,7 @@ mod tests {
 
     #[test]
     fn every_rule_is_tagged_and_in_our_chains() {
-        let r = job_rules(
-            "abc",
-            &JobAddrs {
-                host_ip: Ipv4Addr::new(10, 0, 0, 1),
-                job_ip: Ipv4Addr::new(10, 0, 0, 2),
-                ports: Some(PortRange {
-                    first: 20000,
-                    last: 20063,
-                }),
-                cache: None,
-            },
-        );
+        let r = job_rules("abc", &addrs());
         for (_, chain, spec) in &r {
             assert!(chain.starts_with("BERTH-"));
             assert!(
@@ -614,15 +616,7 @@ mod tests {
 
     #[test]
     fn published_ports_are_let_in_before_the_drop_and_never_from_a_job() {
-        let a = JobAddrs {
-            host_ip: Ipv4Addr::new(10, 0, 0, 1),
-            job_ip: Ipv4Addr::new(10, 0, 0, 2),
-            ports: Some(PortRange {
-                first: 20000,
-                last: 20063,
-            }),
-            cache: None,
-        };
+        let a = addrs();
         let r = job_rules("abc", &a);
         let forward: Vec<&Vec<String>> = r
             .iter()
@@ -699,15 +693,7 @@ mod tests {
 
     #[test]
     fn one_batch_checks_the_jumps_before_adding_and_deletes_what_save_printed() {
-        let a = JobAddrs {
-            host_ip: Ipv4Addr::new(10, 0, 0, 1),
-            job_ip: Ipv4Addr::new(10, 0, 0, 2),
-            ports: Some(PortRange {
-                first: 20000,
-                last: 20063,
-            }),
-            cache: None,
-        };
+        let a = addrs();
         let rules = job_rules("abc", &a);
         let script = add_script(&appended(&rules));
         let lines: Vec<&str> = script.lines().collect();
