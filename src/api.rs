@@ -265,21 +265,13 @@ async fn create(
     };
     match jobs.create(spec).await {
         Ok((view, bundle)) => {
-            jobs.audit().record(crate::audit::Record {
-                ts_ms: crate::audit::now_ms(),
-                job: view.id.clone(),
-                identity: "admin".into(),
-                client: peer.to_string(),
-                event: "created".into(),
-                method: String::new(),
-                target: String::new(),
-                status: 201,
-                bytes_to_daemon: 0,
-                bytes_to_client: 0,
-                duration_ms: 0,
-                decision: String::new(),
-                rule: None,
-            });
+            jobs.audit().record(crate::audit::Record::event(
+                &view.id,
+                "admin",
+                &peer.to_string(),
+                "created",
+                201,
+            ));
             let host = if host.contains(':') && !host.starts_with('[') {
                 format!("[{host}]")
             } else {

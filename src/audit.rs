@@ -48,6 +48,27 @@ pub struct Record {
     pub rule: Option<String>,
 }
 
+impl Record {
+    /// A lifecycle event (`created`, `ended`) of `job`, now.
+    pub fn event(job: &str, identity: &str, client: &str, event: &str, status: u16) -> Record {
+        Record {
+            ts_ms: now_ms(),
+            job: job.into(),
+            identity: identity.into(),
+            client: client.into(),
+            event: event.into(),
+            method: String::new(),
+            target: String::new(),
+            status,
+            bytes_to_daemon: 0,
+            bytes_to_client: 0,
+            duration_ms: 0,
+            decision: String::new(),
+            rule: None,
+        }
+    }
+}
+
 fn is_zero16(v: &u16) -> bool {
     *v == 0
 }

@@ -585,21 +585,8 @@ impl Jobs {
     /// now meets "ended".
     fn forget(self: &Arc<Self>, id: &str) {
         self.meta.locked().remove(id);
-        self.audit.record(Record {
-            ts_ms: crate::audit::now_ms(),
-            job: id.into(),
-            identity: "agent".into(),
-            client: String::new(),
-            event: "ended".into(),
-            method: String::new(),
-            target: String::new(),
-            status: 0,
-            bytes_to_daemon: 0,
-            bytes_to_client: 0,
-            duration_ms: 0,
-            decision: String::new(),
-            rule: None,
-        });
+        self.audit
+            .record(Record::event(id, "agent", "", "ended", 0));
         self.audit.close(id);
         {
             let mut ended = self.ended.locked();
