@@ -1,6 +1,6 @@
 //! Per-job audit: one JSON line per request a job's certificate made (and
 //! per lifecycle event: created, ended), in `STATE/audit/<job>.jsonl`
-//! (root's, 0600). Kept after the job ends for `audit_retention_secs`, each
+//! (root's, 0600). Kept after the job ends for `audit_retention`, each
 //! file bounded by `audit_max_bytes` (records past the bound are counted,
 //! not written). Read through `GET /berth/v1/jobs/{id}/audit` and
 //! `berth job audit ID`.

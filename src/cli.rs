@@ -81,7 +81,7 @@ pub struct FrontArgs {
 }
 
 impl FrontArgs {
-    fn apply(self, mut serve: crate::server::ServeConfig) -> crate::server::ServeConfig {
+    fn apply(self, mut serve: crate::frontdoor::ServeConfig) -> crate::frontdoor::ServeConfig {
         if let Some(l) = self.listen {
             serve.listen = l;
         }
@@ -212,7 +212,7 @@ pub enum CliError {
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
-    Serve(#[from] crate::server::ServeError),
+    Serve(#[from] crate::frontdoor::ServeError),
     #[error(transparent)]
     Client(#[from] crate::client::ClientError),
     #[error(transparent)]
@@ -238,7 +238,7 @@ impl CliError {
             CliError::ConfigRead { .. }
             | CliError::ConfigParse { .. }
             | CliError::Usage(_)
-            | CliError::Serve(crate::server::ServeError::Config { .. })
+            | CliError::Serve(crate::frontdoor::ServeError::Config { .. })
             | CliError::Sandbox(SandboxError::Config(_)) => 64,
             CliError::Sandbox(SandboxError::Prerequisite(_)) => 69,
             CliError::Pipeline(_) => 64,
@@ -254,13 +254,13 @@ struct FileConfig {
     #[serde(default)]
     sandbox: SandboxConfig,
     #[serde(default)]
-    serve: crate::server::ServeConfig,
+    serve: crate::frontdoor::ServeConfig,
     #[serde(default)]
     registries: crate::sandbox::registries::Registries,
     #[serde(default)]
     cache: crate::sandbox::cache::CacheConfig,
     #[serde(default)]
-    policy: crate::policy::Policy,
+    policy: crate::frontdoor::policy::Policy,
 }
 
 pub fn load_config(args: &EngineArgs) -> Result<SandboxConfig, CliError> {
@@ -280,10 +280,18 @@ fn load_file_unvalidated(args: &EngineArgs) -> Result<FileConfig, CliError> {
                 path: path.clone(),
                 source,
             })?;
-            toml::from_str::<FileConfig>(&text).map_err(|source| CliError::ConfigParse {
-                path: path.clone(),
-                source,
-            })?
+            let cfg =
+                toml::from_str::<FileConfig>(&text).map_err(|source| CliError::ConfigParse {
+                    path: path.clone(),
+                    source,
+                })?;
+            // It parsed as a whole, so it parses as a table.
+            if let Ok(doc) = toml::from_str::<toml::Table>(&text) {
+                for old in crate::duration::deprecated_keys(&doc) {
+                    tracing::warn!(config = %path.display(), "{old}");
+                }
+            }
+            cfg
         }
         None => FileConfig::default(),
     };
@@ -348,13 +356,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let serve = front.apply(file.serve);
             // Configuration and PKI first: the host is not touched until
             // both are known good.
-            let tls = crate::server::Tls::prepare(&serve)?;
+            let tls = crate::frontdoor::Tls::prepare(&serve)?;
             let stop = crate::signals::Stop::install().map_err(|e| CliError::Job(e.to_string()))?;
-            let inherited = crate::server::inherited_listener().map_err(CliError::Usage)?;
+            let inherited = crate::frontdoor::inherited_listener().map_err(CliError::Usage)?;
             let engine = std::sync::Arc::new(Engine::new(file.sandbox)?);
             let server = match inherited {
-                Some(l) => crate::server::Server::from_listener(serve, tls, engine, l).await?,
-                None => crate::server::Server::bind(serve, tls, engine).await?,
+                Some(l) => crate::frontdoor::Server::from_listener(serve, tls, engine, l).await?,
+                None => crate::frontdoor::Server::bind(serve, tls, engine).await?,
             };
             // systemd's Type=notify: ready once the listener is bound (and
             // a no-op without NOTIFY_SOCKET).
@@ -492,8 +500,8 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
             let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
             let mut spec = serde_json::Map::new();
             if let Some(t) = ttl {
-                crate::jobs::parse_duration(&t).map_err(CliError::Usage)?;
-                spec.insert("ttl".into(), t.into());
+                let d = crate::duration::parse(&t, "--ttl").map_err(CliError::Usage)?;
+                spec.insert("ttl".into(), crate::duration::format(d).into());
             }
             let mut l = serde_json::Map::new();
             for kv in labels {
@@ -640,6 +648,7 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn the_shipped_configuration_file_parses_and_validates() {
@@ -647,6 +656,39 @@ mod tests {
         cfg.sandbox.validate().unwrap();
         cfg.serve.validate().unwrap();
         assert_eq!(cfg.serve.listen.port(), 2376);
+        // "every key with its default", written the one current way.
+        let (d, s) = (crate::frontdoor::ServeConfig::default(), &cfg.serve);
+        assert_eq!(
+            (s.default_ttl, s.max_ttl, s.drain, s.audit_retention),
+            (d.default_ttl, d.max_ttl, d.drain, d.audit_retention)
+        );
+        let sd = SandboxConfig::default();
+        assert_eq!(
+            (
+                cfg.sandbox.stop_grace,
+                cfg.sandbox.health_interval,
+                cfg.sandbox.ready_timeout
+            ),
+            (sd.stop_grace, sd.health_interval, sd.ready_timeout)
+        );
+        let doc: toml::Table = toml::from_str(include_str!("../deploy/berth.toml")).unwrap();
+        assert_eq!(crate::duration::deprecated_keys(&doc), Vec::<String>::new());
+    }
+
+    #[test]
+    fn old_duration_keys_still_load() {
+        let cfg: FileConfig = toml::from_str(
+            "[serve]\ndrain_secs = 5\nmax_ttl_secs = 7200\ndefault_ttl = \"30m\"\n\
+             [sandbox]\nstop_grace = 1.5\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.serve.drain, Duration::from_secs(5));
+        assert_eq!(cfg.serve.max_ttl, Duration::from_secs(7200));
+        assert_eq!(cfg.serve.default_ttl, Duration::from_secs(1800));
+        assert_eq!(cfg.sandbox.stop_grace, Duration::from_millis(1500));
+        cfg.serve.validate().unwrap();
+        // Both spellings of one key: refused, not silently one of them.
+        assert!(toml::from_str::<FileConfig>("[serve]\ndrain_secs = 5\ndrain = \"5s\"\n").is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::api::Created;
+use crate::frontdoor::api::Created;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use crate::frontdoor::ServeConfig;
 use crate::sandbox::{SandboxConfig, cgroup, slots};
-use crate::server::ServeConfig;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {

@@ -2,21 +2,18 @@
 //! dockerd inside fresh user namespaces, on a host id range of its own,
 //! reachable only through berth's mutual-TLS front door.
 
-pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod doctor;
+pub mod duration;
+pub mod files;
+pub mod frontdoor;
 pub mod jobs;
 pub mod locks;
 pub mod metrics;
 pub mod pipeline;
 pub mod pki;
-pub mod policy;
-pub mod proxy;
-pub mod refusals;
 pub mod runner;
 pub mod sandbox;
-pub mod server;
 pub mod signals;
-pub mod workers;

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::jobs::parse_duration;
+use crate::duration;
 
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -157,9 +157,8 @@ impl Pipeline {
             }
             check_env(&s.env, &whose)?;
             let timeout = match &s.timeout {
-                Some(t) => {
-                    parse_duration(t).map_err(|e| invalid(format!("{whose}: timeout: {e}")))?
-                }
+                Some(t) => duration::parse(t, &format!("pipeline {whose}: timeout"))
+                    .map_err(|e| invalid(format!("{whose}: timeout: {e}")))?,
                 None => DEFAULT_STEP_TIMEOUT,
             };
             if timeout.is_zero() {
@@ -176,7 +175,9 @@ impl Pipeline {
             });
         }
         let ttl = match &raw.ttl {
-            Some(t) => parse_duration(t).map_err(|e| invalid(format!("ttl: {e}")))?,
+            Some(t) => {
+                duration::parse(t, "pipeline ttl").map_err(|e| invalid(format!("ttl: {e}")))?
+            }
             None => total + Duration::from_secs(300),
         };
         Ok(Pipeline {

@@ -22,7 +22,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use time::OffsetDateTime;
 
-use crate::sandbox::record::write_atomic;
+use crate::files::write_atomic;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 use crate::client::AgentClient;
+use crate::frontdoor::{ServeConfig, Server};
 use crate::pipeline::{Pipeline, Step};
 use crate::sandbox::{Engine, SandboxConfig};
-use crate::server::{ServeConfig, Server};
 
 /// Exit codes beyond a failed step's own.
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -28,7 +28,7 @@ pub enum RunError {
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error(transparent)]
-    Serve(#[from] crate::server::ServeError),
+    Serve(#[from] crate::frontdoor::ServeError),
     #[error(transparent)]
     Client(#[from] crate::client::ClientError),
     #[error(transparent)]
@@ -141,7 +141,7 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
                 warm_pool: 0,
                 ..ServeConfig::default()
             };
-            let tls = crate::server::Tls::prepare(&serve)?;
+            let tls = crate::frontdoor::Tls::prepare(&serve)?;
             // The server recovers what an earlier run left, in the background.
             let engine = Arc::new(Engine::new(*cfg)?);
             let server = Server::bind(serve, tls, engine).await?;

@@ -603,7 +603,9 @@ fn silent_clients_time_out_and_shutdown_tears_jobs_down() {
     if !prerequisites() {
         return;
     }
-    let fd = FrontDoor::start_with(27, "fd-shutdown", |c| c.handshake_timeout_secs = 1);
+    let fd = FrontDoor::start_with(27, "fd-shutdown", |c| {
+        c.handshake_timeout = Duration::from_secs(1)
+    });
     let job = fd.create_job(&[]);
     docker_tls_ok(&job, &["version"]);
     // A TCP client that never starts a handshake is dropped after the timeout.
@@ -829,7 +831,9 @@ fn every_bad_body_and_head_gets_the_clients_4xx_and_the_agent_keeps_serving() {
     if !prerequisites() {
         return;
     }
-    let fd = FrontDoor::start_with(44, "fd-bodies", |c| c.body_idle_timeout_secs = 2);
+    let fd = FrontDoor::start_with(44, "fd-bodies", |c| {
+        c.body_idle_timeout = Duration::from_secs(2)
+    });
     let job = fd.create_job(&[]);
     let admin = fd.certs.join("admin");
     let rt = rt();
@@ -1179,8 +1183,8 @@ fn a_strict_policy_denies_what_reaches_past_the_container_and_the_cli_says_why()
         return;
     }
     let fd = FrontDoor::start_with(38, "fd-policy", |c| {
-        c.policy = berth::policy::Policy {
-            profile: berth::policy::Profile::Strict,
+        c.policy = berth::frontdoor::policy::Policy {
+            profile: berth::frontdoor::policy::Profile::Strict,
             allowed_bind_sources: vec!["/tmp/shared".into()],
             allowed_capabilities: vec!["NET_ADMIN".into()],
             allowed_registries: vec!["docker.io".into()],

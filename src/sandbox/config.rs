@@ -132,15 +132,15 @@ pub struct SandboxConfig {
     /// state is thrown away at its end, so a graceful stop protects nothing
     /// unless containers must run their own shutdown (e.g. to flush reports
     /// to a service outside the job).
-    #[serde(with = "secs")]
+    #[serde(with = "crate::duration::text")]
     pub stop_grace: Duration,
     /// How often a running job's dockerd is asked `/_ping`; three missed
     /// answers in a row mark the job unhealthy (its clients get a clear
     /// error instead of hanging).
-    #[serde(with = "secs")]
+    #[serde(with = "crate::duration::text")]
     pub health_interval: Duration,
     /// How long start waits for the job's `/_ping`.
-    #[serde(with = "secs")]
+    #[serde(with = "crate::duration::text")]
     pub ready_timeout: Duration,
     /// Limits for jobs that do not ask for their own.
     pub default_limits: Limits,
@@ -256,18 +256,6 @@ impl<'de> Deserialize<'de> for PortRange {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
-    }
-}
-
-mod secs {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let v = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
     }
 }
 
@@ -431,7 +419,7 @@ impl SandboxConfig {
             );
         }
         if self.stop_grace > Duration::from_secs(600) {
-            return inv("stop_grace", "must be at most 600 seconds".into());
+            return inv("stop_grace", "must be at most 10m".into());
         }
         if self.health_interval < Duration::from_millis(100)
             || self.health_interval > Duration::from_secs(3600)

@@ -36,7 +36,7 @@ pub fn keep(state_dir: &Path, id: &str, log: &Path) -> Option<Kept> {
     let dir = failed_dir(state_dir);
     std::fs::create_dir_all(&dir).ok()?;
     let path = dir.join(format!("{id}.log"));
-    super::record::write_atomic(&path, &bytes, 0o600).ok()?;
+    crate::files::write_atomic(&path, &bytes, 0o600).ok()?;
     prune(&dir, KEEP);
     Some(Kept {
         tail: tail(&String::from_utf8_lossy(&bytes), TAIL_LINES),

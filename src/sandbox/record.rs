@@ -2,9 +2,7 @@
 //! the host and removed last, so a crash at any point leaves enough for the
 //! next start to tear the job down.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -44,25 +42,10 @@ fn record_path(state_dir: &Path, id: &str) -> PathBuf {
     job_dir(state_dir, id).join("record.json")
 }
 
-/// Writes `bytes` to `path` with mode `mode` through a temp file and rename,
-/// so readers see the old or the new file, never a torn one.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 impl JobRecord {
     pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        write_atomic(&record_path(state_dir, &self.id), &json, 0o600)
+        crate::files::write_atomic(&record_path(state_dir, &self.id), &json, 0o600)
     }
 
     pub fn load(state_dir: &Path, id: &str) -> std::io::Result<JobRecord> {

@@ -502,7 +502,7 @@ pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
 
-/// A real front door (`berth::server::Server`) on 127.0.0.1:<ephemeral> with
+/// A real front door (`berth::frontdoor::Server`) on 127.0.0.1:<ephemeral> with
 /// its own engine and certs dir, served from a background runtime. Dropping
 /// it shuts the server down, which tears down its jobs.
 pub struct FrontDoor {
@@ -534,7 +534,7 @@ impl FrontDoor {
     pub fn start_with(
         n: u32,
         name: &str,
-        tweak: impl FnOnce(&mut berth::server::ServeConfig),
+        tweak: impl FnOnce(&mut berth::frontdoor::ServeConfig),
     ) -> FrontDoor {
         Self::start_engine(std::sync::Arc::new(engine(n, name)), name, tweak)
     }
@@ -542,12 +542,12 @@ impl FrontDoor {
     pub fn start_engine(
         engine: std::sync::Arc<Engine>,
         name: &str,
-        tweak: impl FnOnce(&mut berth::server::ServeConfig),
+        tweak: impl FnOnce(&mut berth::frontdoor::ServeConfig),
     ) -> FrontDoor {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let certs = PathBuf::from(format!("/var/lib/bt/{name}-certs"));
         let _ = std::fs::remove_dir_all(&certs);
-        let mut cfg = berth::server::ServeConfig {
+        let mut cfg = berth::frontdoor::ServeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             certs_dir: certs.clone(),
             warm_pool: 0,
@@ -559,8 +559,8 @@ impl FrontDoor {
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
-                let tls = berth::server::Tls::prepare(&cfg).expect("TLS");
-                let server = berth::server::Server::bind(cfg, tls, engine)
+                let tls = berth::frontdoor::Tls::prepare(&cfg).expect("TLS");
+                let server = berth::frontdoor::Server::bind(cfg, tls, engine)
                     .await
                     .expect("bind");
                 port_tx.send(server.local_addr()).unwrap();

@@ -1,6 +1,14 @@
 //! The agent's jobs: a sandbox plus what the front door needs to know about
 //! it (expiry, labels), TTL expiry, and the routing decision from a job
-//! identity to that job's private dockerd socket.
+//! identity to that job's private dockerd socket. The warm pool
+//! ([`pool`]) and the background upkeep ([`janitor`]) have files of their
+//! own.
+
+mod janitor;
+mod pool;
+
+use pool::PoolHealth;
+pub use pool::PoolView;
 
 use crate::locks::Lock;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -13,19 +21,11 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{Audit, Record};
 use crate::metrics::{Metrics, Snapshot};
 use crate::pki::{Bundle, Ca, Identity, PkiError};
-use crate::policy::Policy;
 use crate::sandbox::slots::SlotError;
 use crate::sandbox::{Engine, Limits, PortRange, SandboxError, Status};
 
 /// Remembered ended jobs, so a late client gets "ended" rather than "unknown".
 const ENDED_MEMORY: usize = 4096;
-
-/// Longest wait between two tries to refill the warm pool (2 s after the
-/// first failure, doubling): a host that cannot start jobs is not hammered.
-const POOL_RETRY_CAP: Duration = Duration::from_secs(300);
-
-/// How often failed teardowns are looked at (each has its own backoff).
-const JANITOR_TICK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -77,48 +77,14 @@ impl Refusal {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJob {
-    /// Seconds, or a duration such as "90s", "30m", "2h".
-    #[serde(default, deserialize_with = "de_ttl")]
+    /// A duration ("90s", "30m", "2h"); a number of seconds is read too
+    /// (deprecated).
+    #[serde(default, with = "crate::duration::text::option")]
     pub ttl: Option<Duration>,
     #[serde(default)]
     pub limits: Option<Limits>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-}
-
-fn de_ttl<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum T {
-        Secs(u64),
-        Text(String),
-    }
-    match Option::<T>::deserialize(d)? {
-        None => Ok(None),
-        Some(T::Secs(s)) => Ok(Some(Duration::from_secs(s))),
-        Some(T::Text(t)) => parse_duration(&t)
-            .map(Some)
-            .map_err(serde::de::Error::custom),
-    }
-}
-
-/// "90", "90s", "30m", "2h", "1d".
-pub fn parse_duration(t: &str) -> Result<Duration, String> {
-    let t = t.trim();
-    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{t:?} is not a duration (use 90s, 30m, 2h)"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("{t:?}: unknown unit {unit:?} (use s, m, h, d)")),
-    };
-    n.checked_mul(mult)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{t:?} is too long"))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -135,25 +101,6 @@ pub struct JobView {
     pub created_at: u64,
     pub expires_at: u64,
     pub labels: BTreeMap<String, String>,
-}
-
-/// The warm pool as the job API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct PoolView {
-    pub size: usize,
-    pub ready: usize,
-    /// Warm starts that failed in a row (0 once one succeeds).
-    pub failures: u32,
-    pub last_error: Option<String>,
-    /// When the next warm start is tried, while backing off.
-    pub retry_in_secs: Option<u64>,
-}
-
-#[derive(Default)]
-struct PoolHealth {
-    failures: u32,
-    last_error: Option<String>,
-    retry_at: Option<std::time::Instant>,
 }
 
 struct Meta {
@@ -185,7 +132,6 @@ pub struct Jobs {
     closed: tokio_util::sync::CancellationToken,
     metrics: Metrics,
     audit: Audit,
-    policy: Policy,
     /// The agent's runtime: sandboxes start, stop and expire there, whatever
     /// thread serves the request that asked for it (client connections live
     /// on their own threads), and a client that goes away mid-request does
@@ -208,7 +154,6 @@ impl Jobs {
         max_ttl: Duration,
         pool_size: usize,
         audit: Audit,
-        policy: Policy,
     ) -> Arc<Jobs> {
         let jobs = Arc::new(Jobs {
             engine,
@@ -226,87 +171,10 @@ impl Jobs {
             closed: tokio_util::sync::CancellationToken::new(),
             metrics: Metrics::new(),
             audit,
-            policy,
             rt: tokio::runtime::Handle::current(),
         });
         jobs.start_janitor();
         jobs
-    }
-
-    /// Number of warm sandboxes ready now.
-    pub fn pooled(&self) -> usize {
-        self.pool.locked().len()
-    }
-
-    /// Starts sandboxes in the background until the pool is full. One at a
-    /// time: a burst of jobs must not stall the machine.
-    pub fn refill_pool(self: &Arc<Self>) {
-        use std::sync::atomic::Ordering;
-        if self.pool_size == 0 || self.closing.load(Ordering::SeqCst) {
-            return;
-        }
-        let mut slot = self.refill.locked();
-        if slot.as_ref().is_some_and(|t| !t.is_finished()) {
-            return;
-        }
-        let me = self.clone();
-        *slot = Some(self.rt.spawn(async move {
-            while !me.closing.load(Ordering::SeqCst) && me.pooled() < me.pool_size {
-                me.warming.store(true, Ordering::SeqCst);
-                let started = me.start_sandbox("warm", None).await;
-                me.warming.store(false, Ordering::SeqCst);
-                match started {
-                    // Every range serves a job: nothing to warm until one ends.
-                    Err(SandboxError::Slot(SlotError::Exhausted { .. })) => break,
-                    Ok(sb) => {
-                        tracing::debug!(sandbox = %sb.id(), "warm sandbox ready");
-                        me.pool.locked().push_back(sb);
-                        *me.pool_health.locked() = PoolHealth::default();
-                    }
-                    Err(e) => {
-                        let wait = {
-                            let mut h = me.pool_health.locked();
-                            h.failures += 1;
-                            h.last_error = Some(e.to_string());
-                            let wait = crate::sandbox::backoff(h.failures, POOL_RETRY_CAP);
-                            h.retry_at = Some(std::time::Instant::now() + wait);
-                            wait
-                        };
-                        tracing::error!(error = %e, retry_in = ?wait, "cannot start a warm sandbox");
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = me.closed.cancelled() => break,
-                        }
-                    }
-                }
-            }
-        }));
-    }
-
-    pub fn pool_view(&self) -> PoolView {
-        let h = self.pool_health.locked();
-        PoolView {
-            size: self.pool_size,
-            ready: self.pooled(),
-            failures: h.failures,
-            last_error: h.last_error.clone(),
-            retry_in_secs: h.retry_at.map(|t| {
-                t.saturating_duration_since(std::time::Instant::now())
-                    .as_secs()
-            }),
-        }
-    }
-
-    /// A warm sandbox that is still healthy, if any.
-    async fn take_pooled(&self) -> Option<crate::sandbox::Sandbox> {
-        loop {
-            let sb = self.pool.locked().pop_front()?;
-            if sb.status() == Status::Running {
-                return Some(sb);
-            }
-            tracing::warn!(sandbox = %sb.id(), status = ?sb.status(), "dropping a dead warm sandbox");
-            let _ = self.end(sb.id()).await;
-        }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -319,11 +187,6 @@ impl Jobs {
 
     pub fn audit(&self) -> &Audit {
         &self.audit
-    }
-
-    /// What a job's requests may ask of its daemon.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
     }
 
     /// The gauges of a scrape, read now.
@@ -401,20 +264,6 @@ impl Jobs {
                 }
                 r => return Ok(r?),
             }
-        }
-    }
-
-    /// True while the warm pool holds an id range: a sandbox ready or one
-    /// starting.
-    fn pool_holds_ranges(&self) -> bool {
-        self.pooled() > 0 || self.warming.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Waits until the warm sandbox being started (if any) is in the pool
-    /// or has failed.
-    async fn wait_for_refill(&self) {
-        while self.warming.load(std::sync::atomic::Ordering::SeqCst) && self.pooled() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -599,57 +448,11 @@ impl Jobs {
         self.refill_pool();
     }
 
-    /// Retries failed teardowns as their backoff comes due, until shutdown.
-    fn start_janitor(self: &Arc<Self>) {
-        let me = Arc::downgrade(self);
-        let closed = self.closed.clone();
-        self.rt.spawn(async move {
-            let mut ticks: u64 = 0;
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(JANITOR_TICK) => {}
-                    _ = closed.cancelled() => return,
-                }
-                let Some(jobs) = me.upgrade() else { return };
-                // Audit files past their retention, every ten minutes (and
-                // at the first tick).
-                if ticks.is_multiple_of(600) {
-                    let removed = jobs.audit.expire();
-                    if removed > 0 {
-                        tracing::info!(removed, "audit files past their retention removed");
-                    }
-                }
-                ticks += 1;
-                for id in jobs.engine.retries_due() {
-                    if jobs.end(&id).await.is_ok() {
-                        tracing::info!(job = %id, "teardown retried and done");
-                        jobs.forget(&id);
-                    }
-                }
-            }
-        });
-    }
-
-    /// Tears down, in the background, what an earlier agent left in the
-    /// state dir; what cannot be removed is listed and retried. The agent
-    /// serves meanwhile: left jobs hold their own id ranges and addresses.
-    pub fn recover_in_background(self: &Arc<Self>) {
-        let me = self.clone();
-        self.rt.spawn(async move {
-            for r in me.engine.recover().await {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "recovery");
-                }
-            }
-        });
-    }
-
     /// The private socket of job `id`'s dockerd, or why it is refused.
     pub fn route(&self, id: &str) -> Result<PathBuf, Refusal> {
         let expires = self
             .meta
-            .lock()
-            .unwrap()
+            .locked()
             .get(id)
             .map(|m| (!m.ending).then_some(m.expires));
         let Some(expires) = expires else {
@@ -726,16 +529,6 @@ impl Jobs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
-        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
-        assert!(parse_duration("2w").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("99999999999999999999d").is_err());
-    }
 
     #[test]
     fn create_requests_parse_strictly() {

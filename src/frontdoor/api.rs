@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode};
@@ -17,10 +17,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::http::{HttpLimits, Own, error_response, json_response, read_body};
+use super::policy::{self, Denial};
 use crate::jobs::{CreateJob, JobError, JobView, Jobs};
 use crate::pki::valid_job_id;
-use crate::policy::{self, Decision};
-use crate::proxy::{HttpLimits, ProxyBody, error_response, json_response, read_body};
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -84,13 +84,13 @@ async fn handle(
     local: SocketAddr,
     peer: SocketAddr,
     body_idle: Duration,
-) -> Response<ProxyBody> {
+) -> Response<Own> {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    if let Decision::Deny {
+    if let Err(Denial {
         rule,
         status,
         message,
-    } = policy::decide_admin(&method, &path)
+    }) = policy::decide_admin(&method, &path)
     {
         tracing::warn!(identity = "admin", client = %peer, %method, %path, rule, "request denied");
         jobs.metrics().denied(rule);
@@ -100,7 +100,7 @@ async fn handle(
         return match method {
             Method::GET => {
                 let text = jobs.metrics().render(&jobs.snapshot());
-                let mut r = Response::new(Either::Right(Full::new(Bytes::from(text))));
+                let mut r = Response::new(Full::new(Bytes::from(text)));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
                     hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
@@ -125,7 +125,7 @@ async fn handle(
         }
         return match jobs.audit().read(id) {
             Some(lines) => {
-                let mut r = Response::new(Either::Right(Full::new(Bytes::from(lines))));
+                let mut r = Response::new(Full::new(Bytes::from(lines)));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
                     hyper::header::HeaderValue::from_static("application/x-ndjson"),
@@ -164,7 +164,7 @@ async fn handle(
             match jobs.delete(&id).await {
                 Ok(()) => {
                     tracing::info!(job = %id, client = %peer, "job deleted");
-                    let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+                    let mut r = Response::new(Full::new(Bytes::new()));
                     *r.status_mut() = StatusCode::NO_CONTENT;
                     r
                 }
@@ -200,6 +200,12 @@ fn parse_create(body: &[u8]) -> Result<CreateJob, String> {
             }
         ));
     }
+    if v["ttl"].is_number() {
+        tracing::warn!(
+            ttl = %v["ttl"],
+            "job API: a ttl as a number of seconds is deprecated; send a duration such as \"30m\""
+        );
+    }
     serde_json::from_value(v).map_err(|e| e.to_string())
 }
 
@@ -217,7 +223,7 @@ async fn create(
     local: SocketAddr,
     peer: SocketAddr,
     body_idle: Duration,
-) -> Response<ProxyBody> {
+) -> Response<Own> {
     let ctype = req
         .headers()
         .get(CONTENT_TYPE)

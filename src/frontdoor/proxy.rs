@@ -18,15 +18,16 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{Either, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::http::{self, BodyFault, BodyRefusal, ClientBody, HttpLimits, Own, Tally, read_body};
+use super::policy::{Denial, Permit, Policy, strip_version};
 use crate::jobs::{Jobs, Refusal};
-use crate::policy::{self, Decision, strip_version};
 
 pub type ProxyBody = Either<Relayed, Full<Bytes>>;
 
@@ -34,131 +35,6 @@ pub type ProxyBody = Either<Relayed, Full<Bytes>>;
 /// read size on the upstream unix socket: the most response bytes gathered
 /// into one TLS write.
 pub const RELAY_BUFFER: usize = 256 * 1024;
-
-/// Limits that protect the agent from a misbehaving client.
-#[derive(Debug, Clone, Copy)]
-pub struct HttpLimits {
-    /// Time to receive a complete request head.
-    pub header_timeout: Duration,
-    /// The largest request head accepted.
-    pub max_head: usize,
-    /// Longest a request body may send nothing before it is cut.
-    pub body_idle: Duration,
-}
-
-impl Default for HttpLimits {
-    fn default() -> Self {
-        HttpLimits {
-            header_timeout: Duration::from_secs(30),
-            max_head: 64 * 1024,
-            body_idle: Duration::from_secs(60),
-        }
-    }
-}
-
-/// What went wrong with a client's request body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BodyFault {
-    /// It broke the HTTP framing: a bad or overflowing chunk size, a
-    /// truncated chunked body, fewer bytes than its Content-Length.
-    Malformed(String),
-    /// It sent nothing for the body-idle timeout.
-    Idle(Duration),
-}
-
-impl BodyFault {
-    /// The client's fault: a 4xx with what to fix.
-    pub fn response(&self) -> Response<ProxyBody> {
-        match self {
-            BodyFault::Malformed(e) => error_response(
-                StatusCode::BAD_REQUEST,
-                &format!("berth: the request body is malformed: {e}"),
-            ),
-            BodyFault::Idle(d) => error_response(
-                StatusCode::REQUEST_TIMEOUT,
-                &format!("berth: the request body sent nothing for {d:?}; request cut"),
-            ),
-        }
-    }
-}
-
-/// A client's request body on its way to dockerd: the same frames, with
-/// the client's faults told apart from the daemon's (see [`BodyFault`]), and
-/// cut when it sends nothing for `idle` (a trickle holds a dockerd
-/// connection). The idle clock runs only while the body owes data, not
-/// while dockerd is slow to take it.
-pub struct ClientBody {
-    inner: Incoming,
-    idle: Duration,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    fault: Arc<Mutex<Option<BodyFault>>>,
-    /// The request's account, for a job's request.
-    account: Option<Arc<Account>>,
-}
-
-impl ClientBody {
-    fn new(
-        inner: Incoming,
-        idle: Duration,
-        account: Option<Arc<Account>>,
-    ) -> (ClientBody, Arc<Mutex<Option<BodyFault>>>) {
-        let fault = Arc::new(Mutex::new(None));
-        let body = ClientBody {
-            inner,
-            idle,
-            timer: None,
-            fault: fault.clone(),
-            account,
-        };
-        (body, fault)
-    }
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => {
-                this.timer = None;
-                if let (Some(d), Some(a)) = (f.data_ref(), &this.account) {
-                    a.moved(d.len() as u64, 0);
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                let fault = BodyFault::Malformed(e.to_string());
-                *this.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(fault);
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => {
-                let idle = this.idle;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                *this.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(BodyFault::Idle(idle));
-                Poll::Ready(Some(Err(format!("request body idle for {idle:?}").into())))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 /// One request's account: how it was decided and answered and what it
 /// moved. Counted and audited once, when the last of its parts (the request
@@ -211,6 +87,12 @@ impl Account {
     }
 }
 
+impl Tally for Account {
+    fn to_daemon(&self, bytes: u64) {
+        self.moved(bytes, 0);
+    }
+}
+
 impl Drop for Account {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -243,20 +125,13 @@ impl Drop for Account {
     }
 }
 
-/// A JSON error answer in the shape the Docker clients print
-/// ("Error response from daemon: <message>").
-pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    json_response(status, &serde_json::json!({ "message": message }))
+/// An answer of the agent's own, on a job's connection.
+fn own(r: Response<Own>) -> Response<ProxyBody> {
+    r.map(Either::Right)
 }
 
-/// A JSON answer of the agent's own (errors, the job API).
-pub fn json_response<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<ProxyBody> {
-    let body = serde_json::to_vec(v).unwrap_or_default();
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    own(http::error_response(status, message))
 }
 
 fn refusal_response(r: &Refusal) -> Response<ProxyBody> {
@@ -378,8 +253,18 @@ struct Upstream {
 /// handler to the connection once hyper has written the answer.
 type HijackSlot = Arc<Mutex<Option<(hyper::upgrade::Upgraded, Arc<Account>)>>>;
 
+/// Whose connection this is: an authenticated job identity, the registry
+/// that routes it and the policy that decides its requests.
+pub struct Job {
+    pub jobs: Arc<Jobs>,
+    pub policy: Arc<Policy>,
+    pub job: String,
+    pub peer: SocketAddr,
+}
+
 struct Ctx {
     jobs: Arc<Jobs>,
+    policy: Arc<Policy>,
     job: String,
     peer: SocketAddr,
     upstream: tokio::sync::Mutex<Upstream>,
@@ -387,20 +272,25 @@ struct Ctx {
     body_idle: Duration,
 }
 
-/// Serves one client connection authenticated as job `job`.
+/// Serves one client connection authenticated as a job.
 pub async fn serve<IO>(
     io: IO,
-    jobs: Arc<Jobs>,
-    job: String,
-    peer: SocketAddr,
+    to: Job,
     limits: HttpLimits,
     stop: tokio_util::sync::CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (drivers_tx, mut drivers_rx) = tokio::sync::mpsc::unbounded_channel::<DriverCell>();
+    let Job {
+        jobs,
+        policy,
+        job,
+        peer,
+    } = to;
     let ctx = Arc::new(Ctx {
         jobs,
+        policy,
         job,
         peer,
         upstream: tokio::sync::Mutex::new(Upstream {
@@ -500,60 +390,68 @@ async fn answer(
     body: Incoming,
     account: &Arc<Account>,
 ) -> Response<ProxyBody> {
-    let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
-    let deny = |rule: &'static str, status, message: &str| {
-        tracing::warn!(job = %ctx.job, client = %ctx.peer, %method, %path, rule, "request denied");
-        ctx.jobs.metrics().denied(rule);
-        account.decided("deny", rule.into());
-        error_response(status, message)
+    let deny = |d: Denial| {
+        tracing::warn!(job = %ctx.job, client = %ctx.peer, method = %parts.method, path = %parts.uri.path(), rule = d.rule, "request denied");
+        ctx.jobs.metrics().denied(d.rule);
+        account.decided("deny", d.rule.into());
+        error_response(d.status, &d.message)
     };
-    if let Decision::Deny {
-        rule,
-        status,
-        message,
-    } = policy::decide_job(&method, &path)
-    {
-        return deny(rule, status, &message);
-    }
-    // The profile: a body it must read is read whole (bounded) and sent on
-    // as read; any other streams through.
-    let policy = ctx.jobs.policy();
-    let (body, fault) = if policy.needs_body(&method, &path) {
+    // A body the policy must read is read whole (bounded) and sent on as
+    // read; any other streams through.
+    let policy = &ctx.policy;
+    if policy.needs_body(&parts.method, parts.uri.path()) {
         let bytes = match read_body(body, policy.max_body_bytes, ctx.body_idle).await {
             Ok(b) => b,
             Err(BodyRefusal::TooLarge(max)) => {
-                return deny(
-                    "body-too-large",
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!(
+                return deny(Denial {
+                    rule: "body-too-large",
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    message: format!(
                         "berth: denied by this agent's policy: the request body is over {max} bytes (policy.max_body_bytes)"
-                    ),
-                );
+                    )
+                    .into(),
+                });
             }
-            Err(r) => return r.response(),
+            Err(r) => return own(r.response()),
         };
-        if let Decision::Deny {
-            rule,
-            status,
-            message,
-        } = policy.decide(&method, &parts.uri, Some(&bytes))
-        {
-            return deny(rule, status, &message);
+        match policy.decide(&parts.method, &parts.uri, Some(&bytes)) {
+            Ok(permit) => {
+                account.moved(bytes.len() as u64, 0);
+                forward(
+                    ctx,
+                    permit,
+                    parts,
+                    Either::Right(Full::new(bytes)),
+                    None,
+                    account,
+                )
+                .await
+            }
+            Err(d) => deny(d),
         }
-        account.moved(bytes.len() as u64, 0);
-        (Either::Right(Full::new(bytes)), None)
     } else {
-        if let Decision::Deny {
-            rule,
-            status,
-            message,
-        } = policy.decide(&method, &parts.uri, None)
-        {
-            return deny(rule, status, &message);
+        match policy.decide(&parts.method, &parts.uri, None) {
+            Ok(permit) => {
+                let tally: Arc<dyn Tally> = account.clone();
+                let (b, fault) = ClientBody::new(body, ctx.body_idle, Some(tally));
+                forward(ctx, permit, parts, Either::Left(b), Some(fault), account).await
+            }
+            Err(d) => deny(d),
         }
-        let (b, fault) = ClientBody::new(body, ctx.body_idle, Some(account.clone()));
-        (Either::Left(b), Some(fault))
-    };
+    }
+}
+
+/// Sends a permitted request to the job's dockerd and its answer back (a
+/// hijack becomes a raw stream after the head).
+async fn forward(
+    ctx: &Ctx,
+    _permit: Permit,
+    parts: hyper::http::request::Parts,
+    body: UpBody,
+    fault: Option<Arc<Mutex<Option<BodyFault>>>>,
+    account: &Arc<Account>,
+) -> Response<ProxyBody> {
+    let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
     let mut req = Request::from_parts(parts, body);
     let socket = match ctx.jobs.route(&ctx.job) {
         Ok(s) => s,
@@ -603,7 +501,7 @@ async fn answer(
             let fault = fault.and_then(|f| f.locked().take());
             if let Some(fault) = fault {
                 tracing::info!(job = %ctx.job, client = %ctx.peer, %method, %path, ?fault, "client's request body refused");
-                return fault.response();
+                return own(fault.response());
             }
             return error_response(
                 StatusCode::BAD_GATEWAY,
@@ -692,45 +590,10 @@ async fn ready_sender<'a>(
         .ok_or_else(|| std::io::Error::other("no upstream connection"))
 }
 
-/// Why a job API request body was not read.
-#[derive(Debug)]
-pub enum BodyRefusal {
-    TooLarge(usize),
-    Client(BodyFault),
-}
-
-impl BodyRefusal {
-    pub fn response(&self) -> Response<ProxyBody> {
-        match self {
-            BodyRefusal::TooLarge(max) => error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("berth: the request body is over {max} bytes"),
-            ),
-            BodyRefusal::Client(f) => f.response(),
-        }
-    }
-}
-
-/// Reads a request body up to `max` bytes (job API requests), cut when it
-/// sends nothing for `idle`.
-pub async fn read_body(body: Incoming, max: usize, idle: Duration) -> Result<Bytes, BodyRefusal> {
-    let (body, fault) = ClientBody::new(body, idle, None);
-    let limited = http_body_util::Limited::new(body, max);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyRefusal::TooLarge(max)),
-        Err(e) => {
-            let f = fault.lock().unwrap_or_else(|p| p.into_inner()).take();
-            Err(BodyRefusal::Client(
-                f.unwrap_or_else(|| BodyFault::Malformed(e.to_string())),
-            ))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
     use hyper::Method;
 
     #[test]

@@ -28,26 +28,25 @@ pub fn strip_version(path: &str) -> &str {
 
 pub const API_PREFIX: &str = "/berth/";
 
+/// Why a request is not let through: the rule that denied it, the status
+/// the client gets and a message the docker CLI prints.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    Allow,
-    Deny {
-        rule: &'static str,
-        status: StatusCode,
-        message: Cow<'static, str>,
-    },
+pub struct Denial {
+    pub rule: &'static str,
+    pub status: StatusCode,
+    pub message: Cow<'static, str>,
 }
 
-/// A request from a job identity (already routed to its own job).
-pub fn decide_job(_method: &Method, path: &str) -> Decision {
-    if path.starts_with(API_PREFIX) || strip_version(path).starts_with(API_PREFIX) {
-        return Decision::Deny {
-            rule: "job-api-needs-admin",
-            status: StatusCode::FORBIDDEN,
-            message: "berth: the job API needs the admin certificate".into(),
-        };
-    }
-    Decision::Allow
+/// Proof that a request was decided and let through. Only this module makes
+/// one, and the proxy forwards nothing without it.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use]
+pub struct Permit(());
+
+pub type Decision = Result<Permit, Denial>;
+
+fn allow() -> Decision {
+    Ok(Permit(()))
 }
 
 /// A request from the admin identity.
@@ -57,20 +56,20 @@ pub fn decide_admin(_method: &Method, path: &str) -> Decision {
         || path == "/berth/v1/pool"
         || path == "/berth/v1/metrics"
     {
-        return Decision::Allow;
+        return allow();
     }
     if path.starts_with(API_PREFIX) {
-        return Decision::Deny {
+        return Err(Denial {
             rule: "admin-unknown-path",
             status: StatusCode::NOT_FOUND,
             message: "berth: no such job API path (see /berth/v1/jobs)".into(),
-        };
+        });
     }
-    Decision::Deny {
+    Err(Denial {
         rule: "admin-opens-no-daemon",
         status: StatusCode::FORBIDDEN,
         message: "berth: the admin certificate opens the job API only; use a job's certificate for its Docker API".into(),
-    }
+    })
 }
 
 /// `[policy]` in berth.toml: what a job's requests may ask of its daemon.
@@ -204,11 +203,19 @@ impl Policy {
 
     /// The profile's decision on a job's request; `body` is there when
     /// [`Policy::needs_body`] asked for it.
+    /// A job certificate opens its own job's Docker API, never the job API.
     pub fn decide(&self, method: &Method, uri: &hyper::Uri, body: Option<&[u8]>) -> Decision {
-        if self.profile == Profile::AllowAll {
-            return Decision::Allow;
-        }
         let path = strip_version(uri.path());
+        if uri.path().starts_with(API_PREFIX) || path.starts_with(API_PREFIX) {
+            return Err(Denial {
+                rule: "job-api-needs-admin",
+                status: StatusCode::FORBIDDEN,
+                message: "berth: the job API needs the admin certificate".into(),
+            });
+        }
+        if self.profile == Profile::AllowAll {
+            return allow();
+        }
         let seg: Vec<&str> = path.trim_matches('/').split('/').collect();
         let query = |key: &str| -> Option<String> {
             url_query(uri.query().unwrap_or(""))
@@ -219,19 +226,19 @@ impl Policy {
         match (method, seg.as_slice()) {
             (&Method::POST, ["containers", "create"]) => match parse(body) {
                 Ok(v) => self.container(&v),
-                Err(d) => d,
+                Err(d) => Err(d),
             },
             (&Method::POST, ["containers", _, "exec"]) => match parse(body) {
                 Ok(v) if v["Privileged"].as_bool() == Some(true) => deny(
                     "privileged",
                     "privileged exec (`docker exec --privileged`) is not allowed",
                 ),
-                Ok(_) => Decision::Allow,
-                Err(d) => d,
+                Ok(_) => allow(),
+                Err(d) => Err(d),
             },
             (&Method::POST, ["images", "create"]) => match query("fromImage") {
                 Some(image) => self.registry_of(&image),
-                None => Decision::Allow,
+                None => allow(),
             },
             (&Method::POST, ["build"]) => {
                 if query("networkmode").is_some_and(|m| m == "host") {
@@ -240,13 +247,13 @@ impl Policy {
                         "builds on the host's network (`--network host`) are not allowed",
                     );
                 }
-                Decision::Allow
+                allow()
             }
             // Plugins run with whatever privileges they ask for.
             (&Method::POST, ["plugins", "pull"]) => {
                 deny("plugins", "installing daemon plugins is not allowed")
             }
-            _ => Decision::Allow,
+            _ => allow(),
         }
     }
 
@@ -333,7 +340,7 @@ impl Policy {
         }
         match v["Image"].as_str() {
             Some(image) => self.registry_of(image),
-            None => Decision::Allow,
+            None => allow(),
         }
     }
 
@@ -357,11 +364,11 @@ impl Policy {
 
     fn registry_of(&self, image: &str) -> Decision {
         if self.allowed_registries.is_empty() {
-            return Decision::Allow;
+            return allow();
         }
         let r = registry(image);
         if self.allowed_registries.iter().any(|a| a == r) {
-            return Decision::Allow;
+            return allow();
         }
         deny(
             "registry",
@@ -382,7 +389,7 @@ pub fn registry(image: &str) -> &str {
 }
 
 fn deny(rule: &'static str, what: impl Into<String>) -> Decision {
-    Decision::Deny {
+    Err(Denial {
         rule,
         status: StatusCode::FORBIDDEN,
         message: format!(
@@ -390,15 +397,15 @@ fn deny(rule: &'static str, what: impl Into<String>) -> Decision {
             what.into()
         )
         .into(),
-    }
+    })
 }
 
-fn parse(body: Option<&[u8]>) -> Result<serde_json::Value, Decision> {
+fn parse(body: Option<&[u8]>) -> Result<serde_json::Value, Denial> {
     let body = body.unwrap_or_default();
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(serde_json::Value::Null);
     }
-    serde_json::from_slice(body).map_err(|e| Decision::Deny {
+    serde_json::from_slice(body).map_err(|e| Denial {
         rule: "unreadable-body",
         status: StatusCode::BAD_REQUEST,
         message: format!(
@@ -423,6 +430,17 @@ fn url_query(q: &str) -> Vec<(String, String)> {
 mod tests {
     use super::*;
 
+    fn job(m: &Method, p: &str) -> Decision {
+        // Both profiles: the job API is closed to jobs whatever the profile.
+        let uri: hyper::Uri = p.parse().unwrap();
+        let strict = strict().decide(m, &uri, None);
+        assert_eq!(
+            strict.is_ok(),
+            Policy::default().decide(m, &uri, None).is_ok()
+        );
+        strict
+    }
+
     #[test]
     fn jobs_reach_every_docker_path_but_not_the_job_api() {
         for m in [
@@ -439,11 +457,17 @@ mod tests {
                 "/exec/1/start",
                 "/session",
             ] {
-                assert_eq!(decide_job(&m, p), Decision::Allow, "{m} {p}");
+                assert!(job(&m, p).is_ok(), "{m} {p}");
             }
             for p in ["/berth/v1/jobs", "/v1.41/berth/v1/jobs", "/berth/"] {
                 assert!(
-                    matches!(decide_job(&m, p), Decision::Deny { .. }),
+                    matches!(
+                        job(&m, p),
+                        Err(Denial {
+                            rule: "job-api-needs-admin",
+                            ..
+                        })
+                    ),
                     "{m} {p}"
                 );
             }
@@ -452,24 +476,15 @@ mod tests {
 
     #[test]
     fn admin_reaches_the_job_api_only() {
-        assert_eq!(
-            decide_admin(&Method::POST, "/berth/v1/jobs"),
-            Decision::Allow
-        );
-        assert_eq!(
-            decide_admin(&Method::DELETE, "/berth/v1/jobs/0123456789ab"),
-            Decision::Allow
-        );
+        assert!(decide_admin(&Method::POST, "/berth/v1/jobs").is_ok());
+        assert!(decide_admin(&Method::DELETE, "/berth/v1/jobs/0123456789ab").is_ok());
         for p in [
             "/_ping",
             "/v1.41/containers/json",
             "/berth/v2/x",
             "/berth/v1/jobsx",
         ] {
-            assert!(
-                matches!(decide_admin(&Method::GET, p), Decision::Deny { .. }),
-                "{p}"
-            );
+            assert!(decide_admin(&Method::GET, p).is_err(), "{p}");
         }
     }
 
@@ -490,16 +505,16 @@ mod tests {
 
     fn rule(d: Decision) -> &'static str {
         match d {
-            Decision::Deny {
+            Err(Denial {
                 rule,
                 status,
                 message,
-            } => {
+            }) => {
                 assert!(message.contains(rule), "{message}");
                 assert!(status.is_client_error());
                 rule
             }
-            Decision::Allow => "allow",
+            Ok(Permit(())) => "allow",
         }
     }
 
@@ -579,13 +594,14 @@ mod tests {
         );
         // allow-all lets everything through.
         let uri: hyper::Uri = "/containers/create".parse().unwrap();
-        assert_eq!(
-            Policy::default().decide(
-                &Method::POST,
-                &uri,
-                Some(br#"{"HostConfig":{"Privileged":true}}"#)
-            ),
-            Decision::Allow
+        assert!(
+            Policy::default()
+                .decide(
+                    &Method::POST,
+                    &uri,
+                    Some(br#"{"HostConfig":{"Privileged":true}}"#)
+                )
+                .is_ok()
         );
     }
 
