@@ -61,6 +61,22 @@ pub enum Command {
     /// Create, list and remove jobs on an agent.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Whether an agent takes another job: exit 0 when it does (with at
+    /// least --min-free jobs' room), 1 when it does not, 2 when it cannot be
+    /// asked. A readiness probe or a CI scheduler's check.
+    Capacity {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Jobs it must be able to start now.
+        #[arg(long, default_value_t = 1)]
+        min_free: usize,
+        /// Memory the host must have available, in bytes.
+        #[arg(long)]
+        min_memory_bytes: Option<u64>,
+        /// Print the agent's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Certificate material.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -311,7 +327,7 @@ impl Command {
         match self {
             Command::Serve { .. } | Command::Doctor { .. } | Command::Sandbox(_) => true,
             Command::Run { endpoint, .. } => endpoint.is_none(),
-            Command::Job(_) | Command::Certs(_) => false,
+            Command::Job(_) | Command::Certs(_) | Command::Capacity { .. } => false,
         }
     }
 }
@@ -386,6 +402,43 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Job(cmd) => job(cmd).await,
+        Command::Capacity {
+            agent,
+            min_free,
+            min_memory_bytes,
+            json,
+        } => {
+            let asked = async {
+                crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?
+                    .capacity()
+                    .await
+            };
+            let c = match asked.await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Err(CliError::Exit(2));
+                }
+            };
+            let short = capacity_short(&c, min_free, min_memory_bytes);
+            if json {
+                println!("{}", serde_json::to_string(&c).unwrap_or_default());
+            } else {
+                println!(
+                    "{}: {} free ({} id ranges, {} warm), {} jobs, {} MiB available",
+                    short.as_deref().unwrap_or("accepting"),
+                    c.free,
+                    c.free_ranges,
+                    c.warm_ready,
+                    c.jobs,
+                    c.memory_available_bytes >> 20
+                );
+            }
+            match short {
+                None => Ok(()),
+                Some(_) => Err(CliError::Exit(1)),
+            }
+        }
         Command::Run {
             pipeline,
             engine,
@@ -645,6 +698,28 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
     }
 }
 
+/// Why an agent's capacity falls short of what was asked, if it does.
+fn capacity_short(
+    c: &crate::jobs::Capacity,
+    min_free: usize,
+    min_memory_bytes: Option<u64>,
+) -> Option<String> {
+    if c.shutting_down {
+        return Some("full: the agent is shutting down".into());
+    }
+    if c.free < min_free.max(1) {
+        return Some(format!("full: room for {} jobs, {min_free} asked", c.free));
+    }
+    match min_memory_bytes {
+        Some(m) if c.memory_available_bytes < m => Some(format!(
+            "full: {} MiB available, {} MiB asked",
+            c.memory_available_bytes >> 20,
+            m >> 20
+        )),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -673,6 +748,49 @@ mod tests {
         );
         let doc: toml::Table = toml::from_str(include_str!("../deploy/berth.toml")).unwrap();
         assert_eq!(crate::duration::deprecated_keys(&doc), Vec::<String>::new());
+    }
+
+    #[test]
+    fn capacity_falls_short_for_a_reason() {
+        let c = crate::jobs::Capacity {
+            accepting: true,
+            free: 2,
+            free_ranges: 1,
+            uid_ranges: 8,
+            warm_ready: 1,
+            warm_pool: 1,
+            jobs: 6,
+            memory_available_bytes: 4 << 30,
+            job_memory_bytes: Some(1 << 30),
+            shutting_down: false,
+        };
+        assert_eq!(capacity_short(&c, 1, None), None);
+        assert_eq!(capacity_short(&c, 2, Some(4 << 30)), None);
+        assert!(
+            capacity_short(&c, 3, None)
+                .unwrap()
+                .contains("room for 2 jobs")
+        );
+        // 0 asked still means "one more".
+        let full = crate::jobs::Capacity {
+            free: 0,
+            ..c.clone()
+        };
+        assert!(capacity_short(&full, 0, None).is_some());
+        assert!(
+            capacity_short(&c, 1, Some(5 << 30))
+                .unwrap()
+                .contains("4096 MiB available")
+        );
+        let closing = crate::jobs::Capacity {
+            shutting_down: true,
+            ..c
+        };
+        assert!(
+            capacity_short(&closing, 1, None)
+                .unwrap()
+                .contains("shutting down")
+        );
     }
 
     #[test]

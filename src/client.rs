@@ -93,6 +93,11 @@ impl AgentClient {
         self.get_json("pool").await
     }
 
+    /// Whether the agent takes another job (`GET /berth/v1/capacity`).
+    pub async fn capacity(&self) -> Result<crate::jobs::Capacity, ClientError> {
+        self.get_json("capacity").await
+    }
+
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let r = self
             .send(self.http.get(format!("{}/{path}", self.base)))

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1290,4 +1290,64 @@ fn a_strict_policy_denies_what_reaches_past_the_container_and_the_cli_says_why()
         sample(&m, "berth_denials_total", &[("rule", "body-too-large")]),
         Some(1.0)
     );
+}
+
+#[test]
+fn capacity_says_whether_the_agent_takes_another_job() {
+    if !prerequisites() {
+        return;
+    }
+    let mut cfg = engine_config(39, "fd-capacity");
+    cfg.uid_ranges = 2;
+    let engine = std::sync::Arc::new(berth::sandbox::Engine::new(cfg).unwrap());
+    let fd = FrontDoor::start_engine(engine, "fd-capacity", |_| {});
+    let capacity = |endpoint: &str, args: &[&str]| {
+        Command::new(berth_bin())
+            .arg("capacity")
+            .args(args)
+            .args(["--endpoint", endpoint])
+            .arg("--certs-dir")
+            .arg(&fd.certs)
+            .output()
+            .unwrap()
+    };
+    let asked = |args: &[&str]| capacity(&fd.endpoint(), args);
+    let json = |o: &Output| -> serde_json::Value {
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", out(o)))
+    };
+
+    let o = asked(&["--json", "--min-free", "2"]);
+    assert_eq!(o.status.code(), Some(0), "{} {}", out(&o), err(&o));
+    let v = json(&o);
+    assert_eq!(
+        (&v["free"], &v["free_ranges"], &v["uid_ranges"], &v["jobs"]),
+        (&2.into(), &2.into(), &2.into(), &0.into()),
+        "{v}"
+    );
+    assert_eq!(v["accepting"], true, "{v}");
+    assert!(v["memory_available_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(asked(&["--min-free", "3"]).status.code(), Some(1));
+    let o = asked(&["--min-memory-bytes", &u64::MAX.to_string()]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("MiB asked"), "{}", out(&o));
+
+    let a = fd.create_job(&[]);
+    let _b = fd.create_job(&[]);
+    let o = asked(&["--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let v = json(&o);
+    assert_eq!((&v["free"], &v["jobs"]), (&0.into(), &2.into()), "{v}");
+    assert_eq!(v["accepting"], false, "{v}");
+    assert!(out(&asked(&[])).starts_with("full"));
+
+    let rm = fd.job_cli(&["rm", &a.id]);
+    assert!(rm.status.success(), "{}", err(&rm));
+    let o = asked(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(out(&o).starts_with("accepting: 1 free"), "{}", out(&o));
+
+    // An agent that cannot be asked is neither ready nor full.
+    let o = capacity("127.0.0.1:9", &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", err(&o));
+    assert!(err(&o).contains("127.0.0.1:9"), "{}", err(&o));
 }

@@ -2,6 +2,7 @@
 //! `POST /berth/v1/jobs`, `GET /berth/v1/jobs`, `GET|DELETE /berth/v1/jobs/{id}`,
 //! `GET /berth/v1/jobs/{id}/audit` (its requests, as JSON lines, kept after
 //! it ends), `GET /berth/v1/pool` (the warm pool, and why it is short),
+//! `GET /berth/v1/capacity` (whether it takes another job),
 //! `GET /berth/v1/metrics` (Prometheus text).
 
 use std::convert::Infallible;
@@ -135,6 +136,15 @@ async fn handle(
             None => error_response(
                 StatusCode::NOT_FOUND,
                 &format!("berth: no audit records for job {id} (unknown, or past the retention)"),
+            ),
+        };
+    }
+    if path == "/berth/v1/capacity" {
+        return match method {
+            Method::GET => json_response(StatusCode::OK, &jobs.capacity()),
+            _ => error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "berth: method not allowed on this path",
             ),
         };
     }

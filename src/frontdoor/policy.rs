@@ -54,6 +54,7 @@ pub fn decide_admin(_method: &Method, path: &str) -> Decision {
     if path == "/berth/v1/jobs"
         || path.starts_with("/berth/v1/jobs/")
         || path == "/berth/v1/pool"
+        || path == "/berth/v1/capacity"
         || path == "/berth/v1/metrics"
     {
         return allow();

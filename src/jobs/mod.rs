@@ -4,8 +4,11 @@
 //! ([`pool`]) and the background upkeep ([`janitor`]) have files of their
 //! own.
 
+mod capacity;
 mod janitor;
 mod pool;
+
+pub use capacity::Capacity;
 
 use pool::PoolHealth;
 pub use pool::PoolView;
