@@ -73,6 +73,15 @@ fn is_zero16(v: &u16) -> bool {
     *v == 0
 }
 
+/// The stream of token exchanges, granted and refused (a refused token
+/// has no job): `STATE/audit/tokens.jsonl`.
+pub const TOKENS: &str = "tokens";
+
+/// A name that has an audit file: a job id, or [`TOKENS`].
+fn stream(name: &str) -> bool {
+    crate::pki::valid_job_id(name) || name == TOKENS
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -187,7 +196,7 @@ impl Audit {
 
     /// Queues `rec` for its job's file.
     pub fn record(&self, rec: Record) {
-        if !crate::pki::valid_job_id(&rec.job) {
+        if !stream(&rec.job) {
             return;
         }
         if !self.push(Op::Write(Box::new(rec)), false) {
@@ -210,7 +219,7 @@ impl Audit {
 
     /// The job's records as written (JSON lines), if it has any.
     pub fn read(&self, job: &str) -> Option<Vec<u8>> {
-        if !crate::pki::valid_job_id(job) {
+        if !stream(job) {
             return None;
         }
         self.flush();

@@ -16,7 +16,7 @@ use crate::sandbox::{Engine, Limits, SandboxConfig, SandboxError, Status};
 pub struct Cli {
     /// How log lines are written to stderr: `text` for people, `json` (one
     /// object per line, with the job and client of its span) for log
-    /// collectors. BERTH_LOG filters them (`info`, `berth::proxy=debug`).
+    /// collectors. BERTH_LOG filters them (`info`, `berth::frontdoor::proxy=debug`).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BERTH_LOG_FORMAT")]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -124,9 +124,19 @@ pub enum JobCmd {
     Create {
         #[command(flatten)]
         agent: AgentArgs,
-        /// Lifetime: seconds or 90s, 30m, 2h (the agent's default otherwise).
+        /// Lifetime: 90s, 30m, 2h (the agent's default otherwise).
         #[arg(long)]
         ttl: Option<String>,
+        /// Ask with a CI platform's OIDC token (a file; `-`: stdin) at the
+        /// agent's token listener instead of with the admin bundle.
+        #[arg(long, conflicts_with_all = ["labels", "memory_bytes", "disk_bytes"])]
+        token: Option<PathBuf>,
+        /// With --token: the token listener, HOST:PORT (the endpoint's host, port 2377).
+        #[arg(long, requires = "token")]
+        token_endpoint: Option<String>,
+        /// With --token: the agent's CA certificate (default <certs-dir>/ca.pem).
+        #[arg(long, requires = "token")]
+        ca: Option<PathBuf>,
         /// Directory for ca.pem, cert.pem, key.pem (default ./berth-job-<id>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -277,6 +287,8 @@ struct FileConfig {
     cache: crate::sandbox::cache::CacheConfig,
     #[serde(default)]
     policy: crate::frontdoor::policy::Policy,
+    #[serde(default)]
+    token: crate::oidc::TokenConfig,
 }
 
 pub fn load_config(args: &EngineArgs) -> Result<SandboxConfig, CliError> {
@@ -317,6 +329,7 @@ fn load_file_unvalidated(args: &EngineArgs) -> Result<FileConfig, CliError> {
     cfg.sandbox.registries = cfg.registries.clone();
     cfg.sandbox.cache = cfg.cache.clone();
     cfg.serve.policy = cfg.policy.clone();
+    cfg.serve.token = cfg.token.clone();
     Ok(cfg)
 }
 
@@ -549,32 +562,33 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
             labels,
             memory_bytes,
             disk_bytes,
+            token,
+            token_endpoint,
+            ca,
         } => {
-            let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
             let mut spec = serde_json::Map::new();
             if let Some(t) = ttl {
                 let d = crate::duration::parse(&t, "--ttl").map_err(CliError::Usage)?;
                 spec.insert("ttl".into(), crate::duration::format(d).into());
             }
-            let mut l = serde_json::Map::new();
-            for kv in labels {
-                let (k, v) = kv.split_once('=').ok_or_else(|| {
-                    CliError::Usage(format!("--label {kv:?}: expected KEY=VALUE"))
-                })?;
-                l.insert(k.into(), v.into());
-            }
-            spec.insert("labels".into(), l.into());
-            let mut limits = serde_json::Map::new();
-            if let Some(m) = memory_bytes {
-                limits.insert("memory_bytes".into(), m.into());
-            }
-            if let Some(d) = disk_bytes {
-                limits.insert("disk_bytes".into(), d.into());
-            }
-            if !limits.is_empty() {
-                spec.insert("limits".into(), limits.into());
-            }
-            let created = client.create(&spec.into()).await?;
+            let created = match token {
+                Some(file) => {
+                    let jwt = match file.to_str() {
+                        Some("-") => std::io::read_to_string(std::io::stdin()),
+                        _ => std::fs::read_to_string(&file),
+                    }
+                    .map_err(|e| CliError::Usage(format!("--token {}: {e}", file.display())))?;
+                    spec.insert("token".into(), jwt.trim().into());
+                    let host = agent
+                        .endpoint
+                        .rsplit_once(':')
+                        .map_or(agent.endpoint.as_str(), |(h, _)| h);
+                    let at = token_endpoint.unwrap_or_else(|| format!("{host}:2377"));
+                    let ca = ca.unwrap_or_else(|| agent.certs_dir.join("ca.pem"));
+                    crate::client::exchange(&at, &ca, &spec.into()).await?
+                }
+                None => create_with_admin(&agent, spec, labels, memory_bytes, disk_bytes).await?,
+            };
             let dir = out.unwrap_or_else(|| PathBuf::from(format!("berth-job-{}", created.id)));
             crate::pki::Bundle {
                 ca_pem: created.ca.clone(),
@@ -696,6 +710,36 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// `POST /berth/v1/jobs` with the admin bundle.
+async fn create_with_admin(
+    agent: &AgentArgs,
+    mut spec: serde_json::Map<String, serde_json::Value>,
+    labels: Vec<String>,
+    memory_bytes: Option<u64>,
+    disk_bytes: Option<u64>,
+) -> Result<crate::frontdoor::api::Created, CliError> {
+    let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
+    let mut l = serde_json::Map::new();
+    for kv in labels {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| CliError::Usage(format!("--label {kv:?}: expected KEY=VALUE")))?;
+        l.insert(k.into(), v.into());
+    }
+    spec.insert("labels".into(), l.into());
+    let mut limits = serde_json::Map::new();
+    if let Some(m) = memory_bytes {
+        limits.insert("memory_bytes".into(), m.into());
+    }
+    if let Some(d) = disk_bytes {
+        limits.insert("disk_bytes".into(), d.into());
+    }
+    if !limits.is_empty() {
+        spec.insert("limits".into(), limits.into());
+    }
+    Ok(client.create(&spec.into()).await?)
 }
 
 /// Why an agent's capacity falls short of what was asked, if it does.

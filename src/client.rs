@@ -14,6 +14,11 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read the agent's CA certificate {path}: {source} (pass --ca)")]
+    Ca {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bad admin bundle: {0}")]
     BadBundle(reqwest::Error),
     #[error("cannot reach the agent at {endpoint}: {source}")]
@@ -124,4 +129,35 @@ impl AgentClient {
             .await?;
         Ok(())
     }
+}
+
+/// The token exchange (`POST /berth/v1/token`): no client certificate, the
+/// server checked against the agent's CA (`ca`, a PEM file).
+pub async fn exchange(
+    endpoint: &str,
+    ca: &Path,
+    request: &serde_json::Value,
+) -> Result<Created, ClientError> {
+    let pem = std::fs::read(ca).map_err(|source| ClientError::Ca {
+        path: ca.to_path_buf(),
+        source,
+    })?;
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).map_err(ClientError::BadBundle)?)
+        .build()
+        .map_err(ClientError::BadBundle)?;
+    let c = AgentClient {
+        http,
+        base: format!("https://{endpoint}/berth/v1"),
+        endpoint: endpoint.to_string(),
+    };
+    let r = c
+        .send(c.http.post(format!("{}/token", c.base)).json(request))
+        .await?;
+    r.json().await.map_err(|source| ClientError::Connect {
+        endpoint: c.endpoint.clone(),
+        source,
+    })
 }

@@ -12,6 +12,7 @@ pub mod frontdoor;
 pub mod jobs;
 pub mod locks;
 pub mod metrics;
+pub mod oidc;
 pub mod pipeline;
 pub mod pki;
 pub mod runner;

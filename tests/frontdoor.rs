@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -1350,4 +1350,285 @@ fn capacity_says_whether_the_agent_takes_another_job() {
     let o = capacity("127.0.0.1:9", &[]);
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
     assert!(err(&o).contains("127.0.0.1:9"), "{}", err(&o));
+}
+
+/// A signing key made for the test, its JWK public half published in the
+/// issuer's JWKS file.
+struct TestKey {
+    alg: jsonwebtoken::Algorithm,
+    kid: &'static str,
+    key: jsonwebtoken::EncodingKey,
+    public_pem: Vec<u8>,
+}
+
+fn test_key(dir: &Path, alg: jsonwebtoken::Algorithm, kid: &'static str) -> TestKey {
+    let (file, args): (_, &[&str]) = match alg {
+        jsonwebtoken::Algorithm::RS256 => (
+            "rsa.pem",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        ),
+        _ => (
+            "ec.pem",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        ),
+    };
+    let path = dir.join(file);
+    let o = Command::new("openssl")
+        .arg("genpkey")
+        .args(args)
+        .arg("-out")
+        .arg(&path)
+        .output()
+        .expect("openssl (the test's key maker) is missing: apt-get install openssl");
+    assert!(o.status.success(), "{}", err(&o));
+    let pem = std::fs::read(&path).unwrap();
+    let public_pem = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&path)
+        .output()
+        .unwrap()
+        .stdout;
+    let key = match alg {
+        jsonwebtoken::Algorithm::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
+        _ => jsonwebtoken::EncodingKey::from_ec_pem(&pem),
+    }
+    .unwrap();
+    TestKey {
+        alg,
+        kid,
+        key,
+        public_pem,
+    }
+}
+
+fn jwk(k: &TestKey) -> serde_json::Value {
+    let mut j = jsonwebtoken::jwk::Jwk::from_encoding_key(&k.key, k.alg).unwrap();
+    j.common.key_id = Some(k.kid.into());
+    serde_json::to_value(j).unwrap()
+}
+
+fn mint(k: &TestKey, claims: &serde_json::Value) -> String {
+    let mut h = jsonwebtoken::Header::new(k.alg);
+    h.kid = Some(k.kid.into());
+    jsonwebtoken::encode(&h, claims, &k.key).unwrap()
+}
+
+#[test]
+fn the_token_exchange_grants_jobs_to_verified_workload_identities_only() {
+    if !prerequisites() {
+        return;
+    }
+    const ISS: &str = "https://ci.example.test";
+    let keys_dir = PathBuf::from("/var/lib/bt/fd-token-keys");
+    let _ = std::fs::remove_dir_all(&keys_dir);
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    let rsa = test_key(&keys_dir, jsonwebtoken::Algorithm::RS256, "rsa-1");
+    let ec = test_key(&keys_dir, jsonwebtoken::Algorithm::ES256, "ec-1");
+    let jwks = keys_dir.join("jwks.json");
+    std::fs::write(
+        &jwks,
+        serde_json::json!({ "keys": [jwk(&rsa), jwk(&ec)] }).to_string(),
+    )
+    .unwrap();
+    let token_cfg: berth::oidc::TokenConfig = toml::from_str(&format!(
+        r#"
+enabled = true
+listen = "127.0.0.1:0"
+[[issuers]]
+issuer = "{ISS}"
+jwks_file = {jwks:?}
+[[rules]]
+name = "acme-main"
+issuer = "{ISS}"
+claims = {{ repository = "acme/*", ref = "refs/heads/main" }}
+labels = ["repository", "run_id"]
+max_ttl = "1h"
+"#
+    ))
+    .unwrap();
+    let fd = FrontDoor::start_with(43, "fd-token", |c| c.token = token_cfg);
+    let at = fd.token.expect("the token listener is up").to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let jti = std::sync::atomic::AtomicU32::new(0);
+    let claims = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = serde_json::json!({
+            "iss": ISS, "aud": "berth", "sub": "repo:acme/app:ref:refs/heads/main",
+            "repository": "acme/app", "ref": "refs/heads/main", "run_id": 4711,
+            "iat": now, "exp": now + 600,
+            "jti": format!("jti-{}", jti.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+        });
+        f(&mut c);
+        c
+    };
+    let n = std::sync::atomic::AtomicU32::new(0);
+    let exchange = |jwt: &str, extra: &[&str]| {
+        let f = keys_dir.join(format!(
+            "t{}",
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::write(&f, jwt).unwrap();
+        Command::new(berth_bin())
+            .args(["job", "create", "--json", "--endpoint", &fd.endpoint()])
+            .args(["--token-endpoint", &at])
+            .arg("--token")
+            .arg(&f)
+            .arg("--ca")
+            .arg(fd.certs.join("ca/cert.pem"))
+            .arg("--out")
+            .arg(f.with_extension("job"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = |jwt: &str, status: &str, says: &str| {
+        let o = exchange(jwt, &[]);
+        assert!(!o.status.success(), "a bad token got a job: {}", out(&o));
+        let e = err(&o);
+        assert!(
+            e.contains(status) && e.contains(says),
+            "want {status} {says:?}: {e}"
+        );
+    };
+
+    // A good RS256 token: a job whose certificate opens its daemon, labelled
+    // from the token's claims.
+    let good = mint(&rsa, &claims(&|_| {}));
+    let o = exchange(&good, &[]);
+    assert!(o.status.success(), "{}", err(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let job = TlsJob::from_create_json(&v, PathBuf::from(v["cert_path"].as_str().unwrap()));
+    assert!(
+        job.endpoint.ends_with(&format!(":{}", fd.port)),
+        "{}",
+        job.endpoint
+    );
+    docker_tls_ok(&job, &["version"]);
+    let ls = out(&fd.job_cli(&["ls", "--json"]));
+    let listed: serde_json::Value = serde_json::from_str(&ls).unwrap();
+    let mine = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == job.id.as_str())
+        .unwrap_or_else(|| panic!("{ls}"));
+    assert_eq!(mine["labels"]["oidc.repository"], "acme/app", "{mine}");
+    assert_eq!(mine["labels"]["oidc.run_id"], "4711", "{mine}");
+    assert_eq!(mine["labels"]["berth.rule"], "acme-main", "{mine}");
+    // ES256 works too, and a job longer than the rule grants is refused.
+    let o = exchange(&mint(&ec, &claims(&|_| {})), &["--ttl", "30m"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let o = exchange(&mint(&ec, &claims(&|_| {})), &["--ttl", "2h"]);
+    assert!(
+        err(&o).contains("400") && err(&o).contains("acme-main"),
+        "{}",
+        err(&o)
+    );
+
+    // Every bad token: refused with a clear 401/403.
+    refused(&good, "401", "used before");
+    refused(
+        &mint(&rsa, &claims(&|c| c["exp"] = (now - 3600).into())),
+        "401",
+        "expired",
+    );
+    refused(
+        &mint(&rsa, &claims(&|c| c["aud"] = "other".into())),
+        "401",
+        "audience",
+    );
+    refused(
+        &mint(&rsa, &claims(&|c| c["iss"] = "https://evil.test".into())),
+        "401",
+        "issuer",
+    );
+    refused(
+        &mint(&rsa, &claims(&|c| c["repository"] = "evil/app".into())),
+        "403",
+        "no rule",
+    );
+    refused(
+        &mint(&rsa, &claims(&|c| c["ref"] = "refs/heads/dev".into())),
+        "403",
+        "no rule",
+    );
+    // Unsigned: {"alg":"none","typ":"JWT"} over good claims, no signature.
+    let body = mint(&rsa, &claims(&|_| {}));
+    let payload = body.split('.').nth(1).unwrap();
+    refused(
+        &format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}."),
+        "401",
+        "not a JWT",
+    );
+    // Key confusion: HS256 "signed" with the issuer's public RSA key.
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    h.kid = Some("rsa-1".into());
+    let confused = jsonwebtoken::encode(
+        &h,
+        &claims(&|_| {}),
+        &jsonwebtoken::EncodingKey::from_secret(&rsa.public_pem),
+    )
+    .unwrap();
+    refused(&confused, "401", "HS256");
+    // Another payload under a good signature.
+    let signed = mint(&rsa, &claims(&|_| {}));
+    let other = mint(&rsa, &claims(&|c| c["repository"] = "acme/other".into()));
+    let parts: Vec<&str> = signed.split('.').collect();
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        other.split('.').nth(1).unwrap(),
+        parts[2]
+    );
+    refused(&forged, "401", "signature");
+    // A key the issuer never published.
+    let elsewhere = keys_dir.join("stranger");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let stranger = test_key(&elsewhere, jsonwebtoken::Algorithm::ES256, "ec-9");
+    refused(&mint(&stranger, &claims(&|_| {})), "401", "no key");
+
+    // Every exchange is in the audit, with its rule.
+    let audit = out(&fd.job_cli(&["audit", "tokens", "--json"]));
+    for rule in [
+        "acme-main",
+        "token-replayed",
+        "token-expired",
+        "token-audience",
+        "token-issuer",
+        "token-no-rule",
+        "token-malformed",
+        "token-algorithm",
+        "token-signature",
+        "token-key",
+    ] {
+        assert!(
+            audit.contains(&format!("\"rule\":\"{rule}\"")),
+            "{rule}: {audit}"
+        );
+    }
+    // The job's own audit names the token's rule and subject.
+    let own = out(&fd.job_cli(&["audit", &job.id, "--json"]));
+    assert!(own.contains("rule=acme-main sub=repo:acme/app"), "{own}");
+    // The token listener serves nothing else.
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(fd.certs.join("ca/cert.pem")).unwrap())
+        .unwrap();
+    let status = rt().block_on(async {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap()
+            .post(format!(
+                "https://localhost:{}/berth/v1/jobs",
+                fd.token.unwrap().port()
+            ))
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 404);
 }

@@ -256,13 +256,7 @@ async fn create(
             "berth: POST /berth/v1/jobs takes Content-Type: application/json",
         );
     }
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(|h| h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h).to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| local.ip().to_string());
+    let host = endpoint_host(&req, local);
     let body = match read_body(req.into_body(), MAX_BODY, body_idle).await {
         Ok(b) => b,
         Err(r) => {
@@ -288,35 +282,65 @@ async fn create(
                 "created",
                 201,
             ));
-            let host = if host.contains(':') && !host.starts_with('[') {
-                format!("[{host}]")
-            } else {
-                host
-            };
-            json_response(
-                StatusCode::CREATED,
-                &Created {
-                    id: view.id,
-                    endpoint: format!("tcp://{host}:{}", local.port()),
-                    address: view.address,
-                    ports: view.ports,
-                    expires_at: view.expires_at,
-                    ca: bundle.ca_pem,
-                    cert: bundle.cert_pem,
-                    key: bundle.key_pem,
-                },
-            )
+            created(view, bundle, &host, local.port())
         }
-        Err(e @ (JobError::TtlTooLong { .. } | JobError::TtlTooShort)) => {
+        Err(e) => create_failed(&e),
+    }
+}
+
+/// The host a client reached the agent by (its `Host`, without the port),
+/// for the endpoint it is given back.
+pub(super) fn endpoint_host<B>(req: &Request<B>, local: SocketAddr) -> String {
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(|h| h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h).to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| local.ip().to_string());
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host
+    }
+}
+
+/// `201` with a new job's bundle: what `POST /berth/v1/jobs` and the token
+/// exchange answer.
+pub(super) fn created(
+    view: JobView,
+    bundle: crate::pki::Bundle,
+    host: &str,
+    port: u16,
+) -> Response<Own> {
+    json_response(
+        StatusCode::CREATED,
+        &Created {
+            id: view.id,
+            endpoint: format!("tcp://{host}:{port}"),
+            address: view.address,
+            ports: view.ports,
+            expires_at: view.expires_at,
+            ca: bundle.ca_pem,
+            cert: bundle.cert_pem,
+            key: bundle.key_pem,
+        },
+    )
+}
+
+/// Why a job was not made: the client's fault a 400, no room a 503.
+pub(super) fn create_failed(e: &JobError) -> Response<Own> {
+    match e {
+        JobError::TtlTooLong { .. } | JobError::TtlTooShort => {
             error_response(StatusCode::BAD_REQUEST, &format!("berth: {e}"))
         }
-        Err(JobError::Sandbox(crate::sandbox::SandboxError::Config(e))) => {
+        JobError::Sandbox(crate::sandbox::SandboxError::Config(e)) => {
             error_response(StatusCode::BAD_REQUEST, &format!("berth: {e}"))
         }
-        Err(JobError::Sandbox(e @ crate::sandbox::SandboxError::Slot(_))) => {
+        JobError::Sandbox(e @ crate::sandbox::SandboxError::Slot(_)) => {
             error_response(StatusCode::SERVICE_UNAVAILABLE, &format!("berth: {e}"))
         }
-        Err(e) => {
+        e => {
             tracing::error!(error = %e, "job creation failed");
             error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("berth: {e}"))
         }

@@ -50,6 +50,9 @@ pub struct ServeConfig {
     /// `[policy]` of the configuration file (a section of its own).
     #[serde(skip)]
     pub policy: Policy,
+    /// `[token]` of the configuration file: the token exchange.
+    #[serde(skip)]
+    pub token: crate::oidc::TokenConfig,
 }
 
 impl Default for ServeConfig {
@@ -69,6 +72,7 @@ impl Default for ServeConfig {
             audit_retention: Duration::from_secs(7 * 24 * 3600),
             audit_max_bytes: 16 << 20,
             policy: Default::default(),
+            token: Default::default(),
         }
     }
 }
@@ -127,6 +131,18 @@ impl ServeConfig {
         }
         if let Err((key, why)) = self.policy.validate() {
             return Err(ServeError::Config { key, why });
+        }
+        if let Err((key, why)) = self.token.validate() {
+            return Err(ServeError::Config { key, why });
+        }
+        if self.token.enabled
+            && self.token.listen.port() != 0
+            && self.token.listen.port() == self.listen.port()
+        {
+            return bad(
+                "token.listen",
+                "must be a port of its own: the front door's port takes client certificates only",
+            );
         }
         if self.audit_max_bytes < 4096 {
             return bad("audit_max_bytes", "must be at least 4096");

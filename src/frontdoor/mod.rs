@@ -13,6 +13,8 @@
 //! 5. [`proxy`]: the request to the job's dockerd socket and its answer back,
 //!    streamed, hijacks included.
 //!
+//! [`token`] is a listener of its own: an OIDC token in, a job bundle out.
+//!
 //! [`config`] holds the settings, checked with the PKI ([`tls::Tls::prepare`])
 //! before anything on the host changes; [`http`] holds what the job API and
 //! the proxy share.
@@ -27,6 +29,7 @@ pub mod refusals;
 pub mod router;
 pub mod server;
 pub mod tls;
+pub mod token;
 pub mod workers;
 
 pub use activation::inherited_listener;

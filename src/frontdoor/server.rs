@@ -21,9 +21,9 @@ use super::policy::Policy;
 use super::refusals::{Reason, Refusals};
 use super::router::{self, Reach};
 use super::tls::{self, Tls};
+use super::token::TokenDoor;
 use super::workers::Workers;
 use crate::jobs::Jobs;
-use crate::pki::Ca;
 use crate::sandbox::Engine;
 
 /// A bound, ready front door.
@@ -35,6 +35,20 @@ pub struct Server {
     workers: Workers,
     cfg: ServeConfig,
     admin_dir: PathBuf,
+    /// The token exchange's own listener, when `[token]` enables it.
+    token: Option<TokenDoor>,
+}
+
+fn bind_error(addr: SocketAddr, source: std::io::Error, flag: &'static str) -> ServeError {
+    ServeError::Bind {
+        addr,
+        hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+            flag
+        } else {
+            ""
+        },
+        source,
+    }
 }
 
 impl Server {
@@ -45,19 +59,14 @@ impl Server {
         tls: Tls,
         engine: Arc<Engine>,
     ) -> Result<Server, ServeError> {
-        let Tls { acceptor, ca } = tls;
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: cfg.listen,
-                hint: if source.kind() == std::io::ErrorKind::AddrInUse {
-                    " (another process listens there; pick another --listen)"
-                } else {
-                    ""
-                },
-                source,
-            })?;
-        Server::assemble(cfg, engine, listener, acceptor, ca)
+        let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
+            bind_error(
+                cfg.listen,
+                e,
+                " (another process listens there; pick another --listen)",
+            )
+        })?;
+        Server::assemble(cfg, engine, listener, tls).await
     }
 
     /// Same as [`Server::bind`] on a listener that is already bound (socket
@@ -68,7 +77,6 @@ impl Server {
         engine: Arc<Engine>,
         listener: std::net::TcpListener,
     ) -> Result<Server, ServeError> {
-        let Tls { acceptor, ca } = tls;
         let addr = cfg.listen;
         let bind_err = |source| ServeError::Bind {
             addr,
@@ -78,16 +86,31 @@ impl Server {
         cfg.listen = listener.local_addr().map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         let listener = TcpListener::from_std(listener).map_err(bind_err)?;
-        Server::assemble(cfg, engine, listener, acceptor, ca)
+        Server::assemble(cfg, engine, listener, tls).await
     }
 
-    fn assemble(
+    async fn assemble(
         cfg: ServeConfig,
         engine: Arc<Engine>,
         listener: TcpListener,
-        acceptor: TlsAcceptor,
-        ca: Ca,
+        tls: Tls,
     ) -> Result<Server, ServeError> {
+        let Tls {
+            acceptor,
+            ca,
+            token,
+            verifier,
+        } = tls;
+        let token_listener = match token {
+            Some(_) => Some(TcpListener::bind(cfg.token.listen).await.map_err(|e| {
+                bind_error(
+                    cfg.token.listen,
+                    e,
+                    " (another process listens there; pick another token.listen)",
+                )
+            })?),
+            None => None,
+        };
         let workers = Workers::start(cfg.workers).map_err(ServeError::Workers)?;
         let audit = crate::audit::Audit::new(
             &engine.config().state_dir.join("audit"),
@@ -106,7 +129,25 @@ impl Server {
             cfg.warm_pool,
             audit,
         );
+        let limits = http_limits(&cfg);
+        let front_port = listener
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or(cfg.listen.port());
+        let token = match (token_listener, token, verifier) {
+            (Some(l), Some(a), Some(v)) => Some(TokenDoor::new(
+                l,
+                a,
+                v,
+                jobs.clone(),
+                front_port,
+                cfg.handshake_timeout,
+                limits,
+            )),
+            _ => None,
+        };
         Ok(Server {
+            token,
             listener,
             acceptor,
             jobs,
@@ -115,6 +156,11 @@ impl Server {
             admin_dir: cfg.certs_dir.join("admin"),
             cfg,
         })
+    }
+
+    /// The token listener's address, when it is enabled.
+    pub fn token_addr(&self) -> Option<SocketAddr> {
+        self.token.as_ref().and_then(TokenDoor::local_addr)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -132,11 +178,7 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting, drains open
     /// connections for a bounded time and tears down every job.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let limits = HttpLimits {
-            header_timeout: self.cfg.header_timeout,
-            body_idle: self.cfg.body_idle_timeout,
-            ..HttpLimits::default()
-        };
+        let limits = http_limits(&self.cfg);
         let handshake = self.cfg.handshake_timeout;
         let local = self.local_addr();
         tracing::info!(
@@ -151,6 +193,13 @@ impl Server {
         self.jobs.recover_in_background();
         let mut conns = JoinSet::new();
         let stop = tokio_util::sync::CancellationToken::new();
+        let token = match self.token {
+            Some(t) => {
+                tracing::info!(listen = ?t.local_addr(), "token exchange serving (TLS, server authentication)");
+                Some(tokio::spawn(t.run(stop.clone())))
+            }
+            None => None,
+        };
         let door = Arc::new(Door {
             acceptor: self.acceptor.clone(),
             handshake,
@@ -215,8 +264,19 @@ impl Server {
             tracing::warn!(open = conns.len(), "drain timed out: closing the rest");
             conns.abort_all();
         }
+        if let Some(t) = token {
+            let _ = t.await;
+        }
         self.jobs.shutdown().await;
         tracing::info!("berth stopped");
+    }
+}
+
+fn http_limits(cfg: &ServeConfig) -> HttpLimits {
+    HttpLimits {
+        header_timeout: cfg.header_timeout,
+        body_idle: cfg.body_idle_timeout,
+        ..HttpLimits::default()
     }
 }
 

@@ -24,7 +24,13 @@ fn provider() -> rustls::crypto::CryptoProvider {
     p
 }
 
-fn tls_config(ca: &Ca, server: &Bundle) -> Result<rustls::ServerConfig, ServeError> {
+/// The server's TLS; `client_auth`: a certificate from the agent's CA is
+/// required (the front door), else none is asked (the token listener).
+fn tls_config(
+    ca: &Ca,
+    server: &Bundle,
+    client_auth: bool,
+) -> Result<rustls::ServerConfig, ServeError> {
     let provider = Arc::new(provider());
     let pem_certs = |pem: &str| -> Result<Vec<CertificateDer<'static>>, ServeError> {
         CertificateDer::pem_slice_iter(pem.as_bytes())
@@ -35,9 +41,12 @@ fn tls_config(ca: &Ca, server: &Bundle) -> Result<rustls::ServerConfig, ServeErr
     for c in pem_certs(ca.cert_pem())? {
         roots.add(c).map_err(|e| ServeError::Tls(e.to_string()))?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let verifier = match client_auth {
+        true => WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| ServeError::Tls(e.to_string()))?,
+        false => WebPkiClientVerifier::no_client_auth(),
+    };
     let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes())
         .map_err(|e| ServeError::Tls(format!("the server key: {e}")))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -60,6 +69,10 @@ fn tls_config(ca: &Ca, server: &Bundle) -> Result<rustls::ServerConfig, ServeErr
 pub struct Tls {
     pub(super) acceptor: TlsAcceptor,
     pub(super) ca: Ca,
+    /// The token listener's: the same server certificate, no client
+    /// certificate asked.
+    pub(super) token: Option<TlsAcceptor>,
+    pub(super) verifier: Option<crate::oidc::Verifier>,
 }
 
 impl Tls {
@@ -68,8 +81,28 @@ impl Tls {
         let ca = Ca::load_or_create(&cfg.certs_dir)?;
         let server = ca.ensure_server(&cfg.certs_dir, &host_names(&cfg.san))?;
         ca.ensure_admin(&cfg.certs_dir)?;
-        let acceptor = TlsAcceptor::from(Arc::new(tls_config(&ca, &server)?));
-        Ok(Tls { acceptor, ca })
+        let acceptor = TlsAcceptor::from(Arc::new(tls_config(&ca, &server, true)?));
+        let (token, verifier) = match cfg.token.enabled {
+            true => (
+                Some(TlsAcceptor::from(Arc::new(tls_config(
+                    &ca, &server, false,
+                )?))),
+                // Key files are read now: a bad one stops the start here.
+                Some(
+                    crate::oidc::Verifier::new(&cfg.token).map_err(|e| ServeError::Config {
+                        key: "token.issuers",
+                        why: e.to_string(),
+                    })?,
+                ),
+            ),
+            false => (None, None),
+        };
+        Ok(Tls {
+            acceptor,
+            ca,
+            token,
+            verifier,
+        })
     }
 }
 

@@ -510,6 +510,8 @@ pub struct FrontDoor {
     /// The address it listens on (127.0.0.1 unless a test chose another).
     pub ip: std::net::IpAddr,
     pub certs: PathBuf,
+    /// The token exchange's listener, when the configuration enables it.
+    pub token: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -563,7 +565,9 @@ impl FrontDoor {
                 let server = berth::frontdoor::Server::bind(cfg, tls, engine)
                     .await
                     .expect("bind");
-                port_tx.send(server.local_addr()).unwrap();
+                port_tx
+                    .send((server.local_addr(), server.token_addr()))
+                    .unwrap();
                 server
                     .run(async {
                         let _ = stop_rx.await;
@@ -571,13 +575,14 @@ impl FrontDoor {
                     .await;
             });
         });
-        let addr = port_rx
+        let (addr, token) = port_rx
             .recv_timeout(Duration::from_secs(300))
             .expect("server up");
         FrontDoor {
             port: addr.port(),
             ip: addr.ip(),
             certs,
+            token,
             stop: Some(stop),
             thread: Some(thread),
         }
