@@ -18,12 +18,12 @@ COPY tests ./tests
 RUN cargo build --release --locked --bin berth
 
 FROM debian:bookworm-slim
-# dockerd for every job, and what the sandbox needs: iptables and iproute2 for
-# the job's link, e2fsprogs and mount for each job's own disk, busybox-static
+# dockerd for every job, and what the sandbox needs: iptables for
+# the job's rules (its link is made over netlink), e2fsprogs and mount for each job's own disk, busybox-static
 # for base images without a registry, docker-registry for the optional
 # pull-through cache.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends docker.io iptables iproute2 e2fsprogs mount busybox-static ca-certificates tar docker-registry \
+ && apt-get install -y --no-install-recommends docker.io iptables e2fsprogs mount busybox-static ca-certificates tar docker-registry \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/berth /usr/local/bin/berth
 COPY pipelines /usr/share/berth/pipelines

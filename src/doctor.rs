@@ -144,16 +144,15 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
             "apt-get install docker.io (or set sandbox.dockerd)",
         ),
     });
-    for (prog, pkg) in [("ip", "iproute2"), ("iptables", "iptables")] {
-        out.push(match version_of(Path::new(prog), "-V") {
-            Some(v) => pass(if prog == "ip" { "ip" } else { "iptables" }, v),
-            None => fail(
-                if prog == "ip" { "ip" } else { "iptables" },
-                format!("`{prog}` not found"),
-                format!("apt-get install {pkg}"),
-            ),
-        });
-    }
+    // Links and addresses go through netlink; only the rules need a tool.
+    out.push(match version_of(Path::new("iptables"), "-V") {
+        Some(v) => pass("iptables", v),
+        None => fail(
+            "iptables",
+            "`iptables` not found",
+            "apt-get install iptables",
+        ),
+    });
 
     out.push(check_cgroups(sb));
 

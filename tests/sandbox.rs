@@ -767,6 +767,46 @@ fn teardown_leaves_nothing_behind() {
         ],
     );
     docker_ok(&s, &["run", "-d", "busybox:test", "sleep", "600"]);
+    // The link as the agent made it: the host end up with the first address
+    // of the job's /30 and the host's MTU; the job's end is eth0 in the
+    // job's namespace, with the second address, the same MTU and the
+    // default route through the host end.
+    let rec = sb.record();
+    let host_if = berth::sandbox::net::host_ifname(sb.id());
+    let init = rec.init_pid.expect("the job's init").to_string();
+    let ip = |netns: Option<&str>, args: &[&str]| {
+        let mut c = match netns {
+            Some(pid) => {
+                let mut c = Command::new("nsenter");
+                c.args(["-t", pid, "-n", "ip"]);
+                c
+            }
+            None => Command::new("ip"),
+        };
+        let out = c.args(args).output().unwrap();
+        assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let mtu = format!(" mtu {} ", e.mtu());
+    let host_end = ip(None, &["-o", "link", "show", "dev", &host_if]);
+    assert!(
+        host_end.contains(&mtu) && host_end.contains(",UP"),
+        "{host_end}"
+    );
+    let addr = ip(None, &["-o", "-4", "addr", "show", "dev", &host_if]);
+    assert!(
+        addr.contains(&format!("inet {}/30 ", rec.host_ip)),
+        "{addr}"
+    );
+    let eth0 = ip(Some(&init), &["-o", "link", "show", "dev", "eth0"]);
+    assert!(eth0.contains(&mtu) && eth0.contains(",UP"), "{eth0}");
+    let addr = ip(Some(&init), &["-o", "-4", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains(&format!("inet {}/30 ", rec.job_ip)), "{addr}");
+    let route = ip(Some(&init), &["-4", "route", "show", "default"]);
+    assert!(
+        route.contains(&format!("default via {} dev eth0", rec.host_ip)),
+        "{route}"
+    );
     let traces = Traces::capture(&e, &sb);
     assert!(
         traces.pids.len() >= 5,
@@ -803,6 +843,8 @@ fn teardown_leaves_nothing_behind() {
     let t = rt.block_on(e.teardown(sb.id())).unwrap();
     assert!(t.killed, "a running job is killed, not asked to stop");
     traces.assert_gone();
+    // The pair went with the job's namespace: deleting it again is no error.
+    berth::sandbox::net::delete_link(sb.id()).expect("deleting a link that is gone");
     assert_eq!(sb.status(), Status::Stopped);
     // A second teardown finds nothing to do and says so.
     assert!(matches!(

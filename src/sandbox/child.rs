@@ -5,7 +5,6 @@
 //! runtime: `unshare(CLONE_NEWUSER)` refuses multi-threaded callers. It talks
 //! to the agent through `protocol`.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::cgroup::Layout;
 use super::config::PortRange;
 use super::protocol::{FromHelper, HelperEnd};
+use super::rtnl::{LinkChange, Rtnl, RtnlError};
 use super::sys;
 
 pub const HIDDEN_SUBCOMMAND: &str = "__sandbox-stage1";
@@ -410,37 +410,7 @@ fn bind_resolv_conf(src: &Path) -> Result<(), String> {
 }
 
 fn setup_link(spec: &ChildSpec) -> Result<(), String> {
-    let script = format!(
-        "link set lo up\n\
-         link set {peer} name eth0\n\
-         addr add {ip}/30 dev eth0\n\
-         link set eth0 mtu {mtu} up\n\
-         route add default via {gw}\n",
-        peer = spec.peer_ifname,
-        ip = spec.job_ip,
-        mtu = spec.mtu,
-        gw = spec.host_ip
-    );
-    let mut child = Command::new("ip")
-        .env("PATH", PATH)
-        .args(["-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run ip (install iproute2): {e}"))?;
-    child
-        .stdin
-        .take()
-        .ok_or("ip: no stdin")?
-        .write_all(script.as_bytes())
-        .map_err(|e| format!("ip: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("ip: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "configuring the job's link failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+    configure_link(spec).map_err(|(step, e)| format!("configuring the job's link: {step}: {e}"))?;
     if let Some(p) = spec.ports {
         // dockerd takes the host ports it publishes (`-p 80`, `-P`) from
         // this range, which berth forwards to the job.
@@ -449,6 +419,48 @@ fn setup_link(spec: &ChildSpec) -> Result<(), String> {
             .map_err(|e| format!("set the job's port range in {f}: {e}"))?;
     }
     clamp_mss()
+}
+
+/// In the job's network namespace (this process's, so its netlink socket's):
+/// loopback up, the peer the agent moved in becomes `eth0` with the job's
+/// address and MTU, and the default route leaves through the host end. A
+/// failure names its step.
+fn configure_link(spec: &ChildSpec) -> Result<(), (String, RtnlError)> {
+    let step = |s: &str| {
+        let s = s.to_string();
+        move |e| (s, e)
+    };
+    let mut nl = Rtnl::open().map_err(step("open a netlink socket"))?;
+    let lo = nl.link_index("lo").map_err(step("look up lo"))?;
+    let up = LinkChange {
+        up: true,
+        ..Default::default()
+    };
+    nl.set_link(lo, up).map_err(step("bring up lo"))?;
+    let peer = &spec.peer_ifname;
+    let eth0 = nl
+        .link_index(peer)
+        .map_err(step(&format!("look up {peer}")))?;
+    nl.set_link(
+        eth0,
+        LinkChange {
+            name: Some("eth0"),
+            ..Default::default()
+        },
+    )
+    .map_err(step(&format!("rename {peer} to eth0")))?;
+    nl.add_address(eth0, spec.job_ip, 30, false)
+        .map_err(step(&format!("address eth0 as {}/30", spec.job_ip)))?;
+    nl.set_link(
+        eth0,
+        LinkChange {
+            mtu: Some(spec.mtu),
+            ..up
+        },
+    )
+    .map_err(step(&format!("bring up eth0 with MTU {}", spec.mtu)))?;
+    nl.add_default_route(spec.host_ip)
+        .map_err(step(&format!("add the default route via {}", spec.host_ip)))
 }
 
 /// Networks the job's dockerd makes have an MTU of their own (user-defined
@@ -485,4 +497,88 @@ fn clamp_mss() -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::sandbox::net;
+
+    fn spec(id: &str, mtu: u32) -> ChildSpec {
+        ChildSpec {
+            job_id: id.into(),
+            dockerd: "/usr/sbin/dockerd".into(),
+            root: "/nonexistent".into(),
+            api_socket: "/nonexistent/api.sock".into(),
+            etc_docker: "/nonexistent/etc".into(),
+            resolv_conf: "/nonexistent/resolv.conf".into(),
+            hostname: "job".into(),
+            cgroup: None,
+            cgroupns: false,
+            peer_ifname: net::peer_ifname(id),
+            job_ip: Ipv4Addr::new(10, 9, 9, 2),
+            host_ip: Ipv4Addr::new(10, 9, 9, 1),
+            ports: None,
+            mtu,
+            shutdown_timeout: 1,
+            extra_args: Vec::new(),
+            shared_layers: Vec::new(),
+        }
+    }
+
+    /// The agent's side and the job's, each in a network namespace of its
+    /// own (one thread each): the peer moved in becomes eth0, addressed,
+    /// up with the link's MTU, and the default route goes through the host
+    /// end.
+    #[test]
+    fn the_jobs_end_becomes_eth0_with_its_address_mtu_and_default_route() {
+        net::tests::in_private_netns(|| {
+            let id = "fedcba9876543210";
+            let spec = spec(id, 1300);
+            net::create_link(id, spec.host_ip, spec.mtu, false).unwrap();
+            let (tid_tx, tid_rx) = mpsc::channel();
+            let (moved_tx, moved_rx) = mpsc::channel();
+            let job = std::thread::spawn(move || {
+                sys::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                tid_tx.send(nix::unistd::gettid().as_raw() as u32).unwrap();
+                moved_rx.recv().unwrap();
+                configure_link(&spec)
+                    .map_err(|(step, e)| format!("{step}: {e}"))
+                    .unwrap();
+                let mut nl = Rtnl::open().unwrap();
+                let eth0 = nl.link_index("eth0").unwrap();
+                let lo = nl.link_index("lo").unwrap();
+                let up = |nl: &mut Rtnl, i| {
+                    nl.link(i)
+                        .unwrap()
+                        .header
+                        .flags
+                        .contains(netlink_packet_route::link::LinkFlags::Up)
+                };
+                (
+                    nl.link_mtu(eth0).unwrap(),
+                    nl.addresses(eth0).unwrap(),
+                    up(&mut nl, eth0) && up(&mut nl, lo),
+                    // The default route's link, as the agent reads its own.
+                    net::default_route_mtu(),
+                    nl.link_index(&net::peer_ifname(id)).unwrap_err().errno(),
+                )
+            });
+            // The job's namespace is its thread's: the link moves there by
+            // the thread's id.
+            net::move_peer(id, tid_rx.recv().unwrap()).unwrap();
+            moved_tx.send(()).unwrap();
+            let (mtu, addrs, up, route_mtu, old_name) = job.join().unwrap();
+            assert_eq!(mtu, 1300);
+            assert_eq!(addrs, [(Ipv4Addr::new(10, 9, 9, 2), 30)]);
+            assert!(up, "eth0 and lo are up");
+            assert_eq!(route_mtu, 1300, "the default route leaves through eth0");
+            assert_eq!(old_name, Some(nix::errno::Errno::ENODEV), "renamed");
+            // The job's end is gone from the agent's namespace: the delete
+            // takes the host end (and the pair with it) and finds no peer.
+            net::delete_link(id).unwrap();
+        });
+    }
 }

@@ -213,12 +213,13 @@ fn check_prerequisites(cfg: &SandboxConfig, helper: &Path) -> Result<(), Sandbox
             cfg.cache.registry.display()
         ));
     }
-    for (prog, pkg) in [("ip", "iproute2"), ("iptables", "iptables")] {
-        if std::process::Command::new(prog).arg("-V").output().is_err() {
-            return pre(format!(
-                "`{prog}` not found: install it (`apt-get install {pkg}`)"
-            ));
-        }
+    // Links and addresses go through netlink; only the rules need a tool.
+    if std::process::Command::new("iptables")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        return pre("`iptables` not found: install it (`apt-get install iptables`)".into());
     }
     if cfg.default_limits.disk().is_some() {
         // Each job's own disk: a loop-mounted ext4 image.

@@ -28,6 +28,7 @@ pub mod preload;
 pub mod protocol;
 pub mod record;
 pub mod registries;
+mod rtnl;
 pub mod seed;
 pub mod slots;
 mod sys;

@@ -14,11 +14,14 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::process::Command;
 
+use nix::errno::Errno;
+
 use super::config::PortRange;
+use super::rtnl::{LinkChange, Rtnl, RtnlError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("cannot run {cmd}: {source} (install iproute2 and iptables)")]
+    #[error("cannot run {cmd}: {source} (install iptables)")]
     Spawn { cmd: String, source: std::io::Error },
     #[error("`{cmd}` failed: {stderr}")]
     Failed { cmd: String, stderr: String },
@@ -27,6 +30,30 @@ pub enum NetError {
         path: String,
         source: std::io::Error,
     },
+    /// A netlink request about a link (or its address) failed; `errno`
+    /// says why, where the kernel refused.
+    #[error("cannot {op} {link}: {source}")]
+    Link {
+        op: &'static str,
+        link: String,
+        source: RtnlError,
+    },
+}
+
+impl NetError {
+    /// The kernel's errno, where it refused a netlink request.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            NetError::Link { source, .. } => source.errno(),
+            _ => None,
+        }
+    }
+}
+
+/// Maps a failed netlink request about `link` to a [`NetError`].
+fn link_err(op: &'static str, link: &str) -> impl FnOnce(RtnlError) -> NetError + use<> {
+    let link = link.to_string();
+    move |source| NetError::Link { op, link, source }
 }
 
 const FILTER_CHAINS: [(&str, &str); 2] = [("INPUT", "BERTH-INPUT"), ("FORWARD", "BERTH-FORWARD")];
@@ -79,17 +106,20 @@ fn run(prog: &str, args: &[&str]) -> Result<String, NetError> {
 /// MTU of the interface carrying the host's IPv4 default route (1500 when
 /// there is none).
 pub fn default_route_mtu() -> u32 {
-    let Ok(out) = run("ip", &["-4", "route", "show", "default"]) else {
-        return 1500;
+    let mtu = || -> Result<Option<u32>, RtnlError> {
+        let mut nl = Rtnl::open()?;
+        match nl.default_route_link()? {
+            Some(index) => nl.link_mtu(index).map(Some),
+            None => Ok(None),
+        }
     };
-    let dev = out
-        .split_whitespace()
-        .skip_while(|w| *w != "dev")
-        .nth(1)
-        .map(str::to_string);
-    dev.and_then(|d| std::fs::read_to_string(format!("/sys/class/net/{d}/mtu")).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1500)
+    match mtu() {
+        Ok(m) => m.unwrap_or(1500),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the default route's MTU; jobs get 1500");
+            1500
+        }
+    }
 }
 
 pub fn enable_forwarding(proc_root: &Path) -> Result<(), NetError> {
@@ -115,54 +145,68 @@ pub fn create_link(
     mtu: u32,
     publish: bool,
 ) -> Result<(), NetError> {
-    let (h, p, m) = (host_ifname(job_id), peer_ifname(job_id), mtu.to_string());
-    run(
-        "ip",
-        &[
-            "link", "add", &h, "mtu", &m, "type", "veth", "peer", "name", &p, "mtu", &m,
-        ],
-    )?;
+    let (h, p) = (host_ifname(job_id), peer_ifname(job_id));
+    let mut nl = Rtnl::open().map_err(link_err("open a netlink socket for", &h))?;
+    nl.add_veth(&h, &p, mtu)
+        .map_err(link_err("create the veth pair", &format!("{h}/{p}")))?;
     // The filter rules are IPv4: the host end must not speak IPv6 at all, or
     // a job could reach host services listening on `::` over link-local.
+    // A link whose MTU is below IPv6's minimum (1280) has no IPv6 at all,
+    // nor this file.
     let v6 = format!("/proc/sys/net/ipv6/conf/{h}/disable_ipv6");
-    if Path::new("/proc/sys/net/ipv6").exists() {
-        std::fs::write(&v6, "1").map_err(|source| NetError::Forwarding { path: v6, source })?;
+    match std::fs::write(&v6, "1") {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(NetError::Forwarding {
+                path: v6,
+                source: e,
+            });
+        }
+        _ => {}
     }
     if publish {
         let p = format!("/proc/sys/net/ipv4/conf/{h}/route_localnet");
         std::fs::write(&p, "1").map_err(|source| NetError::Forwarding { path: p, source })?;
     }
-    run("ip", &["addr", "add", &format!("{host_ip}/30"), "dev", &h])?;
-    run("ip", &["link", "set", &h, "up"])?;
-    Ok(())
+    let index = nl.link_index(&h).map_err(link_err("look up", &h))?;
+    nl.add_address(index, host_ip, 30, false)
+        .map_err(link_err("address", &h))?;
+    nl.set_link(
+        index,
+        LinkChange {
+            up: true,
+            ..Default::default()
+        },
+    )
+    .map_err(link_err("bring up", &h))
 }
 
+/// Moves the job's end of the pair into the network namespace of `pid`.
 pub fn move_peer(job_id: &str, pid: u32) -> Result<(), NetError> {
-    run(
-        "ip",
-        &[
-            "link",
-            "set",
-            &peer_ifname(job_id),
-            "netns",
-            &pid.to_string(),
-        ],
+    let p = peer_ifname(job_id);
+    let mut nl = Rtnl::open().map_err(link_err("open a netlink socket for", &p))?;
+    let index = nl.link_index(&p).map_err(link_err("look up", &p))?;
+    nl.set_link(
+        index,
+        LinkChange {
+            netns_pid: Some(pid),
+            ..Default::default()
+        },
     )
-    .map(|_| ())
+    .map_err(link_err("move into the job's network namespace", &p))
 }
 
 /// Deletes the pair (both ends go). Idempotent: the kernel also removes the
 /// pair on its own when the job's network namespace goes, which may happen
-/// between the look and the delete.
+/// at any time before or during the delete; a link that is not there
+/// (ENODEV) is gone, not a failure.
 pub fn delete_link(job_id: &str) -> Result<(), NetError> {
-    for name in [host_ifname(job_id), peer_ifname(job_id)] {
-        let there = || Path::new("/sys/class/net").join(&name).exists();
-        if there() {
-            match run("ip", &["link", "del", &name]) {
-                Ok(_) => {}
-                Err(_) if !there() => {}
-                Err(e) => return Err(e),
-            }
+    let (h, p) = (host_ifname(job_id), peer_ifname(job_id));
+    let mut nl = Rtnl::open().map_err(link_err("open a netlink socket for", &h))?;
+    // The job's end is here only when the job never got it.
+    for name in [h, p] {
+        match nl.delete_link(&name) {
+            Err(e) if e.errno() != Some(Errno::ENODEV) => return Err(link_err("delete", &name)(e)),
+            _ => {}
         }
     }
     Ok(())
@@ -520,10 +564,10 @@ fn cache_tag(addr: SocketAddrV4) -> String {
 pub fn add_cache(addr: SocketAddrV4) -> Result<(), NetError> {
     let tag = cache_tag(addr);
     delete_tagged(&tag)?;
-    run(
-        "ip",
-        &["addr", "replace", &format!("{}/32", addr.ip()), "dev", "lo"],
-    )?;
+    let mut nl = Rtnl::open().map_err(link_err("open a netlink socket for", "lo"))?;
+    let lo = nl.link_index("lo").map_err(link_err("look up", "lo"))?;
+    nl.add_address(lo, *addr.ip(), 32, true)
+        .map_err(link_err("add the cache's address to", "lo"))?;
     let ip = addr.ip().to_string();
     let c = format!("-m comment --comment {tag}");
     // Inserted at the top, in reverse: the host's own connections first.
@@ -542,20 +586,18 @@ pub fn add_cache(addr: SocketAddrV4) -> Result<(), NetError> {
     )
 }
 
-/// Takes the cache's address and rules away. Idempotent.
+/// Takes the cache's address and rules away. Idempotent: an address that is
+/// not there (EADDRNOTAVAIL) is gone.
 pub fn remove_cache(addr: SocketAddrV4) -> Result<(), NetError> {
     delete_tagged(&cache_tag(addr))?;
-    let cidr = format!("{}/32", addr.ip());
-    if !run(
-        "ip",
-        &["-o", "-4", "addr", "show", "dev", "lo", "to", &cidr],
-    )?
-    .trim()
-    .is_empty()
-    {
-        run("ip", &["addr", "del", &cidr, "dev", "lo"])?;
+    let mut nl = Rtnl::open().map_err(link_err("open a netlink socket for", "lo"))?;
+    let lo = nl.link_index("lo").map_err(link_err("look up", "lo"))?;
+    match nl.delete_address(lo, *addr.ip(), 32) {
+        Err(e) if e.errno() != Some(Errno::EADDRNOTAVAIL) => {
+            Err(link_err("remove the cache's address from", "lo")(e))
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Nameservers of a resolv.conf text.
@@ -573,7 +615,7 @@ pub fn nameservers(resolv_conf: &str) -> Vec<std::net::IpAddr> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::sandbox) mod tests {
     use super::*;
 
     /// A job's link with a block of published ports and no cache.
@@ -587,6 +629,94 @@ mod tests {
             }),
             cache: None,
         }
+    }
+
+    /// Runs `f` on a thread of its own in a network namespace of its own
+    /// (netns is per thread; links made there never touch the host's, and
+    /// go with it). Needs root; fails naming it, unless the privileged tests
+    /// are opted out of.
+    pub(in crate::sandbox) fn in_private_netns<T: Send + 'static>(
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        if std::env::var_os("BERTH_SKIP_PRIVILEGED_TESTS").is_some() {
+            eprintln!("BERTH_SKIP_PRIVILEGED_TESTS is set: privileged test not run");
+            return None;
+        }
+        let t = std::thread::spawn(move || {
+            crate::sandbox::sys::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect(
+                "a network namespace of the test's own: run as root \
+                 (or set BERTH_SKIP_PRIVILEGED_TESTS=1 to opt out explicitly)",
+            );
+            f()
+        });
+        Some(t.join().unwrap())
+    }
+
+    fn read(path: String) -> String {
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn a_link_is_made_addressed_and_up_and_its_delete_is_idempotent() {
+        in_private_netns(|| {
+            let id = "0123456789abcdef";
+            let (h, p) = (host_ifname(id), peer_ifname(id));
+            let host_ip = Ipv4Addr::new(10, 9, 9, 1);
+            create_link(id, host_ip, 1400, true).unwrap();
+            let mut nl = Rtnl::open().unwrap();
+            let hi = nl.link_index(&h).unwrap();
+            let pi = nl.link_index(&p).unwrap();
+            assert_eq!(nl.link_mtu(hi).unwrap(), 1400);
+            assert_eq!(nl.link_mtu(pi).unwrap(), 1400, "both ends");
+            let link = nl.link(hi).unwrap();
+            assert!(
+                link.header
+                    .flags
+                    .contains(netlink_packet_route::link::LinkFlags::Up),
+                "{:?}",
+                link.header.flags
+            );
+            assert_eq!(nl.addresses(hi).unwrap(), [(host_ip, 30)]);
+            assert_eq!(
+                nl.addresses(pi).unwrap(),
+                [],
+                "the job addresses its own end"
+            );
+            assert_eq!(
+                read(format!("/proc/sys/net/ipv6/conf/{h}/disable_ipv6")),
+                "1"
+            );
+            assert_eq!(
+                read(format!("/proc/sys/net/ipv4/conf/{h}/route_localnet")),
+                "1"
+            );
+
+            // A second pair of the same names is refused, by its errno.
+            let again = create_link(id, host_ip, 1400, false).unwrap_err();
+            assert_eq!(again.errno(), Some(Errno::EEXIST), "{again}");
+            assert!(again.to_string().contains(&h), "names the link: {again}");
+
+            delete_link(id).unwrap();
+            for name in [&h, &p] {
+                let e = nl.link_index(name).unwrap_err();
+                assert_eq!(e.errno(), Some(Errno::ENODEV), "{name}: {e}");
+            }
+            // Gone already (as when the job's namespace took it): Ok.
+            delete_link(id).unwrap();
+            // A peer never handed to a job goes with the pair too. (A link
+            // below IPv6's minimum MTU has no IPv6 to turn off.)
+            create_link(id, host_ip, 1200, false).unwrap();
+            delete_link(id).unwrap();
+            assert_eq!(nl.link_index(&p).unwrap_err().errno(), Some(Errno::ENODEV));
+
+            // Without a default route, the MTU jobs get is 1500.
+            assert_eq!(default_route_mtu(), 1500);
+            let e = move_peer(id, std::process::id()).unwrap_err();
+            assert_eq!(e.errno(), Some(Errno::ENODEV), "{e}");
+        });
     }
 
     #[test]
