@@ -14,11 +14,10 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::http::{HttpLimits, Own, error_response, json_response, read_body};
+use super::http::{HttpLimits, Own, error_response, json_response, read_body, serve_small};
 use super::policy::{self, Denial};
 use crate::jobs::{CreateJob, JobError, JobView, Jobs};
 use crate::pki::valid_job_id;
@@ -58,23 +57,7 @@ pub async fn serve<IO>(
         let jobs = jobs.clone();
         async move { Ok::<_, Infallible>(handle(&jobs, req, local, peer, limits.body_idle).await) }
     });
-    // The same head limit as on a job's connections (431 above it).
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_header_size(limits.max_head)
-        .max_buf_size(limits.max_head.max(8192) + 8192)
-        .serve_connection(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let r = tokio::select! {
-        r = &mut conn => r,
-        _ = stop.cancelled() => {
-            // Agent shutdown: finish the request in flight, close keep-alive.
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = r {
+    if let Err(e) = serve_small(io, svc, limits, stop).await {
         tracing::debug!(client = %peer, error = %e, "admin connection ended");
     }
 }

@@ -197,3 +197,34 @@ pub async fn read_body(body: Incoming, max: usize, idle: Duration) -> Result<Byt
         }
     }
 }
+
+/// Serves one connection of the agent's own small requests (the job API,
+/// the token exchange) under `limits`; at `stop` the request in flight
+/// finishes and keep-alive ends.
+pub async fn serve_small<IO, S>(
+    io: IO,
+    svc: S,
+    limits: HttpLimits,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), hyper::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Own>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // The same head limit as on a job's connections (431 above it).
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_header_size(limits.max_head)
+        .max_buf_size(limits.max_head.max(8192) + 8192)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = &mut conn => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}

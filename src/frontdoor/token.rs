@@ -13,14 +13,13 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use super::api;
-use super::http::{HttpLimits, Own, error_response, read_body};
+use super::http::{HttpLimits, Own, error_response, read_body, serve_small};
 use crate::audit::{Record, TOKENS};
 use crate::jobs::{CreateJob, Jobs};
 use crate::oidc::{TokenError, Verifier};
@@ -133,21 +132,7 @@ impl TokenDoor {
             let me = me.clone();
             async move { Ok::<_, Infallible>(me.handle(req, local, peer).await) }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.header_timeout)
-            .max_header_size(self.limits.max_head)
-            .max_buf_size(self.limits.max_head.max(8192) + 8192)
-            .serve_connection(TokioIo::new(tls), svc);
-        tokio::pin!(conn);
-        let r = tokio::select! {
-            r = &mut conn => r,
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = r {
+        if let Err(e) = serve_small(tls, svc, self.limits, stop).await {
             tracing::debug!(client = %peer, error = %e, "token connection ended");
         }
     }
