@@ -838,6 +838,39 @@ mod tests {
     }
 
     #[test]
+    fn the_token_section_reaches_the_front_door_and_bad_entries_are_named() {
+        let dir = std::env::temp_dir().join(format!("berth-cli-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("berth.toml");
+        let args = EngineArgs {
+            config: Some(path.clone()),
+            state_dir: None,
+        };
+        let section = "[token]\nenabled = true\nlisten = \"127.0.0.1:2377\"\n\
+             [[token.issuers]]\nissuer = \"https://gitlab.example\"\njwks_file = \"/etc/berth/gitlab.json\"\n\
+             [[token.rules]]\nname = \"main\"\nissuer = \"https://gitlab.example\"\nclaims = { ref_protected = \"true\" }\n";
+        std::fs::write(&path, section).unwrap();
+        let serve = load_file(&args).unwrap().serve;
+        assert!(serve.token.enabled);
+        assert_eq!(serve.token.rules[0].claims["ref_protected"], "true");
+        serve.validate().unwrap();
+        // The front door's own port is not the token listener's.
+        std::fs::write(
+            &path,
+            format!("[serve]\nlisten = \"0.0.0.0:2377\"\n{section}"),
+        )
+        .unwrap();
+        let e = load_file(&args)
+            .unwrap()
+            .serve
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token.listen"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn old_duration_keys_still_load() {
         let cfg: FileConfig = toml::from_str(
             "[serve]\ndrain_secs = 5\nmax_ttl_secs = 7200\ndefault_ttl = \"30m\"\n\
