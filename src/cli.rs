@@ -94,6 +94,11 @@ pub struct FrontArgs {
     /// Certificates directory (CA, server, admin bundle).
     #[arg(long)]
     pub certs_dir: Option<PathBuf>,
+    /// Further names or addresses for the server certificate, added to the
+    /// configuration's `san` (repeatable; BERTH_SAN takes a comma-separated
+    /// list, e.g. a node's address from Kubernetes' downward API).
+    #[arg(long, env = "BERTH_SAN", value_delimiter = ',')]
+    pub san: Vec<String>,
 }
 
 impl FrontArgs {
@@ -103,6 +108,12 @@ impl FrontArgs {
         }
         if let Some(d) = self.certs_dir {
             serve.certs_dir = d;
+        }
+        for s in self.san {
+            let s = s.trim().to_string();
+            if !s.is_empty() && !serve.san.contains(&s) {
+                serve.san.push(s);
+            }
         }
         serve
     }
@@ -868,6 +879,21 @@ mod tests {
             .to_string();
         assert!(e.contains("token.listen"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn san_flags_add_to_the_configurations_names() {
+        let cli =
+            Cli::try_parse_from(["berth", "serve", "--san", "10.0.0.7", "--san", "ci.example"])
+                .unwrap();
+        let Command::Serve { front, .. } = cli.command else {
+            panic!("not serve")
+        };
+        let serve = front.apply(crate::frontdoor::ServeConfig {
+            san: vec!["ci.example".into()],
+            ..Default::default()
+        });
+        assert_eq!(serve.san, ["ci.example", "10.0.0.7"]);
     }
 
     #[test]
