@@ -18,6 +18,8 @@ pub enum Reason {
     HandshakeTimeout,
     NoCertificate,
     BadCertificate,
+    /// A token the exchange refused (its kind is counted apart).
+    Token,
 }
 
 impl Reason {
@@ -29,6 +31,7 @@ impl Reason {
             Reason::HandshakeTimeout => "handshake_timeout",
             Reason::NoCertificate => "no_certificate",
             Reason::BadCertificate => "bad_certificate",
+            Reason::Token => "token",
         }
     }
 
@@ -39,6 +42,7 @@ impl Reason {
             Reason::HandshakeTimeout => "TLS handshake timed out",
             Reason::NoCertificate => "no client certificate",
             Reason::BadCertificate => "certificate refused",
+            Reason::Token => "identity token refused",
         }
     }
 }

@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::api;
 use super::http::{HttpLimits, Own, error_response, read_body, serve_small};
+use super::refusals::{Reason, Refusals};
 use crate::audit::{Record, TOKENS};
 use crate::jobs::{CreateJob, Jobs};
 use crate::oidc::{TokenError, Verifier};
@@ -49,6 +50,8 @@ pub struct TokenDoor {
     front_port: u16,
     handshake: Duration,
     limits: HttpLimits,
+    /// Anyone can send tokens: refusals are logged at a bounded rate.
+    refusals: Refusals,
 }
 
 impl TokenDoor {
@@ -69,6 +72,7 @@ impl TokenDoor {
             front_port,
             handshake,
             limits,
+            refusals: Refusals::default(),
         }
     }
 
@@ -246,7 +250,7 @@ impl TokenDoor {
     }
 
     fn refuse(&self, e: &TokenError, peer: SocketAddr) -> Response<Own> {
-        tracing::warn!(client = %peer, rule = e.kind(), error = %e, "token refused");
+        self.refusals.refused(Reason::Token, peer, Some(&e));
         self.jobs.metrics().denied(e.kind());
         self.audit(peer, e.status(), "deny", e.kind(), &e.to_string());
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
