@@ -107,19 +107,18 @@ impl Layout {
 
 /// Reads the cgroup layout under `root` from mountinfo text. A v2 layout
 /// comes back with an empty home: [`prepare`] finds it.
+///
+/// Only mounts that can be seen count: in a container given the host's
+/// `/sys` or `/sys/fs/cgroup` as a volume, the runtime's own read-only
+/// hierarchies stay listed beneath the volume at the same paths.
 pub fn detect(mountinfo: &str, root: &Path) -> Result<Layout, CgroupError> {
+    let mounts: Vec<Mount<'_>> = mountinfo.lines().filter_map(Mount::parse).collect();
     let mut v1 = Vec::new();
-    for line in mountinfo.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else {
-            continue;
-        };
-        let pre: Vec<&str> = pre.split(' ').collect();
-        let post: Vec<&str> = post.split(' ').collect();
-        if pre.len() < 5 || post.len() < 3 {
+    for (i, m) in mounts.iter().enumerate() {
+        if !visible(&mounts, i) {
             continue;
         }
-        let mount = PathBuf::from(unescape(pre[4]));
-        let fstype = post[0];
+        let (mount, fstype, options) = (m.point.clone(), m.fstype, m.options);
         if fstype == "cgroup2" && mount == root {
             return Ok(Layout::V2 {
                 mount,
@@ -127,7 +126,7 @@ pub fn detect(mountinfo: &str, root: &Path) -> Result<Layout, CgroupError> {
             });
         }
         if fstype == "cgroup" && mount.parent() == Some(root) {
-            let controllers: Vec<String> = post[2]
+            let controllers: Vec<String> = options
                 .split(',')
                 .filter(|o| {
                     !matches!(
@@ -146,6 +145,59 @@ pub fn detect(mountinfo: &str, root: &Path) -> Result<Layout, CgroupError> {
         return Err(CgroupError::NoHierarchy(root.into()));
     }
     Ok(Layout::V1 { hierarchies: v1 })
+}
+
+/// One line of mountinfo, as far as visibility and cgroups need it.
+struct Mount<'a> {
+    id: &'a str,
+    parent: &'a str,
+    point: PathBuf,
+    fstype: &'a str,
+    options: &'a str,
+}
+
+impl<'a> Mount<'a> {
+    fn parse(line: &'a str) -> Option<Mount<'a>> {
+        let (pre, post) = line.split_once(" - ")?;
+        let pre: Vec<&str> = pre.split(' ').collect();
+        let post: Vec<&str> = post.split(' ').collect();
+        if pre.len() < 5 || post.len() < 3 {
+            return None;
+        }
+        Some(Mount {
+            id: pre[0],
+            parent: pre[1],
+            point: PathBuf::from(unescape(pre[4])),
+            fstype: post[0],
+            options: post[2],
+        })
+    }
+}
+
+/// Whether `mounts[i]` can be seen at its path: neither it nor any mount it
+/// sits on has another mount on top (at the same path, on it) or over it (a
+/// sibling at a path above it). Mount ids, not the lines' order, tell what
+/// sits on what: mountinfo does not list a parent before its children.
+fn visible(mounts: &[Mount<'_>], i: usize) -> bool {
+    let mut below: Option<&str> = None;
+    let mut m = &mounts[i];
+    for _ in 0..mounts.len() {
+        let covered = mounts.iter().any(|n| {
+            (n.parent == m.id && n.point == m.point && Some(n.id) != below)
+                || (n.parent == m.parent && n.point != m.point && m.point.starts_with(&n.point))
+        });
+        if covered {
+            return false;
+        }
+        match mounts.iter().find(|p| p.id == m.parent && p.id != m.id) {
+            Some(p) => {
+                below = Some(m.id);
+                m = p;
+            }
+            None => return true,
+        }
+    }
+    true
 }
 
 /// What [`prepare`] needs to know about the host.
@@ -559,6 +611,44 @@ mod tests {
         assert_eq!(hierarchies[0].controllers, vec!["cpu", "cpuacct"]);
         assert_eq!(hierarchies[0].mount_options(), "cpu,cpuacct");
         assert_eq!(hierarchies[2].mount_options(), "none,name=systemd");
+    }
+
+    /// A container with `-v /sys:/sys` on a v1 host: the runtime's own
+    /// read-only hierarchies (rooted at the container's cgroup) are still
+    /// listed, beneath the host's sysfs and its cgroup mounts.
+    const CONTAINER_WITH_HOST_SYS: &str = "\
+79 70 0:50 / /sys ro,nosuid,nodev,noexec,relatime - sysfs sysfs rw
+81 79 0:44 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - tmpfs tmpfs rw,mode=755
+82 81 0:29 /docker/0864 /sys/fs/cgroup/cpu ro,nosuid,nodev,noexec,relatime - cgroup cgroup rw,cpu
+85 81 0:32 /docker/0864 /sys/fs/cgroup/memory ro,nosuid,nodev,noexec,relatime - cgroup cgroup rw,memory
+90 81 0:37 /docker/0864 /sys/fs/cgroup/systemd ro,nosuid,nodev,noexec,relatime - cgroup cgroup rw,name=systemd
+91 79 0:22 / /sys rw,relatime - sysfs sysfs rw
+92 91 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+94 92 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+97 92 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+103 92 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+104 92 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
+
+    #[test]
+    fn hierarchies_covered_by_a_later_mount_do_not_count() {
+        let Layout::V1 { hierarchies } =
+            detect(CONTAINER_WITH_HOST_SYS, Path::new("/sys/fs/cgroup")).unwrap()
+        else {
+            panic!("expected v1")
+        };
+        let mounts: Vec<_> = hierarchies.iter().map(|h| h.mount.clone()).collect();
+        assert_eq!(
+            mounts,
+            ["cpu", "memory", "systemd"].map(|c| PathBuf::from("/sys/fs/cgroup").join(c))
+        );
+        // A bind of the host's cgroup2 over the runtime's read-only one.
+        let v2 = "\
+30 23 0:26 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw,nsdelegate
+31 30 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate";
+        assert!(matches!(
+            detect(v2, Path::new("/sys/fs/cgroup")),
+            Ok(Layout::V2 { .. })
+        ));
     }
 
     #[test]
