@@ -205,12 +205,17 @@ impl Engine {
         exited_tx: watch::Sender<Option<i32>>,
         seed: Option<Arc<seed::Seed>>,
     ) -> Result<(), SandboxError> {
-        // Independent, and each mostly waiting on the kernel or a tool.
-        tokio::try_join!(
+        // Independent, and each mostly waiting on the kernel or a tool. All
+        // three finish before a failure counts: each runs as a blocking task
+        // that goes on when its future is dropped (as try_join! drops the
+        // others at the first error), and would make its link, rules or
+        // cgroups after the teardown that follows the failure.
+        let (disk, cgroups, link) = tokio::join!(
             self.make_disk(sb, rec, limits),
             self.make_cgroups(rec, limits),
             self.make_link(rec),
-        )?;
+        );
+        disk.and(cgroups).and(link)?;
         let files = self.make_files(sb, rec, seed.as_deref()).await?;
         self.start_dns(sb, rec).await?;
         let spec = self.child_spec(rec, &files, seed.as_deref());
