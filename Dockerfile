@@ -7,7 +7,7 @@
 # Run (scripts/test-image runs the image with exactly these flags; README,
 # "Running the agent in a container", shows the same and says what each is
 # for and what failed without it):
-#   docker run -d --name berth --network host --stop-timeout 60 \
+#   docker run -d --name berth --network host --cgroupns host --stop-timeout 60 \
 #     --cap-drop ALL --cap-add SYS_ADMIN --cap-add NET_ADMIN --cap-add SETUID --cap-add SETGID \
 #     --cap-add CHOWN --cap-add DAC_OVERRIDE --cap-add FOWNER --cap-add NET_BIND_SERVICE \
 #     --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
