@@ -155,7 +155,7 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
         }
     };
 
-    let ttl = pipeline.ttl.as_secs().max(1);
+    let ttl = crate::duration::format(pipeline.ttl.max(std::time::Duration::from_secs(1)));
     let created = client
         .create(&serde_json::json!({ "ttl": ttl, "labels": { "pipeline": pipeline.name } }))
         .await;
