@@ -468,6 +468,12 @@ fn bad_input_gets_a_clear_error_and_the_agent_keeps_serving() {
             assert!(text.starts_with(&format!("HTTP/1.1 {want}")), "{body}: {text}");
             assert!(text.contains("\"message\""), "{text}");
         }
+        // What is only read takes GET alone.
+        for path in ["/berth/v1/metrics", "/berth/v1/capacity", "/berth/v1/pool", &format!("/berth/v1/jobs/{}/audit", job.id)] {
+            let req = format!("DELETE {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let r = tls_request(fd.port, &admin, req.as_bytes()).await.unwrap();
+            assert!(status(r.clone()).starts_with("HTTP/1.1 405"), "{path}: {:?}", status(r));
+        }
         // TLS garbage instead of a ClientHello: the agent ends the
         // connection (at most a TLS alert, never HTTP). The bound only ends
         // a failure.

@@ -17,7 +17,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::http::{HttpLimits, Own, error_response, json_response, read_body, serve_small};
+use super::http::{
+    HttpLimits, Own, error_response, is_json, json_response, read_body, serve_small,
+};
 use super::policy::{self, Denial};
 use crate::jobs::{CreateJob, JobError, JobView, Jobs};
 use crate::pki::valid_job_id;
@@ -80,33 +82,27 @@ async fn handle(
         jobs.metrics().denied(rule);
         return error_response(status, &message);
     }
-    if path == "/berth/v1/metrics" {
-        return match method {
-            Method::GET => {
-                let text = jobs.metrics().render(&jobs.snapshot());
-                let mut r = Response::new(Full::new(Bytes::from(text)));
-                r.headers_mut().insert(
-                    CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
-                );
-                r
-            }
-            _ => error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "berth: method not allowed on this path",
-            ),
-        };
-    }
-    if let Some(id) = path
+    let audit_of = path
         .strip_prefix("/berth/v1/jobs/")
-        .and_then(|p| p.strip_suffix("/audit"))
-    {
-        if method != Method::GET {
-            return error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "berth: method not allowed on this path",
-            );
-        }
+        .and_then(|p| p.strip_suffix("/audit"));
+    // What is only read: one method.
+    let read_only = matches!(
+        path.as_str(),
+        "/berth/v1/metrics" | "/berth/v1/capacity" | "/berth/v1/pool"
+    ) || audit_of.is_some();
+    if read_only && method != Method::GET {
+        return method_not_allowed();
+    }
+    if path == "/berth/v1/metrics" {
+        let text = jobs.metrics().render(&jobs.snapshot());
+        let mut r = Response::new(Full::new(Bytes::from(text)));
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        );
+        return r;
+    }
+    if let Some(id) = audit_of {
         return match jobs.audit().read(id) {
             Some(lines) => {
                 let mut r = Response::new(Full::new(Bytes::from(lines)));
@@ -123,22 +119,10 @@ async fn handle(
         };
     }
     if path == "/berth/v1/capacity" {
-        return match method {
-            Method::GET => json_response(StatusCode::OK, &jobs.capacity()),
-            _ => error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "berth: method not allowed on this path",
-            ),
-        };
+        return json_response(StatusCode::OK, &jobs.capacity());
     }
     if path == "/berth/v1/pool" {
-        return match method {
-            Method::GET => json_response(StatusCode::OK, &jobs.pool_view()),
-            _ => error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "berth: method not allowed on this path",
-            ),
-        };
+        return json_response(StatusCode::OK, &jobs.pool_view());
     }
     let id = path.strip_prefix("/berth/v1/jobs/").map(str::to_string);
     match (method, id) {
@@ -167,11 +151,15 @@ async fn handle(
                 Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("berth: {e}")),
             }
         }
-        _ => error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "berth: method not allowed on this path",
-        ),
+        _ => method_not_allowed(),
     }
+}
+
+fn method_not_allowed() -> Response<Own> {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "berth: method not allowed on this path",
+    )
 }
 
 /// A job request: empty (all defaults) or one JSON object, nothing else
@@ -217,23 +205,11 @@ async fn create(
     peer: SocketAddr,
     body_idle: Duration,
 ) -> Response<Own> {
-    let ctype = req
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
     let empty_ok = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
         .is_some_and(|v| v == "0");
-    if !empty_ok
-        && !ctype
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .eq_ignore_ascii_case("application/json")
-    {
+    if !empty_ok && !is_json(&req) {
         return error_response(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "berth: POST /berth/v1/jobs takes Content-Type: application/json",

@@ -198,6 +198,16 @@ pub async fn read_body(body: Incoming, max: usize, idle: Duration) -> Result<Byt
     }
 }
 
+/// Whether a request says its body is JSON (`Content-Type:
+/// application/json`, parameters allowed).
+pub fn is_json<B>(req: &hyper::Request<B>) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
 /// Serves one connection of the agent's own small requests (the job API,
 /// the token exchange) under `limits`; at `stop` the request in flight
 /// finishes and keep-alive ends.

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -19,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use super::api;
-use super::http::{HttpLimits, Own, error_response, read_body, serve_small};
+use super::http::{HttpLimits, Own, error_response, is_json, read_body, serve_small};
 use super::refusals::{Reason, Refusals};
 use crate::audit::{Record, TOKENS};
 use crate::jobs::{CreateJob, Jobs};
@@ -159,13 +158,7 @@ impl TokenDoor {
                 "berth: POST /berth/v1/token {\"token\": \"<JWT>\"}",
             );
         }
-        let json = req
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-        if !json {
+        if !is_json(&req) {
             return error_response(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "berth: POST /berth/v1/token takes Content-Type: application/json",
@@ -196,9 +189,7 @@ impl TokenDoor {
             .max_ttl
             .unwrap_or(self.jobs.max_ttl)
             .min(self.jobs.max_ttl);
-        let ttl = ask
-            .ttl
-            .unwrap_or(max.min(self.jobs.default_ttl.max(Duration::from_secs(1))));
+        let ttl = ask.ttl.unwrap_or(self.jobs.default_ttl.min(max));
         if ttl > max {
             self.audit(
                 peer,
