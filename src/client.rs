@@ -46,17 +46,28 @@ impl AgentClient {
         };
         let (ca, mut cert, key) = (read("ca.pem")?, read("cert.pem")?, read("key.pem")?);
         cert.extend_from_slice(&key);
-        let http = reqwest::Client::builder()
+        let identity = reqwest::Identity::from_pem(&cert).map_err(ClientError::BadBundle)?;
+        AgentClient::build(endpoint, &ca, Some(identity))
+    }
+
+    /// Trusts the agent's CA only (`ca`, PEM); `identity`: the client
+    /// certificate, if one is shown.
+    fn build(
+        endpoint: &str,
+        ca: &[u8],
+        identity: Option<reqwest::Identity>,
+    ) -> Result<AgentClient, ClientError> {
+        let mut http = reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
             .add_root_certificate(
-                reqwest::Certificate::from_pem(&ca).map_err(ClientError::BadBundle)?,
-            )
-            .identity(reqwest::Identity::from_pem(&cert).map_err(ClientError::BadBundle)?)
-            .build()
-            .map_err(ClientError::BadBundle)?;
+                reqwest::Certificate::from_pem(ca).map_err(ClientError::BadBundle)?,
+            );
+        if let Some(id) = identity {
+            http = http.identity(id);
+        }
         Ok(AgentClient {
-            http,
+            http: http.build().map_err(ClientError::BadBundle)?,
             base: format!("https://{endpoint}/berth/v1"),
             endpoint: endpoint.to_string(),
         })
@@ -80,13 +91,16 @@ impl AgentClient {
     }
 
     pub async fn create(&self, spec: &serde_json::Value) -> Result<Created, ClientError> {
-        let r = self
-            .send(self.http.post(format!("{}/jobs", self.base)).json(spec))
-            .await?;
-        r.json().await.map_err(|source| ClientError::Connect {
-            endpoint: self.endpoint.clone(),
-            source,
-        })
+        self.post_json("jobs", spec).await
+    }
+
+    async fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, ClientError> {
+        self.json(self.http.post(format!("{}/{path}", self.base)).json(body))
+            .await
     }
 
     pub async fn list(&self) -> Result<Vec<serde_json::Value>, ClientError> {
@@ -104,13 +118,23 @@ impl AgentClient {
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let r = self
-            .send(self.http.get(format!("{}/{path}", self.base)))
-            .await?;
-        r.json().await.map_err(|source| ClientError::Connect {
-            endpoint: self.endpoint.clone(),
-            source,
-        })
+        self.json(self.http.get(format!("{}/{path}", self.base)))
+            .await
+    }
+
+    /// Sends `rb` and reads its JSON answer.
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        self.send(rb)
+            .await?
+            .json()
+            .await
+            .map_err(|source| ClientError::Connect {
+                endpoint: self.endpoint.clone(),
+                source,
+            })
     }
 
     /// Job `id`'s audit records, JSON lines (`GET /berth/v1/jobs/{id}/audit`).
@@ -142,22 +166,7 @@ pub async fn exchange(
         path: ca.to_path_buf(),
         source,
     })?;
-    let http = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&pem).map_err(ClientError::BadBundle)?)
-        .build()
-        .map_err(ClientError::BadBundle)?;
-    let c = AgentClient {
-        http,
-        base: format!("https://{endpoint}/berth/v1"),
-        endpoint: endpoint.to_string(),
-    };
-    let r = c
-        .send(c.http.post(format!("{}/token", c.base)).json(request))
-        .await?;
-    r.json().await.map_err(|source| ClientError::Connect {
-        endpoint: c.endpoint.clone(),
-        source,
-    })
+    AgentClient::build(endpoint, &pem, None)?
+        .post_json("token", request)
+        .await
 }
