@@ -520,9 +520,9 @@ impl Verifier {
         };
         // A key that names its algorithm is used with that one only.
         if let Some(ka) = jwk.common.key_algorithm
-            && format!("{ka:?}") != format!("{alg:?}")
+            && ka.to_string().parse::<Algorithm>().ok() != Some(alg)
         {
-            return Err(TokenError::Algorithm(format!("{alg:?} with a {ka:?} key")));
+            return Err(TokenError::Algorithm(format!("{alg:?} with a {ka} key")));
         }
         DecodingKey::from_jwk(jwk).map_err(|e| TokenError::Keys {
             issuer: iss.cfg.issuer.clone(),

@@ -99,16 +99,19 @@ impl Server {
             acceptor,
             ca,
             token,
-            verifier,
         } = tls;
-        let token_listener = match token {
-            Some(_) => Some(TcpListener::bind(cfg.token.listen).await.map_err(|e| {
-                bind_error(
-                    cfg.token.listen,
-                    e,
-                    " (another process listens there; pick another token.listen)",
-                )
-            })?),
+        // Bound before anything else starts: a taken port fails the start.
+        let token = match token {
+            Some((acceptor, verifier)) => {
+                let listener = TcpListener::bind(cfg.token.listen).await.map_err(|e| {
+                    bind_error(
+                        cfg.token.listen,
+                        e,
+                        " (another process listens there; pick another token.listen)",
+                    )
+                })?;
+                Some((listener, acceptor, verifier))
+            }
             None => None,
         };
         let workers = Workers::start(cfg.workers).map_err(ServeError::Workers)?;
@@ -134,18 +137,17 @@ impl Server {
             .local_addr()
             .map(|a| a.port())
             .unwrap_or(cfg.listen.port());
-        let token = match (token_listener, token, verifier) {
-            (Some(l), Some(a), Some(v)) => Some(TokenDoor::new(
-                l,
-                a,
-                v,
+        let token = token.map(|(listener, acceptor, verifier)| {
+            TokenDoor::new(
+                listener,
+                acceptor,
+                verifier,
                 jobs.clone(),
                 front_port,
                 cfg.handshake_timeout,
                 limits,
-            )),
-            _ => None,
-        };
+            )
+        });
         Ok(Server {
             token,
             listener,

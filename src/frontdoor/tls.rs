@@ -69,10 +69,9 @@ fn tls_config(
 pub struct Tls {
     pub(super) acceptor: TlsAcceptor,
     pub(super) ca: Ca,
-    /// The token listener's: the same server certificate, no client
-    /// certificate asked.
-    pub(super) token: Option<TlsAcceptor>,
-    pub(super) verifier: Option<crate::oidc::Verifier>,
+    /// With `[token]` enabled: the token listener's acceptor (the same
+    /// server certificate, no client certificate asked) and its verifier.
+    pub(super) token: Option<(TlsAcceptor, crate::oidc::Verifier)>,
 }
 
 impl Tls {
@@ -82,26 +81,21 @@ impl Tls {
         let server = ca.ensure_server(&cfg.certs_dir, &host_names(&cfg.san))?;
         ca.ensure_admin(&cfg.certs_dir)?;
         let acceptor = TlsAcceptor::from(Arc::new(tls_config(&ca, &server, true)?));
-        let (token, verifier) = match cfg.token.enabled {
-            true => (
-                Some(TlsAcceptor::from(Arc::new(tls_config(
-                    &ca, &server, false,
-                )?))),
+        let token = match cfg.token.enabled {
+            true => Some((
+                TlsAcceptor::from(Arc::new(tls_config(&ca, &server, false)?)),
                 // Key files are read now: a bad one stops the start here.
-                Some(
-                    crate::oidc::Verifier::new(&cfg.token).map_err(|e| ServeError::Config {
-                        key: "token.issuers",
-                        why: e.to_string(),
-                    })?,
-                ),
-            ),
-            false => (None, None),
+                crate::oidc::Verifier::new(&cfg.token).map_err(|e| ServeError::Config {
+                    key: "token.issuers",
+                    why: e.to_string(),
+                })?,
+            )),
+            false => None,
         };
         Ok(Tls {
             acceptor,
             ca,
             token,
-            verifier,
         })
     }
 }
