@@ -3,6 +3,7 @@
 //! reachable only through berth's mutual-TLS front door.
 
 pub mod audit;
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod doctor;

@@ -21,6 +21,7 @@ use super::api;
 use super::http::{HttpLimits, Own, error_response, is_json, read_body, serve_small};
 use super::refusals::{Reason, Refusals};
 use crate::audit::{Record, TOKENS};
+use crate::backoff::Backoff;
 use crate::jobs::{CreateJob, Jobs};
 use crate::oidc::{TokenError, Verifier};
 
@@ -84,7 +85,7 @@ impl TokenDoor {
         self.verifier.refresh().await;
         let me = Arc::new(self);
         let mut conns = JoinSet::new();
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = Backoff::new();
         loop {
             while conns.try_join_next().is_some() {}
             let accepted = tokio::select! {
@@ -94,13 +95,12 @@ impl TokenDoor {
             };
             let (tcp, peer) = match accepted {
                 Ok(x) => {
-                    backoff = Duration::from_millis(10);
+                    backoff.reset();
                     x
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "token listener: accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    backoff.wait().await;
                     continue;
                 }
             };

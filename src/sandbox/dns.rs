@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::backoff::Backoff;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
     #[error("cannot bind the job's DNS relay on {addr}: {source}")]
@@ -95,38 +97,6 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// The wait after a failed receive or accept (out of descriptors or
-/// buffers, say): 10 ms, doubling up to 1 s, from 10 ms again once one
-/// succeeds.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(10);
-    const MAX: Duration = Duration::from_secs(1);
-
-    fn new() -> Backoff {
-        Backoff { next: Self::FIRST }
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-
-    /// The wait now, and a longer one the next time.
-    fn step(&mut self) -> Duration {
-        let now = self.next;
-        self.next = (now * 2).min(Self::MAX);
-        now
-    }
-
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.step()).await;
     }
 }
 
@@ -422,14 +392,5 @@ mod tests {
         let mut want: Vec<u16> = held.iter().map(|(id, _, _)| *id).collect();
         want.sort();
         assert_eq!(answered, want);
-    }
-
-    #[test]
-    fn failures_back_off_doubling_to_a_second_and_start_over_on_success() {
-        let mut b = Backoff::new();
-        let waits: Vec<u64> = (0..9).map(|_| b.step().as_millis() as u64).collect();
-        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
-        b.reset();
-        assert_eq!(b.step(), Duration::from_millis(10));
     }
 }
