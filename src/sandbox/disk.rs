@@ -48,7 +48,15 @@ pub enum DiskError {
 pub fn create(job_dir: &Path, root: &Path, bytes: u64, owner: u32) -> Result<(), DiskError> {
     let image = job_dir.join(IMAGE);
     make_image(&image, bytes, owner)?;
-    mount_image(&image, root, "loop,nodev,noatime")?;
+    // No nodev, nosuid, noexec or atime option: the job's mount namespace
+    // copies this mount with its flags locked, and a bind-then-remount
+    // read-only inside the job (containerd's, under every BuildKit step on
+    // dockerd 20.10) that does not repeat a locked flag is refused. What
+    // nodev would guard against cannot happen here: the job's root maps to
+    // an unprivileged host uid, and the kernel lets only a holder of
+    // CAP_MKNOD in the initial user namespace make a device node, so none
+    // can exist on this filesystem (docs/sandbox.md, "The job's disk").
+    mount_image(&image, root, "loop")?;
     let err = |source| DiskError::Image {
         path: image.clone(),
         source,
