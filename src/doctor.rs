@@ -57,6 +57,42 @@ fn version_of(prog: &Path, arg: &str) -> Option<String> {
     text.lines().next().map(|l| l.trim().to_string())
 }
 
+/// dockerd, containerd and runc with their versions, as a job would run
+/// them; the part at fault when the engine cannot run jobs.
+fn check_engine(sb: &SandboxConfig) -> Vec<Check> {
+    use crate::sandbox::engines::EngineError;
+    match sb.engine().probe() {
+        Ok(e) => [
+            ("dockerd", &e.dockerd),
+            ("containerd", &e.containerd),
+            ("runc", &e.runc),
+        ]
+        .into_iter()
+        .map(|(name, part)| pass(name, format!("{} {}", part.release, part.path.display())))
+        .collect(),
+        Err(e) => {
+            let name = match &e {
+                EngineError::Run { key, .. }
+                | EngineError::NoVersion { key, .. }
+                | EngineError::Missing { key, .. }
+                | EngineError::Name { key, .. }
+                | EngineError::Shadowed { key, .. } => key,
+                EngineError::TooOld { .. } => "dockerd",
+            };
+            let fix = match &e {
+                EngineError::TooOld { .. } => {
+                    "install Debian's docker.io (20.10 or later), or point sandbox.dockerd and \
+                     sandbox.containerd at a newer engine (docs/sandbox.md, \"Engines\")"
+                }
+                _ => {
+                    "apt-get install docker.io, or set sandbox.dockerd, sandbox.containerd and sandbox.runc"
+                }
+            };
+            vec![fail(name, e.to_string(), fix)]
+        }
+    }
+}
+
 /// Runs every check. The cgroup check creates a throwaway job cgroup and
 /// removes it again; nothing else is changed on the host.
 pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
@@ -134,16 +170,7 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
         )
     });
 
-    out.push(match version_of(&sb.dockerd, "--version") {
-        Some(v) if v.contains("Docker") => {
-            pass("dockerd", format!("{} ({})", sb.dockerd.display(), v))
-        }
-        _ => fail(
-            "dockerd",
-            format!("{} not found or not working", sb.dockerd.display()),
-            "apt-get install docker.io (or set sandbox.dockerd)",
-        ),
-    });
+    out.extend(check_engine(sb));
     // Links and addresses go through netlink; only the rules need a tool.
     out.push(match version_of(Path::new("iptables"), "-V") {
         Some(v) => pass("iptables", v),

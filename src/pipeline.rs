@@ -13,7 +13,7 @@
 //! name = "build"
 //! run = "docker build -t $APP:1 apps/hello"
 //! timeout = "10m"            # default 30m
-//! env = { DOCKER_BUILDKIT = "0" }
+//! env = { BUILDKIT_PROGRESS = "plain" }
 //! ```
 
 use std::collections::BTreeMap;

@@ -571,6 +571,9 @@ fn a_client_that_disconnects_cancels_the_work_upstream() {
         .env("DOCKER_HOST", &job.endpoint)
         .env("DOCKER_TLS_VERIFY", "1")
         .env("DOCKER_CERT_PATH", &job.dir)
+        // The legacy builder runs each step as a container `docker ps`
+        // shows; BuildKit's cancel on a vanished client is covered in
+        // tests/buildkit.rs.
         .env("DOCKER_BUILDKIT", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -992,9 +992,39 @@ fn missing_prerequisites_and_exhausted_pools_name_the_fix() {
     rt.block_on(e.teardown(a.id())).unwrap();
     drop(e);
 
-    // A dockerd that dies at start: a clear error, and nothing left behind.
+    // Something that is no dockerd is refused before any job, by name.
     let mut cfg = engine_config(10, "prereq");
     cfg.dockerd = "/bin/false".into();
+    let err = berth::sandbox::Engine::new(cfg.clone())
+        .err()
+        .expect("/bin/false is no engine")
+        .to_string();
+    assert!(
+        err.contains("dockerd") && err.contains("/bin/false") && err.contains("no version"),
+        "{err}"
+    );
+    // A dockerd older than 20.10 is refused, saying why.
+    let old = cfg.state_dir.with_extension("old-dockerd");
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    std::fs::write(
+        &old,
+        "#!/bin/sh\necho 'Docker version 19.03.15, build 99e3ed8'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    cfg.dockerd = old;
+    let err = berth::sandbox::Engine::new(cfg.clone())
+        .err()
+        .expect("19.03 is refused")
+        .to_string();
+    assert!(
+        err.contains("19.03.15") && err.contains("20.10.0 or later"),
+        "{err}"
+    );
+    // A dockerd that dies at start: a clear error, and nothing left behind.
+    let dies = cfg.state_dir.with_extension("dying-dockerd");
+    fake_dockerd(&dies, "fake dockerd: dies at start");
+    cfg.dockerd = dies;
     let e = berth::sandbox::Engine::new(cfg).unwrap();
     let err = rt
         .block_on(e.start(None))

@@ -28,6 +28,9 @@ pub const HIDDEN_SUBCOMMAND: &str = "__sandbox-stage1";
 pub struct ChildSpec {
     pub job_id: String,
     pub dockerd: PathBuf,
+    /// dockerd's PATH: where it finds containerd, runc, docker-proxy and
+    /// docker-init (the engine's own directories first).
+    pub path: String,
     /// The job's private root (owned by the job's root): data, exec, home.
     pub root: PathBuf,
     /// Unix socket dockerd serves its API on.
@@ -57,8 +60,6 @@ pub struct ChildSpec {
     #[serde(default)]
     pub shared_layers: Vec<PathBuf>,
 }
-
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Reports `what` to the agent (and the job's log) and exits.
 fn fail(sync: &HelperEnd, what: &str) -> ! {
@@ -220,7 +221,7 @@ fn dockerd_command(spec: &ChildSpec) -> Command {
     let r = &spec.root;
     let mut c = Command::new(&spec.dockerd);
     c.env_clear()
-        .env("PATH", PATH)
+        .env("PATH", &spec.path)
         .env("HOME", r.join("home"))
         .env("XDG_RUNTIME_DIR", r.join("xdg"))
         .env("TMPDIR", r.join("tmp"))
@@ -469,7 +470,7 @@ fn configure_link(spec: &ChildSpec) -> Result<(), (String, RtnlError)> {
 /// they never depend on path-MTU discovery (ICMP the path may drop).
 fn clamp_mss() -> Result<(), String> {
     let out = Command::new("iptables")
-        .env("PATH", PATH)
+        .env("PATH", super::engines::SYSTEM_PATH)
         .args([
             "-w",
             "-t",
@@ -510,6 +511,7 @@ mod tests {
         ChildSpec {
             job_id: id.into(),
             dockerd: "/usr/sbin/dockerd".into(),
+            path: super::super::engines::SYSTEM_PATH.into(),
             root: "/nonexistent".into(),
             api_socket: "/nonexistent/api.sock".into(),
             etc_docker: "/nonexistent/etc".into(),

@@ -93,6 +93,14 @@ pub struct SandboxConfig {
     pub state_dir: PathBuf,
     /// The dockerd binary started in every job.
     pub dockerd: PathBuf,
+    /// The containerd that dockerd starts (a file named `containerd`);
+    /// empty: the first on the engine's PATH (dockerd's own directory, then
+    /// the system's). Set it with `dockerd` to run another engine's pair,
+    /// such as Debian 13's unpacked into /opt.
+    pub containerd: PathBuf,
+    /// The runc containerd's shim runs (a file named `runc`); empty: the
+    /// first on the engine's PATH.
+    pub runc: PathBuf,
     /// The berth binary used as the job's stage-1 helper and pid 1.
     /// Empty means the running executable.
     pub helper: PathBuf,
@@ -264,6 +272,8 @@ impl Default for SandboxConfig {
         SandboxConfig {
             state_dir: "/var/lib/berth".into(),
             dockerd: "/usr/sbin/dockerd".into(),
+            containerd: PathBuf::new(),
+            runc: PathBuf::new(),
             helper: PathBuf::new(),
             uid_base: 1_000_000_000,
             uid_ranges: 512,
@@ -310,6 +320,15 @@ pub enum ConfigError {
 }
 
 impl SandboxConfig {
+    /// The engine parts this configuration names.
+    pub fn engine(&self) -> super::engines::Wanted<'_> {
+        super::engines::Wanted {
+            dockerd: &self.dockerd,
+            containerd: &self.containerd,
+            runc: &self.runc,
+        }
+    }
+
     /// Checks every key; the error names the key and what would be valid.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let inv = |key, why: String| Err(ConfigError::Invalid { key, why });

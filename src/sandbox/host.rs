@@ -7,7 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{Layout, SandboxConfig, SandboxError, cgroup, config, io, net, preload, record, slots};
+use super::{
+    Layout, SandboxConfig, SandboxError, cgroup, config, engines, io, net, preload, record, slots,
+};
 
 /// What the engine keeps of the host's preparation.
 pub(super) struct Prepared {
@@ -17,8 +19,8 @@ pub(super) struct Prepared {
     pub layout: Option<Layout>,
     /// MTU of job links.
     pub mtu: u32,
-    /// dockerd's major version, where `dockerd --version` says it.
-    pub dockerd_major: Option<u32>,
+    /// dockerd, containerd and runc as found, with their versions.
+    pub engine: engines::Engine,
     /// Registry settings for every job, CA files read.
     pub registries: super::registries::Loaded,
     /// Where the jobs' DNS relays forward.
@@ -39,6 +41,8 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         cfg.helper.clone()
     };
     check_prerequisites(cfg, &helper)?;
+    let engine = cfg.engine().probe()?;
+    tracing::info!(engine = %engine.describe(), "jobs run this engine");
     // Socket paths below the state dir must fit sun_path (108 bytes).
     if cfg.state_dir.as_os_str().len() > 48 {
         return Err(config::ConfigError::Invalid {
@@ -99,11 +103,6 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         cfg.dns_upstreams.clone()
     };
     let preloads = preload::prepare(&cfg.preload, &cfg.state_dir.join("preload"))?;
-    let dockerd_major = std::process::Command::new(&cfg.dockerd)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| dockerd_major(&String::from_utf8_lossy(&o.stdout)));
     let mut registries = cfg.registries.load()?;
     let cache = match cfg.cache_addr() {
         Some(addr) => {
@@ -125,24 +124,13 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         helper,
         layout,
         mtu,
-        dockerd_major,
+        engine,
         registries,
         upstreams,
         preloads,
         cache,
         _lock: lock,
     })
-}
-
-/// The major version in `dockerd --version`'s answer
-/// (`Docker version 20.10.24+dfsg1, build 5d6db84`).
-fn dockerd_major(version: &str) -> Option<u32> {
-    version
-        .strip_prefix("Docker version ")?
-        .split(['.', ','])
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, SandboxError> {
@@ -265,22 +253,4 @@ pub(super) fn mkdir_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
 
 pub(super) fn chown(path: &Path, id: u32) -> Result<(), SandboxError> {
     std::os::unix::fs::chown(path, Some(id), Some(id)).map_err(io("cannot chown", path))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_dockerds_major_version() {
-        assert_eq!(
-            dockerd_major("Docker version 20.10.24+dfsg1, build 5d6db84\n"),
-            Some(20)
-        );
-        assert_eq!(
-            dockerd_major("Docker version 27.5.1, build 4c9b3b0"),
-            Some(27)
-        );
-        assert_eq!(dockerd_major("dockerd: command not found"), None);
-    }
 }

@@ -222,7 +222,31 @@ impl Engine {
         let (pid, chan) = self.spawn_helper(sb, rec, &spec, &files, exited_tx)?;
         self.handshake(sb, rec, pid, chan, seed.as_deref()).await?;
         self.wait_ready(sb).await?;
+        self.widen_ephemeral_ports(rec).await?;
         self.preload(sb, seed.is_some()).await
+    }
+
+    /// dockerd takes the ports it publishes from the job's
+    /// `ip_local_port_range`, which the job's init narrowed to the job's
+    /// block; dockerd has read it once it answers. The job's own outgoing
+    /// connections get the host's whole range back: a block of 64 ports
+    /// would run out within a minute of pushing layers (each closed
+    /// connection holds its port for TIME_WAIT).
+    async fn widen_ephemeral_ports(&self, rec: &JobRecord) -> Result<(), SandboxError> {
+        let (Some(_), Some(init)) = (rec.ports, rec.init_pid) else {
+            return Ok(());
+        };
+        let proc_root = self.cfg.proc_root.clone();
+        let id = rec.id.clone();
+        tokio::task::spawn_blocking(move || {
+            let file = Path::new("/proc/sys/net/ipv4/ip_local_port_range");
+            let host = std::fs::read_to_string(file).map_err(io("cannot read", file))?;
+            sys::in_netns_of(&proc_root, init, || std::fs::write(file, host.trim()))
+                .map_err(|e| start_err(&id, e))?
+                .map_err(io("cannot write the job's", file))
+        })
+        .await
+        .map_err(|e| start_err(&rec.id, e))?
     }
 
     /// The job's `root` (everything its dockerd writes), on a filesystem of
@@ -276,7 +300,7 @@ impl Engine {
             &daemon_json,
             daemon_json_text(
                 self.host.mtu,
-                self.host.dockerd_major,
+                self.host.engine.has_default_network_opts(),
                 &self.host.registries,
             ),
         )
@@ -362,6 +386,7 @@ impl Engine {
         ChildSpec {
             job_id: id.clone(),
             dockerd: cfg.dockerd.clone(),
+            path: self.host.engine.path.clone(),
             root: files.root.clone(),
             api_socket: api_socket(&files.dir),
             etc_docker: files.root.join("etc-docker"),
@@ -695,7 +720,7 @@ fn probe_idmap(dir: &Path) -> Result<(), SandboxError> {
 /// the key, and the job's TCP segment clamp covers them).
 fn daemon_json_text(
     mtu: u32,
-    dockerd_major: Option<u32>,
+    default_network_opts: bool,
     registries: &super::registries::Loaded,
 ) -> String {
     let mut v = serde_json::json!({
@@ -708,7 +733,7 @@ fn daemon_json_text(
     if !registries.insecure.is_empty() {
         v["insecure-registries"] = serde_json::json!(registries.insecure);
     }
-    if dockerd_major.is_some_and(|m| m >= 24) {
+    if default_network_opts {
         v["default-network-opts"] =
             serde_json::json!({ "bridge": { "com.docker.network.driver.mtu": mtu.to_string() } });
     }
@@ -728,11 +753,11 @@ mod tests {
     #[test]
     fn new_networks_get_the_link_mtu_where_dockerd_knows_how() {
         let old: serde_json::Value =
-            serde_json::from_str(&daemon_json_text(1400, Some(20), &Default::default())).unwrap();
+            serde_json::from_str(&daemon_json_text(1400, false, &Default::default())).unwrap();
         assert!(old.get("default-network-opts").is_none());
         assert_eq!(old["log-opts"]["max-size"], "10m");
         let new: serde_json::Value =
-            serde_json::from_str(&daemon_json_text(1400, Some(27), &Default::default())).unwrap();
+            serde_json::from_str(&daemon_json_text(1400, true, &Default::default())).unwrap();
         assert_eq!(
             new["default-network-opts"]["bridge"]["com.docker.network.driver.mtu"],
             "1400"
@@ -743,7 +768,7 @@ mod tests {
             cas: Vec::new(),
         };
         let unknown: serde_json::Value =
-            serde_json::from_str(&daemon_json_text(1400, None, &reg)).unwrap();
+            serde_json::from_str(&daemon_json_text(1400, false, &reg)).unwrap();
         assert!(unknown.get("default-network-opts").is_none());
         assert_eq!(unknown["registry-mirrors"][0], "http://10.0.0.1:5000");
         assert_eq!(unknown["insecure-registries"][0], "r.example:5000");

@@ -18,6 +18,7 @@ pub mod child;
 pub mod config;
 pub mod disk;
 mod dns;
+pub mod engines;
 pub mod evidence;
 mod health;
 mod host;
@@ -68,6 +69,8 @@ pub enum SandboxError {
     Seed(#[from] seed::SeedError),
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
+    #[error(transparent)]
+    Engine(#[from] engines::EngineError),
     #[error(transparent)]
     Cache(#[from] cache::CacheError),
     #[error("{what} {path}: {source}")]
@@ -384,7 +387,7 @@ impl SandboxError {
     pub fn reason(&self) -> &'static str {
         match self {
             SandboxError::Config(_) => "config",
-            SandboxError::Prerequisite(_) => "prerequisite",
+            SandboxError::Prerequisite(_) | SandboxError::Engine(_) => "prerequisite",
             SandboxError::Slot(slots::SlotError::Exhausted { .. }) => "no_free_range",
             SandboxError::Slot(_) => "slot",
             SandboxError::Cgroup(_) => "cgroup",

@@ -230,6 +230,32 @@ struct MountAttr {
     userns_fd: u64,
 }
 
+/// Runs `f` on a thread of its own that has joined the network namespace of
+/// process `pid` (as `proc_root` shows it): what `f` opens of /proc/sys/net
+/// is that namespace's. The caller's own threads stay where they are.
+pub fn in_netns_of<T: Send>(
+    proc_root: &Path,
+    pid: u32,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, SysError> {
+    let path = proc_root.join(pid.to_string()).join("ns/net");
+    let ns = std::fs::File::open(&path).map_err(|e| {
+        call(
+            format!("open {}", path.display()),
+            Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+        )
+    })?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| call(format!("setns into {}", path.display()), e))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 /// A detached, read-only clone of the tree at `path` whose file owners are
 /// seen through `userns`'s id map (an on-disk id `u` appears as the host id
 /// that `u` maps to in `userns`).

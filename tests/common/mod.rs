@@ -25,11 +25,18 @@ pub fn berth_bin() -> PathBuf {
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_berth").into())
 }
 
-/// Writes a stand-in `dockerd` at `path` that explains itself on stderr and
-/// exits 3, as a broken install would.
+/// Writes a stand-in `dockerd` at `path` that gives its version as Debian
+/// 12's does, and otherwise explains itself on stderr and exits 3, as a
+/// broken install would.
 pub fn fake_dockerd(path: &Path, says: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, format!("#!/bin/sh\necho '{says}' >&2\nexit 3\n")).unwrap();
+    std::fs::write(
+        path,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = --version ] && {{ echo 'Docker version 20.10.24+dfsg1, build fake'; exit 0; }}\necho '{says}' >&2\nexit 3\n"
+        ),
+    )
+    .unwrap();
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
@@ -139,8 +146,7 @@ pub fn docker_stdin(sock: &Path, args: &[&str], input: Option<&[u8]>) -> Output 
 /// Runs a prepared docker CLI command with `args`, feeding `input` (then
 /// EOF) to its stdin.
 fn run_docker(mut c: Command, args: &[&str], input: Option<&[u8]>) -> Output {
-    c.env("DOCKER_BUILDKIT", "0")
-        .args(args)
+    c.args(args)
         .stdin(if input.is_some() {
             Stdio::piped()
         } else {
