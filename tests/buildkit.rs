@@ -1014,3 +1014,106 @@ fn a_build_secret_reaches_neither_the_audit_nor_the_agents_log() {
         assert!(!agent.contains(s), "the secret is in the agent's log");
     }
 }
+
+/// The status line and body of the first answer on a fresh TLS connection
+/// that sent `raw`.
+fn answer(port: u16, bundle: &Path, raw: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = std::fs::read(bundle.join("ca.pem")).unwrap();
+    let cert = std::fs::read(bundle.join("cert.pem")).unwrap();
+    let key = std::fs::read(bundle.join("key.pem")).unwrap();
+    rt().block_on(async {
+        let mut s = tls_connect(port, &ca, Some((&cert, &key))).await.unwrap();
+        s.write_all(raw.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Until the head and Content-Length bytes of body are in.
+        let complete = |out: &[u8]| {
+            let text = String::from_utf8_lossy(out);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return false;
+            };
+            let len = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            });
+            len.is_none_or(|n| body.len() >= n)
+        };
+        while !complete(&out) {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+#[test]
+fn a_malformed_session_upgrade_gets_a_clear_400_and_the_job_keeps_serving() {
+    if !prerequisites() {
+        return;
+    }
+    plugins();
+    let name = "bk-session";
+    let fd = FrontDoor::start(56, name);
+    let job = fd.create_job(&[]);
+    let head = |path: &str, extra: &str| {
+        format!("POST {path} HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\n{extra}\r\n")
+    };
+    for (what, raw, says) in [
+        (
+            "no Upgrade header",
+            head("/session", "X-Docker-Expose-Session-Uuid: a1\r\n"),
+            "Upgrade: h2c",
+        ),
+        (
+            "another protocol",
+            head("/v1.41/grpc", "Upgrade: websocket\r\n"),
+            "Upgrade: h2c",
+        ),
+        (
+            "a body with the upgrade",
+            head(
+                "/session",
+                "Upgrade: h2c\r\nX-Docker-Expose-Session-Uuid: a2\r\nContent-Length: 5\r\n",
+            ) + "hello",
+            "no body",
+        ),
+        (
+            "a chunked body with the upgrade",
+            head("/grpc", "Upgrade: h2c\r\nTransfer-Encoding: chunked\r\n")
+                + "5\r\nhello\r\n0\r\n\r\n",
+            "no body",
+        ),
+        (
+            "a nameless session",
+            head("/session", "Upgrade: h2c\r\n"),
+            "X-Docker-Expose-Session-Uuid",
+        ),
+    ] {
+        let a = answer(fd.port, &job.dir, &raw);
+        assert!(a.starts_with("HTTP/1.1 400"), "{what}: {a}");
+        assert!(a.contains(says) && a.contains("BuildKit"), "{what}: {a}");
+    }
+    // The audit tells each one apart, and the job builds as before.
+    let audit = text(&fd.job_cli(&["audit", &job.id, "--json"]).stdout);
+    assert_eq!(audit.matches("malformed-upgrade").count(), 5, "{audit}");
+    let work = workdir(name);
+    let config = work.join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    import_base(&job, &config);
+    std::fs::write(
+        work.join("Dockerfile"),
+        "FROM busybox:test\nRUN echo still > /still\n",
+    )
+    .unwrap();
+    run(
+        "a build after the malformed upgrades",
+        cli(&job, &config)
+            .args(["build", "-t", "still:1"])
+            .arg(&work),
+    );
+    assert_eq!(cat(&job, &config, "still:1", "/still"), "still");
+}

@@ -327,6 +327,68 @@ fn a_job_cannot_touch_the_host_nor_raise_its_limits() {
     );
     assert!(!stdout(&out).contains("WROTE"), "wrote sysrq-trigger");
 
+    // The job's disk is mounted without nodev (BuildKit's read-only
+    // remounts need it): no device node can exist on it. A privileged
+    // container cannot make one, on its own root or on a volume...
+    for target in ["/null-here", "/v/null-here"] {
+        let out = docker(
+            &s,
+            &[
+                "run",
+                "--rm",
+                "--privileged",
+                "-v",
+                "devtest:/v",
+                "busybox:test",
+                "sh",
+                "-c",
+                &format!("mknod {target} c 1 3 && echo MADE"),
+            ],
+        );
+        assert!(
+            !stdout(&out).contains("MADE")
+                && String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+            "made a device node at {target} on the job's disk: {out:?}"
+        );
+    }
+    // ...and an image whose layer holds one unpacks without it.
+    let layer = std::env::temp_dir().join(format!("berth-devlayer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&layer);
+    std::fs::create_dir_all(layer.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", layer.join("bin/busybox")).unwrap();
+    nix::sys::stat::mknod(
+        &layer.join("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let tar = Command::new("tar")
+        .args(["-C", layer.to_str().unwrap(), "-c", "."])
+        .output()
+        .unwrap();
+    assert!(tar.status.success());
+    std::fs::remove_dir_all(&layer).unwrap();
+    let import = docker_stdin(&s, &["import", "-", "devlayer:1"], Some(&tar.stdout));
+    if import.status.success() {
+        let out = docker(
+            &s,
+            &[
+                "run",
+                "--rm",
+                "devlayer:1",
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "test -c /null && echo CHAR",
+            ],
+        );
+        assert!(
+            !stdout(&out).contains("CHAR"),
+            "a device node from an image layer exists on the job's disk"
+        );
+    }
+
     // A privileged container that mounts the cgroup hierarchy cannot raise the
     // job's own limit: the limit lives above the job's cgroup namespace.
     let cg = sb.record().cgroup.clone().unwrap();

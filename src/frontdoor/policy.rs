@@ -12,7 +12,8 @@
 use std::borrow::Cow;
 use std::path::{Component, Path, PathBuf};
 
-use hyper::{Method, StatusCode};
+use hyper::header::{CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
+use hyper::{HeaderMap, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
 /// "/v1.41/containers/json" → "/containers/json".
@@ -205,7 +206,13 @@ impl Policy {
     /// The profile's decision on a job's request; `body` is there when
     /// [`Policy::needs_body`] asked for it.
     /// A job certificate opens its own job's Docker API, never the job API.
-    pub fn decide(&self, method: &Method, uri: &hyper::Uri, body: Option<&[u8]>) -> Decision {
+    pub fn decide(
+        &self,
+        method: &Method,
+        uri: &hyper::Uri,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+    ) -> Decision {
         let path = strip_version(uri.path());
         if uri.path().starts_with(API_PREFIX) || path.starts_with(API_PREFIX) {
             return Err(Denial {
@@ -213,6 +220,9 @@ impl Policy {
                 status: StatusCode::FORBIDDEN,
                 message: "berth: the job API needs the admin certificate".into(),
             });
+        }
+        if method == Method::POST && matches!(path, "/session" | "/grpc") {
+            buildkit_upgrade(path, headers)?;
         }
         if self.profile == Profile::AllowAll {
             return allow();
@@ -389,6 +399,47 @@ pub fn registry(image: &str) -> &str {
     }
 }
 
+/// BuildKit's `/session` and `/grpc` are HTTP/2 over an upgraded connection
+/// (`Upgrade: h2c`), and a session names itself. Anything else sent there
+/// is the client's mistake: a body would make the bytes after the head
+/// ambiguous (request or stream?), and a nameless session collides with
+/// every other nameless one in the daemon.
+fn buildkit_upgrade(path: &str, headers: &HeaderMap) -> Result<(), Denial> {
+    let malformed = |what: &str| {
+        Denial {
+        rule: "malformed-upgrade",
+        status: StatusCode::BAD_REQUEST,
+        message: format!(
+            "berth: {path} is BuildKit's HTTP/2 endpoint: {what} (the docker CLI and buildx send it right)"
+        )
+        .into(),
+    }
+    };
+    let h2c = headers
+        .get_all(UPGRADE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"));
+    if !h2c {
+        return Err(malformed("the request must ask for `Upgrade: h2c`"));
+    }
+    let body = headers.contains_key(TRANSFER_ENCODING)
+        || headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if body {
+        return Err(malformed("an upgrade request carries no body"));
+    }
+    let named = headers
+        .get("x-docker-expose-session-uuid")
+        .is_some_and(|v| !v.as_bytes().trim_ascii().is_empty());
+    if path == "/session" && !named {
+        return Err(malformed(
+            "a session names itself (X-Docker-Expose-Session-Uuid)",
+        ));
+    }
+    Ok(())
+}
+
 fn deny(rule: &'static str, what: impl Into<String>) -> Decision {
     Err(Denial {
         rule,
@@ -431,15 +482,74 @@ fn url_query(q: &str) -> Vec<(String, String)> {
 mod tests {
     use super::*;
 
+    /// What the docker CLI sends to open a BuildKit session.
+    fn session_head() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(UPGRADE, "h2c".parse().unwrap());
+        h.insert(hyper::header::CONNECTION, "Upgrade".parse().unwrap());
+        h.insert("X-Docker-Expose-Session-Uuid", "k3x9".parse().unwrap());
+        h
+    }
+
     fn job(m: &Method, p: &str) -> Decision {
         // Both profiles: the job API is closed to jobs whatever the profile.
         let uri: hyper::Uri = p.parse().unwrap();
-        let strict = strict().decide(m, &uri, None);
+        let h = session_head();
+        let strict = strict().decide(m, &uri, &h, None);
         assert_eq!(
             strict.is_ok(),
-            Policy::default().decide(m, &uri, None).is_ok()
+            Policy::default().decide(m, &uri, &h, None).is_ok()
         );
         strict
+    }
+
+    #[test]
+    fn a_malformed_buildkit_upgrade_is_the_clients_400_in_every_profile() {
+        let post = |p: &str, h: &HeaderMap| {
+            let uri: hyper::Uri = p.parse().unwrap();
+            let d = Policy::default().decide(&Method::POST, &uri, h, None);
+            assert_eq!(
+                d,
+                strict()
+                    .decide(&Method::POST, &uri, h, None)
+                    .map(|_| Permit(()))
+            );
+            d
+        };
+        assert!(post("/session", &session_head()).is_ok());
+        assert!(post("/v1.41/session", &session_head()).is_ok());
+        let mut grpc = session_head();
+        grpc.remove("X-Docker-Expose-Session-Uuid");
+        assert!(post("/grpc", &grpc).is_ok(), "/grpc names no session");
+        let mut cases: Vec<(&str, HeaderMap, &str)> = Vec::new();
+        let mut h = session_head();
+        h.remove(UPGRADE);
+        cases.push(("/session", h, "Upgrade: h2c"));
+        let mut h = session_head();
+        h.insert(UPGRADE, "websocket".parse().unwrap());
+        cases.push(("/grpc", h, "Upgrade: h2c"));
+        let mut h = session_head();
+        h.insert(CONTENT_LENGTH, "5".parse().unwrap());
+        cases.push(("/session", h, "no body"));
+        let mut h = session_head();
+        h.insert(TRANSFER_ENCODING, "chunked".parse().unwrap());
+        cases.push(("/v1.44/grpc", h, "no body"));
+        let mut h = session_head();
+        h.insert("X-Docker-Expose-Session-Uuid", " ".parse().unwrap());
+        cases.push(("/session", h, "names itself"));
+        for (p, h, why) in cases {
+            let d = post(p, &h).unwrap_err();
+            assert_eq!(d.status, StatusCode::BAD_REQUEST, "{p}");
+            assert_eq!(d.rule, "malformed-upgrade");
+            assert!(d.message.contains(why), "{p}: {}", d.message);
+        }
+        // Other methods go on to dockerd, which answers them itself.
+        let uri: hyper::Uri = "/session".parse().unwrap();
+        assert!(
+            Policy::default()
+                .decide(&Method::GET, &uri, &HeaderMap::new(), None)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -501,7 +611,12 @@ mod tests {
 
     fn create(body: serde_json::Value) -> Decision {
         let uri: hyper::Uri = "/v1.41/containers/create?name=x".parse().unwrap();
-        strict().decide(&Method::POST, &uri, Some(body.to_string().as_bytes()))
+        strict().decide(
+            &Method::POST,
+            &uri,
+            &HeaderMap::new(),
+            Some(body.to_string().as_bytes()),
+        )
     }
 
     fn rule(d: Decision) -> &'static str {
@@ -577,20 +692,27 @@ mod tests {
         let pull: hyper::Uri = "/v1.41/images/create?fromImage=quay.io%2Fx%2Fy&tag=1"
             .parse()
             .unwrap();
-        assert_eq!(rule(p.decide(&Method::POST, &pull, None)), "registry");
+        assert_eq!(
+            rule(p.decide(&Method::POST, &pull, &HeaderMap::new(), None)),
+            "registry"
+        );
         let build: hyper::Uri = "/build?t=x&networkmode=host".parse().unwrap();
-        assert_eq!(rule(p.decide(&Method::POST, &build, None)), "host-network");
+        assert_eq!(
+            rule(p.decide(&Method::POST, &build, &HeaderMap::new(), None)),
+            "host-network"
+        );
         let exec: hyper::Uri = "/containers/abc/exec".parse().unwrap();
         assert_eq!(
             rule(p.decide(
                 &Method::POST,
                 &exec,
+                &HeaderMap::new(),
                 Some(br#"{"Cmd":["sh"],"Privileged":true}"#)
             )),
             "privileged"
         );
         assert_eq!(
-            rule(p.decide(&Method::POST, &exec, Some(b"{not json"))),
+            rule(p.decide(&Method::POST, &exec, &HeaderMap::new(), Some(b"{not json"))),
             "unreadable-body"
         );
         // allow-all lets everything through.
@@ -600,6 +722,7 @@ mod tests {
                 .decide(
                     &Method::POST,
                     &uri,
+                    &HeaderMap::new(),
                     Some(br#"{"HostConfig":{"Privileged":true}}"#)
                 )
                 .is_ok()

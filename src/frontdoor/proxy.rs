@@ -414,7 +414,7 @@ async fn answer(
             }
             Err(r) => return own(r.response()),
         };
-        match policy.decide(&parts.method, &parts.uri, Some(&bytes)) {
+        match policy.decide(&parts.method, &parts.uri, &parts.headers, Some(&bytes)) {
             Ok(permit) => {
                 account.moved(bytes.len() as u64, 0);
                 forward(
@@ -430,7 +430,7 @@ async fn answer(
             Err(d) => deny(d),
         }
     } else {
-        match policy.decide(&parts.method, &parts.uri, None) {
+        match policy.decide(&parts.method, &parts.uri, &parts.headers, None) {
             Ok(permit) => {
                 let tally: Arc<dyn Tally> = account.clone();
                 let (b, fault) = ClientBody::new(body, ctx.body_idle, Some(tally));

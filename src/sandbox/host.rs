@@ -56,6 +56,16 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
     }
     // 0711: jobs traverse to their own directory but list nothing.
     mkdir_mode(&cfg.state_dir, 0o711)?;
+    if let Some((dir, mode)) = closed_ancestor(&cfg.state_dir) {
+        return Err(SandboxError::Prerequisite(format!(
+            "{} (mode {mode:04o}) keeps every job out of its own directory below {}: a job's \
+             daemon runs as an unprivileged host user and must pass through it; \
+             chmod o+x {} (or choose another state_dir)",
+            dir.display(),
+            cfg.state_dir.display(),
+            dir.display()
+        )));
+    }
     mkdir_mode(&record::jobs_dir(&cfg.state_dir), 0o711)?;
     mkdir_mode(&slots::slots_dir(&cfg.state_dir), 0o700)?;
     let lock = lock_state_dir(&cfg.state_dir)?;
@@ -241,6 +251,16 @@ fn is_executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// The first directory above `dir` that others may not pass through
+/// (no `o+x`), with its mode: a job's unprivileged users could not reach
+/// their own files below it.
+fn closed_ancestor(dir: &Path) -> Option<(PathBuf, u32)> {
+    dir.ancestors().skip(1).find_map(|a| {
+        let mode = std::fs::metadata(a).ok()?.permissions().mode() & 0o7777;
+        (mode & 0o001 == 0).then(|| (a.to_path_buf(), mode))
+    })
+}
+
 pub(super) fn mkdir_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -253,4 +273,23 @@ pub(super) fn mkdir_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
 
 pub(super) fn chown(path: &Path, id: u32) -> Result<(), SandboxError> {
     std::os::unix::fs::chown(path, Some(id), Some(id)).map_err(io("cannot chown", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_dir_below_a_closed_directory_is_named() {
+        let base = std::env::temp_dir().join(format!("berth-host-{}", std::process::id()));
+        let state = base.join("closed/state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let closed = base.join("closed");
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(closed_ancestor(&state), Some((closed.clone(), 0o700)));
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert_eq!(closed_ancestor(&state), None);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

@@ -88,6 +88,15 @@ pub fn prerequisites() -> bool {
         Command::new("docker").arg("--version").output().is_ok(),
         "the docker CLI is missing: apt-get install docker.io"
     );
+    // Without buildx the CLI would fall back to the legacy builder, and
+    // every build here would test the wrong thing.
+    assert!(
+        Command::new("docker")
+            .args(["buildx", "version"])
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "the docker CLI has no buildx plugin: run scripts/debian13-parts plugins"
+    );
     true
 }
 
