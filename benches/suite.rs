@@ -27,7 +27,13 @@
 //!    namespace) sits behind a 200 Mbit/s link, through an empty cache, a
 //!    warm one, and with the upstream as the job's only mirror (no cache).
 //!
-//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache
+//! 9. BuildKit on each engine (Debian 12's dockerd 20.10, Debian 13's 26.1
+//!    from /opt): a multi-stage build (`--no-cache`) through the front door
+//!    against the job's unix socket, alternating; the same Dockerfile with
+//!    the legacy builder; and a step whose `--mount=type=cache` is cold
+//!    (after `builder prune`) against the same step warm.
+//!
+//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build
 //! runs a subset.
 
 #[path = "../tests/common/mod.rs"]
@@ -800,6 +806,21 @@ fn main() {
         );
     }
 
+    // 9. BuildKit builds on each engine.
+    if section("build") {
+        for (label, cfg) in [
+            ("dockerd 20.10", common::engine_config(47, "bs-build-d12")),
+            (
+                "dockerd 26.1",
+                common::with_debian13_engine(common::engine_config(48, "bs-build-d13")),
+            ),
+        ] {
+            for r in build_figures(label, cfg, n) {
+                row(&mut table, r);
+            }
+        }
+    }
+
     println!(
         "## berth benchmark suite — {n} runs per latency, {} cores",
         std::thread::available_parallelism()
@@ -812,6 +833,140 @@ fn main() {
     for r in table {
         println!("{r}");
     }
+}
+
+/// Rows for one engine: BuildKit through the front door against the unix
+/// socket, against the legacy builder, and a cache mount cold against warm.
+fn build_figures(label: &str, cfg: berth::sandbox::SandboxConfig, n: usize) -> Vec<String> {
+    let name = cfg
+        .state_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let state = cfg.state_dir.clone();
+    let engine = std::sync::Arc::new(berth::sandbox::Engine::new(cfg).unwrap());
+    let fd = common::FrontDoor::start_engine(engine, &name, |c| c.warm_pool = 0);
+    let job = fd.create_job(&["--ttl", "2h"]);
+    let sock = state.join("jobs").join(&job.id).join("api/docker.sock");
+    let work = PathBuf::from(format!("/var/lib/bt/{name}-work"));
+    let _ = std::fs::remove_dir_all(&work);
+    let (multi, cached) = (work.join("multi"), work.join("cached"));
+    std::fs::create_dir_all(&multi).unwrap();
+    std::fs::create_dir_all(&cached).unwrap();
+    std::fs::write(
+        multi.join("Dockerfile"),
+        "FROM busybox:test AS gen\n\
+         RUN dd if=/dev/urandom of=/blob bs=1M count=32 2>/dev/null && sha256sum /blob > /blob.sha\n\
+         FROM busybox:test AS check\n\
+         COPY --from=gen /blob /blob\n\
+         RUN sha256sum /blob > /check\n\
+         FROM busybox:test\n\
+         COPY --from=gen /blob.sha /\n\
+         COPY --from=check /blob /check /data/\n",
+    )
+    .unwrap();
+    // What a dependency download is to a real build: work the cache mount
+    // keeps for the next build of the job.
+    std::fs::write(
+        cached.join("Dockerfile"),
+        "FROM busybox:test\n\
+         ARG ROUND\n\
+         RUN --mount=type=cache,target=/deps sh -c '[ -f /deps/done ] || { dd if=/dev/urandom of=/deps/blob bs=1M count=128 2>/dev/null && sha256sum /deps/blob > /deps/sum && touch /deps/done; }; cp /deps/sum /sum'\n",
+    )
+    .unwrap();
+    let config = work.join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    let tls = [
+        ("DOCKER_HOST", job.endpoint.clone()),
+        ("DOCKER_TLS_VERIFY", "1".to_string()),
+        ("DOCKER_CERT_PATH", job.dir.display().to_string()),
+    ];
+    let unix = [("DOCKER_HOST", format!("unix://{}", sock.display()))];
+    let docker = |env: &[(&str, String)], args: &[&str], input: Option<&[u8]>| {
+        let mut c = Command::new("docker");
+        c.env_remove("DOCKER_TLS_VERIFY")
+            .env_remove("DOCKER_CERT_PATH")
+            .env_remove("DOCKER_BUILDKIT")
+            .env("DOCKER_CONFIG", &config)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let t = Instant::now();
+        let mut child = c.spawn().unwrap();
+        if let Some(bytes) = input {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(bytes).unwrap();
+        }
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        t.elapsed().as_secs_f64()
+    };
+    docker(
+        &tls,
+        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
+        Some(common::busybox_tar()),
+    );
+    let m = multi.to_str().unwrap();
+    let build = ["build", "--no-cache", "-q", "-t", "multi:1", m];
+    let (mut via_tls, mut via_unix, mut legacy) = (Vec::new(), Vec::new(), Vec::new());
+    // One untimed build of each kind first: the first BuildKit build of a
+    // daemon sets up its state.
+    docker(&tls, &build, None);
+    docker(&unix, &build, None);
+    for _ in 0..n {
+        via_tls.push(docker(&tls, &build, None));
+        via_unix.push(docker(&unix, &build, None));
+        let mut legacy_env = tls.to_vec();
+        legacy_env.push(("DOCKER_BUILDKIT", "0".into()));
+        legacy.push(docker(&legacy_env, &build, None));
+    }
+    let c = cached.to_str().unwrap();
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        docker(&tls, &["builder", "prune", "-af"], None);
+        let (a, b) = (format!("ROUND=c{i}"), format!("ROUND=w{i}"));
+        cold.push(docker(
+            &tls,
+            &["build", "-q", "-t", "c:1", "--build-arg", &a, c],
+            None,
+        ));
+        warm.push(docker(
+            &tls,
+            &["build", "-q", "-t", "c:1", "--build-arg", &b, c],
+            None,
+        ));
+    }
+    assert!(fd.job_cli(&["rm", &job.id]).status.success());
+    vec![
+        format!(
+            "| {label}: multi-stage BuildKit build --no-cache, front door (s) | {:.2} | {:.3}× the job's unix socket ({:.2}) |",
+            median(&via_tls),
+            median(&via_tls) / median(&via_unix),
+            median(&via_unix)
+        ),
+        format!(
+            "| {label}: same Dockerfile, legacy builder, front door (s) | {:.2} | BuildKit {:.2}× the legacy builder |",
+            median(&legacy),
+            median(&via_tls) / median(&legacy)
+        ),
+        format!(
+            "| {label}: step with a warm --mount=type=cache (s) | {:.2} | {:.2}× the same step cold ({:.2}) |",
+            median(&warm),
+            median(&warm) / median(&cold),
+            median(&cold)
+        ),
+    ]
 }
 
 /// Seconds of each fresh job's `docker pull big:1` (docker.io/library/big:1,

@@ -18,9 +18,6 @@ use berth::frontdoor::policy::{Policy, Profile};
 use berth::sandbox::SandboxConfig;
 use common::*;
 
-/// Debian 13's engine as `scripts/debian13-parts engine` unpacks it.
-const DEBIAN13: &str = "/opt/berth/engines/debian13";
-
 #[derive(Clone, Copy, Debug)]
 enum EngineKind {
     /// The host's /usr/sbin/dockerd (Debian's docker.io).
@@ -30,18 +27,10 @@ enum EngineKind {
 }
 
 fn config(kind: EngineKind, n: u32, name: &str) -> SandboxConfig {
-    let mut c = engine_config(n, name);
-    if let EngineKind::Debian13 = kind {
-        let dockerd = Path::new(DEBIAN13).join("usr/sbin/dockerd");
-        assert!(
-            dockerd.exists(),
-            "{} is missing: run scripts/debian13-parts engine",
-            dockerd.display()
-        );
-        c.dockerd = dockerd;
-        c.containerd = Path::new(DEBIAN13).join("usr/bin/containerd");
+    match kind {
+        EngineKind::System => engine_config(n, name),
+        EngineKind::Debian13 => with_debian13_engine(engine_config(n, name)),
     }
-    c
 }
 
 /// Fails loudly without the CLI plugins every build here relies on.

@@ -135,6 +135,23 @@ pub fn engine_config(n: u32, name: &str) -> SandboxConfig {
     }
 }
 
+/// Debian 13's engine as `scripts/debian13-parts engine` unpacks it.
+pub const DEBIAN13_ENGINE: &str = "/opt/berth/engines/debian13";
+
+/// `cfg` with Debian 13's dockerd and containerd (the host's runc); fails
+/// loudly when they are not installed.
+pub fn with_debian13_engine(mut cfg: SandboxConfig) -> SandboxConfig {
+    let dockerd = Path::new(DEBIAN13_ENGINE).join("usr/sbin/dockerd");
+    assert!(
+        dockerd.exists(),
+        "{} is missing: run scripts/debian13-parts engine",
+        dockerd.display()
+    );
+    cfg.dockerd = dockerd;
+    cfg.containerd = Path::new(DEBIAN13_ENGINE).join("usr/bin/containerd");
+    cfg
+}
+
 pub fn engine(n: u32, name: &str) -> Engine {
     Engine::new(engine_config(n, name)).expect("engine")
 }
