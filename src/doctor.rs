@@ -71,14 +71,6 @@ fn check_engine(sb: &SandboxConfig) -> Vec<Check> {
         .map(|(name, part)| pass(name, format!("{} {}", part.release, part.path.display())))
         .collect(),
         Err(e) => {
-            let name = match &e {
-                EngineError::Run { key, .. }
-                | EngineError::NoVersion { key, .. }
-                | EngineError::Missing { key, .. }
-                | EngineError::Name { key, .. }
-                | EngineError::Shadowed { key, .. } => key,
-                EngineError::TooOld { .. } => "dockerd",
-            };
             let fix = match &e {
                 EngineError::TooOld { .. } => {
                     "install Debian's docker.io (20.10 or later), or point sandbox.dockerd and \
@@ -88,7 +80,7 @@ fn check_engine(sb: &SandboxConfig) -> Vec<Check> {
                     "apt-get install docker.io, or set sandbox.dockerd, sandbox.containerd and sandbox.runc"
                 }
             };
-            vec![fail(name, e.to_string(), fix)]
+            vec![fail(e.key(), e.to_string(), fix)]
         }
     }
 }

@@ -103,6 +103,17 @@ fn workdir(name: &str) -> PathBuf {
 /// it holds: a busybox image has no ssh client to show that a build step
 /// reached the client's agent.
 fn ssh_agent_keys(into: &Path) {
+    // Built on the host where the tests run without a compiler (the
+    // guest lanes).
+    if let Some(built) = std::env::var_os("BERTH_TEST_SSH_AGENT_KEYS") {
+        std::fs::copy(&built, into).unwrap_or_else(|e| {
+            panic!(
+                "BERTH_TEST_SSH_AGENT_KEYS={}: {e}",
+                Path::new(&built).display()
+            )
+        });
+        return;
+    }
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ssh_agent_keys.c");
     let o = Command::new("gcc")
         .args(["-static", "-O2", "-o"])
@@ -846,81 +857,87 @@ fn processes_running(cmdline: &[u8]) -> usize {
         .count()
 }
 
-#[test]
-fn a_client_killed_mid_build_leaves_no_build_behind_on_either_engine() {
+/// A build whose client is killed (SIGKILL of the CLI) during a `RUN`: the
+/// step stops, the job keeps serving, and `job rm` takes it all.
+fn killed_client_test(kind: EngineKind, n: u32, name: &str, secs: &str) {
     if !prerequisites() {
         return;
     }
     plugins();
-    for (kind, n, name, secs) in [
-        (EngineKind::System, 53, "bk-kill-sys", "3597"),
-        (EngineKind::Debian13, 54, "bk-kill-d13", "3598"),
-    ] {
-        let engine = Arc::new(berth::sandbox::Engine::new(config(kind, n, name)).expect("engine"));
-        let fd = FrontDoor::start_engine(engine, name, |_| {});
-        let job = fd.create_job(&[]);
-        let work = workdir(name);
-        let config = work.join("docker-config");
-        std::fs::create_dir_all(&config).unwrap();
-        import_base(&job, &config);
-        let ctx = work.join("ctx");
-        std::fs::create_dir_all(&ctx).unwrap();
-        // A step that would run for an hour, recognisable on the host by
-        // its command line.
-        std::fs::write(
-            ctx.join("Dockerfile"),
-            format!("FROM busybox:test\nRUN [\"sleep\", \"{secs}\"]\n"),
-        )
+    let engine = Arc::new(berth::sandbox::Engine::new(config(kind, n, name)).expect("engine"));
+    let fd = FrontDoor::start_engine(engine, name, |_| {});
+    let job = fd.create_job(&[]);
+    let work = workdir(name);
+    let config = work.join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    import_base(&job, &config);
+    let ctx = work.join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    // A step that would run for an hour, recognisable on the host by
+    // its command line.
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM busybox:test\nRUN [\"sleep\", \"{secs}\"]\n"),
+    )
+    .unwrap();
+    let marker = format!("sleep\0{secs}\0");
+    let mut build = cli(&job, &config)
+        .args(["build", "-t", "slow:1"])
+        .arg(&ctx)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
         .unwrap();
-        let marker = format!("sleep\0{secs}\0");
-        let mut build = cli(&job, &config)
-            .args(["build", "-t", "slow:1"])
-            .arg(&ctx)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while processes_running(marker.as_bytes()) == 0 {
-            assert!(
-                Instant::now() < deadline && build.try_wait().unwrap().is_none(),
-                "{kind:?}: the RUN step never started"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // SIGKILL: the client vanishes without a word.
-        build.kill().unwrap();
-        build.wait().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while processes_running(marker.as_bytes()) != 0 {
-            assert!(
-                Instant::now() < deadline,
-                "{kind:?}: the build's step kept running after its client was killed"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // The job keeps serving, builds included.
-        std::fs::write(
-            ctx.join("Dockerfile"),
-            "FROM busybox:test\nRUN echo after > /after\n",
-        )
-        .unwrap();
-        run(
-            "a build after the killed one",
-            cli(&job, &config)
-                .args(["build", "-t", "after:1"])
-                .arg(&ctx),
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while processes_running(marker.as_bytes()) == 0 {
+        assert!(
+            Instant::now() < deadline && build.try_wait().unwrap().is_none(),
+            "{kind:?}: the RUN step never started"
         );
-        assert_eq!(cat(&job, &config, "after:1", "/after"), "after");
-        let t = Instant::now();
-        let o = fd.job_cli(&["rm", &job.id]);
-        assert!(o.status.success(), "job rm: {}", text(&o.stderr));
-        eprintln!(
-            "{kind:?}: job rm after a killed build took {:?}",
-            t.elapsed()
-        );
-        assert!(jobs_left(name).is_empty(), "{:?}", jobs_left(name));
+        std::thread::sleep(Duration::from_millis(100));
     }
+    // SIGKILL: the client vanishes without a word.
+    build.kill().unwrap();
+    build.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while processes_running(marker.as_bytes()) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{kind:?}: the build's step kept running after its client was killed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The job keeps serving, builds included.
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:test\nRUN echo after > /after\n",
+    )
+    .unwrap();
+    run(
+        "a build after the killed one",
+        cli(&job, &config)
+            .args(["build", "-t", "after:1"])
+            .arg(&ctx),
+    );
+    assert_eq!(cat(&job, &config, "after:1", "/after"), "after");
+    let t = Instant::now();
+    let o = fd.job_cli(&["rm", &job.id]);
+    assert!(o.status.success(), "job rm: {}", text(&o.stderr));
+    eprintln!(
+        "{kind:?}: job rm after a killed build took {:?}",
+        t.elapsed()
+    );
+    assert!(jobs_left(name).is_empty(), "{:?}", jobs_left(name));
+}
+
+#[test]
+fn a_client_killed_mid_build_leaves_no_build_behind_on_the_system_engine() {
+    killed_client_test(EngineKind::System, 53, "bk-kill-sys", "3597");
+}
+
+#[test]
+fn a_client_killed_mid_build_leaves_no_build_behind_on_the_debian13_engine() {
+    killed_client_test(EngineKind::Debian13, 54, "bk-kill-d13", "3598");
 }
 
 /// The in-process agent's own log, every level, to a file: what an

@@ -405,15 +405,10 @@ pub fn registry(image: &str) -> &str {
 /// ambiguous (request or stream?), and a nameless session collides with
 /// every other nameless one in the daemon.
 fn buildkit_upgrade(path: &str, headers: &HeaderMap) -> Result<(), Denial> {
-    let malformed = |what: &str| {
-        Denial {
+    let malformed = |what: &str| Denial {
         rule: "malformed-upgrade",
         status: StatusCode::BAD_REQUEST,
-        message: format!(
-            "berth: {path} is BuildKit's HTTP/2 endpoint: {what} (the docker CLI and buildx send it right)"
-        )
-        .into(),
-    }
+        message: format!("berth: {path} is BuildKit's HTTP/2 endpoint: {what}").into(),
     };
     let h2c = headers
         .get_all(UPGRADE)

@@ -131,6 +131,20 @@ pub enum EngineError {
     },
 }
 
+impl EngineError {
+    /// The `[sandbox]` key of the part at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            EngineError::Run { key, .. }
+            | EngineError::NoVersion { key, .. }
+            | EngineError::Missing { key, .. }
+            | EngineError::Name { key, .. }
+            | EngineError::Shadowed { key, .. } => key,
+            EngineError::TooOld { .. } => "dockerd",
+        }
+    }
+}
+
 /// One part of the engine: where it is and its version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part {
