@@ -835,6 +835,9 @@ fn main() {
     }
 }
 
+/// Variables for the docker CLI.
+type Env<'a> = &'a [(&'a str, String)];
+
 /// Rows for one engine: BuildKit through the front door against the unix
 /// socket, against the legacy builder, and a cache mount cold against warm.
 fn build_figures(label: &str, cfg: berth::sandbox::SandboxConfig, n: usize) -> Vec<String> {
@@ -924,12 +927,20 @@ fn build_figures(label: &str, cfg: berth::sandbox::SandboxConfig, n: usize) -> V
     // daemon sets up its state.
     docker(&tls, &build, None);
     docker(&unix, &build, None);
-    for _ in 0..n {
-        via_tls.push(docker(&tls, &build, None));
-        via_unix.push(docker(&unix, &build, None));
-        let mut legacy_env = tls.to_vec();
-        legacy_env.push(("DOCKER_BUILDKIT", "0".into()));
-        legacy.push(docker(&legacy_env, &build, None));
+    let mut legacy_env = tls.to_vec();
+    legacy_env.push(("DOCKER_BUILDKIT", "0".into()));
+    // Each round in another order, so that what one build leaves behind
+    // (an image to untag, cache to collect) weighs on each path alike.
+    for i in 0..n {
+        let mut round: [(Env, &mut Vec<f64>); 3] = [
+            (&tls, &mut via_tls),
+            (&unix, &mut via_unix),
+            (&legacy_env, &mut legacy),
+        ];
+        round.rotate_left(i % 3);
+        for (env, out) in round {
+            out.push(docker(env, &build, None));
+        }
     }
     let c = cached.to_str().unwrap();
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
