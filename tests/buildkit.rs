@@ -246,29 +246,64 @@ fn import_base(job: &TlsJob, config: &Path) {
     assert!(o.status.success(), "import: {}", text(&o.stderr));
 }
 
-/// `docker run --rm IMAGE cat FILE` in the job.
-fn cat(job: &TlsJob, config: &Path, image: &str, file: &str) -> String {
-    text(
-        &run(
-            &format!("cat {file} in {image}"),
-            cli(job, config).args(["run", "--rm", image, "cat", file]),
+/// A job through a front door with what every scenario needs beside it: a
+/// work directory of its own, a docker config directory (buildx keeps its
+/// builder state there) and the base image imported.
+struct JobWork {
+    fd: FrontDoor,
+    job: TlsJob,
+    work: PathBuf,
+    config: PathBuf,
+}
+
+impl JobWork {
+    fn open(fd: FrontDoor, name: &str) -> JobWork {
+        let job = fd.create_job(&[]);
+        let work = workdir(name);
+        let config = work.join("docker-config");
+        std::fs::create_dir_all(&config).unwrap();
+        import_base(&job, &config);
+        JobWork {
+            fd,
+            job,
+            work,
+            config,
+        }
+    }
+
+    fn cli(&self) -> Command {
+        cli(&self.job, &self.config)
+    }
+
+    /// `docker run --rm IMAGE cat FILE` in the job.
+    fn cat(&self, image: &str, file: &str) -> String {
+        text(
+            &run(
+                &format!("cat {file} in {image}"),
+                self.cli().args(["run", "--rm", image, "cat", file]),
+            )
+            .stdout,
         )
-        .stdout,
-    )
-    .trim()
-    .to_string()
+        .trim()
+        .to_string()
+    }
+
+    /// `berth job rm`, and nothing of the job left in `name`'s state dir.
+    fn remove(&self, name: &str) {
+        let o = self.fd.job_cli(&["rm", &self.job.id]);
+        assert!(o.status.success(), "job rm: {}", text(&o.stderr));
+        assert!(jobs_left(name).is_empty(), "{:?}", jobs_left(name));
+    }
 }
 
 /// Every build scenario of a CI job, against one job, in order. `registry`
 /// is a TLS registry whose CA the job's dockerd has.
-fn build_scenarios(job: &TlsJob, work: &Path, registry: &str) {
-    let config = work.join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
+fn build_scenarios(jw: &JobWork, registry: &str) {
+    let work = &jw.work;
     let ctx = work.join("ctx");
     write_context(&ctx);
-    import_base(job, &config);
     let c = || {
-        let mut c = cli(job, &config);
+        let mut c = jw.cli();
         c.current_dir(&ctx);
         c
     };
@@ -292,8 +327,8 @@ fn build_scenarios(job: &TlsJob, work: &Path, registry: &str) {
         log.contains("[internal] load build definition from Dockerfile"),
         "not a BuildKit build:\n{log}"
     );
-    assert_eq!(cat(job, &config, "app:1", "/greeting"), "hello");
-    assert_eq!(cat(job, &config, "app:1", "/tool"), "tool");
+    assert_eq!(jw.cat("app:1", "/greeting"), "hello");
+    assert_eq!(jw.cat("app:1", "/tool"), "tool");
     let id = text(
         &run(
             "inspect",
@@ -327,7 +362,7 @@ fn build_scenarios(job: &TlsJob, work: &Path, registry: &str) {
         .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
         .count();
     assert!(json_lines > 0, "--progress=rawjson printed no JSON:\n{raw}");
-    assert_eq!(cat(job, &config, "tools:1", "/tool"), "tool");
+    assert_eq!(jw.cat("tools:1", "/tool"), "tool");
 
     // A cache mount outlives the build: the second run of the step (its
     // layer cache busted by a new build arg, as a changed source would)
@@ -338,7 +373,7 @@ fn build_scenarios(job: &TlsJob, work: &Path, registry: &str) {
             c().args(["build", "-t", "cached:1", "--target", "cached"])
                 .args(["--build-arg", &format!("ROUND={round}"), "."]),
         );
-        assert_eq!(cat(job, &config, "cached:1", "/runs"), round, "cache mount");
+        assert_eq!(jw.cat("cached:1", "/runs"), round, "cache mount");
     }
 
     // Secrets from a file and from the environment reach the step, and
@@ -357,14 +392,14 @@ fn build_scenarios(job: &TlsJob, work: &Path, registry: &str) {
             .arg("."),
     );
     assert_eq!(
-        cat(job, &config, "secret:1", "/token.sha"),
+        jw.cat("secret:1", "/token.sha"),
         sha256_hex(secret.as_bytes())
     );
     assert_eq!(
-        cat(job, &config, "secret:1", "/envtok.sha"),
+        jw.cat("secret:1", "/envtok.sha"),
         sha256_hex(env_secret.as_bytes())
     );
-    assert_no_secret_in_image(job, &config, "secret:1", &[secret, env_secret]);
+    assert_no_secret_in_image(jw, "secret:1", &[secret, env_secret]);
 
     // The client's ssh-agent, forwarded into the step.
     let agent = SshAgent::start(work);
@@ -377,7 +412,7 @@ fn build_scenarios(job: &TlsJob, work: &Path, registry: &str) {
         .arg("."),
     );
     assert_eq!(
-        cat(job, &config, "ssh:1", "/ssh-keys"),
+        jw.cat("ssh:1", "/ssh-keys"),
         "1",
         "the step saw the agent's key"
     );
@@ -388,7 +423,7 @@ fn build_scenarios(job: &TlsJob, work: &Path, registry: &str) {
         "build with a bind mount from a stage",
         c().args(["build", "-t", "bound:1", "--target", "bound", "."]),
     );
-    assert_eq!(cat(job, &config, "bound:1", "/bound"), "tool");
+    assert_eq!(jw.cat("bound:1", "/bound"), "tool");
     // Named build contexts need Dockerfile frontend 1.4 (BuildKit 0.10,
     // dockerd 23 on); 20.10's own frontend refuses them by name, as it does
     // in docker:dind.
@@ -406,10 +441,7 @@ fn build_scenarios(job: &TlsJob, work: &Path, registry: &str) {
         .args(["--build-context", "extra=extra", "."]);
     if major >= 23 {
         run("build with --build-context", &mut named);
-        assert_eq!(
-            cat(job, &config, "contexts:1", "/extra.txt"),
-            "from another context"
-        );
+        assert_eq!(jw.cat("contexts:1", "/extra.txt"), "from another context");
     } else {
         let o = named.output().unwrap();
         assert!(
@@ -456,7 +488,7 @@ fn build_scenarios(job: &TlsJob, work: &Path, registry: &str) {
     );
     run("rmi", c().args(["rmi", "-f", &pushed]));
     run("pull what was pushed", c().args(["pull", &pushed]));
-    assert_eq!(cat(job, &config, &pushed, "/tool"), "tool");
+    assert_eq!(jw.cat(&pushed, "/tool"), "tool");
     let cache_ref = format!("{registry}/berth/cache:1");
     run(
         "build --cache-to type=inline --push",
@@ -494,8 +526,8 @@ fn build_scenarios(job: &TlsJob, work: &Path, registry: &str) {
 
     // bake: two targets from an HCL file.
     run("buildx bake", c().args(["buildx", "bake", "--load"]));
-    assert_eq!(cat(job, &config, "bake-app:1", "/greeting"), "baked");
-    assert_eq!(cat(job, &config, "bake-tools:1", "/tool"), "tool");
+    assert_eq!(jw.cat("bake-app:1", "/greeting"), "baked");
+    assert_eq!(jw.cat("bake-tools:1", "/tool"), "tool");
 
     // Disk usage and pruning of the build cache.
     let du = run("buildx du", c().args(["buildx", "du"]));
@@ -516,16 +548,10 @@ fn build_scenarios(job: &TlsJob, work: &Path, registry: &str) {
 
 /// Neither the image's history and config nor any of its layers holds the
 /// secrets.
-fn assert_no_secret_in_image(job: &TlsJob, config: &Path, image: &str, secrets: &[&str]) {
-    let history = run(
-        "history",
-        cli(job, config).args(["history", "--no-trunc", image]),
-    );
-    let inspect = run(
-        "inspect",
-        cli(job, config).args(["image", "inspect", image]),
-    );
-    let saved = run("save", cli(job, config).args(["save", image]));
+fn assert_no_secret_in_image(jw: &JobWork, image: &str, secrets: &[&str]) {
+    let history = run("history", jw.cli().args(["history", "--no-trunc", image]));
+    let inspect = run("inspect", jw.cli().args(["image", "inspect", image]));
+    let saved = run("save", jw.cli().args(["save", image]));
     for s in secrets {
         for (what, bytes) in [
             ("history", &history.stdout),
@@ -551,27 +577,12 @@ fn door_with_registry(
 ) -> (FrontDoor, Outside, Registry, String) {
     let host = Outside::create(n as u8);
     let ip = host.addr.to_string();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let srv_key = rcgen::KeyPair::generate().unwrap();
-    let srv = rcgen::CertificateParams::new(vec![ip.clone()])
-        .unwrap()
-        .signed_by(&srv_key, &issuer)
-        .unwrap();
+    let (ca_pem, cert_pem, key_pem) = private_ca_for(&ip);
     let ca_file = PathBuf::from(format!("/var/lib/bt/{name}-registry-ca.pem"));
     std::fs::create_dir_all("/var/lib/bt").unwrap();
-    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    std::fs::write(&ca_file, ca_pem).unwrap();
     let addr = format!("{ip}:5443");
-    let registry = Registry::start(
-        &host.name,
-        name,
-        &addr,
-        Some((&srv.pem(), &srv_key.serialize_pem())),
-        None,
-    );
+    let registry = Registry::start(&host.name, name, &addr, Some((&cert_pem, &key_pem)), None);
     let cfg = SandboxConfig {
         registries: berth::sandbox::registries::Registries {
             ca: [(addr.clone(), ca_file)].into(),
@@ -597,15 +608,13 @@ fn build_test(kind: EngineKind, n: u32, name: &str, policy: Policy) {
     }
     plugins();
     let (fd, _host, registry, addr) = door_with_registry(kind, n, name, policy);
-    let job = fd.create_job(&[]);
-    build_scenarios(&job, &workdir(name), &addr);
+    let jw = JobWork::open(fd, name);
+    build_scenarios(&jw, &addr);
     assert!(
         registry.log_count("\"PUT /v2/berth/app/manifests/1") >= 1,
         "the registry saw no push"
     );
-    let o = fd.job_cli(&["rm", &job.id]);
-    assert!(o.status.success(), "job rm: {}", text(&o.stderr));
-    assert!(jobs_left(name).is_empty(), "{:?}", jobs_left(name));
+    jw.remove(name);
 }
 
 #[test]
@@ -671,14 +680,12 @@ volumes:
     .unwrap();
 }
 
-fn compose_scenarios(job: &TlsJob, work: &Path) {
-    let config = work.join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
+fn compose_scenarios(jw: &JobWork) {
+    let work = &jw.work;
     let project = work.join("proj");
     write_compose_project(&project);
-    import_base(job, &config);
     let c = || {
-        let mut c = cli(job, &config);
+        let mut c = jw.cli();
         c.current_dir(&project).args(["compose", "-p", "berthproj"]);
         c
     };
@@ -756,7 +763,7 @@ fn compose_scenarios(job: &TlsJob, work: &Path) {
         c().args(["down", "-v", "--remove-orphans"]),
     );
     let left = |args: &[&str]| {
-        text(&run("list", cli(job, &config).args(args)).stdout)
+        text(&run("list", jw.cli().args(args)).stdout)
             .lines()
             .filter(|l| l.contains("berthproj"))
             .map(String::from)
@@ -773,11 +780,9 @@ fn compose_test(kind: EngineKind, n: u32, name: &str) {
     }
     plugins();
     let engine = Arc::new(berth::sandbox::Engine::new(config(kind, n, name)).expect("engine"));
-    let fd = FrontDoor::start_engine(engine, name, |_| {});
-    let job = fd.create_job(&[]);
-    compose_scenarios(&job, &workdir(name));
-    let o = fd.job_cli(&["rm", &job.id]);
-    assert!(o.status.success(), "job rm: {}", text(&o.stderr));
+    let jw = JobWork::open(FrontDoor::start_engine(engine, name, |_| {}), name);
+    compose_scenarios(&jw);
+    jw.remove(name);
 }
 
 #[test]
@@ -802,13 +807,9 @@ fn compose_v1_still_builds_and_runs_a_project() {
         "compose v1 is missing: apt-get install docker-compose"
     );
     let name = "compose-v1";
-    let fd = FrontDoor::start(52, name);
-    let job = fd.create_job(&[]);
-    let work = workdir(name);
-    let config = work.join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
-    import_base(&job, &config);
-    let project = work.join("proj");
+    let jw = JobWork::open(FrontDoor::start(52, name), name);
+    let job = &jw.job;
+    let project = jw.work.join("proj");
     std::fs::create_dir_all(project.join("web")).unwrap();
     std::fs::write(
         project.join("web/Dockerfile"),
@@ -843,7 +844,7 @@ fn compose_v1_still_builds_and_runs_a_project() {
     );
     assert_eq!(text(&o.stdout).trim(), "v1-built");
     run("docker-compose down -v", v1().args(["down", "-v"]));
-    let ps = text(&run("ps", cli(&job, &config).args(["ps", "-aq"])).stdout);
+    let ps = text(&run("ps", jw.cli().args(["ps", "-aq"])).stdout);
     assert!(ps.trim().is_empty(), "{ps}");
 }
 
@@ -865,13 +866,8 @@ fn killed_client_test(kind: EngineKind, n: u32, name: &str, secs: &str) {
     }
     plugins();
     let engine = Arc::new(berth::sandbox::Engine::new(config(kind, n, name)).expect("engine"));
-    let fd = FrontDoor::start_engine(engine, name, |_| {});
-    let job = fd.create_job(&[]);
-    let work = workdir(name);
-    let config = work.join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
-    import_base(&job, &config);
-    let ctx = work.join("ctx");
+    let jw = JobWork::open(FrontDoor::start_engine(engine, name, |_| {}), name);
+    let ctx = jw.work.join("ctx");
     std::fs::create_dir_all(&ctx).unwrap();
     // A step that would run for an hour, recognisable on the host by
     // its command line.
@@ -881,7 +877,8 @@ fn killed_client_test(kind: EngineKind, n: u32, name: &str, secs: &str) {
     )
     .unwrap();
     let marker = format!("sleep\0{secs}\0");
-    let mut build = cli(&job, &config)
+    let mut build = jw
+        .cli()
         .args(["build", "-t", "slow:1"])
         .arg(&ctx)
         .stdout(Stdio::null())
@@ -915,19 +912,15 @@ fn killed_client_test(kind: EngineKind, n: u32, name: &str, secs: &str) {
     .unwrap();
     run(
         "a build after the killed one",
-        cli(&job, &config)
-            .args(["build", "-t", "after:1"])
-            .arg(&ctx),
+        jw.cli().args(["build", "-t", "after:1"]).arg(&ctx),
     );
-    assert_eq!(cat(&job, &config, "after:1", "/after"), "after");
+    assert_eq!(jw.cat("after:1", "/after"), "after");
     let t = Instant::now();
-    let o = fd.job_cli(&["rm", &job.id]);
-    assert!(o.status.success(), "job rm: {}", text(&o.stderr));
+    jw.remove(name);
     eprintln!(
         "{kind:?}: job rm after a killed build took {:?}",
         t.elapsed()
     );
-    assert!(jobs_left(name).is_empty(), "{:?}", jobs_left(name));
 }
 
 #[test]
@@ -969,12 +962,8 @@ fn a_build_secret_reaches_neither_the_audit_nor_the_agents_log() {
     plugins();
     let log = agent_log();
     let name = "bk-secret";
-    let fd = FrontDoor::start(55, name);
-    let job = fd.create_job(&[]);
-    let work = workdir(name);
-    let config = work.join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
-    import_base(&job, &config);
+    let jw = JobWork::open(FrontDoor::start(55, name), name);
+    let (work, job) = (&jw.work, &jw.job);
     let ctx = work.join("ctx");
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(
@@ -987,7 +976,7 @@ fn a_build_secret_reaches_neither_the_audit_nor_the_agents_log() {
     std::fs::write(work.join("token"), secret).unwrap();
     run(
         "build with secrets",
-        cli(&job, &config)
+        jw.cli()
             .args(["build", "--progress=plain", "-t", "secret:1"])
             .arg("--secret")
             .arg(format!("id=token,src={}", work.join("token").display()))
@@ -996,23 +985,23 @@ fn a_build_secret_reaches_neither_the_audit_nor_the_agents_log() {
             .arg(&ctx),
     );
     assert_eq!(
-        cat(&job, &config, "secret:1", "/len"),
+        jw.cat("secret:1", "/len"),
         (secret.len() + env_secret.len()).to_string()
     );
-    assert_no_secret_in_image(&job, &config, "secret:1", &[secret, env_secret]);
-    let audit = fd.job_cli(&["audit", &job.id, "--json"]);
+    assert_no_secret_in_image(&jw, "secret:1", &[secret, env_secret]);
+    let audit = jw.fd.job_cli(&["audit", &job.id, "--json"]);
     assert!(audit.status.success());
     let audit = text(&audit.stdout);
     assert!(
         audit.contains("/session") && audit.contains("/grpc"),
         "the audit lacks the build's requests:\n{audit}"
     );
-    let o = fd.job_cli(&["rm", &job.id]);
-    assert!(o.status.success());
-    drop(fd);
+    jw.remove(name);
+    let job_id = job.id.clone();
+    drop(jw);
     let agent = std::fs::read_to_string(log).unwrap();
     assert!(
-        agent.contains(&job.id),
+        agent.contains(&job_id),
         "the agent's log has nothing of the job: is it the right log?"
     );
     for s in [secret, env_secret] {
@@ -1063,8 +1052,8 @@ fn a_malformed_session_upgrade_gets_a_clear_400_and_the_job_keeps_serving() {
     }
     plugins();
     let name = "bk-session";
-    let fd = FrontDoor::start(56, name);
-    let job = fd.create_job(&[]);
+    let jw = JobWork::open(FrontDoor::start(56, name), name);
+    let (fd, job) = (&jw.fd, &jw.job);
     let head = |path: &str, extra: &str| {
         format!("POST {path} HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\n{extra}\r\n")
     };
@@ -1106,10 +1095,7 @@ fn a_malformed_session_upgrade_gets_a_clear_400_and_the_job_keeps_serving() {
     // The audit tells each one apart, and the job builds as before.
     let audit = text(&fd.job_cli(&["audit", &job.id, "--json"]).stdout);
     assert_eq!(audit.matches("malformed-upgrade").count(), 5, "{audit}");
-    let work = workdir(name);
-    let config = work.join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
-    import_base(&job, &config);
+    let work = &jw.work;
     std::fs::write(
         work.join("Dockerfile"),
         "FROM busybox:test\nRUN echo still > /still\n",
@@ -1117,9 +1103,7 @@ fn a_malformed_session_upgrade_gets_a_clear_400_and_the_job_keeps_serving() {
     .unwrap();
     run(
         "a build after the malformed upgrades",
-        cli(&job, &config)
-            .args(["build", "-t", "still:1"])
-            .arg(&work),
+        jw.cli().args(["build", "-t", "still:1"]).arg(work),
     );
-    assert_eq!(cat(&job, &config, "still:1", "/still"), "still");
+    assert_eq!(jw.cat("still:1", "/still"), "still");
 }

@@ -414,21 +414,12 @@ fn registry_settings_reach_every_job_private_ca_insecure_and_mirror() {
     let host = Outside::create(16);
     let ip = host.addr.to_string();
     // A private CA and a server certificate for the test host's address.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let srv_key = rcgen::KeyPair::generate().unwrap();
-    let srv = rcgen::CertificateParams::new(vec![ip.clone()])
-        .unwrap()
-        .signed_by(&srv_key, &issuer)
-        .unwrap();
+    let (ca_pem, cert_pem, key_pem) = private_ca_for(&ip);
     let work = std::path::PathBuf::from("/var/lib/bt/registries-test");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let ca_file = work.join("ca.pem");
-    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    std::fs::write(&ca_file, ca_pem).unwrap();
     let htpasswd = work.join("htpasswd");
     let h = Command::new("htpasswd")
         .args(["-Bbc"])
@@ -437,7 +428,6 @@ fn registry_settings_reach_every_job_private_ca_insecure_and_mirror() {
         .output()
         .expect("htpasswd: apt-get install apache2-utils");
     assert!(h.status.success());
-    let (cert_pem, key_pem) = (srv.pem(), srv_key.serialize_pem());
     let private = format!("{ip}:5443");
     let unlisted = format!("{ip}:5444");
     let plain = format!("{ip}:5000");

@@ -812,6 +812,22 @@ pub fn jobs_left(name: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A private CA and a server certificate it signed for `ip`, as PEM: the
+/// CA's certificate, the server's certificate and the server's key.
+pub fn private_ca_for(ip: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let srv_key = rcgen::KeyPair::generate().unwrap();
+    let srv = rcgen::CertificateParams::new(vec![ip.to_string()])
+        .unwrap()
+        .signed_by(&srv_key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), srv.pem(), srv_key.serialize_pem())
+}
+
 /// Debian's `docker-registry` in a test host's namespace, on `addr`, its
 /// storage in `dir`; TLS and htpasswd when given. Killed on drop.
 pub struct Registry {
