@@ -134,10 +134,15 @@ pub fn stage1_main(spec_json: &str) -> ! {
     if let Err(e) = sys::unshare(sys::job_namespaces(spec.cgroupns)) {
         fail(&sync, &e.to_string());
     }
-    if let Err(e) = sync
-        .send(&FromHelper::Unshared)
-        .and_then(|()| sync.mapped())
-    {
+    // The agent enters the job's network namespace by this descriptor once
+    // dockerd answers: opening /proc/<pid>/ns/net of a process in another
+    // user namespace would take CAP_SYS_PTRACE, which an agent in a
+    // container need not have.
+    let netns = match std::fs::File::open("/proc/self/ns/net") {
+        Ok(f) => std::os::fd::OwnedFd::from(f),
+        Err(e) => fail(&sync, &format!("open /proc/self/ns/net: {e}")),
+    };
+    if let Err(e) = sync.unshared(netns).and_then(|()| sync.mapped()) {
         fail(&sync, &format!("while the agent mapped ids: {e}"));
     }
     if let Err(e) = sys::become_ns_root() {

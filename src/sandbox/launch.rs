@@ -6,7 +6,7 @@
 
 use crate::locks::Lock;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -220,9 +220,9 @@ impl Engine {
         self.start_dns(sb, rec).await?;
         let spec = self.child_spec(rec, &files, seed.as_deref());
         let (pid, chan) = self.spawn_helper(sb, rec, &spec, &files, exited_tx)?;
-        self.handshake(sb, rec, pid, chan, seed.as_deref()).await?;
+        let netns = self.handshake(sb, rec, pid, chan, seed.as_deref()).await?;
         self.wait_ready(sb).await?;
-        self.widen_ephemeral_ports(rec).await?;
+        self.widen_ephemeral_ports(rec, netns).await?;
         self.preload(sb, seed.is_some()).await
     }
 
@@ -232,16 +232,19 @@ impl Engine {
     /// connections get the host's whole range back: a block of 64 ports
     /// would run out within a minute of pushing layers (each closed
     /// connection holds its port for TIME_WAIT).
-    async fn widen_ephemeral_ports(&self, rec: &JobRecord) -> Result<(), SandboxError> {
-        let (Some(_), Some(init)) = (rec.ports, rec.init_pid) else {
+    async fn widen_ephemeral_ports(
+        &self,
+        rec: &JobRecord,
+        netns: OwnedFd,
+    ) -> Result<(), SandboxError> {
+        if rec.ports.is_none() {
             return Ok(());
-        };
-        let proc_root = self.cfg.proc_root.clone();
+        }
         let id = rec.id.clone();
         tokio::task::spawn_blocking(move || {
             let file = Path::new("/proc/sys/net/ipv4/ip_local_port_range");
             let host = std::fs::read_to_string(file).map_err(io("cannot read", file))?;
-            sys::in_netns_of(&proc_root, init, || std::fs::write(file, host.trim()))
+            sys::in_netns(netns.as_fd(), || std::fs::write(file, host.trim()))
                 .map_err(|e| start_err(&id, e))?
                 .map_err(io("cannot write the job's", file))
         })
@@ -486,7 +489,7 @@ impl Engine {
         pid: u32,
         chan: protocol::AgentEnd,
         seed: Option<&seed::Seed>,
-    ) -> Result<(), SandboxError> {
+    ) -> Result<OwnedFd, SandboxError> {
         // The shared layers, seen through the job's id map, go to the helper
         // by fd; it attaches them before it creates the job's namespaces.
         let mut trees = Vec::new();
@@ -595,14 +598,15 @@ struct Handshake {
 }
 
 impl Handshake {
-    /// The job's init pid (once known) and how the start went.
-    fn run(self) -> (Option<u32>, Result<(), SandboxError>) {
+    /// The job's init pid (once known) and how the start went: the job's
+    /// network namespace when it did.
+    fn run(self) -> (Option<u32>, Result<OwnedFd, SandboxError>) {
         let mut init = None;
         let r = self.steps(&mut init);
         (init, r)
     }
 
-    fn steps(mut self, init: &mut Option<u32>) -> Result<(), SandboxError> {
+    fn steps(mut self, init: &mut Option<u32>) -> Result<OwnedFd, SandboxError> {
         let id = self.job_id.clone();
         let proto = |e: protocol::ProtocolError| match e {
             protocol::ProtocolError::Failed { message } => start_err(&id, message),
@@ -616,7 +620,7 @@ impl Handshake {
         self.chan
             .start(&std::mem::take(&mut self.trees))
             .map_err(proto)?;
-        self.chan.unshared(self.step).map_err(proto)?;
+        let netns = self.chan.unshared(self.step).map_err(proto)?;
         // Namespaces exist: the helper, and the init it forks next, move to
         // their leaf; then ids and the link.
         if let Some(cg) = &self.cgroup {
@@ -638,13 +642,13 @@ impl Handshake {
                 .map_err(proto)?
             {
                 protocol::FromHelper::Init { pid } => *init = Some(pid),
-                protocol::FromHelper::Ready if init.is_some() => return Ok(()),
+                protocol::FromHelper::Ready if init.is_some() => return Ok(netns),
                 protocol::FromHelper::Ready => {
                     // Ready before Init: the pid follows.
                     match self.chan.recv("init", self.step).map_err(proto)? {
                         protocol::FromHelper::Init { pid } => {
                             *init = Some(pid);
-                            return Ok(());
+                            return Ok(netns);
                         }
                         other => return Err(proto(protocol::unexpected("init", &other))),
                     }

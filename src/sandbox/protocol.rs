@@ -5,7 +5,8 @@
 //! ```text
 //! agent  → Start { layers }   helper is in the job's cgroups; the shared
 //!                             layer trees come along as fds: unshare now
-//! helper → Unshared           write the uid/gid maps, move the link in
+//! helper → Unshared           write the uid/gid maps, move the link in; the
+//!                             job's network namespace comes along as an fd
 //! agent  → Mapped
 //! helper → Init { pid }       the job's pid 1, as the host sees it
 //! init   → Ready              dockerd is started   (or Failed { message })
@@ -186,10 +187,18 @@ impl AgentEnd {
         }
     }
 
-    /// Waits for `Unshared`.
-    pub fn unshared(&self, timeout: Duration) -> Result<(), ProtocolError> {
-        match self.recv("unshared", timeout)? {
-            FromHelper::Unshared => Ok(()),
+    /// Waits for `Unshared`, returning the job's network namespace that
+    /// came with it (the agent enters it later without needing to inspect
+    /// another user namespace's process).
+    pub fn unshared(&self, timeout: Duration) -> Result<OwnedFd, ProtocolError> {
+        let (m, mut fds) = self.0.recv::<FromHelper>("unshared", Some(timeout))?;
+        match m {
+            FromHelper::Unshared if fds.len() == 1 => Ok(fds.remove(0)),
+            FromHelper::Unshared => Err(ProtocolError::Unexpected {
+                expected: "unshared with the job's network namespace",
+                received: format!("unshared with {} descriptors", fds.len()),
+            }),
+            FromHelper::Failed { message } => Err(ProtocolError::Failed { message }),
             other => Err(unexpected("unshared", &other)),
         }
     }
@@ -247,6 +256,11 @@ impl HelperEnd {
     pub fn send(&self, msg: &FromHelper) -> Result<(), ProtocolError> {
         self.0.send(msg, &[])
     }
+
+    /// `Unshared`, with the new network namespace.
+    pub fn unshared(&self, netns: OwnedFd) -> Result<(), ProtocolError> {
+        self.0.send(&FromHelper::Unshared, &[netns])
+    }
 }
 
 #[cfg(test)]
@@ -265,8 +279,14 @@ mod tests {
         agent.start(&[OwnedFd::from(tree)]).unwrap();
         let got = helper.start().unwrap();
         assert_eq!(got.len(), 1);
-        helper.send(&FromHelper::Unshared).unwrap();
-        agent.unshared(Duration::from_secs(5)).unwrap();
+        let ns = std::fs::File::open("/proc/self/ns/net").unwrap();
+        helper.unshared(OwnedFd::from(ns)).unwrap();
+        let got = agent.unshared(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            std::fs::read_link(format!("/proc/self/fd/{}", got.as_raw_fd())).unwrap(),
+            std::fs::read_link("/proc/self/ns/net").unwrap(),
+            "the namespace arrives"
+        );
         agent.mapped().unwrap();
         helper.mapped().unwrap();
         helper.send(&FromHelper::Init { pid: 42 }).unwrap();
@@ -304,6 +324,11 @@ mod tests {
         drop(helper);
         let e = agent.recv("ready", Duration::from_secs(5)).unwrap_err();
         assert!(matches!(e, ProtocolError::Closed { .. }), "{e}");
+        // Unshared without its namespace is refused.
+        let (agent, theirs) = pair().unwrap();
+        helper_end(theirs).send(&FromHelper::Unshared).unwrap();
+        let e = agent.unshared(Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("0 descriptors"), "{e}");
         // The helper counts the trees it was promised.
         let (agent, theirs) = pair().unwrap();
         agent.0.send(&ToHelper::Start { layers: 2 }, &[]).unwrap();

@@ -230,25 +230,17 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// Runs `f` on a thread of its own that has joined the network namespace of
-/// process `pid` (as `proc_root` shows it): what `f` opens of /proc/sys/net
-/// is that namespace's. The caller's own threads stay where they are.
-pub fn in_netns_of<T: Send>(
-    proc_root: &Path,
-    pid: u32,
+/// Runs `f` on a thread of its own that has joined the network namespace
+/// `netns`: what `f` opens of /proc/sys/net is that namespace's. The
+/// caller's own threads stay where they are.
+pub fn in_netns<T: Send>(
+    netns: std::os::fd::BorrowedFd<'_>,
     f: impl FnOnce() -> T + Send,
 ) -> Result<T, SysError> {
-    let path = proc_root.join(pid.to_string()).join("ns/net");
-    let ns = std::fs::File::open(&path).map_err(|e| {
-        call(
-            format!("open {}", path.display()),
-            Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-        )
-    })?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| call(format!("setns into {}", path.display()), e))?;
+            nix::sched::setns(netns, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| call("setns into the job's network namespace", e))?;
             Ok(f())
         })
         .join()
