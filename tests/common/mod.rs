@@ -393,8 +393,11 @@ impl Outside {
         let name = format!("bt-out{n}");
         let host_if = format!("bto{n}h");
         let peer = format!("bto{n}n");
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let _ = Command::new("ip").args(["link", "del", &host_if]).status();
+        // What an interrupted earlier run left, if anything (usually
+        // nothing: the commands' complaints are noise).
+        for args in [["netns", "del", &name], ["link", "del", &host_if]] {
+            let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
+        }
         ip_ok(&["netns", "add", &name]);
         ip_ok(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", &peer,
