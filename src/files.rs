@@ -1,8 +1,8 @@
 //! Files the agent writes that a crash must never leave torn: key files,
-//! job records, evidence.
+//! job records, evidence; and the one test of a program file it will run.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Writes `bytes` to `path` with mode `mode` through a temp file and rename,
@@ -18,4 +18,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// Whether `p` is a regular file someone may execute.
+pub fn is_executable(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

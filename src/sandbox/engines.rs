@@ -296,10 +296,9 @@ fn resolve(
 
 /// The first executable regular file `name` in the directories of `path`.
 fn lookup(name: &str, path: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    path.split(':').map(|d| Path::new(d).join(name)).find(|p| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
+    path.split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| crate::files::is_executable(p))
 }
 
 fn version_of(key: &'static str, path: &Path) -> Result<(Version, String), EngineError> {

@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::files::is_executable;
+
 use super::{
     Layout, SandboxConfig, SandboxError, cgroup, config, engines, io, net, preload, record, slots,
 };
@@ -243,12 +245,6 @@ fn check_prerequisites(cfg: &SandboxConfig, helper: &Path) -> Result<(), Sandbox
         }
     }
     Ok(())
-}
-
-fn is_executable(p: &Path) -> bool {
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
 }
 
 /// The first directory above `dir` that others may not pass through
