@@ -420,7 +420,7 @@ fn setup_link(spec: &ChildSpec) -> Result<(), String> {
     if let Some(p) = spec.ports {
         // dockerd takes the host ports it publishes (`-p 80`, `-P`) from
         // this range, which berth forwards to the job.
-        let f = "/proc/sys/net/ipv4/ip_local_port_range";
+        let f = super::host::EPHEMERAL_PORTS;
         std::fs::write(f, format!("{} {}", p.first, p.last))
             .map_err(|e| format!("set the job's port range in {f}: {e}"))?;
     }

@@ -13,6 +13,9 @@ use super::{
     Layout, SandboxConfig, SandboxError, cgroup, config, engines, io, net, preload, record, slots,
 };
 
+/// Where a network namespace's ephemeral port range is set.
+pub(super) const EPHEMERAL_PORTS: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
 /// What the engine keeps of the host's preparation.
 pub(super) struct Prepared {
     /// The berth binary that runs as each job's stage-1 helper.
@@ -21,6 +24,9 @@ pub(super) struct Prepared {
     pub layout: Option<Layout>,
     /// MTU of job links.
     pub mtu: u32,
+    /// The host's `ip_local_port_range`, which every job's outgoing
+    /// connections get once its dockerd has read the job's narrowed one.
+    pub ephemeral_ports: String,
     /// dockerd, containerd and runc as found, with their versions.
     pub engine: engines::Engine,
     /// Registry settings for every job, CA files read.
@@ -114,6 +120,11 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
     } else {
         cfg.dns_upstreams.clone()
     };
+    let ports_file = Path::new(EPHEMERAL_PORTS);
+    let ephemeral_ports = std::fs::read_to_string(ports_file)
+        .map_err(io("cannot read", ports_file))?
+        .trim()
+        .to_string();
     let preloads = preload::prepare(&cfg.preload, &cfg.state_dir.join("preload"))?;
     let mut registries = cfg.registries.load()?;
     let cache = match cfg.cache_addr() {
@@ -136,6 +147,7 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         helper,
         layout,
         mtu,
+        ephemeral_ports,
         engine,
         registries,
         upstreams,

@@ -240,11 +240,10 @@ impl Engine {
         if rec.ports.is_none() {
             return Ok(());
         }
-        let id = rec.id.clone();
+        let (id, range) = (rec.id.clone(), self.host.ephemeral_ports.clone());
         tokio::task::spawn_blocking(move || {
-            let file = Path::new("/proc/sys/net/ipv4/ip_local_port_range");
-            let host = std::fs::read_to_string(file).map_err(io("cannot read", file))?;
-            sys::in_netns(netns.as_fd(), || std::fs::write(file, host.trim()))
+            let file = Path::new(super::host::EPHEMERAL_PORTS);
+            sys::in_netns(netns.as_fd(), || std::fs::write(file, range))
                 .map_err(|e| start_err(&id, e))?
                 .map_err(io("cannot write the job's", file))
         })
