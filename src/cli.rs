@@ -297,6 +297,8 @@ struct FileConfig {
     #[serde(default)]
     cache: crate::sandbox::cache::CacheConfig,
     #[serde(default)]
+    workspaces: crate::sandbox::fs::workspaces::WorkspacesConfig,
+    #[serde(default)]
     policy: crate::frontdoor::policy::Policy,
     #[serde(default)]
     token: crate::oidc::TokenConfig,
@@ -339,6 +341,7 @@ fn load_file_unvalidated(args: &EngineArgs) -> Result<FileConfig, CliError> {
     }
     cfg.sandbox.registries = cfg.registries.clone();
     cfg.sandbox.cache = cfg.cache.clone();
+    cfg.sandbox.workspaces = cfg.workspaces.clone();
     cfg.serve.policy = cfg.policy.clone();
     cfg.serve.token = cfg.token.clone();
     Ok(cfg)

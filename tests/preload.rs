@@ -167,12 +167,7 @@ fn every_new_job_has_the_preloaded_images() {
     // cannot make a shared layer writable or write through it.
     // dockerd shares the job's mount namespace (the job's init is not
     // dumpable, so its namespaces cannot be opened at all).
-    let layer = e
-        .config()
-        .state_dir
-        .join("jobs")
-        .join(a.id())
-        .join("layers/0");
+    let layer = berth::sandbox::seed::layer_in_job(0);
     let script = format!(
         r#"exec nsenter -t "$(pidof dockerd)" -m sh -c '
         L={layer}

@@ -237,7 +237,8 @@ fn a_job_cannot_touch_the_host_nor_raise_its_limits() {
     let s = sb.socket();
     import_busybox(&s);
 
-    // Host root's files appear as nobody's: /etc is not writable.
+    // The host's system directories are in the job's root read-only, and
+    // host root's files appear as nobody's: /usr is not writable.
     let marker = format!("berth-escape-{}", sb.id());
     let out = docker(
         &s,
@@ -248,14 +249,28 @@ fn a_job_cannot_touch_the_host_nor_raise_its_limits() {
             "/:/host",
             "busybox:test",
             "touch",
-            &format!("/host/etc/{marker}"),
+            &format!("/host/usr/{marker}"),
         ],
     );
     assert!(!out.status.success());
     assert!(
-        stderr(&out).contains("Permission denied"),
+        stderr(&out).contains("Read-only file system"),
         "{}",
         stderr(&out)
+    );
+    assert!(!Path::new("/usr").join(&marker).exists());
+    // The job's /etc is its own: what it writes there stays there.
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "/:/host",
+            "busybox:test",
+            "touch",
+            &format!("/host/etc/{marker}"),
+        ],
     );
     assert!(!Path::new("/etc").join(&marker).exists());
     let out = docker(
@@ -269,11 +284,11 @@ fn a_job_cannot_touch_the_host_nor_raise_its_limits() {
             "busybox:test",
             "sh",
             "-c",
-            &format!("echo x > /host/etc/{marker}"),
+            &format!("mount -o remount,rw /host/usr; echo x > /host/usr/{marker}"),
         ],
     );
     assert!(!out.status.success());
-    assert!(!Path::new("/etc").join(&marker).exists());
+    assert!(!Path::new("/usr").join(&marker).exists());
 
     // The host's /run (where a docker.sock would live) is not the job's.
     let host_marker = Path::new("/run").join(format!("berth-host-marker-{}", sb.id()));

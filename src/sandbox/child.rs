@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cgroup::Layout;
 use super::config::PortRange;
+use super::fs::root::{self, Step, inside};
 use super::protocol::{FromHelper, HelperEnd};
 use super::rtnl::{LinkChange, Rtnl, RtnlError};
 use super::sys;
@@ -31,14 +32,10 @@ pub struct ChildSpec {
     /// dockerd's PATH: where it finds containerd, runc, docker-proxy and
     /// docker-init (the engine's own directories first).
     pub path: String,
-    /// The job's private root (owned by the job's root): data, exec, home.
-    pub root: PathBuf,
-    /// Unix socket dockerd serves its API on.
-    pub api_socket: PathBuf,
-    /// Bound over /etc/docker.
-    pub etc_docker: PathBuf,
-    /// Bound over /etc/resolv.conf (or the file it links to).
-    pub resolv_conf: PathBuf,
+    /// An empty directory the job's init mounts its new root on.
+    pub new_root: PathBuf,
+    /// How to build that root (see `fs::root`).
+    pub root: Vec<Step>,
     pub hostname: String,
     /// Delegated cgroups to mount inside (ordinary dockerd); None runs
     /// dockerd --rootless.
@@ -56,9 +53,12 @@ pub struct ChildSpec {
     pub shutdown_timeout: u64,
     pub extra_args: Vec<String>,
     /// Mount points for the shared image layers, in the order their trees
-    /// arrive with the 'G' message.
+    /// arrive with `Start`.
     #[serde(default)]
     pub shared_layers: Vec<PathBuf>,
+    /// Mount points for the workspaces, whose trees follow the layers'.
+    #[serde(default)]
+    pub workspaces: Vec<PathBuf>,
 }
 
 /// Reports `what` to the agent (and the job's log) and exits.
@@ -78,14 +78,16 @@ fn exit_code(ws: WaitStatus) -> Option<i32> {
     }
 }
 
-/// Attaches the shared image layers while still host root, in a mount
-/// namespace of this job's own (so the host never sees them). The job's
-/// namespaces are created next, from this one: the kernel then locks the
-/// copies, and nothing in the job can make them writable or unmount them.
-fn attach_shared_layers(spec: &ChildSpec, trees: Vec<std::os::fd::OwnedFd>) -> Result<(), String> {
+/// Attaches the shared image layers and the workspaces while still host
+/// root, in a mount namespace of this job's own (so the host never sees
+/// them). The job's namespaces are created next, from this one: the kernel
+/// then locks the copies, and nothing in the job can unmount them or change
+/// their flags (read-only layers; `nosuid`, `nodev` workspaces).
+fn attach_trees(spec: &ChildSpec, trees: Vec<std::os::fd::OwnedFd>) -> Result<(), String> {
     sys::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string())?;
     sys::make_rprivate().map_err(|e| e.to_string())?;
-    for (tree, target) in trees.iter().zip(&spec.shared_layers) {
+    let targets = spec.shared_layers.iter().chain(&spec.workspaces);
+    for (tree, target) in trees.iter().zip(targets) {
         sys::attach_tree(std::os::fd::AsFd::as_fd(tree), target).map_err(|e| e.to_string())?;
     }
     Ok(())
@@ -114,20 +116,20 @@ pub fn stage1_main(spec_json: &str) -> ! {
     if let Err(e) = sys::setsid() {
         fail(&sync, &e.to_string());
     }
+    let expected = spec.shared_layers.len() + spec.workspaces.len();
     let trees = match sync.start() {
-        Ok(t) if t.len() == spec.shared_layers.len() => t,
+        Ok(t) if t.len() == expected => t,
         Ok(t) => fail(
             &sync,
             &format!(
-                "expected {} shared layers, got {}",
-                spec.shared_layers.len(),
+                "expected {expected} mounts (shared layers and workspaces), got {}",
                 t.len()
             ),
         ),
         Err(e) => fail(&sync, &format!("before start: {e}")),
     };
     if !trees.is_empty()
-        && let Err(e) = attach_shared_layers(&spec, trees)
+        && let Err(e) = attach_trees(&spec, trees)
     {
         fail(&sync, &e);
     }
@@ -223,7 +225,7 @@ fn init_main(spec: &ChildSpec, sync: HelperEnd) -> ! {
 }
 
 fn dockerd_command(spec: &ChildSpec) -> Command {
-    let r = &spec.root;
+    let r = Path::new(inside::STATE);
     let mut c = Command::new(&spec.dockerd);
     c.env_clear()
         .env("PATH", &spec.path)
@@ -231,7 +233,7 @@ fn dockerd_command(spec: &ChildSpec) -> Command {
         .env("XDG_RUNTIME_DIR", r.join("xdg"))
         .env("TMPDIR", r.join("tmp"))
         .arg("--data-root")
-        .arg(r.join("data"))
+        .arg(inside::DATA_ROOT)
         .arg("--exec-root")
         .arg(r.join("exec"))
         .arg("--pidfile")
@@ -239,7 +241,7 @@ fn dockerd_command(spec: &ChildSpec) -> Command {
         .arg("--config-file")
         .arg(r.join("daemon.json"))
         .arg("--host")
-        .arg(format!("unix://{}", spec.api_socket.display()))
+        .arg(format!("unix://{}", inside::API_SOCKET))
         .arg("--mtu")
         .arg(spec.mtu.to_string())
         .arg("--shutdown-timeout")
@@ -254,17 +256,6 @@ fn dockerd_command(spec: &ChildSpec) -> Command {
     c
 }
 
-/// Size of the job's private tmpfs mounts. Their pages are charged to the
-/// job's memory limit too; the sizes keep one mount from taking all of it.
-/// dockerd keeps its state on the job's disk (data-root, exec-root, TMPDIR),
-/// not here.
-fn tmpfs_size(mount: &str) -> &'static str {
-    match mount {
-        "/tmp" | "/var/tmp" => "512m",
-        _ => "64m",
-    }
-}
-
 fn mnt(
     src: &str,
     target: &str,
@@ -276,45 +267,18 @@ fn mnt(
 }
 
 fn setup(spec: &ChildSpec) -> Result<(), String> {
-    let hard = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     sys::make_rprivate().map_err(|e| e.to_string())?;
-    mnt("proc", "/proc", "proc", hard, None)?;
-    // The job's own /run first: it briefly holds the host's cgroup tree
-    // while the fresh sysfs is mounted (rootless fallback only).
-    mnt(
-        "tmpfs",
-        "/run",
-        "tmpfs",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(&format!("mode=755,size={}", tmpfs_size("/run"))),
-    )?;
-    let stash = Path::new("/run/.berth-host-cgroup");
-    let keep_host_cgroup = spec.cgroup.is_none() && Path::new("/sys/fs/cgroup").is_dir();
-    if keep_host_cgroup {
-        std::fs::create_dir(stash).map_err(|e| format!("mkdir {}: {e}", stash.display()))?;
-        sys::mount(
-            "/sys/fs/cgroup",
-            stash,
-            None,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None,
-        )
-        .map_err(|e| e.to_string())?;
-    }
-    mnt("sysfs", "/sys", "sysfs", hard, None)?;
-    if keep_host_cgroup {
-        // Without delegation, runc's rootless cgroup manager must find the
-        // hierarchies (root-owned, so unwritable to the job) and skip them.
-        sys::mount(
-            &stash.to_string_lossy(),
-            Path::new("/sys/fs/cgroup"),
-            None,
-            MsFlags::MS_MOVE,
-            None,
-        )
-        .map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_dir(stash);
-    }
+    root::build(&spec.new_root, &spec.root).map_err(|e| e.to_string())?;
+    root::enter(&spec.new_root).map_err(|e| e.to_string())?;
+    mount_cgroups(spec)?;
+    sys::sethostname(&spec.hostname).map_err(|e| e.to_string())?;
+    setup_link(spec)
+}
+
+/// The job's delegated cgroups at /sys/fs/cgroup, as its cgroup namespace
+/// shows them (rooted at the job's own).
+fn mount_cgroups(spec: &ChildSpec) -> Result<(), String> {
+    let hard = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     match &spec.cgroup {
         Some(Layout::V1 { hierarchies }) => {
             mnt("tmpfs", "/sys/fs/cgroup", "tmpfs", hard, Some("mode=755"))?;
@@ -359,60 +323,7 @@ fn setup(spec: &ChildSpec) -> Result<(), String> {
         }
         None => {}
     }
-    // The job's own /run (above), /tmp and shared memory: nothing of the
-    // host's (its docker.sock included) is visible, nothing the job writes
-    // lands there.
-    for d in ["/tmp", "/var/tmp", "/dev/shm"] {
-        if Path::new(d).is_dir() {
-            mnt(
-                "tmpfs",
-                d,
-                "tmpfs",
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                Some(&format!("mode=1777,size={}", tmpfs_size(d))),
-            )?;
-        }
-    }
-    if Path::new("/dev/mqueue").is_dir() {
-        mnt("mqueue", "/dev/mqueue", "mqueue", hard, None)?;
-    }
-    bind_resolv_conf(&spec.resolv_conf)?;
-    sys::mount(
-        &spec.etc_docker.to_string_lossy(),
-        Path::new("/etc/docker"),
-        None,
-        MsFlags::MS_BIND,
-        None,
-    )
-    .map_err(|e| e.to_string())?;
-    sys::sethostname(&spec.hostname).map_err(|e| e.to_string())?;
-    setup_link(spec)
-}
-
-/// /etc/resolv.conf is often a link into /run (systemd-resolved), which is
-/// now the job's own tmpfs: recreate the link target there.
-fn bind_resolv_conf(src: &Path) -> Result<(), String> {
-    let mut target = PathBuf::from("/etc/resolv.conf");
-    for _ in 0..8 {
-        match std::fs::read_link(&target) {
-            Ok(l) => target = Path::new("/etc").join(l),
-            Err(_) => break,
-        }
-    }
-    if !target.exists() {
-        if let Some(p) = target.parent() {
-            std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))?;
-        }
-        std::fs::write(&target, "").map_err(|e| format!("create {}: {e}", target.display()))?;
-    }
-    sys::mount(
-        &src.to_string_lossy(),
-        &target,
-        None,
-        MsFlags::MS_BIND,
-        None,
-    )
-    .map_err(|e| e.to_string())
+    Ok(())
 }
 
 fn setup_link(spec: &ChildSpec) -> Result<(), String> {
@@ -517,10 +428,8 @@ mod tests {
             job_id: id.into(),
             dockerd: "/usr/sbin/dockerd".into(),
             path: super::super::engines::SYSTEM_PATH.into(),
-            root: "/nonexistent".into(),
-            api_socket: "/nonexistent/api.sock".into(),
-            etc_docker: "/nonexistent/etc".into(),
-            resolv_conf: "/nonexistent/resolv.conf".into(),
+            new_root: "/nonexistent".into(),
+            root: Vec::new(),
             hostname: "job".into(),
             cgroup: None,
             cgroupns: false,
@@ -532,6 +441,7 @@ mod tests {
             shutdown_timeout: 1,
             extra_args: Vec::new(),
             shared_layers: Vec::new(),
+            workspaces: Vec::new(),
         }
     }
 

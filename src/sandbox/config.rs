@@ -174,6 +174,10 @@ pub struct SandboxConfig {
     /// `[cache]` of the configuration file: the shared pull-through cache.
     #[serde(skip)]
     pub cache: super::cache::CacheConfig,
+    /// `[workspaces]` of the configuration file: where jobs may have host
+    /// directories bound in.
+    #[serde(skip)]
+    pub workspaces: super::fs::workspaces::WorkspacesConfig,
 }
 
 /// dockerd flags berth sets for every job (or writes to its daemon.json):
@@ -306,6 +310,7 @@ impl Default for SandboxConfig {
             unchecked_dockerd_args: Vec::new(),
             registries: Default::default(),
             cache: Default::default(),
+            workspaces: Default::default(),
         }
     }
 }
@@ -460,6 +465,14 @@ impl SandboxConfig {
         }
         self.registries.load()?;
         self.cache.validate()?;
+        for root in &self.workspaces.allowed_roots {
+            if !root.is_absolute() || !root.is_dir() {
+                return inv(
+                    "workspaces.allowed_roots",
+                    format!("{} is not an absolute path to a directory", root.display()),
+                );
+            }
+        }
         Ok(())
     }
 

@@ -29,6 +29,10 @@ pub(super) struct Prepared {
     pub ephemeral_ports: String,
     /// dockerd, containerd and runc as found, with their versions.
     pub engine: engines::Engine,
+    /// What of the host every job's private root is made from.
+    pub root: super::fs::root::HostRoot,
+    /// What workspaces jobs may have.
+    pub workspace_rules: super::fs::workspaces::Rules,
     /// Registry settings for every job, CA files read.
     pub registries: super::registries::Loaded,
     /// Where the jobs' DNS relays forward.
@@ -39,6 +43,23 @@ pub(super) struct Prepared {
     pub cache: Option<super::cache::Cache>,
     /// Exclusive lock on the state dir, held for the engine's lifetime.
     _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// The workspace rules, every path with its links resolved.
+fn workspace_rules(cfg: &SandboxConfig) -> Result<super::fs::workspaces::Rules, SandboxError> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).map_err(io("cannot resolve", p));
+    let allowed = cfg
+        .workspaces
+        .allowed_roots
+        .iter()
+        .map(|r| canonical(r))
+        .collect::<Result<_, _>>()?;
+    let start = u64::from(cfg.uid_base);
+    Ok(super::fs::workspaces::Rules {
+        allowed,
+        state_dir: canonical(&cfg.state_dir)?,
+        job_uids: start..start + u64::from(cfg.uid_ranges) * u64::from(config::RANGE_SIZE),
+    })
 }
 
 pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
@@ -77,11 +98,6 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
     mkdir_mode(&record::jobs_dir(&cfg.state_dir), 0o711)?;
     mkdir_mode(&slots::slots_dir(&cfg.state_dir), 0o700)?;
     let lock = lock_state_dir(&cfg.state_dir)?;
-    // dockerd writes its trust key to /etc/docker; each job binds its own
-    // directory over it, which needs the mount point to exist.
-    if !Path::new("/etc/docker").is_dir() {
-        mkdir_mode(Path::new("/etc/docker"), 0o755)?;
-    }
     let mountinfo = std::fs::read_to_string(cfg.proc_root.join("self/mountinfo"))
         .map_err(io("cannot read", &cfg.proc_root.join("self/mountinfo")))?;
     let host = cgroup::Host {
@@ -143,12 +159,16 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         }
         None => None,
     };
+    let root = super::fs::root::HostRoot::read(Path::new("/"), &engine.path, &engine.dockerd.path);
+    let workspace_rules = workspace_rules(cfg)?;
     Ok(Prepared {
         helper,
         layout,
         mtu,
         ephemeral_ports,
         engine,
+        root,
+        workspace_rules,
         registries,
         upstreams,
         preloads,

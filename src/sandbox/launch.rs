@@ -7,7 +7,7 @@
 use crate::locks::Lock;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,23 +15,35 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::child::{ChildSpec, HIDDEN_SUBCOMMAND};
+use super::fs::idmap::IdmapNs;
+use super::fs::root;
+use super::fs::workspaces::{self, Workspace, WorkspaceRequest};
 use super::host::{chown, mkdir_mode};
 use super::{
-    Engine, Inner, JobCgroup, JobRecord, Limits, Sandbox, SandboxError, SeedState, Status,
-    api_socket, code_of, config, describe_exit, dns, evidence, io, net, ping, protocol, record,
-    seed, slots, start_err, sys,
+    Engine, Inner, JobCgroup, JobRecord, Limits, Sandbox, SandboxError, SeedState, Status, code_of,
+    config, describe_exit, dns, evidence, io, net, ping, protocol, record, seed, slots, start_err,
+    sys,
 };
 use super::{disk, health};
 
 impl Engine {
     /// Starts a job and returns once its dockerd answers `/_ping`.
     pub async fn start(&self, limits: Option<Limits>) -> Result<Sandbox, SandboxError> {
+        self.start_job(limits, &[]).await
+    }
+
+    /// Starts a job with host directories bound in (see `fs::workspaces`).
+    pub async fn start_job(
+        &self,
+        limits: Option<Limits>,
+        workspaces: &[WorkspaceRequest],
+    ) -> Result<Sandbox, SandboxError> {
         let seed = if self.host.preloads.is_empty() || !self.cfg.share_preloads {
             None
         } else {
             self.ensure_seed().await
         };
-        self.start_with(limits, seed).await
+        self.start_with(limits, seed, workspaces).await
     }
 
     /// The shared image store, built on first use from a sandbox that loads
@@ -72,7 +84,7 @@ impl Engine {
             disk_bytes: Some(0),
             ..self.cfg.default_limits.clone()
         };
-        let sb = Box::pin(self.start_with(Some(limits), None)).await?;
+        let sb = Box::pin(self.start_with(Some(limits), None, &[])).await?;
         let rec = sb.record();
         // Stop dockerd gracefully so that its image store is complete on disk.
         sb.inner.status.send_replace(Status::Stopping);
@@ -106,6 +118,7 @@ impl Engine {
         &self,
         limits: Option<Limits>,
         seed: Option<Arc<seed::Seed>>,
+        workspaces: &[WorkspaceRequest],
     ) -> Result<Sandbox, SandboxError> {
         // What a job leaves out of its limits, it gets from the defaults.
         let limits = limits.map_or_else(
@@ -115,11 +128,19 @@ impl Engine {
         limits.validate()?;
         let id = new_id();
         let cfg = self.cfg.clone();
+        let workspaces = self.claim_workspaces(&id, workspaces).await?;
         let slot = {
             let (cfg, jid) = (cfg.clone(), id.clone());
             tokio::task::spawn_blocking(move || slots::claim(&cfg, &jid))
                 .await
-                .map_err(|e| start_err(&id, e))??
+                .map_err(|e| start_err(&id, e))?
+        };
+        let slot = match slot {
+            Ok(s) => s,
+            Err(e) => {
+                self.workspaces.locked().retain(|(_, job)| *job != id);
+                return Err(e.into());
+            }
         };
         let (host_ip, job_ip) = cfg.link_addrs(slot);
         let host_id = slots::range_of(&cfg, slot).start as u32;
@@ -148,6 +169,7 @@ impl Engine {
                 .map_err(io("cannot write record in", &dir))
         }) {
             let _ = slots::release(&cfg.state_dir, slot, &id);
+            self.workspaces.locked().retain(|(_, job)| *job != id);
             return Err(e);
         }
         let (status, _) = watch::channel(Status::Starting);
@@ -164,7 +186,10 @@ impl Engine {
             }),
         };
         self.jobs.locked().insert(id.clone(), sb.clone());
-        match self.launch(&sb, &mut rec, &limits, exited_tx, seed).await {
+        match self
+            .launch(&sb, &mut rec, &limits, exited_tx, seed, &workspaces)
+            .await
+        {
             Ok(()) => {
                 sb.inner.status.send_if_modified(|s| {
                     if *s == Status::Starting {
@@ -204,6 +229,7 @@ impl Engine {
         limits: &Limits,
         exited_tx: watch::Sender<Option<i32>>,
         seed: Option<Arc<seed::Seed>>,
+        workspaces: &[Workspace],
     ) -> Result<(), SandboxError> {
         // Independent, and each mostly waiting on the kernel or a tool. All
         // three finish before a failure counts: each runs as a blocking task
@@ -216,14 +242,42 @@ impl Engine {
             self.make_link(rec),
         );
         disk.and(cgroups).and(link)?;
-        let files = self.make_files(sb, rec, seed.as_deref()).await?;
+        let files = self
+            .make_files(sb, rec, seed.as_deref(), workspaces.len())
+            .await?;
         self.start_dns(sb, rec).await?;
-        let spec = self.child_spec(rec, &files, seed.as_deref());
+        let spec = self.child_spec(rec, &files, seed.as_deref(), workspaces);
         let (pid, chan) = self.spawn_helper(sb, rec, &spec, &files, exited_tx)?;
-        let netns = self.handshake(sb, rec, pid, chan, seed.as_deref()).await?;
+        let netns = self
+            .handshake(sb, rec, pid, chan, seed.as_deref(), workspaces)
+            .await?;
         self.wait_ready(sb).await?;
         self.widen_ephemeral_ports(rec, netns).await?;
         self.preload(sb, seed.is_some()).await
+    }
+
+    /// Checks the workspaces a job asks for and claims them for it, at once
+    /// (no other start can claim one between the check and the claim).
+    async fn claim_workspaces(
+        &self,
+        id: &str,
+        reqs: &[WorkspaceRequest],
+    ) -> Result<Vec<Workspace>, SandboxError> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reqs = reqs.to_vec();
+        let (rules, job) = (self.host.workspace_rules.clone(), id.to_string());
+        let claims = self.workspaces.clone();
+        // The check holds the claims' lock throughout.
+        tokio::task::spawn_blocking(move || {
+            let mut live = claims.locked();
+            let ws = workspaces::check(&reqs, &rules, &live)?;
+            live.extend(ws.iter().map(|w| (w.dir.clone(), job.clone())));
+            Ok(ws)
+        })
+        .await
+        .map_err(|e| start_err(id, e))?
     }
 
     /// dockerd takes the ports it publishes from the job's
@@ -274,12 +328,13 @@ impl Engine {
     }
 
     /// The job's directories (private to its root: other jobs map other
-    /// ids), the shared images' metadata, daemon.json and resolv.conf.
+    /// ids), the shared images' metadata and daemon.json.
     async fn make_files(
         &self,
         sb: &Sandbox,
         rec: &JobRecord,
         seed: Option<&seed::Seed>,
+        workspaces: usize,
     ) -> Result<JobFiles, SandboxError> {
         let dir = sb.inner.dir.clone();
         let root = dir.join("root");
@@ -322,16 +377,21 @@ impl Engine {
             std::fs::write(&f, pem).map_err(io("cannot write", &f))?;
             chown(&f, rec.host_id)?;
         }
-        let resolv = dir.join("resolv.conf");
-        std::fs::write(&resolv, format!("nameserver {}\n", rec.host_ip))
-            .map_err(io("cannot write", &resolv))?;
-        std::fs::set_permissions(&resolv, std::fs::Permissions::from_mode(0o644))
-            .map_err(io("cannot chmod", &resolv))?;
+        // The job's init mounts its private root here, in its own mount
+        // namespace: on the host it stays an empty directory.
+        mkdir_mode(&dir.join("rootfs"), 0o755)?;
+        // Where the stage-1 helper attaches the workspaces' idmapped mounts,
+        // for the job's init to bind at their own paths: directories of
+        // the agent's, which no workspace owner can swap for a link.
+        if workspaces > 0 {
+            mkdir_mode(&dir.join("workspaces"), 0o711)?;
+            for i in 0..workspaces {
+                mkdir_mode(&workspace_mount_point(&dir, i), 0o700)?;
+            }
+        }
         Ok(JobFiles {
             log: dir.join("dockerd.log"),
             dir,
-            root,
-            resolv,
         })
     }
 
@@ -383,17 +443,34 @@ impl Engine {
         rec: &JobRecord,
         files: &JobFiles,
         seed: Option<&seed::Seed>,
+        workspaces: &[Workspace],
     ) -> ChildSpec {
         let (cfg, id) = (&self.cfg, &rec.id);
+        let hostname = format!("berth-{id}");
+        let mounted: Vec<(PathBuf, PathBuf)> = workspaces
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (workspace_mount_point(&files.dir, i), w.at.clone()))
+            .collect();
         ChildSpec {
             job_id: id.clone(),
             dockerd: cfg.dockerd.clone(),
             path: self.host.engine.path.clone(),
-            root: files.root.clone(),
-            api_socket: api_socket(&files.dir),
-            etc_docker: files.root.join("etc-docker"),
-            resolv_conf: files.resolv.clone(),
-            hostname: format!("berth-{id}"),
+            new_root: files.dir.join("rootfs"),
+            root: root::plan(
+                &self.host.root,
+                &root::JobRoot {
+                    dir: &files.dir,
+                    hostname: &hostname,
+                    job_ip: rec.job_ip,
+                    host_ip: rec.host_ip,
+                    layers: seed.is_some(),
+                    host_cgroups: self.host.layout.is_none()
+                        && Path::new("/sys/fs/cgroup").is_dir(),
+                    workspaces: &mounted,
+                },
+            ),
+            hostname: hostname.clone(),
             cgroup: self.host.layout.clone(),
             cgroupns: self.host.layout.is_some() && cfg.proc_root.join("self/ns/cgroup").exists(),
             peer_ifname: net::peer_ifname(id),
@@ -417,6 +494,7 @@ impl Engine {
                         .collect()
                 })
                 .unwrap_or_default(),
+            workspaces: mounted.into_iter().map(|(from, _)| from).collect(),
         }
     }
 
@@ -488,18 +566,23 @@ impl Engine {
         pid: u32,
         chan: protocol::AgentEnd,
         seed: Option<&seed::Seed>,
+        workspaces: &[Workspace],
     ) -> Result<OwnedFd, SandboxError> {
         // The shared layers, seen through the job's id map, go to the helper
         // by fd; it attaches them before it creates the job's namespaces.
         let mut trees = Vec::new();
         if let Some(sd) = seed {
-            let ns = IdmapNs::new(rec.host_id)?;
+            let ns = layers_idmap(rec.host_id)?;
             for l in &sd.layers {
                 trees.push(
                     sys::idmapped_readonly_clone(&sd.data.join(l), ns.fd())
                         .map_err(|e| start_err(&rec.id, e))?,
                 );
             }
+        }
+        // Then the workspaces, each seen through a map of one id.
+        for w in workspaces {
+            trees.push(w.mount_for(rec.host_id)?);
         }
         let handshake = Handshake {
             chan,
@@ -574,9 +657,6 @@ impl Engine {
 struct JobFiles {
     /// `<state>/jobs/<id>`.
     dir: PathBuf,
-    /// Its root-owned-by-the-job part: data-root, exec-root, home.
-    root: PathBuf,
-    resolv: PathBuf,
     /// The helper's, init's and dockerd's output.
     log: PathBuf,
 }
@@ -658,59 +738,16 @@ impl Handshake {
     }
 }
 
-/// A user namespace that maps 0..65535 onto `first..`, held by a short-lived
-/// helper process: the id map of a job's shared layer mounts.
-struct IdmapNs {
-    child: std::process::Child,
-    ns: std::fs::File,
-}
-
-impl IdmapNs {
-    fn new(first: u32) -> Result<IdmapNs, SandboxError> {
-        let mut cmd = std::process::Command::new("sleep");
-        cmd.arg("60")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        sys::unshare_user_in_child(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .map_err(io("cannot start", Path::new("sleep")))?;
-        let pid = child.id();
-        let done = (|| {
-            let ns_path = PathBuf::from(format!("/proc/{pid}/ns/user"));
-            let map = format!("0 {first} {}\n", config::RANGE_SIZE);
-            for f in ["uid_map", "gid_map"] {
-                let p = PathBuf::from(format!("/proc/{pid}/{f}"));
-                std::fs::write(&p, &map).map_err(io("cannot write", &p))?;
-            }
-            std::fs::File::open(&ns_path).map_err(io("cannot open", &ns_path))
-        })();
-        match done {
-            Ok(ns) => Ok(IdmapNs { child, ns }),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(e)
-            }
-        }
-    }
-
-    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.ns)
-    }
-}
-
-impl Drop for IdmapNs {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The id map of a job's shared layer mounts: the seed's ids 0..65535
+/// onto the job's range from `first`.
+fn layers_idmap(first: u32) -> Result<IdmapNs, SandboxError> {
+    let map = format!("0 {first} {}\n", config::RANGE_SIZE);
+    Ok(IdmapNs::new(&map, &map)?)
 }
 
 /// Checks that an idmapped clone of `dir` can be made here.
 fn probe_idmap(dir: &Path) -> Result<(), SandboxError> {
-    let ns = IdmapNs::new(u32::MAX - config::RANGE_SIZE - 1)?;
+    let ns = layers_idmap(u32::MAX - config::RANGE_SIZE - 1)?;
     sys::idmapped_readonly_clone(dir, ns.fd())
         .map(drop)
         .map_err(|e| start_err("seed", e))
@@ -741,6 +778,12 @@ fn daemon_json_text(
             serde_json::json!({ "bridge": { "com.docker.network.driver.mtu": mtu.to_string() } });
     }
     format!("{v:#}\n")
+}
+
+/// Where the stage-1 helper attaches workspace `i` of the job whose
+/// directory is `job_dir`.
+fn workspace_mount_point(job_dir: &Path, i: usize) -> PathBuf {
+    job_dir.join("workspaces").join(i.to_string())
 }
 
 fn new_id() -> String {

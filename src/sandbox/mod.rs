@@ -16,10 +16,10 @@ pub mod cache;
 pub mod cgroup;
 pub mod child;
 pub mod config;
-pub mod disk;
 mod dns;
 pub mod engines;
 pub mod evidence;
+pub mod fs;
 mod health;
 mod host;
 mod launch;
@@ -45,6 +45,8 @@ use tokio::sync::watch;
 
 pub use cgroup::{JobCgroup, Layout};
 pub use config::{Limits, PortRange, SandboxConfig};
+pub use fs::disk;
+pub use fs::workspaces::WorkspaceRequest;
 /// Whether a dockerd answers `/_ping` on a socket (the engine's readiness check).
 pub use ping::ping;
 pub use record::JobRecord;
@@ -69,6 +71,10 @@ pub enum SandboxError {
     Seed(#[from] seed::SeedError),
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
+    #[error(transparent)]
+    Idmap(#[from] fs::idmap::IdmapError),
+    #[error(transparent)]
+    Workspace(#[from] fs::workspaces::WorkspaceError),
     #[error(transparent)]
     Engine(#[from] engines::EngineError),
     #[error(transparent)]
@@ -282,6 +288,9 @@ pub struct Engine {
     /// The shared image store built from the preloads (see `seed`).
     seed: tokio::sync::Mutex<SeedState>,
     jobs: Mutex<HashMap<String, Sandbox>>,
+    /// Live jobs' workspaces (host directories) and the job of each: a
+    /// directory is one job's at a time, from its start until its teardown.
+    workspaces: Arc<Mutex<Vec<(PathBuf, String)>>>,
     /// Jobs whose teardown failed, live or left by an earlier agent.
     stuck: Mutex<HashMap<String, Stuck>>,
     /// What an earlier agent left in the state dir, as found before this
@@ -314,6 +323,7 @@ impl Engine {
             seed: tokio::sync::Mutex::new(SeedState::Unbuilt),
             cfg: Arc::new(cfg),
             jobs: Mutex::new(HashMap::new()),
+            workspaces: Arc::new(Mutex::new(Vec::new())),
             stuck: Mutex::new(HashMap::new()),
         })
     }

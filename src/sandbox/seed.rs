@@ -134,8 +134,14 @@ pub fn layer_mount_point(job_dir: &Path, i: usize) -> PathBuf {
     job_dir.join("layers").join(i.to_string())
 }
 
+/// Where the job sees shared layer `i` (its private root binds the job's
+/// `layers` directory there).
+pub fn layer_in_job(i: usize) -> PathBuf {
+    Path::new(super::fs::root::inside::LAYERS).join(i.to_string())
+}
+
 /// Writes the seed's metadata into a job's (empty) data-root with ids from
-/// `to`; each layer's `diff` is a link to the layer's mount point.
+/// `to`; each layer's `diff` is a link to where the job sees that layer.
 pub fn materialize(seed: &Seed, job_dir: &Path, job_data: &Path, to: u32) -> Result<(), SeedError> {
     for i in 0..seed.layers.len() {
         let m = layer_mount_point(job_dir, i);
@@ -148,7 +154,7 @@ pub fn materialize(seed: &Seed, job_dir: &Path, job_data: &Path, to: u32) -> Res
         let layer = seed.layers.iter().position(|l| l == rel);
         let descend = if let Some(i) = layer {
             // A layer's content is mounted, never copied.
-            std::os::unix::fs::symlink(layer_mount_point(job_dir, i), &dst).map_err(io(&dst))?;
+            std::os::unix::fs::symlink(layer_in_job(i), &dst).map_err(io(&dst))?;
             false
         } else if ft.is_dir() {
             if !rel.as_os_str().is_empty() {
@@ -205,7 +211,7 @@ mod tests {
         );
         assert_eq!(
             std::fs::read_link(job.join("overlay2/abc/diff")).unwrap(),
-            layer_mount_point(&base, 0)
+            layer_in_job(0)
         );
         assert!(
             !job.join("overlay2/abc/diff/bin").exists(),

@@ -122,6 +122,49 @@ pub fn unmount_detached(path: &Path) -> Result<(), Errno> {
     nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
 }
 
+/// Makes `new_root` (a mount point) the caller's `/` and detaches the old
+/// root with everything mounted below it: nothing of the tree the caller
+/// came from stays reachable by path.
+pub fn pivot_into(new_root: &Path) -> Result<(), SysError> {
+    nix::unistd::chdir(new_root).map_err(|e| call(format!("chdir({})", new_root.display()), e))?;
+    // pivot_root(".", ".") stacks the old root on the new one, at "/", from
+    // where it is detached: no directory for it is needed in the new root.
+    nix::unistd::pivot_root(".", ".")
+        .map_err(|e| call(format!("pivot_root({})", new_root.display()), e))?;
+    nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH)
+        .map_err(|e| call("detach the old root", e))?;
+    nix::unistd::chdir("/").map_err(|e| call("chdir(/)", e))
+}
+
+/// Makes the bind mount at `path` read-only. The flags a mount had when it
+/// came into a user namespace are locked there (a remount that drops one
+/// fails), so the remount keeps every one it finds.
+pub fn remount_readonly(path: &Path) -> Result<(), SysError> {
+    use nix::sys::statvfs::FsFlags;
+    let st = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| call(format!("statvfs({})", path.display()), e))?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    for (have, keep) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if st.flags().contains(have) {
+            flags |= keep;
+        }
+    }
+    nix::mount::mount(None::<&str>, path, None::<&str>, flags, None::<&str>).map_err(|e| {
+        SysError::Mount {
+            fstype: "read-only remount".into(),
+            target: path.to_path_buf(),
+            source: e,
+        }
+    })
+}
+
 pub fn sethostname(name: &str) -> Result<(), SysError> {
     nix::unistd::sethostname(name).map_err(|e| call(format!("sethostname({name})"), e))
 }
@@ -248,27 +291,57 @@ pub fn in_netns<T: Send>(
     })
 }
 
-/// A detached, read-only clone of the tree at `path` whose file owners are
-/// seen through `userns`'s id map (an on-disk id `u` appears as the host id
-/// that `u` maps to in `userns`).
+/// A detached, read-only clone of the tree at `path` (with what is mounted
+/// below it) whose file owners are seen through `userns`'s id map (an
+/// on-disk id `u` appears as the host id that `u` maps to in `userns`).
 pub fn idmapped_readonly_clone(
     path: &Path,
     userns: std::os::fd::BorrowedFd<'_>,
 ) -> Result<std::os::fd::OwnedFd, SysError> {
+    let dir = open_dir_nofollow(path, false)?;
+    idmapped_clone(std::os::fd::AsFd::as_fd(&dir), path, userns, true)
+}
+
+/// Opens the directory `path` for reference only (O_PATH). With
+/// `no_symlinks`, no component of `path` may be a symbolic link: a path
+/// checked once cannot be swapped for a link before it is used.
+pub fn open_dir_nofollow(path: &Path, no_symlinks: bool) -> Result<std::os::fd::OwnedFd, SysError> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let mut how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW);
+    if no_symlinks {
+        how = how.resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+    }
+    let fd = nix::fcntl::openat2(libc::AT_FDCWD, path, how)
+        .map_err(|e| call(format!("open({})", path.display()), e))?;
+    // SAFETY: openat2 just returned this descriptor; nothing else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// A detached clone of the mount tree at the opened directory `dir`
+/// (`path` names it in errors), idmapped through `userns`, `nosuid` and
+/// `nodev`. A read-only clone takes what is mounted below `dir` along; a
+/// writable one is that one directory's mount alone.
+pub fn idmapped_clone(
+    dir: std::os::fd::BorrowedFd<'_>,
+    path: &Path,
+    userns: std::os::fd::BorrowedFd<'_>,
+    readonly: bool,
+) -> Result<std::os::fd::OwnedFd, SysError> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| SysError::Call {
-        op: format!("open_tree({})", path.display()),
-        source: Errno::EINVAL,
-        hint: "",
-    })?;
-    // SAFETY: plain syscall with a valid C string; the result is checked.
+    let empty = c"";
+    let recursive = if readonly { AT_RECURSIVE } else { 0 };
+    // SAFETY: plain syscall on a valid descriptor with an empty C string
+    // and AT_EMPTY_PATH; the result is checked.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_RECURSIVE,
+            dir.as_raw_fd(),
+            empty.as_ptr(),
+            OPEN_TREE_CLONE
+                | libc::O_CLOEXEC as libc::c_uint
+                | libc::AT_EMPTY_PATH as libc::c_uint
+                | recursive,
         )
     };
     if fd < 0 {
@@ -279,20 +352,23 @@ pub fn idmapped_readonly_clone(
     }
     // SAFETY: the kernel just returned this descriptor to us.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut set = MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    if readonly {
+        set |= MOUNT_ATTR_RDONLY;
+    }
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_set: set,
         attr_clr: 0,
         propagation: 0,
         userns_fd: userns.as_raw_fd() as u64,
     };
-    let empty = c"";
     // SAFETY: valid fd, empty path with AT_EMPTY_PATH, attr sized as declared.
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
             tree.as_raw_fd(),
             empty.as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            libc::AT_EMPTY_PATH as libc::c_uint | recursive,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
@@ -307,7 +383,7 @@ pub fn idmapped_readonly_clone(
     Ok(tree)
 }
 
-/// Attaches a detached tree (from [`idmapped_readonly_clone`]) at `target`
+/// Attaches a detached tree (from [`idmapped_clone`]) at `target`
 /// in the caller's mount namespace.
 pub fn attach_tree(tree: std::os::fd::BorrowedFd<'_>, target: &Path) -> Result<(), SysError> {
     use std::os::fd::AsRawFd;

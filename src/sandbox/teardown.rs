@@ -41,6 +41,7 @@ impl Engine {
         match self.end(live.as_ref(), &rec).await {
             Ok(killed) => {
                 self.stuck.locked().remove(id);
+                self.workspaces.locked().retain(|(_, job)| job != id);
                 if let Some(sb) = self.jobs.locked().remove(id) {
                     sb.inner.status.send_replace(Status::Stopped);
                 }

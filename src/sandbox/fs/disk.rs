@@ -134,7 +134,7 @@ pub fn remove(job_dir: &Path, root: &Path) -> Result<(), DiskError> {
 /// one another (a crash between two attempts) too. Idempotent.
 pub fn unmount(root: &Path) -> Result<(), DiskError> {
     for _ in 0..8 {
-        match super::sys::unmount_detached(root) {
+        match super::super::sys::unmount_detached(root) {
             Ok(()) => continue,
             // Not (or no longer) a mount point, or not there at all.
             Err(nix::Error::EINVAL | nix::Error::ENOENT) => break,

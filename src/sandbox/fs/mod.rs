@@ -1,0 +1,8 @@
+//! A job's filesystem: its private root (what its engine sees as `/`), the
+//! workspaces bound into it from the host, its own disk, and the id maps
+//! of the idmapped mounts that bring host directories in.
+
+pub mod disk;
+pub mod idmap;
+pub mod root;
+pub mod workspaces;
