@@ -50,6 +50,10 @@ pub enum Command {
         /// With --endpoint: directory holding admin/{ca,cert,key}.pem.
         #[arg(long, default_value = "certs")]
         certs_dir: PathBuf,
+        /// Bind no workspace into the job: neither the pipeline's
+        /// `workspaces` nor (with the embedded agent) its own directory.
+        #[arg(long)]
+        no_workspace: bool,
     },
     /// Check every prerequisite and print a pass/fail table with fixes.
     Doctor {
@@ -163,6 +167,11 @@ pub enum JobCmd {
         /// Size of the job's own disk in bytes; 0 for none (the agent's default otherwise).
         #[arg(long)]
         disk_bytes: Option<u64>,
+        /// A host directory bound into the job at the same path, with
+        /// DIR@tmp beside it (repeatable). DIR: written as its owner's uid;
+        /// DIR:root: root in the job writes as its owner; DIR:UID: that uid.
+        #[arg(long = "workspace", value_name = "DIR[:root|:UID]")]
+        workspaces: Vec<crate::sandbox::WorkspaceRequest>,
     },
     /// List the agent's jobs.
     Ls {
@@ -471,8 +480,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             engine,
             endpoint,
             certs_dir,
+            no_workspace,
         } => {
-            let p = crate::pipeline::Pipeline::load(&pipeline)?;
+            let mut p = crate::pipeline::Pipeline::load(&pipeline)?;
+            if no_workspace {
+                p.workspaces = Some(Vec::new());
+            }
             let agent = match endpoint {
                 Some(endpoint) => crate::runner::Agent::Remote {
                     endpoint,
@@ -579,11 +592,17 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
             token,
             token_endpoint,
             ca,
+            workspaces,
         } => {
             let mut spec = serde_json::Map::new();
             if let Some(t) = ttl {
                 let d = crate::duration::parse(&t, "--ttl").map_err(CliError::Usage)?;
                 spec.insert("ttl".into(), crate::duration::format(d).into());
+            }
+            if !workspaces.is_empty() {
+                let w = serde_json::to_value(&workspaces)
+                    .map_err(|e| CliError::Usage(e.to_string()))?;
+                spec.insert("workspaces".into(), w);
             }
             let created = match token {
                 Some(file) => {

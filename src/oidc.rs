@@ -96,6 +96,11 @@ pub struct Rule {
     /// Limits for its jobs (what a job asks is capped by these).
     #[serde(default)]
     pub limits: Option<Limits>,
+    /// Workspaces a token may ask for: patterns of absolute paths (`*`
+    /// matches any run of characters). None by default. The agent's
+    /// `[workspaces] allowed_roots` apply too.
+    #[serde(default)]
+    pub workspaces: Vec<String>,
 }
 
 impl TokenConfig {
@@ -262,6 +267,19 @@ pub struct Grant {
     pub labels: BTreeMap<String, String>,
     pub max_ttl: Option<Duration>,
     pub limits: Option<Limits>,
+    /// Patterns of the workspaces its job may have.
+    pub workspaces: Vec<String>,
+}
+
+impl Grant {
+    /// Whether the job may have the workspace at `path` (lexically normal:
+    /// absolute, no `.` or `..`).
+    pub fn allows_workspace(&self, path: &std::path::Path) -> bool {
+        crate::sandbox::fs::workspaces::normal(path).is_some_and(|p| {
+            let p = p.to_string_lossy();
+            self.workspaces.iter().any(|pat| glob(pat, &p))
+        })
+    }
 }
 
 /// A token that verified, not yet spent.
@@ -564,6 +582,7 @@ impl Verifier {
             labels,
             max_ttl: rule.max_ttl,
             limits: rule.limits.clone(),
+            workspaces: rule.workspaces.clone(),
         })
     }
 

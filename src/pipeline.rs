@@ -6,6 +6,8 @@
 //! ```toml
 //! name = "hello"
 //! ttl = "30m"                 # job lifetime (default: sum of step timeouts + 5m)
+//! workspaces = [".", "../cache:root"]   # bound into the job at their own
+//!                             # path (relative to this file; default: its directory)
 //! [env]
 //! APP = "hello-app"
 //!
@@ -23,6 +25,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::duration;
+use crate::sandbox::WorkspaceRequest;
 
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -59,6 +62,8 @@ struct RawPipeline {
     ttl: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    workspaces: Option<Vec<String>>,
     #[serde(default, rename = "step")]
     steps: Vec<RawStep>,
 }
@@ -89,6 +94,9 @@ pub struct Pipeline {
     /// Directory steps run in (the pipeline file's).
     pub dir: PathBuf,
     pub ttl: Duration,
+    /// Host directories bound into the job at their own path: those the
+    /// file names, or (None) its own directory.
+    pub workspaces: Option<Vec<WorkspaceRequest>>,
     pub steps: Vec<Step>,
 }
 
@@ -180,18 +188,66 @@ impl Pipeline {
             }
             None => total + Duration::from_secs(300),
         };
+        let workspaces = match raw.workspaces {
+            None => None,
+            Some(list) => Some(
+                list.iter()
+                    .map(|w| {
+                        let abs = dir.join(w).to_string_lossy().into_owned();
+                        let mut r: WorkspaceRequest = abs
+                            .parse()
+                            .map_err(|e| invalid(format!("workspaces: {e}")))?;
+                        r.path = lexical(&r.path);
+                        Ok(r)
+                    })
+                    .collect::<Result<_, PipelineError>>()?,
+            ),
+        };
         Ok(Pipeline {
             name: raw.name,
             dir,
             ttl,
+            workspaces,
             steps,
         })
     }
 }
 
+/// `p` with `.` and `..` resolved by name (the agent resolves links).
+fn lexical(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workspaces_are_relative_to_the_file_and_keep_their_owner_choice() {
+        let p = parse("name = \"x\"\nworkspaces = [\".\", \"../cache:root\", \"/srv/ws:1001\"]\n[[step]]\nname = \"a\"\nrun = \"true\"\n").unwrap();
+        let w = p.workspaces.unwrap();
+        assert_eq!(w[0].path, Path::new("/x"));
+        assert_eq!(
+            (w[1].path.as_path(), w[1].as_uid),
+            (Path::new("/cache"), Some(0))
+        );
+        assert_eq!(
+            (w[2].path.as_path(), w[2].as_uid),
+            (Path::new("/srv/ws"), Some(1001))
+        );
+        let none = parse("name = \"x\"\n[[step]]\nname = \"a\"\nrun = \"true\"\n").unwrap();
+        assert_eq!(none.workspaces, None);
+    }
 
     fn parse(t: &str) -> Result<Pipeline, PipelineError> {
         Pipeline::parse(t, Path::new("p.toml"), PathBuf::from("/x"))

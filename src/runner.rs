@@ -113,6 +113,37 @@ fn secs(d: Duration) -> String {
 
 const SPINNER: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
 
+/// The workspaces the pipeline's job gets: those its file names; else,
+/// with the embedded agent, the pipeline's own directory, unless root owns
+/// it (a job never writes as host root). A remote agent's host need not
+/// have this machine's paths: it gets only what the file names.
+fn workspaces_of(
+    pipeline: &Pipeline,
+    agent: &Agent,
+    display: &mut Display,
+) -> Option<Vec<crate::sandbox::WorkspaceRequest>> {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(w) = &pipeline.workspaces {
+        return Some(w.clone());
+    }
+    if matches!(agent, Agent::Remote { .. }) {
+        return None;
+    }
+    match std::fs::metadata(&pipeline.dir) {
+        Ok(md) if md.uid() != 0 && md.gid() != 0 => Some(vec![crate::sandbox::WorkspaceRequest {
+            path: pipeline.dir.clone(),
+            as_uid: None,
+        }]),
+        _ => {
+            display.line(&format!(
+                "berth: {} is root's: not bound into the job (a job never writes as host root)",
+                pipeline.dir.display()
+            ));
+            None
+        }
+    }
+}
+
 /// Runs the pipeline; returns its exit code.
 pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
     let started = Instant::now();
@@ -124,6 +155,7 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
         status: None,
         mid_line: false,
     };
+    let workspaces = workspaces_of(&pipeline, &agent, &mut display);
     // The embedded agent, if any: serves until we are done, then its
     // shutdown tears down whatever is left.
     let mut embedded = None;
@@ -132,7 +164,12 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
             endpoint,
             certs_dir,
         } => AgentClient::new(&endpoint, &certs_dir)?,
-        Agent::Embedded(cfg) => {
+        Agent::Embedded(mut cfg) => {
+            // The user who runs the pipeline is this agent's admin: the
+            // directories it names (or its own) are allowed.
+            for w in workspaces.as_deref().unwrap_or_default() {
+                cfg.workspaces.allowed_roots.push(w.path.clone());
+            }
             let certs_dir = cfg.state_dir.join("runner-certs");
             let serve = ServeConfig {
                 listen: ([127, 0, 0, 1], 0).into(),
@@ -157,7 +194,11 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
 
     let ttl = crate::duration::format(pipeline.ttl.max(std::time::Duration::from_secs(1)));
     let created = client
-        .create(&serde_json::json!({ "ttl": ttl, "labels": { "pipeline": pipeline.name } }))
+        .create(&serde_json::json!({
+            "ttl": ttl,
+            "labels": { "pipeline": pipeline.name },
+            "workspaces": workspaces.unwrap_or_default(),
+        }))
         .await;
     let created = match created {
         Ok(c) => c,

@@ -299,6 +299,22 @@ pub(super) fn create_failed(e: &JobError) -> Response<Own> {
         JobError::Sandbox(e @ crate::sandbox::SandboxError::Slot(_)) => {
             error_response(StatusCode::SERVICE_UNAVAILABLE, &format!("berth: {e}"))
         }
+        JobError::Sandbox(crate::sandbox::SandboxError::Workspace(w)) => {
+            use crate::sandbox::fs::workspaces::{Refusal, WorkspaceError};
+            let status = match w {
+                WorkspaceError::Refused {
+                    why: Refusal::InUse { .. },
+                    ..
+                } => StatusCode::CONFLICT,
+                WorkspaceError::Refused { .. } => StatusCode::FORBIDDEN,
+                WorkspaceError::Io { .. } => StatusCode::BAD_REQUEST,
+                WorkspaceError::Idmap(_) | WorkspaceError::NoIdmap { .. } => {
+                    tracing::error!(error = %w, "workspace could not be mounted");
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            };
+            error_response(status, &format!("berth: {w}"))
+        }
         e => {
             tracing::error!(error = %e, "job creation failed");
             error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("berth: {e}"))

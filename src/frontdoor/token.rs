@@ -33,6 +33,9 @@ struct Exchange {
     token: String,
     #[serde(default, with = "crate::duration::text::option")]
     ttl: Option<Duration>,
+    /// Workspaces the job asks for: each must match a pattern of the rule.
+    #[serde(default)]
+    workspaces: Vec<crate::sandbox::WorkspaceRequest>,
 }
 
 /// JWTs are a few KiB; nothing else is read.
@@ -208,6 +211,23 @@ impl TokenDoor {
                 ),
             );
         }
+        if let Some(w) = ask.workspaces.iter().find(|w| !g.allows_workspace(&w.path)) {
+            let path = w.path.display();
+            self.audit(
+                peer,
+                403,
+                "deny",
+                "token-workspace",
+                &format!("rule={} sub={} workspace={path}", g.rule, g.subject),
+            );
+            return error_response(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "berth: workspace {path} is not one that rule {} grants",
+                    g.rule
+                ),
+            );
+        }
         if let Err(e) = self.verifier.spend(&verified) {
             return self.refuse(&e, peer);
         }
@@ -215,6 +235,7 @@ impl TokenDoor {
             ttl: Some(ttl),
             limits: g.limits.clone(),
             labels: g.labels.clone(),
+            workspaces: ask.workspaces,
         };
         match self.jobs.create(spec).await {
             Ok((view, bundle)) => {

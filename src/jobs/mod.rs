@@ -25,7 +25,7 @@ use crate::audit::{Audit, Record};
 use crate::metrics::{Metrics, Snapshot};
 use crate::pki::{Bundle, Ca, Identity, PkiError};
 use crate::sandbox::slots::SlotError;
-use crate::sandbox::{Engine, Limits, PortRange, SandboxError, Status};
+use crate::sandbox::{Engine, Limits, PortRange, SandboxError, Status, WorkspaceRequest};
 
 /// Remembered ended jobs, so a late client gets "ended" rather than "unknown".
 const ENDED_MEMORY: usize = 4096;
@@ -88,6 +88,9 @@ pub struct CreateJob {
     pub limits: Option<Limits>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Host directories bound into the job at their own path.
+    #[serde(default)]
+    pub workspaces: Vec<WorkspaceRequest>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -212,9 +215,10 @@ impl Jobs {
         &self,
         kind: &'static str,
         limits: Option<Limits>,
+        workspaces: &[WorkspaceRequest],
     ) -> Result<crate::sandbox::Sandbox, SandboxError> {
         let t0 = std::time::Instant::now();
-        let r = self.engine.start(limits).await;
+        let r = self.engine.start_job(limits, workspaces).await;
         match &r {
             Ok(_) => self.metrics.started(kind, t0.elapsed()),
             Err(e) => self.metrics.start_failed(e.reason()),
@@ -234,7 +238,7 @@ impl Jobs {
     }
 
     /// A sandbox for a new job: a warm one when its limits are the
-    /// defaults, else a fresh start. The warm pool never makes a job fail
+    /// defaults and it has no workspaces, else a fresh start. The warm pool never makes a job fail
     /// while one of its id ranges could serve it: when every range is in
     /// use, a warm sandbox (one still starting is waited for) is handed out
     /// or, for other limits, torn down to free its range.
@@ -242,12 +246,13 @@ impl Jobs {
         &self,
         standard: bool,
         limits: Option<Limits>,
+        workspaces: &[WorkspaceRequest],
     ) -> Result<crate::sandbox::Sandbox, JobError> {
         if standard && let Some(sb) = self.take_pooled().await {
             return Ok(sb);
         }
         loop {
-            match self.start_sandbox("job", limits.clone()).await {
+            match self.start_sandbox("job", limits.clone(), workspaces).await {
                 Err(SandboxError::Slot(SlotError::Exhausted { .. }))
                     if self.pool_holds_ranges() =>
                 {
@@ -302,11 +307,14 @@ impl Jobs {
             });
         }
         let defaults = &self.engine.config().default_limits;
-        let standard = req
-            .limits
-            .as_ref()
-            .is_none_or(|l| l.or(defaults) == *defaults);
-        let sb = self.sandbox_for(standard, req.limits).await?;
+        let standard = req.workspaces.is_empty()
+            && req
+                .limits
+                .as_ref()
+                .is_none_or(|l| l.or(defaults) == *defaults);
+        let sb = self
+            .sandbox_for(standard, req.limits, &req.workspaces)
+            .await?;
         self.refill_pool();
         let created = SystemTime::now();
         let expires = created + ttl;

@@ -189,7 +189,7 @@ pub struct Rules {
 }
 
 /// Lexically normal: absolute, no `.` or `..`, no trailing slash.
-fn normal(p: &Path) -> Option<PathBuf> {
+pub fn normal(p: &Path) -> Option<PathBuf> {
     if !p.is_absolute() {
         return None;
     }
