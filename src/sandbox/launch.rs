@@ -16,10 +16,11 @@ use tokio::sync::watch;
 
 use super::child::{ChildSpec, HIDDEN_SUBCOMMAND};
 use super::host::{chown, mkdir_mode};
+use super::net::dns;
 use super::{
     Engine, Inner, JobCgroup, JobRecord, Limits, Sandbox, SandboxError, SeedState, Status,
-    api_socket, code_of, config, describe_exit, dns, evidence, io, net, ping, protocol, record,
-    seed, slots, start_err, sys,
+    api_socket, code_of, config, describe_exit, evidence, io, net, ping, protocol, record, seed,
+    slots, start_err, sys,
 };
 use super::{disk, health};
 

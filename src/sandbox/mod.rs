@@ -7,7 +7,8 @@
 //! This file is the engine's face and its registry of live jobs. The work:
 //! `host` (prepare the host once), `launch` (a start, step by step),
 //! `protocol` + `child` (the agent and the job's side of a start),
-//! `teardown` (an end, and recovery), `cgroup`, `net`, `dns`, `slots`,
+//! `teardown` (an end, and recovery), `cgroup`, `net` (links, rules, DNS
+//! relay, published ports), `slots`,
 //! `record`, `disk` (a job's own filesystem), `seed`/`preload` (shared
 //! images), `evidence` (failed starts' logs), `health` (is a running job's
 //! dockerd answering); `sys` is the only place that makes raw system calls.
@@ -17,7 +18,6 @@ pub mod cgroup;
 pub mod child;
 pub mod config;
 pub mod disk;
-mod dns;
 pub mod engines;
 pub mod evidence;
 mod health;
@@ -29,7 +29,6 @@ pub mod preload;
 pub mod protocol;
 pub mod record;
 pub mod registries;
-mod rtnl;
 pub mod seed;
 pub mod slots;
 mod sys;
@@ -44,7 +43,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 pub use cgroup::{JobCgroup, Layout};
-pub use config::{Limits, PortRange, SandboxConfig};
+pub use config::{Limits, SandboxConfig};
+pub use net::ports::PortRange;
 /// Whether a dockerd answers `/_ping` on a socket (the engine's readiness check).
 pub use ping::ping;
 pub use record::JobRecord;
@@ -62,7 +62,7 @@ pub enum SandboxError {
     #[error(transparent)]
     Net(#[from] net::NetError),
     #[error(transparent)]
-    Dns(#[from] dns::DnsError),
+    Dns(#[from] net::dns::DnsError),
     #[error(transparent)]
     Preload(#[from] preload::PreloadError),
     #[error(transparent)]
@@ -149,7 +149,7 @@ struct Inner {
     status: watch::Sender<Status>,
     /// Some(exit code) once the job's monitor has exited.
     exited: watch::Receiver<Option<i32>>,
-    relay: Mutex<Option<dns::Relay>>,
+    relay: Mutex<Option<net::dns::Relay>>,
     started: Instant,
 }
 
