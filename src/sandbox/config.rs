@@ -172,10 +172,10 @@ pub struct SandboxConfig {
     pub unchecked_dockerd_args: Vec<String>,
     /// `[registries]` of the configuration file (a section of its own).
     #[serde(skip)]
-    pub registries: super::registries::Registries,
+    pub registries: crate::images::registries::Registries,
     /// `[cache]` of the configuration file: the shared pull-through cache.
     #[serde(skip)]
-    pub cache: super::cache::CacheConfig,
+    pub cache: crate::images::cache::CacheConfig,
 }
 
 /// dockerd flags berth sets for every job (or writes to its daemon.json):
@@ -412,7 +412,7 @@ impl SandboxConfig {
     pub fn cache_addr(&self) -> Option<std::net::SocketAddrV4> {
         self.cache
             .enabled
-            .then(|| super::cache::addr_in_pool(self.net_pool, self.net_pool_prefix))
+            .then(|| crate::images::cache::addr_in_pool(self.net_pool, self.net_pool_prefix))
     }
 
     /// Number of /30s in the address pool for jobs (the last one is the

@@ -725,7 +725,7 @@ fn probe_idmap(dir: &Path) -> Result<(), SandboxError> {
 fn daemon_json_text(
     mtu: u32,
     default_network_opts: bool,
-    registries: &super::registries::Loaded,
+    registries: &crate::images::registries::Loaded,
 ) -> String {
     let mut v = serde_json::json!({
         "log-driver": "json-file",
@@ -766,7 +766,7 @@ mod tests {
             new["default-network-opts"]["bridge"]["com.docker.network.driver.mtu"],
             "1400"
         );
-        let reg = crate::sandbox::registries::Loaded {
+        let reg = crate::images::registries::Loaded {
             mirrors: vec!["http://10.0.0.1:5000".into()],
             insecure: vec!["r.example:5000".into()],
             cas: Vec::new(),

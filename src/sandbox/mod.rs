@@ -8,12 +8,12 @@
 //! `host` (prepare the host once), `launch` (a start, step by step),
 //! `protocol` + `child` (the agent and the job's side of a start),
 //! `teardown` (an end, and recovery), `cgroup`, `net` (links, rules, DNS
-//! relay, published ports), `slots`,
-//! `record`, `disk` (a job's own filesystem), `seed`/`preload` (shared
-//! images), `evidence` (failed starts' logs), `health` (is a running job's
-//! dockerd answering); `sys` is the only place that makes raw system calls.
+//! relay, published ports), `slots`, `record`, `disk` (a job's own
+//! filesystem), `seed` (preloaded images shared between jobs), `evidence`
+//! (failed starts' logs), `health` (is a running job's dockerd answering);
+//! `sys` is the only place that makes raw system calls. Registry settings,
+//! the pull-through cache and preloads are host services in `crate::images`.
 
-pub mod cache;
 pub mod cgroup;
 pub mod child;
 pub mod config;
@@ -25,13 +25,11 @@ mod host;
 mod launch;
 pub mod net;
 mod ping;
-pub mod preload;
 pub mod protocol;
 pub mod record;
-pub mod registries;
 pub mod seed;
 pub mod slots;
-mod sys;
+pub(crate) mod sys;
 mod teardown;
 
 use crate::locks::Lock;
@@ -64,7 +62,7 @@ pub enum SandboxError {
     #[error(transparent)]
     Dns(#[from] net::dns::DnsError),
     #[error(transparent)]
-    Preload(#[from] preload::PreloadError),
+    Preload(#[from] crate::images::preload::PreloadError),
     #[error(transparent)]
     Seed(#[from] seed::SeedError),
     #[error(transparent)]
@@ -72,7 +70,7 @@ pub enum SandboxError {
     #[error(transparent)]
     Engine(#[from] engines::EngineError),
     #[error(transparent)]
-    Cache(#[from] cache::CacheError),
+    Cache(#[from] crate::images::cache::CacheError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -338,7 +336,7 @@ impl Engine {
     }
 
     /// The shared pull-through cache, when enabled.
-    pub fn cache(&self) -> Option<&cache::Cache> {
+    pub fn cache(&self) -> Option<&crate::images::cache::Cache> {
         self.host.cache.as_ref()
     }
 

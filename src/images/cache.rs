@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::config::ConfigError;
-use super::{disk, net, sys};
+use crate::sandbox::config::ConfigError;
+use crate::sandbox::{backoff, disk, net, sys};
 
 /// The port the cache listens on, at its own address.
 pub const PORT: u16 = 5000;
@@ -486,7 +486,7 @@ fn supervise(
     let mut failures = u32::from(child.is_none());
     let mut retry_at = child
         .is_none()
-        .then(|| Instant::now() + super::backoff(failures, CAP));
+        .then(|| Instant::now() + backoff(failures, CAP));
     // Until the cache is dropped (its sender with it).
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(TICK) {
         if let Some(c) = &mut child
@@ -494,7 +494,7 @@ fn supervise(
         {
             child = None;
             failures += 1;
-            let wait = super::backoff(failures, CAP);
+            let wait = backoff(failures, CAP);
             tracing::error!(%status, failures, retry_in_s = wait.as_secs(), log = %f.log.display(), "the cache's registry exited; jobs pull from their other mirrors or the upstream meanwhile");
             retry_at = Some(Instant::now() + wait);
         }
@@ -523,7 +523,7 @@ fn supervise(
                 }
                 Err(e) => {
                     failures += 1;
-                    let wait = super::backoff(failures, CAP);
+                    let wait = backoff(failures, CAP);
                     tracing::error!(error = %e, failures, retry_in_s = wait.as_secs(), "cannot restart the cache's registry");
                     retry_at = Some(Instant::now() + wait);
                 }

@@ -11,7 +11,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
-use super::config::ConfigError;
+use crate::sandbox::config::ConfigError;
 
 /// `[registries]` in berth.toml.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
