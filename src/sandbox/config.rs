@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::net::ports::PortRange;
+use super::net::ports::{PortRange, PortsError};
 
 /// Size of the uid/gid range every job gets (a full 16-bit id space, as
 /// Docker images expect).
@@ -261,6 +261,8 @@ pub enum ConfigError {
     /// An entry of a list or table (`registries.mirrors[1]`).
     #[error("invalid configuration: {key}: {why}")]
     InvalidAt { key: String, why: String },
+    #[error("invalid configuration: {0}")]
+    Ports(#[from] PortsError),
 }
 
 impl SandboxConfig {
@@ -338,35 +340,7 @@ impl SandboxConfig {
                 format!("{} must be 0 (auto) or 1280..=65535", self.mtu),
             );
         }
-        if self.port_pool.first < 1024 {
-            return inv(
-                "port_pool",
-                format!(
-                    "{} starts below 1024, among ports host services listen on",
-                    self.port_pool
-                ),
-            );
-        }
-        if self.ports_per_job != 0 {
-            if self.ports_per_job < 8 {
-                return inv(
-                    "ports_per_job",
-                    format!(
-                        "{} is too few for a job's own connections; use at least 8, or 0 to publish nothing",
-                        self.ports_per_job
-                    ),
-                );
-            }
-            if u32::from(self.ports_per_job) > self.port_pool.count() {
-                return inv(
-                    "ports_per_job",
-                    format!(
-                        "{} is more than port_pool {} holds",
-                        self.ports_per_job, self.port_pool
-                    ),
-                );
-            }
-        }
+        self.port_pool.check_pool(self.ports_per_job)?;
         if self.cgroup_parent.is_empty()
             || self
                 .cgroup_parent
@@ -450,15 +424,7 @@ impl SandboxConfig {
 
     /// Slot `n`'s block of published ports, if jobs publish any.
     pub fn port_block(&self, slot: u32) -> Option<PortRange> {
-        if self.ports_per_job == 0 {
-            return None;
-        }
-        let first = u32::from(self.port_pool.first) + slot * u32::from(self.ports_per_job);
-        let last = first + u32::from(self.ports_per_job) - 1;
-        (last <= u32::from(self.port_pool.last)).then_some(PortRange {
-            first: first as u16,
-            last: last as u16,
-        })
+        self.port_pool.block(self.ports_per_job, slot)
     }
 
     /// Host and job addresses of slot `n`'s /30.
@@ -571,11 +537,10 @@ mod tests {
             ports_per_job: 4,
             ..Default::default()
         };
-        assert!(
-            few.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("ports_per_job")
+        assert_eq!(
+            few.validate().unwrap_err().to_string(),
+            "invalid configuration: ports_per_job: 4 is too few for a job's own connections; \
+             use at least 8, or 0 to publish nothing"
         );
     }
 

@@ -11,6 +11,26 @@ pub struct PortRange {
     pub last: u16,
 }
 
+/// A bad range, or a pool (`port_pool`) that cannot be carved into blocks
+/// of `ports_per_job`.
+#[derive(Debug, thiserror::Error)]
+pub enum PortsError {
+    #[error("{text:?}: expected FIRST-LAST, e.g. \"20000-29999\"")]
+    NotARange { text: String },
+    #[error("{text:?}: {port:?} is not a port (1-65535)")]
+    NotAPort { text: String, port: String },
+    #[error("{text:?}: the last port is below the first")]
+    Reversed { text: String },
+    #[error("port_pool: {pool} starts below 1024, among ports host services listen on")]
+    PoolBelow1024 { pool: PortRange },
+    #[error(
+        "ports_per_job: {per_job} is too few for a job's own connections; use at least 8, or 0 to publish nothing"
+    )]
+    TooFewPerJob { per_job: u16 },
+    #[error("ports_per_job: {per_job} is more than port_pool {pool} holds")]
+    MoreThanPool { per_job: u16, pool: PortRange },
+}
+
 impl PortRange {
     pub fn count(&self) -> u32 {
         u32::from(self.last) - u32::from(self.first) + 1
@@ -18,6 +38,40 @@ impl PortRange {
 
     pub fn contains(&self, port: u16) -> bool {
         (self.first..=self.last).contains(&port)
+    }
+
+    /// Checks this range as the pool carved into blocks of `per_job` ports
+    /// (0: jobs publish nothing at the agent's addresses).
+    pub fn check_pool(&self, per_job: u16) -> Result<(), PortsError> {
+        if self.first < 1024 {
+            return Err(PortsError::PoolBelow1024 { pool: *self });
+        }
+        if per_job != 0 {
+            if per_job < 8 {
+                return Err(PortsError::TooFewPerJob { per_job });
+            }
+            if u32::from(per_job) > self.count() {
+                return Err(PortsError::MoreThanPool {
+                    per_job,
+                    pool: *self,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Block `n` of this pool carved into blocks of `per_job` ports, if the
+    /// pool holds it (and jobs publish any).
+    pub fn block(&self, per_job: u16, n: u32) -> Option<PortRange> {
+        if per_job == 0 {
+            return None;
+        }
+        let first = u32::from(self.first) + n * u32::from(per_job);
+        let last = first + u32::from(per_job) - 1;
+        (last <= u32::from(self.last)).then_some(PortRange {
+            first: first as u16,
+            last: last as u16,
+        })
     }
 }
 
@@ -28,21 +82,24 @@ impl std::fmt::Display for PortRange {
 }
 
 impl std::str::FromStr for PortRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = PortsError;
+    fn from_str(s: &str) -> Result<Self, PortsError> {
         let (a, b) = s
             .split_once('-')
-            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. \"20000-29999\""))?;
+            .ok_or_else(|| PortsError::NotARange { text: s.into() })?;
         let port = |p: &str| {
             p.trim()
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p != 0)
-                .ok_or_else(|| format!("{s:?}: {p:?} is not a port (1-65535)"))
+                .ok_or_else(|| PortsError::NotAPort {
+                    text: s.into(),
+                    port: p.into(),
+                })
         };
         let (first, last) = (port(a)?, port(b)?);
         if last < first {
-            return Err(format!("{s:?}: the last port is below the first"));
+            return Err(PortsError::Reversed { text: s.into() });
         }
         Ok(PortRange { first, last })
     }
@@ -78,5 +135,9 @@ mod tests {
         for bad in ["20000", "0-10", "30000-20000", "1-70000", "a-b"] {
             assert!(bad.parse::<PortRange>().is_err(), "{bad}");
         }
+        assert_eq!(
+            "1-70000".parse::<PortRange>().unwrap_err().to_string(),
+            "\"1-70000\": \"70000\" is not a port (1-65535)"
+        );
     }
 }
