@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::images::cache::{self, CacheConfig, CacheConfigError};
+
 use super::net::ports::{PortRange, PortsError};
 
 /// Size of the uid/gid range every job gets (a full 16-bit id space, as
@@ -175,7 +177,7 @@ pub struct SandboxConfig {
     pub registries: crate::images::registries::Registries,
     /// `[cache]` of the configuration file: the shared pull-through cache.
     #[serde(skip)]
-    pub cache: crate::images::cache::CacheConfig,
+    pub cache: CacheConfig,
 }
 
 /// dockerd flags berth sets for every job (or writes to its daemon.json):
@@ -263,6 +265,8 @@ pub enum ConfigError {
     InvalidAt { key: String, why: String },
     #[error("invalid configuration: {0}")]
     Ports(#[from] PortsError),
+    #[error("invalid configuration: {0}")]
+    Cache(#[from] CacheConfigError),
 }
 
 impl SandboxConfig {
@@ -386,7 +390,7 @@ impl SandboxConfig {
     pub fn cache_addr(&self) -> Option<std::net::SocketAddrV4> {
         self.cache
             .enabled
-            .then(|| crate::images::cache::addr_in_pool(self.net_pool, self.net_pool_prefix))
+            .then(|| cache::addr_in_pool(self.net_pool, self.net_pool_prefix))
     }
 
     /// Number of /30s in the address pool for jobs (the last one is the

@@ -128,7 +128,7 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
     let mut registries = cfg.registries.load()?;
     let cache = match cfg.cache_addr() {
         Some(addr) => {
-            let password = cfg.cache.validate()?;
+            let password = cfg.cache.validate().map_err(config::ConfigError::from)?;
             let c = cache::Cache::start(&cfg.cache, password, &cfg.state_dir.join("cache"), addr)?;
             // First: a job's dockerd tries its mirrors in order, then the
             // upstream itself.
