@@ -16,6 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::UrlError;
+
 use crate::sandbox::{backoff, disk, net, sys};
 
 /// The port the cache listens on, at its own address.
@@ -66,9 +68,6 @@ impl Default for CacheConfig {
         }
     }
 }
-
-/// Why a URL does not parse.
-type UrlError = <reqwest::Url as std::str::FromStr>::Err;
 
 /// A key of `[cache]` that is not valid: the variant names it.
 #[derive(Debug, thiserror::Error)]

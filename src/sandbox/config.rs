@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::images::cache::{self, CacheConfig, CacheConfigError};
+use crate::images::registries::{Registries, RegistriesError};
 
 use super::net::ports::{PortRange, PortsError};
 
@@ -174,7 +175,7 @@ pub struct SandboxConfig {
     pub unchecked_dockerd_args: Vec<String>,
     /// `[registries]` of the configuration file (a section of its own).
     #[serde(skip)]
-    pub registries: crate::images::registries::Registries,
+    pub registries: Registries,
     /// `[cache]` of the configuration file: the shared pull-through cache.
     #[serde(skip)]
     pub cache: CacheConfig,
@@ -260,13 +261,12 @@ impl Default for SandboxConfig {
 pub enum ConfigError {
     #[error("invalid configuration: {key}: {why}")]
     Invalid { key: &'static str, why: String },
-    /// An entry of a list or table (`registries.mirrors[1]`).
-    #[error("invalid configuration: {key}: {why}")]
-    InvalidAt { key: String, why: String },
     #[error("invalid configuration: {0}")]
     Ports(#[from] PortsError),
     #[error("invalid configuration: {0}")]
     Cache(#[from] CacheConfigError),
+    #[error("invalid configuration: {0}")]
+    Registries(#[from] RegistriesError),
 }
 
 impl SandboxConfig {

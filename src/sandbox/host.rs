@@ -125,7 +125,7 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         .trim()
         .to_string();
     let preloads = preload::prepare(&cfg.preload, &cfg.state_dir.join("preload"))?;
-    let mut registries = cfg.registries.load()?;
+    let mut registries = cfg.registries.load().map_err(config::ConfigError::from)?;
     let cache = match cfg.cache_addr() {
         Some(addr) => {
             let password = cfg.cache.validate().map_err(config::ConfigError::from)?;
