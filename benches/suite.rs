@@ -985,7 +985,8 @@ fn build_figures(label: &str, cfg: berth::sandbox::SandboxConfig, n: usize) -> V
 /// warm one, and with the upstream itself as the mirror; and the blobs the
 /// upstream served during the warm pulls.
 fn cache_pulls(rt: &tokio::runtime::Runtime, runs: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, usize) {
-    use berth::sandbox::{Engine, SandboxConfig, cache::CacheConfig, registries::Registries};
+    use berth::images::{cache::CacheConfig, registries::Registries};
+    use berth::sandbox::{Engine, SandboxConfig};
     let host = common::Outside::create(46);
     let up = format!("{}:5000", host.addr);
     let upstream = common::Registry::start(&host.name, "bench-upstream", &up, None, None);

@@ -302,9 +302,9 @@ struct FileConfig {
     #[serde(default)]
     serve: crate::frontdoor::ServeConfig,
     #[serde(default)]
-    registries: crate::sandbox::registries::Registries,
+    registries: crate::images::registries::Registries,
     #[serde(default)]
-    cache: crate::sandbox::cache::CacheConfig,
+    cache: crate::images::cache::CacheConfig,
     #[serde(default)]
     workspaces: crate::sandbox::fs::workspaces::WorkspacesConfig,
     #[serde(default)]

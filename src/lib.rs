@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod duration;
 pub mod files;
 pub mod frontdoor;
+pub mod images;
 pub mod jobs;
 pub mod locks;
 pub mod metrics;

@@ -584,7 +584,7 @@ fn door_with_registry(
     let addr = format!("{ip}:5443");
     let registry = Registry::start(&host.name, name, &addr, Some((&cert_pem, &key_pem)), None);
     let cfg = SandboxConfig {
-        registries: berth::sandbox::registries::Registries {
+        registries: berth::images::registries::Registries {
             ca: [(addr.clone(), ca_file)].into(),
             ..Default::default()
         },

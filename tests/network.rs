@@ -455,7 +455,7 @@ fn registry_settings_reach_every_job_private_ca_insecure_and_mirror() {
         ca_file.display()
     );
     let file: toml::Table = toml::from_str(&toml).unwrap();
-    let registries: berth::sandbox::registries::Registries =
+    let registries: berth::images::registries::Registries =
         file["registries"].clone().try_into().unwrap();
     let rt = rt();
     let e = berth::sandbox::Engine::new(berth::sandbox::SandboxConfig {
@@ -565,11 +565,11 @@ fn a_shared_pull_through_cache_serves_the_next_job_from_the_host() {
         password_file.display()
     );
     let file: toml::Table = toml::from_str(&toml).unwrap();
-    let cache: berth::sandbox::cache::CacheConfig = file["cache"].clone().try_into().unwrap();
+    let cache: berth::images::cache::CacheConfig = file["cache"].clone().try_into().unwrap();
     let cfg = berth::sandbox::SandboxConfig {
         cache,
         // The test pushes the image to the upstream from a job.
-        registries: berth::sandbox::registries::Registries {
+        registries: berth::images::registries::Registries {
             insecure: vec![up.clone()],
             ..Default::default()
         },

@@ -1342,7 +1342,7 @@ fn a_job_that_fills_its_disk_gets_enospc_alone() {
         stderr(&fill)
     );
     // The host gave the job no more than its bound.
-    let used = berth::sandbox::disk::used_on_host(&job_dir(&a)).unwrap();
+    let used = berth::sandbox::fs::disk::used_on_host(&job_dir(&a)).unwrap();
     assert!(used <= 130 << 20, "the job's image takes {used} bytes");
     // The other job, on the same host filesystem, writes as usual, and the
     // full one still answers.
@@ -1364,6 +1364,6 @@ fn a_job_that_fills_its_disk_gets_enospc_alone() {
     let traces = Traces::capture(&e, &a);
     rt.block_on(e.teardown(a.id())).unwrap();
     traces.assert_gone();
-    assert!(!job_dir(&a).join(berth::sandbox::disk::IMAGE).exists());
+    assert!(!job_dir(&a).join(berth::sandbox::fs::disk::IMAGE).exists());
     rt.block_on(e.teardown(b.id())).unwrap();
 }

@@ -16,10 +16,10 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::cgroup::Layout;
-use super::config::PortRange;
 use super::fs::root::{self, Step, inside};
+use super::net::ports::PortRange;
+use super::net::rtnl::{LinkChange, Rtnl, RtnlError};
 use super::protocol::{FromHelper, HelperEnd};
-use super::rtnl::{LinkChange, Rtnl, RtnlError};
 use super::sys;
 
 pub const HIDDEN_SUBCOMMAND: &str = "__sandbox-stage1";

@@ -8,6 +8,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::images::cache::{self, CacheConfig, CacheConfigError};
+use crate::images::registries::{Registries, RegistriesError};
+
+use super::net::ports::{PortRange, PortsError};
+
 /// Size of the uid/gid range every job gets (a full 16-bit id space, as
 /// Docker images expect).
 pub const RANGE_SIZE: u32 = 65536;
@@ -51,7 +56,7 @@ impl Limits {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(d) = self.disk()
-            && d < super::disk::MIN_BYTES
+            && d < super::fs::disk::MIN_BYTES
         {
             return Err(ConfigError::Invalid {
                 key: "limits.disk_bytes",
@@ -170,10 +175,10 @@ pub struct SandboxConfig {
     pub unchecked_dockerd_args: Vec<String>,
     /// `[registries]` of the configuration file (a section of its own).
     #[serde(skip)]
-    pub registries: super::registries::Registries,
+    pub registries: Registries,
     /// `[cache]` of the configuration file: the shared pull-through cache.
     #[serde(skip)]
-    pub cache: super::cache::CacheConfig,
+    pub cache: CacheConfig,
     /// `[workspaces]` of the configuration file: where jobs may have host
     /// directories bound in.
     #[serde(skip)]
@@ -212,64 +217,6 @@ const BERTH_FLAGS: [(&str, &str); 16] = [
     ("--insecure-registry", "use [registries] insecure"),
     ("--default-network-opt", "berth sets networks' MTU"),
 ];
-
-/// An inclusive range of ports, written `"FIRST-LAST"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl PortRange {
-    pub fn count(&self) -> u32 {
-        u32::from(self.last) - u32::from(self.first) + 1
-    }
-
-    pub fn contains(&self, port: u16) -> bool {
-        (self.first..=self.last).contains(&port)
-    }
-}
-
-impl std::fmt::Display for PortRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.first, self.last)
-    }
-}
-
-impl std::str::FromStr for PortRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s
-            .split_once('-')
-            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. \"20000-29999\""))?;
-        let port = |p: &str| {
-            p.trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("{s:?}: {p:?} is not a port (1-65535)"))
-        };
-        let (first, last) = (port(a)?, port(b)?);
-        if last < first {
-            return Err(format!("{s:?}: the last port is below the first"));
-        }
-        Ok(PortRange { first, last })
-    }
-}
-
-impl Serialize for PortRange {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
 
 impl Default for SandboxConfig {
     fn default() -> Self {
@@ -319,9 +266,12 @@ impl Default for SandboxConfig {
 pub enum ConfigError {
     #[error("invalid configuration: {key}: {why}")]
     Invalid { key: &'static str, why: String },
-    /// An entry of a list or table (`registries.mirrors[1]`).
-    #[error("invalid configuration: {key}: {why}")]
-    InvalidAt { key: String, why: String },
+    #[error("invalid configuration: {0}")]
+    Ports(#[from] PortsError),
+    #[error("invalid configuration: {0}")]
+    Cache(#[from] CacheConfigError),
+    #[error("invalid configuration: {0}")]
+    Registries(#[from] RegistriesError),
 }
 
 impl SandboxConfig {
@@ -399,35 +349,7 @@ impl SandboxConfig {
                 format!("{} must be 0 (auto) or 1280..=65535", self.mtu),
             );
         }
-        if self.port_pool.first < 1024 {
-            return inv(
-                "port_pool",
-                format!(
-                    "{} starts below 1024, among ports host services listen on",
-                    self.port_pool
-                ),
-            );
-        }
-        if self.ports_per_job != 0 {
-            if self.ports_per_job < 8 {
-                return inv(
-                    "ports_per_job",
-                    format!(
-                        "{} is too few for a job's own connections; use at least 8, or 0 to publish nothing",
-                        self.ports_per_job
-                    ),
-                );
-            }
-            if u32::from(self.ports_per_job) > self.port_pool.count() {
-                return inv(
-                    "ports_per_job",
-                    format!(
-                        "{} is more than port_pool {} holds",
-                        self.ports_per_job, self.port_pool
-                    ),
-                );
-            }
-        }
+        self.port_pool.check_pool(self.ports_per_job)?;
         if self.cgroup_parent.is_empty()
             || self
                 .cgroup_parent
@@ -481,7 +403,7 @@ impl SandboxConfig {
     pub fn cache_addr(&self) -> Option<std::net::SocketAddrV4> {
         self.cache
             .enabled
-            .then(|| super::cache::addr_in_pool(self.net_pool, self.net_pool_prefix))
+            .then(|| cache::addr_in_pool(self.net_pool, self.net_pool_prefix))
     }
 
     /// Number of /30s in the address pool for jobs (the last one is the
@@ -519,15 +441,7 @@ impl SandboxConfig {
 
     /// Slot `n`'s block of published ports, if jobs publish any.
     pub fn port_block(&self, slot: u32) -> Option<PortRange> {
-        if self.ports_per_job == 0 {
-            return None;
-        }
-        let first = u32::from(self.port_pool.first) + slot * u32::from(self.ports_per_job);
-        let last = first + u32::from(self.ports_per_job) - 1;
-        (last <= u32::from(self.port_pool.last)).then_some(PortRange {
-            first: first as u16,
-            last: last as u16,
-        })
+        self.port_pool.block(self.ports_per_job, slot)
     }
 
     /// Host and job addresses of slot `n`'s /30.
@@ -625,17 +539,7 @@ mod tests {
     }
 
     #[test]
-    fn port_ranges_parse_with_errors_that_say_why() {
-        assert_eq!(
-            "20000-29999".parse::<PortRange>().unwrap(),
-            PortRange {
-                first: 20000,
-                last: 29999
-            }
-        );
-        for bad in ["20000", "0-10", "30000-20000", "1-70000", "a-b"] {
-            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
-        }
+    fn port_pool_and_block_size_are_checked() {
         let low = SandboxConfig {
             port_pool: "80-1000".parse().unwrap(),
             ..Default::default()
@@ -650,11 +554,10 @@ mod tests {
             ports_per_job: 4,
             ..Default::default()
         };
-        assert!(
-            few.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("ports_per_job")
+        assert_eq!(
+            few.validate().unwrap_err().to_string(),
+            "invalid configuration: ports_per_job: 4 is too few for a job's own connections; \
+             use at least 8, or 0 to publish nothing"
         );
     }
 

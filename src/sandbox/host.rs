@@ -8,10 +8,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::files::is_executable;
+use crate::images::{cache, preload, registries};
 
-use super::{
-    Layout, SandboxConfig, SandboxError, cgroup, config, engines, io, net, preload, record, slots,
-};
+use super::{Layout, SandboxConfig, SandboxError, cgroup, config, engines, io, net, record, slots};
 
 /// Where a network namespace's ephemeral port range is set.
 pub(super) const EPHEMERAL_PORTS: &str = "/proc/sys/net/ipv4/ip_local_port_range";
@@ -34,13 +33,13 @@ pub(super) struct Prepared {
     /// What workspaces jobs may have.
     pub workspace_rules: super::fs::workspaces::Rules,
     /// Registry settings for every job, CA files read.
-    pub registries: super::registries::Loaded,
+    pub registries: registries::Loaded,
     /// Where the jobs' DNS relays forward.
     pub upstreams: Vec<SocketAddr>,
     /// Archives loaded into (or shared with) every new job.
     pub preloads: Vec<PathBuf>,
     /// The pull-through cache, when enabled (stopped before the lock goes).
-    pub cache: Option<super::cache::Cache>,
+    pub cache: Option<cache::Cache>,
     /// Exclusive lock on the state dir, held for the engine's lifetime.
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -142,16 +141,11 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         .trim()
         .to_string();
     let preloads = preload::prepare(&cfg.preload, &cfg.state_dir.join("preload"))?;
-    let mut registries = cfg.registries.load()?;
+    let mut registries = cfg.registries.load().map_err(config::ConfigError::from)?;
     let cache = match cfg.cache_addr() {
         Some(addr) => {
-            let password = cfg.cache.validate()?;
-            let c = super::cache::Cache::start(
-                &cfg.cache,
-                password,
-                &cfg.state_dir.join("cache"),
-                addr,
-            )?;
+            let password = cfg.cache.validate().map_err(config::ConfigError::from)?;
+            let c = cache::Cache::start(&cfg.cache, password, &cfg.state_dir.join("cache"), addr)?;
             // First: a job's dockerd tries its mirrors in order, then the
             // upstream itself.
             registries.mirrors.insert(0, c.mirror());

@@ -15,16 +15,17 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::child::{ChildSpec, HIDDEN_SUBCOMMAND};
+use super::fs::disk;
 use super::fs::idmap::IdmapNs;
 use super::fs::root;
 use super::fs::workspaces::{self, Workspace, WorkspaceRequest};
+use super::health;
 use super::host::{chown, mkdir_mode};
+use super::net::dns;
 use super::{
     Engine, Inner, JobCgroup, JobRecord, Limits, Sandbox, SandboxError, SeedState, Status, code_of,
-    config, describe_exit, dns, evidence, io, net, ping, protocol, record, seed, slots, start_err,
-    sys,
+    config, describe_exit, evidence, io, net, ping, protocol, record, seed, slots, start_err, sys,
 };
-use super::{disk, health};
 
 impl Engine {
     /// Starts a job and returns once its dockerd answers `/_ping`.
@@ -761,7 +762,7 @@ fn probe_idmap(dir: &Path) -> Result<(), SandboxError> {
 fn daemon_json_text(
     mtu: u32,
     default_network_opts: bool,
-    registries: &super::registries::Loaded,
+    registries: &crate::images::registries::Loaded,
 ) -> String {
     let mut v = serde_json::json!({
         "log-driver": "json-file",
@@ -808,7 +809,7 @@ mod tests {
             new["default-network-opts"]["bridge"]["com.docker.network.driver.mtu"],
             "1400"
         );
-        let reg = crate::sandbox::registries::Loaded {
+        let reg = crate::images::registries::Loaded {
             mirrors: vec!["http://10.0.0.1:5000".into()],
             insecure: vec!["r.example:5000".into()],
             cas: Vec::new(),

@@ -7,16 +7,17 @@
 //! This file is the engine's face and its registry of live jobs. The work:
 //! `host` (prepare the host once), `launch` (a start, step by step),
 //! `protocol` + `child` (the agent and the job's side of a start),
-//! `teardown` (an end, and recovery), `cgroup`, `net`, `dns`, `slots`,
-//! `record`, `disk` (a job's own filesystem), `seed`/`preload` (shared
-//! images), `evidence` (failed starts' logs), `health` (is a running job's
-//! dockerd answering); `sys` is the only place that makes raw system calls.
+//! `teardown` (an end, and recovery), `cgroup`, `net` (links, rules, DNS
+//! relay, published ports), `fs` (a job's private root, its workspaces and
+//! its disk), `slots`, `record`, `seed` (preloaded images shared between
+//! jobs), `evidence`
+//! (failed starts' logs), `health` (is a running job's dockerd answering);
+//! `sys` is the only place that makes raw system calls. Registry settings,
+//! the pull-through cache and preloads are host services in `crate::images`.
 
-pub mod cache;
 pub mod cgroup;
 pub mod child;
 pub mod config;
-mod dns;
 pub mod engines;
 pub mod evidence;
 pub mod fs;
@@ -25,14 +26,11 @@ mod host;
 mod launch;
 pub mod net;
 mod ping;
-pub mod preload;
 pub mod protocol;
 pub mod record;
-pub mod registries;
-mod rtnl;
 pub mod seed;
 pub mod slots;
-mod sys;
+pub(crate) mod sys;
 mod teardown;
 
 use crate::locks::Lock;
@@ -44,9 +42,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 pub use cgroup::{JobCgroup, Layout};
-pub use config::{Limits, PortRange, SandboxConfig};
-pub use fs::disk;
+pub use config::{Limits, SandboxConfig};
 pub use fs::workspaces::WorkspaceRequest;
+pub use net::ports::PortRange;
 /// Whether a dockerd answers `/_ping` on a socket (the engine's readiness check).
 pub use ping::ping;
 pub use record::JobRecord;
@@ -64,13 +62,13 @@ pub enum SandboxError {
     #[error(transparent)]
     Net(#[from] net::NetError),
     #[error(transparent)]
-    Dns(#[from] dns::DnsError),
+    Dns(#[from] net::dns::DnsError),
     #[error(transparent)]
-    Preload(#[from] preload::PreloadError),
+    Preload(#[from] crate::images::preload::PreloadError),
     #[error(transparent)]
     Seed(#[from] seed::SeedError),
     #[error(transparent)]
-    Disk(#[from] disk::DiskError),
+    Disk(#[from] fs::disk::DiskError),
     #[error(transparent)]
     Idmap(#[from] fs::idmap::IdmapError),
     #[error(transparent)]
@@ -78,7 +76,7 @@ pub enum SandboxError {
     #[error(transparent)]
     Engine(#[from] engines::EngineError),
     #[error(transparent)]
-    Cache(#[from] cache::CacheError),
+    Cache(#[from] crate::images::cache::CacheError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -155,7 +153,7 @@ struct Inner {
     status: watch::Sender<Status>,
     /// Some(exit code) once the job's monitor has exited.
     exited: watch::Receiver<Option<i32>>,
-    relay: Mutex<Option<dns::Relay>>,
+    relay: Mutex<Option<net::dns::Relay>>,
     started: Instant,
 }
 
@@ -348,7 +346,7 @@ impl Engine {
     }
 
     /// The shared pull-through cache, when enabled.
-    pub fn cache(&self) -> Option<&cache::Cache> {
+    pub fn cache(&self) -> Option<&crate::images::cache::Cache> {
         self.host.cache.as_ref()
     }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::cgroup::JobCgroup;
-use super::config::PortRange;
+use super::net::ports::PortRange;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRecord {

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use super::child::HIDDEN_SUBCOMMAND;
+use super::fs::disk;
 use super::{
-    Engine, JobRecord, Sandbox, SandboxError, Status, Stuck, Teardown, backoff, disk, io, net,
-    ping, record, slots, start_err, sys,
+    Engine, JobRecord, Sandbox, SandboxError, Status, Stuck, Teardown, backoff, io, net, ping,
+    record, slots, start_err, sys,
 };
 
 /// How long a teardown waits for the job's last tasks to die (tasks in

@@ -11,7 +11,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
-use super::config::ConfigError;
+use super::UrlError;
 
 /// `[registries]` in berth.toml.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -36,27 +36,80 @@ pub struct Loaded {
     pub cas: Vec<(String, String)>,
 }
 
-fn invalid(key: String, why: String) -> ConfigError {
-    ConfigError::InvalidAt { key, why }
+/// An entry of `[registries]` that is not valid: which one, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistriesError {
+    #[error("registries.mirrors[{index}]: {source}")]
+    Mirror { index: usize, source: EntryError },
+    #[error("registries.insecure[{index}]: {source}")]
+    Insecure { index: usize, source: EntryError },
+    #[error("registries.ca.{host:?}: {source}")]
+    Ca { host: String, source: EntryError },
+}
+
+/// What is wrong with one entry: a registry's `HOST[:PORT]`, a mirror's URL
+/// or a CA file.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("{entry:?}: an IPv6 address needs its closing ']'")]
+    UnclosedIpv6 { entry: String },
+    #[error("{entry:?}: {addr:?} is not an IPv6 address")]
+    NotIpv6 { entry: String, addr: String },
+    #[error("{entry:?}: expected :PORT after the address")]
+    NoPortAfterAddress { entry: String },
+    #[error("{entry:?}: give HOST[:PORT], without a scheme")]
+    Scheme { entry: String },
+    #[error("{entry:?}: {host:?} is not a host name or address")]
+    NotAHost { entry: String, host: String },
+    #[error("{entry:?}: {port:?} is not a port (1-65535)")]
+    NotAPort { entry: String, port: String },
+    #[error("{entry:?}: {source}")]
+    MirrorUrl { entry: String, source: UrlError },
+    #[error("{entry:?}: a mirror is an http:// or https:// URL")]
+    MirrorScheme { entry: String },
+    #[error("{entry:?}: no host")]
+    MirrorNoHost { entry: String },
+    #[error("{entry:?}: credentials do not belong in a mirror URL (every job can read it)")]
+    MirrorCredentials { entry: String },
+    #[error("{entry:?}: dockerd takes a mirror's root URL, without a path, query or fragment")]
+    MirrorPath { entry: String },
+    #[error("{} must be an absolute path", .path.display())]
+    RelativeCa { path: PathBuf },
+    #[error("{}: {source}", .path.display())]
+    ReadCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", .path.display())]
+    Pem {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", .path.display())]
+    NoCertificate { path: PathBuf },
 }
 
 /// `HOST[:PORT]` as dockerd and `certs.d` name a registry: a DNS name or an
 /// IPv4 address, or an IPv6 address in brackets, and an optional port.
-fn valid_registry_host(s: &str) -> Result<(), String> {
+fn valid_registry_host(s: &str) -> Result<(), EntryError> {
+    let entry = || s.to_string();
     let (host, port) = match s.strip_prefix('[') {
         Some(rest) => {
             let (v6, after) = rest
                 .split_once(']')
-                .ok_or_else(|| format!("{s:?}: an IPv6 address needs its closing ']'"))?;
+                .ok_or_else(|| EntryError::UnclosedIpv6 { entry: entry() })?;
             v6.parse::<std::net::Ipv6Addr>()
-                .map_err(|_| format!("{s:?}: {v6:?} is not an IPv6 address"))?;
+                .map_err(|_| EntryError::NotIpv6 {
+                    entry: entry(),
+                    addr: v6.into(),
+                })?;
             match after {
                 "" => (v6, None),
                 p => (
                     v6,
                     Some(
                         p.strip_prefix(':')
-                            .ok_or_else(|| format!("{s:?}: expected :PORT after the address"))?,
+                            .ok_or_else(|| EntryError::NoPortAfterAddress { entry: entry() })?,
                     ),
                 ),
             }
@@ -67,7 +120,7 @@ fn valid_registry_host(s: &str) -> Result<(), String> {
         },
     };
     if s.contains("://") {
-        return Err(format!("{s:?}: give HOST[:PORT], without a scheme"));
+        return Err(EntryError::Scheme { entry: entry() });
     }
     if !s.starts_with('[')
         && (host.is_empty()
@@ -76,12 +129,18 @@ fn valid_registry_host(s: &str) -> Result<(), String> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
     {
-        return Err(format!("{s:?}: {host:?} is not a host name or address"));
+        return Err(EntryError::NotAHost {
+            entry: entry(),
+            host: host.into(),
+        });
     }
     if let Some(p) = port
         && !p.parse::<u16>().is_ok_and(|p| p != 0)
     {
-        return Err(format!("{s:?}: {p:?} is not a port (1-65535)"));
+        return Err(EntryError::NotAPort {
+            entry: entry(),
+            port: p.into(),
+        });
     }
     Ok(())
 }
@@ -96,65 +155,68 @@ fn valid_cidr(s: &str) -> bool {
     })
 }
 
-fn valid_mirror(s: &str) -> Result<(), String> {
-    let url = reqwest::Url::parse(s).map_err(|e| format!("{s:?}: {e}"))?;
+fn valid_mirror(s: &str) -> Result<(), EntryError> {
+    let entry = || s.to_string();
+    let url = reqwest::Url::parse(s).map_err(|source| EntryError::MirrorUrl {
+        entry: entry(),
+        source,
+    })?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("{s:?}: a mirror is an http:// or https:// URL"));
+        return Err(EntryError::MirrorScheme { entry: entry() });
     }
     if url.host_str().is_none() {
-        return Err(format!("{s:?}: no host"));
+        return Err(EntryError::MirrorNoHost { entry: entry() });
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "{s:?}: credentials do not belong in a mirror URL (every job can read it)"
-        ));
+        return Err(EntryError::MirrorCredentials { entry: entry() });
     }
     if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
-        return Err(format!(
-            "{s:?}: dockerd takes a mirror's root URL, without a path, query or fragment"
-        ));
+        return Err(EntryError::MirrorPath { entry: entry() });
     }
     Ok(())
 }
 
 /// The certificates of a PEM file, checked to be at least one.
-fn read_ca(path: &Path) -> Result<String, String> {
+fn read_ca(path: &Path) -> Result<String, EntryError> {
     if !path.is_absolute() {
-        return Err(format!("{} must be an absolute path", path.display()));
+        return Err(EntryError::RelativeCa { path: path.into() });
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|source| EntryError::ReadCa {
+        path: path.into(),
+        source,
+    })?;
     let certs: Vec<CertificateDer> = CertificateDer::pem_slice_iter(text.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|source| EntryError::Pem {
+            path: path.into(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        ));
+        return Err(EntryError::NoCertificate { path: path.into() });
     }
     Ok(text)
 }
 
 impl Registries {
     /// Checks every entry (CA files included); the error names the key.
-    pub fn load(&self) -> Result<Loaded, ConfigError> {
-        for (i, m) in self.mirrors.iter().enumerate() {
-            valid_mirror(m).map_err(|why| invalid(format!("registries.mirrors[{i}]"), why))?;
+    pub fn load(&self) -> Result<Loaded, RegistriesError> {
+        for (index, m) in self.mirrors.iter().enumerate() {
+            valid_mirror(m).map_err(|source| RegistriesError::Mirror { index, source })?;
         }
-        for (i, r) in self.insecure.iter().enumerate() {
+        for (index, r) in self.insecure.iter().enumerate() {
             if !valid_cidr(r) {
                 valid_registry_host(r)
-                    .map_err(|why| invalid(format!("registries.insecure[{i}]"), why))?;
+                    .map_err(|source| RegistriesError::Insecure { index, source })?;
             }
         }
         let mut cas = Vec::new();
         for (host, path) in &self.ca {
-            let key = || format!("registries.ca.{host:?}");
-            valid_registry_host(host).map_err(|why| invalid(key(), why))?;
-            cas.push((
-                host.clone(),
-                read_ca(path).map_err(|why| invalid(key(), why))?,
-            ));
+            let ca = |source| RegistriesError::Ca {
+                host: host.clone(),
+                source,
+            };
+            valid_registry_host(host).map_err(ca)?;
+            cas.push((host.clone(), read_ca(path).map_err(ca)?));
         }
         Ok(Loaded {
             mirrors: self.mirrors.clone(),
@@ -168,11 +230,10 @@ impl Registries {
 mod tests {
     use super::*;
 
+    /// The key an error names (what comes before its first ": ").
     fn key_of(r: &Registries) -> String {
-        match r.load().unwrap_err() {
-            ConfigError::InvalidAt { key, .. } => key,
-            e => panic!("{e}"),
-        }
+        let e = r.load().unwrap_err().to_string();
+        e.split_once(": ").map(|(k, _)| k.to_string()).unwrap_or(e)
     }
 
     #[test]
@@ -189,6 +250,10 @@ mod tests {
         ] {
             assert_eq!(key_of(&m(bad)), "registries.mirrors[1]", "{bad}");
         }
+        assert_eq!(
+            m("ftp://mirror.example").load().unwrap_err().to_string(),
+            "registries.mirrors[1]: \"ftp://mirror.example\": a mirror is an http:// or https:// URL"
+        );
         m("http://10.0.0.1:5000/").load().unwrap();
         let i = |s: &str| Registries {
             insecure: vec![s.into()],

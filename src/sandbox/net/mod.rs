@@ -9,6 +9,14 @@
 //! any address of the agent's host (loopback included) on a port of the
 //! block is forwarded to the job's address, where only what the job
 //! publishes answers.
+//!
+//! Below: `rtnl` (the netlink requests for links, addresses and routes),
+//! `dns` (each job's relay to the host's resolvers) and `ports` (the block of
+//! published ports).
+
+pub(super) mod dns;
+pub mod ports;
+pub(super) mod rtnl;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
@@ -16,8 +24,8 @@ use std::process::Command;
 
 use nix::errno::Errno;
 
-use super::config::PortRange;
-use super::rtnl::{LinkChange, Rtnl, RtnlError};
+use ports::PortRange;
+use rtnl::{LinkChange, Rtnl, RtnlError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

@@ -16,8 +16,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::config::ConfigError;
-use super::{disk, net, sys};
+use super::UrlError;
+
+use crate::sandbox::fs::disk;
+use crate::sandbox::{backoff, net, sys};
 
 /// The port the cache listens on, at its own address.
 pub const PORT: u16 = 5000;
@@ -68,67 +70,86 @@ impl Default for CacheConfig {
     }
 }
 
-fn invalid(key: &'static str, why: String) -> ConfigError {
-    ConfigError::Invalid { key, why }
+/// A key of `[cache]` that is not valid: the variant names it.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheConfigError {
+    #[error("cache.upstream: {upstream:?}: {source}")]
+    UpstreamUrl { upstream: String, source: UrlError },
+    #[error("cache.upstream: {upstream:?}: an http:// or https:// registry URL")]
+    UpstreamScheme { upstream: String },
+    #[error("cache.upstream: credentials go in cache.username and cache.password_file")]
+    UpstreamCredentials,
+    #[error("cache.upstream: {upstream:?}: a registry's root URL, without a path")]
+    UpstreamPath { upstream: String },
+    #[error("cache.max_bytes: {max_bytes} is below 256 MiB ({MIN_BYTES})")]
+    TooSmall { max_bytes: u64 },
+    #[error("cache.registry: {} must be absolute", .path.display())]
+    RelativeRegistry { path: PathBuf },
+    #[error("cache.password_file: cache.username and cache.password_file go together")]
+    HalfAnAccount,
+    #[error("cache.username: {username:?} is not a user name")]
+    Username { username: String },
+    #[error("cache.password_file: {}: {source}", .path.display())]
+    PasswordFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cache.password_file: {} must hold the password on one line", .path.display())]
+    PasswordNotOneLine { path: PathBuf },
 }
 
 impl CacheConfig {
     /// Checks every key (a disabled cache too: a typo should not wait for
     /// the day someone turns it on). Returns the upstream password, if any.
-    pub fn validate(&self) -> Result<Option<String>, ConfigError> {
-        let url = reqwest::Url::parse(&self.upstream)
-            .map_err(|e| invalid("cache.upstream", format!("{:?}: {e}", self.upstream)))?;
+    pub fn validate(&self) -> Result<Option<String>, CacheConfigError> {
+        let upstream = || self.upstream.clone();
+        let url = reqwest::Url::parse(&self.upstream).map_err(|source| {
+            CacheConfigError::UpstreamUrl {
+                upstream: upstream(),
+                source,
+            }
+        })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(invalid(
-                "cache.upstream",
-                format!("{:?}: an http:// or https:// registry URL", self.upstream),
-            ));
+            return Err(CacheConfigError::UpstreamScheme {
+                upstream: upstream(),
+            });
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(invalid(
-                "cache.upstream",
-                "credentials go in cache.username and cache.password_file".into(),
-            ));
+            return Err(CacheConfigError::UpstreamCredentials);
         }
         if !matches!(url.path(), "" | "/") || url.query().is_some() {
-            return Err(invalid(
-                "cache.upstream",
-                format!("{:?}: a registry's root URL, without a path", self.upstream),
-            ));
+            return Err(CacheConfigError::UpstreamPath {
+                upstream: upstream(),
+            });
         }
         if self.max_bytes < MIN_BYTES {
-            return Err(invalid(
-                "cache.max_bytes",
-                format!("{} is below 256 MiB ({MIN_BYTES})", self.max_bytes),
-            ));
+            return Err(CacheConfigError::TooSmall {
+                max_bytes: self.max_bytes,
+            });
         }
         if !self.registry.is_absolute() {
-            return Err(invalid(
-                "cache.registry",
-                format!("{} must be absolute", self.registry.display()),
-            ));
+            return Err(CacheConfigError::RelativeRegistry {
+                path: self.registry.clone(),
+            });
         }
         match (&self.username, &self.password_file) {
             (None, None) => Ok(None),
-            (Some(_), None) | (None, Some(_)) => Err(invalid(
-                "cache.password_file",
-                "cache.username and cache.password_file go together".into(),
-            )),
+            (Some(_), None) | (None, Some(_)) => Err(CacheConfigError::HalfAnAccount),
             (Some(u), Some(f)) => {
                 if u.is_empty() || u.chars().any(|c| c.is_control() || c == ':') {
-                    return Err(invalid(
-                        "cache.username",
-                        format!("{u:?} is not a user name"),
-                    ));
+                    return Err(CacheConfigError::Username {
+                        username: u.clone(),
+                    });
                 }
-                let text = std::fs::read_to_string(f)
-                    .map_err(|e| invalid("cache.password_file", format!("{}: {e}", f.display())))?;
+                let text = std::fs::read_to_string(f).map_err(|source| {
+                    CacheConfigError::PasswordFile {
+                        path: f.clone(),
+                        source,
+                    }
+                })?;
                 let pw = text.trim_end_matches(['\r', '\n']).to_string();
                 if pw.is_empty() || pw.contains('\n') {
-                    return Err(invalid(
-                        "cache.password_file",
-                        format!("{} must hold the password on one line", f.display()),
-                    ));
+                    return Err(CacheConfigError::PasswordNotOneLine { path: f.clone() });
                 }
                 Ok(Some(pw))
             }
@@ -486,7 +507,7 @@ fn supervise(
     let mut failures = u32::from(child.is_none());
     let mut retry_at = child
         .is_none()
-        .then(|| Instant::now() + super::backoff(failures, CAP));
+        .then(|| Instant::now() + backoff(failures, CAP));
     // Until the cache is dropped (its sender with it).
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(TICK) {
         if let Some(c) = &mut child
@@ -494,7 +515,7 @@ fn supervise(
         {
             child = None;
             failures += 1;
-            let wait = super::backoff(failures, CAP);
+            let wait = backoff(failures, CAP);
             tracing::error!(%status, failures, retry_in_s = wait.as_secs(), log = %f.log.display(), "the cache's registry exited; jobs pull from their other mirrors or the upstream meanwhile");
             retry_at = Some(Instant::now() + wait);
         }
@@ -523,7 +544,7 @@ fn supervise(
                 }
                 Err(e) => {
                     failures += 1;
-                    let wait = super::backoff(failures, CAP);
+                    let wait = backoff(failures, CAP);
                     tracing::error!(error = %e, failures, retry_in_s = wait.as_secs(), "cannot restart the cache's registry");
                     retry_at = Some(Instant::now() + wait);
                 }
@@ -682,12 +703,13 @@ mod tests {
             },
             "cache.upstream",
         );
-        bad(
-            CacheConfig {
-                max_bytes: 1 << 20,
-                ..Default::default()
-            },
-            "cache.max_bytes",
+        let small = CacheConfig {
+            max_bytes: 1 << 20,
+            ..Default::default()
+        };
+        assert_eq!(
+            small.validate().unwrap_err().to_string(),
+            "cache.max_bytes: 1048576 is below 256 MiB (268435456)"
         );
         bad(
             CacheConfig {
