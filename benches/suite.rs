@@ -33,7 +33,13 @@
 //!    the legacy builder; and a step whose `--mount=type=cache` is cold
 //!    (after `builder prune`) against the same step warm.
 //!
-//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build
+//! 10. Workspaces: cold job ready through the front door with a workspace
+//!     against without one, alternating; a 500 MB file written (fsync'd)
+//!     and read back (page cache dropped) by a container in a job through
+//!     its workspace, against the same `dd` on the host in the same
+//!     directory, alternating.
+//!
+//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build,workspace
 //! runs a subset.
 
 #[path = "../tests/common/mod.rs"]
@@ -129,6 +135,18 @@ fn ready_latency(
     warm: bool,
     cli: bool,
 ) -> Vec<f64> {
+    ready_latency_of(fd, rt, warm, cli, &serde_json::json!({}), runs())
+}
+
+/// Job ready latency for jobs created with `spec`, `n` times.
+fn ready_latency_of(
+    fd: &common::FrontDoor,
+    rt: &tokio::runtime::Runtime,
+    warm: bool,
+    cli: bool,
+    spec: &serde_json::Value,
+    n: usize,
+) -> Vec<f64> {
     let client = berth::client::AgentClient::new(&fd.endpoint(), &fd.certs).unwrap();
     let state = PathBuf::from(format!(
         "/var/lib/bt/{}/jobs",
@@ -139,7 +157,7 @@ fn ready_latency(
             .trim_end_matches("-certs")
     ));
     let mut out = Vec::new();
-    for i in 0..runs() {
+    for i in 0..n {
         if warm {
             // Let the pool refill: a warm sandbox must be waiting.
             let t = Instant::now();
@@ -163,7 +181,7 @@ fn ready_latency(
         }
         let dir = fd.certs.join(format!("ready-{i}"));
         let t = Instant::now();
-        let created = rt.block_on(client.create(&serde_json::json!({}))).unwrap();
+        let created = rt.block_on(client.create(spec)).unwrap();
         berth::pki::Bundle {
             ca_pem: created.ca,
             cert_pem: created.cert,
@@ -349,11 +367,6 @@ fn main() {
     let rt = common::rt();
     let n = runs();
     let mut table = Vec::new();
-    let row = |t: &mut Vec<String>, s: String| {
-        eprintln!("{s}");
-        t.push(s);
-    };
-
     // 1. Ready latency.
     if section("ready") {
         let (cold, cold_lib) = {
@@ -777,6 +790,11 @@ fn main() {
         );
     }
 
+    // 10. Workspaces.
+    if section("workspace") {
+        workspace_figures(&rt, n, &mut table);
+    }
+
     // 8. The pull-through cache: cold, warm, and none.
     if section("cache") {
         let (cold, warm, direct, upstream_blobs) = cache_pulls(&rt, n.clamp(1, 5));
@@ -1141,4 +1159,158 @@ fn rand_n() -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
     N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// Seconds busybox `dd` reports on stderr ("… copied, 0.87 seconds, …").
+fn dd_seconds(stderr: &str) -> f64 {
+    stderr
+        .split("copied, ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no time in dd's report: {stderr}"))
+}
+
+fn drop_caches() {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+/// A row of the table, shown as it comes.
+fn row(t: &mut Vec<String>, s: String) {
+    eprintln!("{s}");
+    t.push(s);
+}
+
+fn workspace_figures(rt: &tokio::runtime::Runtime, n: usize, table: &mut Vec<String>) {
+    use std::os::unix::fs::PermissionsExt;
+    let owner = (4242u32, 4343u32);
+    let base = PathBuf::from("/var/lib/bt-ws/bench");
+    let _ = std::fs::remove_dir_all(&base);
+    let ws = base.join("checkout");
+    std::fs::create_dir_all(&ws).unwrap();
+    for d in [&base, &ws] {
+        std::os::unix::fs::chown(d, Some(owner.0), Some(owner.1)).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let cfg = berth::sandbox::SandboxConfig {
+        workspaces: berth::sandbox::fs::workspaces::WorkspacesConfig {
+            allowed_roots: vec![base.clone()],
+        },
+        ..common::engine_config(49, "bs-ws")
+    };
+    let engine = std::sync::Arc::new(berth::sandbox::Engine::new(cfg).unwrap());
+    let fd = common::FrontDoor::start_engine(engine.clone(), "bs-ws", |c| c.warm_pool = 0);
+    let with = serde_json::json!({ "workspaces": [{ "path": ws }] });
+    let (mut bare, mut mounted) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        bare.extend(ready_latency_of(
+            &fd,
+            rt,
+            false,
+            true,
+            &serde_json::json!({}),
+            1,
+        ));
+        mounted.extend(ready_latency_of(&fd, rt, false, true, &with, 1));
+    }
+    row(
+        table,
+        format!(
+            "| job ready, cold, docker CLI, with a workspace (ms) | {:.0} | {:.0} ({:.2}× without: {:.0}) |",
+            median(&mounted),
+            pct(&mounted, 0.95),
+            median(&mounted) / median(&bare),
+            median(&bare)
+        ),
+    );
+    drop(fd);
+
+    // 500 MB through the workspace: a container in a job against the host.
+    let sb = rt
+        .block_on(engine.start_job(
+            None,
+            &[berth::sandbox::WorkspaceRequest {
+                path: ws.clone(),
+                as_uid: None,
+            }],
+        ))
+        .unwrap();
+    let s = sb.socket();
+    common::import_busybox(&s);
+    let w = ws.display().to_string();
+    let cid = common::docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "-u",
+            "4242:4343",
+            "-v",
+            &format!("{w}:{w}"),
+            "busybox:test",
+            "sleep",
+            "3600",
+        ],
+    );
+    let cid = cid.trim().to_string();
+    let file = ws.join("big");
+    let f = file.display().to_string();
+    let write = [
+        "dd",
+        "if=/dev/zero",
+        &format!("of={f}"),
+        "bs=1M",
+        "count=500",
+        "conv=fsync",
+    ]
+    .map(String::from);
+    let read = ["dd", &format!("if={f}"), "of=/dev/null", "bs=1M"].map(String::from);
+    let in_job = |args: &[String]| {
+        let mut a = vec!["exec".to_string(), cid.clone()];
+        a.extend(args.iter().cloned());
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = common::docker(&s, &a);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dd_seconds(&String::from_utf8_lossy(&out.stderr))
+    };
+    let on_host = |args: &[String]| {
+        let out = Command::new("/bin/busybox").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dd_seconds(&String::from_utf8_lossy(&out.stderr))
+    };
+    let (mut jw, mut jr, mut hw, mut hr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n.clamp(1, 5) {
+        let _ = std::fs::remove_file(&file);
+        drop_caches();
+        jw.push(in_job(&write));
+        drop_caches();
+        jr.push(in_job(&read));
+        std::fs::remove_file(&file).unwrap();
+        drop_caches();
+        hw.push(on_host(&write));
+        drop_caches();
+        hr.push(on_host(&read));
+    }
+    let _ = std::fs::remove_file(&file);
+    rt.block_on(engine.teardown(sb.id())).unwrap();
+    for (what, job, host) in [("write", &jw, &hw), ("read", &jr, &hr)] {
+        row(
+            table,
+            format!(
+                "| 500 MB {what} in a job's workspace, container against host (s) | {:.2} | {:.2}× host: {:.2} |",
+                median(job),
+                median(job) / median(host),
+                median(host)
+            ),
+        );
+    }
 }

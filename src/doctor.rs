@@ -174,6 +174,7 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
     });
 
     out.push(check_cgroups(sb));
+    out.extend(check_workspaces(sb));
 
     let fwd =
         std::fs::read_to_string(sb.proc_root.join("sys/net/ipv4/ip_forward")).unwrap_or_default();
@@ -194,6 +195,39 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
     out.push(check_port(serve.listen));
     out.push(check_certs(&serve.certs_dir));
     out
+}
+
+/// Each allowed workspace root, with an idmapped mount of it made (and
+/// dropped) as a job's start makes one.
+fn check_workspaces(sb: &SandboxConfig) -> Vec<Check> {
+    use crate::sandbox::fs::workspaces;
+    let roots = &sb.workspaces.allowed_roots;
+    if roots.is_empty() {
+        return vec![pass(
+            "workspaces",
+            "none allowed ([workspaces] allowed_roots is empty): jobs get no host directories",
+        )];
+    }
+    roots
+        .iter()
+        .map(|r| match workspaces::probe(r) {
+            Ok(()) => pass(
+                "workspaces",
+                format!(
+                    "{}: idmapped mounts work ({}, kernel {})",
+                    r.display(),
+                    workspaces::fs_name(r),
+                    workspaces::kernel()
+                ),
+            ),
+            Err(e) => fail(
+                "workspaces",
+                e.to_string(),
+                "keep workspaces on ext4, xfs or btrfs (Linux 5.12+) or tmpfs (6.3+), \
+                 or remove the root from [workspaces] allowed_roots",
+            ),
+        })
+        .collect()
 }
 
 /// Delegation proven, not assumed: a throwaway job cgroup is created with

@@ -536,3 +536,119 @@ fn workspaces_outside_what_the_agent_allows_are_refused_with_the_reason() {
     let again = rt.block_on(e.start_job(None, &[ws(&mine, None)])).unwrap();
     rt.block_on(e.teardown(again.id())).unwrap();
 }
+
+#[test]
+fn the_cli_the_job_api_and_a_pipeline_give_jobs_their_workspaces() {
+    if !prerequisites() {
+        return;
+    }
+    let base = ws_base("front");
+    owned_dir(&base, OWNER, 0o755);
+    let wsp = base.join("checkout");
+    owned_dir(&wsp, OWNER, 0o755);
+    let e = engine_with_workspaces(19, "fs-front", &[&base]);
+    // A warm pool too: a job with a workspace is started for it, not
+    // taken from the pool (a warm job has no workspace).
+    let fd = FrontDoor::start_engine(std::sync::Arc::new(e), "fs-front", |c| c.warm_pool = 1);
+    let w = wsp.display().to_string();
+    let job = fd.create_job(&["--workspace", &w]);
+    let user = format!("{}:{}", OWNER.0, OWNER.1);
+    let vol = format!("{w}:{w}");
+    let bb = busybox_tar();
+    let out = docker_tls_stdin(
+        &job,
+        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
+        Some(bb),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    docker_tls_ok(
+        &job,
+        &[
+            "run",
+            "--rm",
+            "-u",
+            &user,
+            "-v",
+            &vol,
+            "-w",
+            &w,
+            "busybox:test",
+            "sh",
+            "-c",
+            "echo api > from-api.txt",
+        ],
+    );
+    let md = std::fs::metadata(wsp.join("from-api.txt")).unwrap();
+    assert_eq!((md.uid(), md.gid()), OWNER);
+    // Refusals are the client's: 403 for a directory the agent does not
+    // allow, 409 for one a live job has; the CLI prints why.
+    let refused = fd.job_cli(&["create", "--workspace", "/etc"]);
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        text.contains("403") && text.contains("system directory (/etc)"),
+        "{text}"
+    );
+    let taken = fd.job_cli(&["create", "--workspace", &w]);
+    let text = String::from_utf8_lossy(&taken.stderr);
+    assert!(!taken.status.success());
+    assert!(text.contains("409") && text.contains(&job.id), "{text}");
+    let rm = fd.job_cli(&["rm", &job.id]);
+    assert!(
+        rm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    drop(fd);
+
+    // `berth run`: the pipeline's own directory is its job's workspace.
+    let dir = base.join("pipeline");
+    owned_dir(&dir, OWNER, 0o755);
+    let repo = std::env::var_os("BERTH_TEST_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let base_image = repo.join("pipelines/scripts/busybox-base.sh");
+    let steps = format!(
+        "name = \"ws\"\n[[step]]\nname = \"write\"\nrun = \"\"\"\
+         {} bb:1 && \
+         docker run --rm -u {user} -v \"$PWD:$PWD\" -w \"$PWD\" bb:1 sh -c 'echo run > made-by-job.txt' || echo NOT-BOUND\"\"\"\n",
+        base_image.display()
+    );
+    owned_file(&dir.join("ci.toml"), &steps, OWNER, 0o644);
+    let cfg = write_config(63, "fs-run", "");
+    for (flag, bound) in [(None, true), (Some("--no-workspace"), false)] {
+        let _ = std::fs::remove_file(dir.join("made-by-job.txt"));
+        let mut cmd = std::process::Command::new(berth_bin());
+        cmd.arg("run")
+            .arg(dir.join("ci.toml"))
+            .arg("--config")
+            .arg(&cfg);
+        cmd.args(flag);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let made = dir.join("made-by-job.txt");
+        assert_eq!(made.exists(), bound, "{flag:?}");
+        // Without the workspace, `-v $PWD:$PWD` is a directory the job's
+        // dockerd made in the job's own root, root's: the owner's uid
+        // cannot write there.
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).contains("NOT-BOUND"),
+            !bound,
+            "{flag:?}"
+        );
+        if bound {
+            let md = std::fs::metadata(&made).unwrap();
+            assert_eq!((md.uid(), md.gid()), OWNER);
+        }
+    }
+    assert!(jobs_left("fs-run").is_empty());
+}

@@ -265,8 +265,9 @@ pub fn job_ids(
 }
 
 /// Checks `reqs` and returns the workspaces to mount: each asked-for
-/// directory and, beside it, its `DIR@tmp` (Jenkins keeps its step
-/// scripts and their output there), made for the owner if missing.
+/// directory and, beside it where that is allowed too, its `DIR@tmp`
+/// (Jenkins keeps its step scripts and their output there), made for the
+/// owner if missing.
 pub fn check(
     reqs: &[WorkspaceRequest],
     rules: &Rules,
@@ -303,23 +304,27 @@ pub fn check(
         }
         let owner = (md.uid(), md.gid());
         let in_job = job_ids(owner, r.as_uid, rules).map_err(refused)?;
+        out.push(Workspace {
+            at: at.clone(),
+            dir: dir.clone(),
+            owner,
+            in_job,
+            id: (md.dev(), md.ino()),
+        });
+        // `DIR@tmp` comes along where it is allowed too: not beside a
+        // directory that is itself the allowed root.
         let tmp_at = sibling_tmp(&at);
         let tmp_dir = sibling_tmp(&dir);
-        if let Some(why) = refusal(&tmp_dir, rules, &taken) {
-            return Err(WorkspaceError::Refused { path: tmp_at, why });
+        match refusal(&tmp_dir, rules, &taken) {
+            Some(Refusal::NotAllowed(_)) => continue,
+            Some(why) => return Err(WorkspaceError::Refused { path: tmp_at, why }),
+            None => {}
         }
         make_tmp(&tmp_dir, owner, md.mode()).map_err(|source| WorkspaceError::Io {
             path: tmp_dir.clone(),
             source,
         })?;
         let tmp_md = std::fs::symlink_metadata(&tmp_dir).map_err(io)?;
-        out.push(Workspace {
-            at,
-            dir,
-            owner,
-            in_job,
-            id: (md.dev(), md.ino()),
-        });
         out.push(Workspace {
             at: tmp_at,
             dir: tmp_dir,
@@ -385,6 +390,25 @@ fn make_tmp(tmp: &Path, owner: (u32, u32), mode: u32) -> std::io::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Checks that idmapped mounts of the directory `dir` can be made here
+/// (the clone is made and dropped, never attached).
+pub fn probe(dir: &Path) -> Result<(), WorkspaceError> {
+    let high = u32::MAX - 2 * super::super::config::RANGE_SIZE;
+    let map = format!("0 {high} 1\n");
+    let ns = IdmapNs::new(&map, &map)?;
+    let fd = sys::open_dir_nofollow(dir, false).map_err(|e| WorkspaceError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    sys::idmapped_clone(std::os::fd::AsFd::as_fd(&fd), dir, ns.fd(), false)
+        .map(drop)
+        .map_err(|source| WorkspaceError::NoIdmap {
+            path: dir.to_path_buf(),
+            fs: fs_name(dir),
+            source,
+        })
 }
 
 /// The name of the filesystem `path` is on, for an error message.
@@ -553,6 +577,13 @@ mod tests {
         assert_eq!(got[1].at, base.join("app@tmp"));
         let md = std::fs::metadata(base.join("app@tmp")).unwrap();
         assert_eq!((md.uid(), md.gid()), (1234, 1235));
+        // A workspace that is itself the allowed root has no DIR@tmp.
+        let own_root = Rules {
+            allowed: vec![std::fs::canonicalize(&ws).unwrap()],
+            ..r.clone()
+        };
+        let alone = check(std::slice::from_ref(&req), &own_root, &[]).unwrap();
+        assert_eq!(alone.len(), 1);
         // A second request for the same directory overlaps the first.
         let e = check(&[req.clone(), req.clone()], &r, &[]).unwrap_err();
         assert!(e.to_string().contains("overlaps"), "{e}");
