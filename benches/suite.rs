@@ -33,11 +33,12 @@
 //!    the legacy builder; and a step whose `--mount=type=cache` is cold
 //!    (after `builder prune`) against the same step warm.
 //!
-//! 10. Workspaces: cold job ready through the front door with a workspace
-//!     against without one, alternating; a 500 MB file written (fsync'd)
-//!     and read back (page cache dropped) by a container in a job through
-//!     its workspace, against the same `dd` on the host in the same
-//!     directory, alternating.
+//! 10. Workspaces: job ready through the front door with a workspace
+//!     against without one, cold and from the warm pool, alternating; a 500 MB file written (fsync'd)
+//!     by a container in a job through its workspace against the same
+//!     busybox `dd` on the host in the same directory, alternating; then
+//!     one such file read by both from a cold page cache, alternating.
+//!     Each timed where it runs (busybox `time`, 10 ms steps).
 //!
 //! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build,workspace
 //! runs a subset.
@@ -1161,14 +1162,15 @@ fn rand_n() -> usize {
     N.fetch_add(1, Ordering::SeqCst)
 }
 
-/// Seconds busybox `dd` reports on stderr ("… copied, 0.87 seconds, …").
-fn dd_seconds(stderr: &str) -> f64 {
-    stderr
-        .split("copied, ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|x| x.parse().ok())
-        .unwrap_or_else(|| panic!("no time in dd's report: {stderr}"))
+/// Seconds of busybox `time`'s `real\t0m 0.36s` line.
+fn busybox_real(stderr: &str) -> f64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("real"))
+        .unwrap_or_else(|| panic!("no time in: {stderr}"));
+    let t = line.trim_start_matches("real").trim().trim_end_matches('s');
+    let (m, sec) = t.split_once('m').unwrap_or(("0", t));
+    m.trim().parse::<f64>().unwrap() * 60.0 + sec.trim().parse::<f64>().unwrap()
 }
 
 fn drop_caches() {
@@ -1225,6 +1227,30 @@ fn workspace_figures(rt: &tokio::runtime::Runtime, n: usize, table: &mut Vec<Str
         ),
     );
     drop(fd);
+    let fd = common::FrontDoor::start_engine(engine.clone(), "bs-ws", |c| c.warm_pool = 1);
+    let (mut bare, mut mounted) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        bare.extend(ready_latency_of(
+            &fd,
+            rt,
+            true,
+            true,
+            &serde_json::json!({}),
+            1,
+        ));
+        mounted.extend(ready_latency_of(&fd, rt, true, true, &with, 1));
+    }
+    row(
+        table,
+        format!(
+            "| job ready, warm pool, docker CLI, with a workspace (ms) | {:.1} | {:.1} ({:.2}× without: {:.1}) |",
+            median(&mounted),
+            pct(&mounted, 0.95),
+            median(&mounted) / median(&bare),
+            median(&bare)
+        ),
+    );
+    drop(fd);
 
     // 500 MB through the workspace: a container in a job against the host.
     let sb = rt
@@ -1266,37 +1292,48 @@ fn workspace_figures(rt: &tokio::runtime::Runtime, n: usize, table: &mut Vec<Str
     ]
     .map(String::from);
     let read = ["dd", &format!("if={f}"), "of=/dev/null", "bs=1M"].map(String::from);
+    // The same busybox `dd`, timed by busybox `time` where it runs: in the
+    // job's container (no `docker exec` cost in the figure) and on the host.
     let in_job = |args: &[String]| {
-        let mut a = vec!["exec".to_string(), cid.clone()];
-        a.extend(args.iter().cloned());
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let mut a = vec!["exec", cid.as_str(), "time"];
+        a.extend(args.iter().map(String::as_str));
         let out = common::docker(&s, &a);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        dd_seconds(&String::from_utf8_lossy(&out.stderr))
+        busybox_real(&String::from_utf8_lossy(&out.stderr))
     };
     let on_host = |args: &[String]| {
-        let out = Command::new("/bin/busybox").args(args).output().unwrap();
+        let out = Command::new("/bin/busybox")
+            .arg("time")
+            .arg("/bin/busybox")
+            .args(args)
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        dd_seconds(&String::from_utf8_lossy(&out.stderr))
+        busybox_real(&String::from_utf8_lossy(&out.stderr))
     };
     let (mut jw, mut jr, mut hw, mut hr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..n.clamp(1, 5) {
+    // Writes: each side a fresh file, fsync'd. Reads: both sides the same
+    // file (the last one written), from a cold page cache.
+    for _ in 0..n.clamp(1, 8) {
         let _ = std::fs::remove_file(&file);
         drop_caches();
         jw.push(in_job(&write));
-        drop_caches();
-        jr.push(in_job(&read));
         std::fs::remove_file(&file).unwrap();
         drop_caches();
         hw.push(on_host(&write));
+    }
+    on_host(&read);
+    for _ in 0..n.clamp(1, 8) {
+        drop_caches();
+        jr.push(in_job(&read));
         drop_caches();
         hr.push(on_host(&read));
     }

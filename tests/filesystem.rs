@@ -546,12 +546,25 @@ fn the_cli_the_job_api_and_a_pipeline_give_jobs_their_workspaces() {
     owned_dir(&base, OWNER, 0o755);
     let wsp = base.join("checkout");
     owned_dir(&wsp, OWNER, 0o755);
-    let e = engine_with_workspaces(19, "fs-front", &[&base]);
-    // A warm pool too: a job with a workspace is started for it, not
-    // taken from the pool (a warm job has no workspace).
-    let fd = FrontDoor::start_engine(std::sync::Arc::new(e), "fs-front", |c| c.warm_pool = 1);
+    let e = std::sync::Arc::new(engine_with_workspaces(19, "fs-front", &[&base]));
+    // With a warm pool: the job is the warm sandbox, its workspace brought
+    // in through its drop point.
+    let fd = FrontDoor::start_engine(e.clone(), "fs-front", |c| c.warm_pool = 1);
+    let warm = loop {
+        let ready: Vec<String> = e
+            .list()
+            .iter()
+            .filter(|s| s.status() == berth::sandbox::Status::Running)
+            .map(|s| s.id().to_string())
+            .collect();
+        if let [id] = ready.as_slice() {
+            break id.clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     let w = wsp.display().to_string();
     let job = fd.create_job(&["--workspace", &w]);
+    assert_eq!(job.id, warm, "the warm sandbox served the job");
     let user = format!("{}:{}", OWNER.0, OWNER.1);
     let vol = format!("{w}:{w}");
     let bb = busybox_tar();
@@ -584,6 +597,33 @@ fn the_cli_the_job_api_and_a_pipeline_give_jobs_their_workspaces() {
     );
     let md = std::fs::metadata(wsp.join("from-api.txt")).unwrap();
     assert_eq!((md.uid(), md.gid()), OWNER);
+    // Brought in later, locked all the same.
+    let attack = docker_tls(
+        &job,
+        &[
+            "run",
+            "--rm",
+            "--privileged",
+            "--pid",
+            "host",
+            "-v",
+            &vol,
+            "busybox:test",
+            "sh",
+            "-c",
+            &format!(
+                "mount -o remount,bind,suid,dev {w} && echo REMOUNTED; \
+                 nsenter -t \"$(pidof dockerd)\" -m sh -c 'mount -o remount,bind,suid {w} && echo REMOUNTED; \
+                 mount -o remount,bind,suid /run/berth-drop/0 && echo REMOUNTED'; \
+                 touch {w}/by-root && echo ROOT-CREATED; true"
+            ),
+        ],
+    );
+    let said = String::from_utf8_lossy(&attack.stdout);
+    assert!(
+        !said.contains("REMOUNTED") && !said.contains("ROOT-CREATED"),
+        "{said}"
+    );
     // Refusals are the client's: 403 for a directory the agent does not
     // allow, 409 for one a live job has; the CLI prints why.
     let refused = fd.job_cli(&["create", "--workspace", "/etc"]);

@@ -237,8 +237,8 @@ impl Jobs {
         r
     }
 
-    /// A sandbox for a new job: a warm one when its limits are the
-    /// defaults and it has no workspaces, else a fresh start. The warm pool never makes a job fail
+    /// A sandbox for a new job: a warm one (its workspaces brought in)
+    /// when its limits are the defaults, else a fresh start. The warm pool never makes a job fail
     /// while one of its id ranges could serve it: when every range is in
     /// use, a warm sandbox (one still starting is waited for) is handed out
     /// or, for other limits, torn down to free its range.
@@ -248,7 +248,14 @@ impl Jobs {
         limits: Option<Limits>,
         workspaces: &[WorkspaceRequest],
     ) -> Result<crate::sandbox::Sandbox, JobError> {
-        if standard && let Some(sb) = self.take_pooled().await {
+        if standard && !workspaces.is_empty() {
+            // Refused before a warm sandbox is spent on it.
+            self.engine.check_workspaces(workspaces).await?;
+        }
+        if standard
+            && let Some(sb) = self.take_pooled().await
+            && let Some(sb) = self.bring_workspaces(sb, workspaces).await?
+        {
             return Ok(sb);
         }
         loop {
@@ -265,12 +272,40 @@ impl Jobs {
                     };
                     let Some(sb) = warm else { continue };
                     if standard {
-                        return Ok(sb);
+                        match self.bring_workspaces(sb, workspaces).await? {
+                            Some(sb) => return Ok(sb),
+                            None => continue,
+                        }
                     }
                     tracing::info!(sandbox = %sb.id(), "freeing a warm sandbox's id range for a job with its own limits");
                     let _ = self.end(sb.id()).await;
                 }
                 r => return Ok(r?),
+            }
+        }
+    }
+
+    /// A warm sandbox with the job's workspaces brought in; None (and the
+    /// sandbox torn down) when they could not be and a start should serve
+    /// the job instead. A refusal is the job's error.
+    async fn bring_workspaces(
+        &self,
+        sb: crate::sandbox::Sandbox,
+        workspaces: &[WorkspaceRequest],
+    ) -> Result<Option<crate::sandbox::Sandbox>, JobError> {
+        if workspaces.is_empty() {
+            return Ok(Some(sb));
+        }
+        match self.engine.attach_workspaces(&sb, workspaces).await {
+            Ok(()) => Ok(Some(sb)),
+            Err(e) => {
+                let _ = self.end(sb.id()).await;
+                if matches!(e, SandboxError::Workspace(_)) {
+                    return Err(e.into());
+                }
+                tracing::warn!(sandbox = %sb.id(), error = %e,
+                    "workspaces could not be brought into a warm sandbox; starting one for the job");
+                Ok(None)
             }
         }
     }
@@ -307,11 +342,10 @@ impl Jobs {
             });
         }
         let defaults = &self.engine.config().default_limits;
-        let standard = req.workspaces.is_empty()
-            && req
-                .limits
-                .as_ref()
-                .is_none_or(|l| l.or(defaults) == *defaults);
+        let standard = req
+            .limits
+            .as_ref()
+            .is_none_or(|l| l.or(defaults) == *defaults);
         let sb = self
             .sandbox_for(standard, req.limits, &req.workspaces)
             .await?;

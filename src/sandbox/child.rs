@@ -59,6 +59,8 @@ pub struct ChildSpec {
     /// Mount points for the workspaces, whose trees follow the layers'.
     #[serde(default)]
     pub workspaces: Vec<PathBuf>,
+    /// The job's drop point (`<state>/jobs/<id>/drop`).
+    pub drop: PathBuf,
 }
 
 /// Reports `what` to the agent (and the job's log) and exits.
@@ -78,14 +80,26 @@ fn exit_code(ws: WaitStatus) -> Option<i32> {
     }
 }
 
-/// Attaches the shared image layers and the workspaces while still host
-/// root, in a mount namespace of this job's own (so the host never sees
-/// them). The job's namespaces are created next, from this one: the kernel
-/// then locks the copies, and nothing in the job can unmount them or change
-/// their flags (read-only layers; `nosuid`, `nodev` workspaces).
-fn attach_trees(spec: &ChildSpec, trees: Vec<std::os::fd::OwnedFd>) -> Result<(), String> {
+/// While still host root, in a mount namespace of this job's own (so the
+/// host never sees any of it): attaches the shared image layers and the
+/// workspaces, and makes the job's drop point, a shared tmpfs. The job's
+/// namespaces are created next, from this one: the kernel then locks the
+/// copies, and nothing in the job can unmount them or change their flags
+/// (read-only layers; `nosuid`, `nodev` workspaces). The drop point becomes
+/// a slave there: what the agent attaches below it later (workspaces of a
+/// warm job) reaches the job with its flags locked the same way.
+fn prepare_mounts(spec: &ChildSpec, trees: Vec<std::os::fd::OwnedFd>) -> Result<(), String> {
     sys::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string())?;
     sys::make_rprivate().map_err(|e| e.to_string())?;
+    sys::mount(
+        "tmpfs",
+        &spec.drop,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=64k"),
+    )
+    .map_err(|e| e.to_string())?;
+    sys::make_shared(&spec.drop).map_err(|e| e.to_string())?;
     let targets = spec.shared_layers.iter().chain(&spec.workspaces);
     for (tree, target) in trees.iter().zip(targets) {
         sys::attach_tree(std::os::fd::AsFd::as_fd(tree), target).map_err(|e| e.to_string())?;
@@ -128,23 +142,28 @@ pub fn stage1_main(spec_json: &str) -> ! {
         ),
         Err(e) => fail(&sync, &format!("before start: {e}")),
     };
-    if !trees.is_empty()
-        && let Err(e) = attach_trees(&spec, trees)
-    {
+    if let Err(e) = prepare_mounts(&spec, trees) {
         fail(&sync, &e);
     }
+    let ns = |name: &str| match std::fs::File::open(format!("/proc/self/ns/{name}")) {
+        Ok(f) => std::os::fd::OwnedFd::from(f),
+        Err(e) => fail(&sync, &format!("open /proc/self/ns/{name}: {e}")),
+    };
+    let outer_mnt = ns("mnt");
     if let Err(e) = sys::unshare(sys::job_namespaces(spec.cgroupns)) {
         fail(&sync, &e.to_string());
     }
-    // The agent enters the job's network namespace by this descriptor once
-    // dockerd answers: opening /proc/<pid>/ns/net of a process in another
+    // The agent enters the job's namespaces by these descriptors (the
+    // network one once dockerd answers, the mount ones to bring in a warm
+    // job's workspaces): opening /proc/<pid>/ns/* of a process in another
     // user namespace would take CAP_SYS_PTRACE, which an agent in a
     // container need not have.
-    let netns = match std::fs::File::open("/proc/self/ns/net") {
-        Ok(f) => std::os::fd::OwnedFd::from(f),
-        Err(e) => fail(&sync, &format!("open /proc/self/ns/net: {e}")),
+    let namespaces = super::protocol::Namespaces {
+        net: ns("net"),
+        mnt: ns("mnt"),
+        outer_mnt,
     };
-    if let Err(e) = sync.unshared(netns).and_then(|()| sync.mapped()) {
+    if let Err(e) = sync.unshared(namespaces).and_then(|()| sync.mapped()) {
         fail(&sync, &format!("while the agent mapped ids: {e}"));
     }
     if let Err(e) = sys::become_ns_root() {
@@ -267,7 +286,10 @@ fn mnt(
 }
 
 fn setup(spec: &ChildSpec) -> Result<(), String> {
-    sys::make_rprivate().map_err(|e| e.to_string())?;
+    // Everything is private already (the helper made it so before the
+    // job's namespaces existed) but the drop point, which must go on
+    // receiving what the agent attaches.
+    sys::make_rslave().map_err(|e| e.to_string())?;
     root::build(&spec.new_root, &spec.root).map_err(|e| e.to_string())?;
     root::enter(&spec.new_root).map_err(|e| e.to_string())?;
     mount_cgroups(spec)?;
@@ -442,6 +464,7 @@ mod tests {
             extra_args: Vec::new(),
             shared_layers: Vec::new(),
             workspaces: Vec::new(),
+            drop: "/nonexistent/drop".into(),
         }
     }
 

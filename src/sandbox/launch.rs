@@ -183,6 +183,7 @@ impl Engine {
                 status,
                 exited,
                 relay: Mutex::new(None),
+                mounts: Mutex::new(None),
                 started: Instant::now(),
             }),
         };
@@ -249,11 +250,16 @@ impl Engine {
         self.start_dns(sb, rec).await?;
         let spec = self.child_spec(rec, &files, seed.as_deref(), workspaces);
         let (pid, chan) = self.spawn_helper(sb, rec, &spec, &files, exited_tx)?;
-        let netns = self
+        let ns = self
             .handshake(sb, rec, pid, chan, seed.as_deref(), workspaces)
             .await?;
+        *sb.inner.mounts.locked() = Some(super::JobMounts {
+            job: ns.mnt,
+            outer: ns.outer_mnt,
+            attached: 0,
+        });
         self.wait_ready(sb).await?;
-        self.widen_ephemeral_ports(rec, netns).await?;
+        self.widen_ephemeral_ports(rec, ns.net).await?;
         self.preload(sb, seed.is_some()).await
     }
 
@@ -273,12 +279,50 @@ impl Engine {
         // The check holds the claims' lock throughout.
         tokio::task::spawn_blocking(move || {
             let mut live = claims.locked();
-            let ws = workspaces::check(&reqs, &rules, &live)?;
+            let ws = workspaces::check(&reqs, &rules, &live, true)?;
             live.extend(ws.iter().map(|w| (w.dir.clone(), job.clone())));
             Ok(ws)
         })
         .await
         .map_err(|e| start_err(id, e))?
+    }
+
+    /// Brings workspaces into a running job that has never been handed out
+    /// (a warm one): each is checked and claimed for it, its idmapped mount
+    /// made as for a start, attached below the job's drop point in the
+    /// helper's namespace (propagation carries it into the job's, its flags
+    /// locked there) and bound at its own path in the job's root.
+    pub async fn attach_workspaces(
+        &self,
+        sb: &Sandbox,
+        reqs: &[WorkspaceRequest],
+    ) -> Result<(), SandboxError> {
+        let id = sb.id().to_string();
+        let ws = self.claim_workspaces(&id, reqs).await?;
+        let (sb2, host_id) = (sb.clone(), sb.record().host_id);
+        let r = tokio::task::spawn_blocking(move || attach(&sb2, host_id, &ws))
+            .await
+            .map_err(|e| start_err(&id, e))
+            .and_then(|r| r);
+        if r.is_err() {
+            self.workspaces.locked().retain(|(_, job)| *job != id);
+        }
+        r
+    }
+
+    /// Checks workspaces as a start or an attach would, without claiming or
+    /// making anything.
+    pub async fn check_workspaces(&self, reqs: &[WorkspaceRequest]) -> Result<(), SandboxError> {
+        let reqs = reqs.to_vec();
+        let rules = self.host.workspace_rules.clone();
+        let claims = self.workspaces.clone();
+        tokio::task::spawn_blocking(move || {
+            let live = claims.locked().clone();
+            workspaces::check(&reqs, &rules, &live, false).map(drop)
+        })
+        .await
+        .map_err(|e| start_err("workspaces", e))?
+        .map_err(SandboxError::from)
     }
 
     /// dockerd takes the ports it publishes from the job's
@@ -378,9 +422,11 @@ impl Engine {
             std::fs::write(&f, pem).map_err(io("cannot write", &f))?;
             chown(&f, rec.host_id)?;
         }
-        // The job's init mounts its private root here, in its own mount
-        // namespace: on the host it stays an empty directory.
+        // The job's init mounts its private root here, and the helper the
+        // job's drop point, each in a mount namespace of the job's own: on
+        // the host they stay empty directories.
         mkdir_mode(&dir.join("rootfs"), 0o755)?;
+        mkdir_mode(&dir.join("drop"), 0o755)?;
         // Where the stage-1 helper attaches the workspaces' idmapped mounts,
         // for the job's init to bind at their own paths: directories of
         // the agent's, which no workspace owner can swap for a link.
@@ -496,6 +542,7 @@ impl Engine {
                 })
                 .unwrap_or_default(),
             workspaces: mounted.into_iter().map(|(from, _)| from).collect(),
+            drop: files.dir.join("drop"),
         }
     }
 
@@ -568,7 +615,7 @@ impl Engine {
         chan: protocol::AgentEnd,
         seed: Option<&seed::Seed>,
         workspaces: &[Workspace],
-    ) -> Result<OwnedFd, SandboxError> {
+    ) -> Result<protocol::Namespaces, SandboxError> {
         // The shared layers, seen through the job's id map, go to the helper
         // by fd; it attaches them before it creates the job's namespaces.
         let mut trees = Vec::new();
@@ -680,13 +727,13 @@ struct Handshake {
 impl Handshake {
     /// The job's init pid (once known) and how the start went: the job's
     /// network namespace when it did.
-    fn run(self) -> (Option<u32>, Result<OwnedFd, SandboxError>) {
+    fn run(self) -> (Option<u32>, Result<protocol::Namespaces, SandboxError>) {
         let mut init = None;
         let r = self.steps(&mut init);
         (init, r)
     }
 
-    fn steps(mut self, init: &mut Option<u32>) -> Result<OwnedFd, SandboxError> {
+    fn steps(mut self, init: &mut Option<u32>) -> Result<protocol::Namespaces, SandboxError> {
         let id = self.job_id.clone();
         let proto = |e: protocol::ProtocolError| match e {
             protocol::ProtocolError::Failed { message } => start_err(&id, message),
@@ -700,7 +747,7 @@ impl Handshake {
         self.chan
             .start(&std::mem::take(&mut self.trees))
             .map_err(proto)?;
-        let netns = self.chan.unshared(self.step).map_err(proto)?;
+        let namespaces = self.chan.unshared(self.step).map_err(proto)?;
         // Namespaces exist: the helper, and the init it forks next, move to
         // their leaf; then ids and the link.
         if let Some(cg) = &self.cgroup {
@@ -722,13 +769,13 @@ impl Handshake {
                 .map_err(proto)?
             {
                 protocol::FromHelper::Init { pid } => *init = Some(pid),
-                protocol::FromHelper::Ready if init.is_some() => return Ok(netns),
+                protocol::FromHelper::Ready if init.is_some() => return Ok(namespaces),
                 protocol::FromHelper::Ready => {
                     // Ready before Init: the pid follows.
                     match self.chan.recv("init", self.step).map_err(proto)? {
                         protocol::FromHelper::Init { pid } => {
                             *init = Some(pid);
-                            return Ok(netns);
+                            return Ok(namespaces);
                         }
                         other => return Err(proto(protocol::unexpected("init", &other))),
                     }
@@ -779,6 +826,54 @@ fn daemon_json_text(
             serde_json::json!({ "bridge": { "com.docker.network.driver.mtu": mtu.to_string() } });
     }
     format!("{v:#}\n")
+}
+
+/// The blocking part of [`Engine::attach_workspaces`].
+fn attach(sb: &Sandbox, host_id: u32, ws: &[Workspace]) -> Result<(), SandboxError> {
+    use std::os::unix::fs::MetadataExt;
+    let id = sb.id();
+    let mut mounts = sb.inner.mounts.locked();
+    let m = mounts
+        .as_mut()
+        .ok_or_else(|| start_err(id, "the job's mount namespaces are not known"))?;
+    for w in ws {
+        let tree = w.mount_for(host_id)?;
+        let name = m.attached.to_string();
+        m.attached += 1;
+        let outer = sb.inner.dir.join("drop").join(&name);
+        sys::in_mntns(m.outer.as_fd(), || -> Result<(), SandboxError> {
+            mkdir_mode(&outer, 0o700)?;
+            sys::attach_tree(tree.as_fd(), &outer).map_err(|e| start_err(id, e))
+        })
+        .map_err(|e| start_err(id, e))??;
+        let arrived = Path::new(root::inside::DROP).join(&name);
+        sys::in_mntns(m.job.as_fd(), || -> Result<(), SandboxError> {
+            // The job's root is a tmpfs of its user namespace: its mount
+            // point is made as the job's root.
+            sys::set_thread_fs_ids(host_id, host_id).map_err(|e| start_err(id, e))?;
+            std::fs::create_dir_all(&w.at).map_err(io("cannot make", &w.at))?;
+            sys::mount(
+                &arrived.to_string_lossy(),
+                &w.at,
+                None,
+                nix::mount::MsFlags::MS_BIND,
+                None,
+            )
+            .map_err(|e| start_err(id, e))?;
+            // What is there now must be the directory checked: a drop that
+            // did not propagate would leave an empty directory instead.
+            let md = std::fs::metadata(&w.at).map_err(io("cannot stat", &w.at))?;
+            if (md.dev(), md.ino()) != w.id {
+                return Err(start_err(
+                    id,
+                    format!("workspace {} did not reach the job", w.at.display()),
+                ));
+            }
+            Ok(())
+        })
+        .map_err(|e| start_err(id, e))??;
+    }
+    Ok(())
 }
 
 /// Where the stage-1 helper attaches workspace `i` of the job whose

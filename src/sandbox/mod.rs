@@ -154,7 +154,20 @@ struct Inner {
     /// Some(exit code) once the job's monitor has exited.
     exited: watch::Receiver<Option<i32>>,
     relay: Mutex<Option<net::dns::Relay>>,
+    /// The job's mount namespaces, once it has them.
+    mounts: Mutex<Option<JobMounts>>,
     started: Instant,
+}
+
+/// What the agent holds of a job's mounts: its mount namespace, and the
+/// stage-1 helper's from before it, where the job's drop point has its
+/// master (held open: it has no process of its own).
+struct JobMounts {
+    job: std::os::fd::OwnedFd,
+    outer: std::os::fd::OwnedFd,
+    /// Workspaces attached through the drop point so far (their names
+    /// there: 0, 1, …).
+    attached: usize,
 }
 
 impl Sandbox {

@@ -6,7 +6,9 @@
 //! agent  → Start { layers }   helper is in the job's cgroups; the shared
 //!                             layer trees come along as fds: unshare now
 //! helper → Unshared           write the uid/gid maps, move the link in; the
-//!                             job's network namespace comes along as an fd
+//!                             job's network and mount namespaces, and the
+//!                             helper's own mount namespace (where workspaces
+//!                             for a warm job are attached), come along as fds
 //! agent  → Mapped
 //! helper → Init { pid }       the job's pid 1, as the host sees it
 //! init   → Ready              dockerd is started   (or Failed { message })
@@ -187,21 +189,42 @@ impl AgentEnd {
         }
     }
 
-    /// Waits for `Unshared`, returning the job's network namespace that
-    /// came with it (the agent enters it later without needing to inspect
-    /// another user namespace's process).
-    pub fn unshared(&self, timeout: Duration) -> Result<OwnedFd, ProtocolError> {
-        let (m, mut fds) = self.0.recv::<FromHelper>("unshared", Some(timeout))?;
+    /// Waits for `Unshared`, returning the namespaces that came with it
+    /// (the agent enters them later without needing to inspect another
+    /// user namespace's process).
+    pub fn unshared(&self, timeout: Duration) -> Result<Namespaces, ProtocolError> {
+        let (m, fds) = self.0.recv::<FromHelper>("unshared", Some(timeout))?;
         match m {
-            FromHelper::Unshared if fds.len() == 1 => Ok(fds.remove(0)),
+            FromHelper::Unshared if fds.len() == 3 => {
+                let [net, mnt, outer_mnt] = <[OwnedFd; 3]>::try_from(fds)
+                    .unwrap_or_else(|_| unreachable!("three descriptors"));
+                Ok(Namespaces {
+                    net,
+                    mnt,
+                    outer_mnt,
+                })
+            }
             FromHelper::Unshared => Err(ProtocolError::Unexpected {
-                expected: "unshared with the job's network namespace",
+                expected: "unshared with the job's namespaces",
                 received: format!("unshared with {} descriptors", fds.len()),
             }),
             FromHelper::Failed { message } => Err(ProtocolError::Failed { message }),
             other => Err(unexpected("unshared", &other)),
         }
     }
+}
+
+/// The namespaces the helper sends with `Unshared`.
+#[derive(Debug)]
+pub struct Namespaces {
+    /// The job's network namespace.
+    pub net: OwnedFd,
+    /// The job's mount namespace.
+    pub mnt: OwnedFd,
+    /// The helper's mount namespace from before the job's: the master of
+    /// the job's drop point (a mount attached below it reaches the job,
+    /// its flags locked there).
+    pub outer_mnt: OwnedFd,
 }
 
 pub fn unexpected(expected: &'static str, got: &FromHelper) -> ProtocolError {
@@ -257,9 +280,10 @@ impl HelperEnd {
         self.0.send(msg, &[])
     }
 
-    /// `Unshared`, with the new network namespace.
-    pub fn unshared(&self, netns: OwnedFd) -> Result<(), ProtocolError> {
-        self.0.send(&FromHelper::Unshared, &[netns])
+    /// `Unshared`, with the namespaces.
+    pub fn unshared(&self, ns: Namespaces) -> Result<(), ProtocolError> {
+        self.0
+            .send(&FromHelper::Unshared, &[ns.net, ns.mnt, ns.outer_mnt])
     }
 }
 
@@ -279,14 +303,26 @@ mod tests {
         agent.start(&[OwnedFd::from(tree)]).unwrap();
         let got = helper.start().unwrap();
         assert_eq!(got.len(), 1);
-        let ns = std::fs::File::open("/proc/self/ns/net").unwrap();
-        helper.unshared(OwnedFd::from(ns)).unwrap();
+        let ns = |n: &str| OwnedFd::from(std::fs::File::open(format!("/proc/self/{n}")).unwrap());
+        helper
+            .unshared(Namespaces {
+                net: ns("ns/net"),
+                mnt: ns("ns/mnt"),
+                outer_mnt: ns("ns/uts"),
+            })
+            .unwrap();
         let got = agent.unshared(Duration::from_secs(5)).unwrap();
-        assert_eq!(
-            std::fs::read_link(format!("/proc/self/fd/{}", got.as_raw_fd())).unwrap(),
-            std::fs::read_link("/proc/self/ns/net").unwrap(),
-            "the namespace arrives"
-        );
+        for (fd, want) in [
+            (&got.net, "net"),
+            (&got.mnt, "mnt"),
+            (&got.outer_mnt, "uts"),
+        ] {
+            assert_eq!(
+                std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap(),
+                std::fs::read_link(format!("/proc/self/ns/{want}")).unwrap(),
+                "each namespace arrives in its place"
+            );
+        }
         agent.mapped().unwrap();
         helper.mapped().unwrap();
         helper.send(&FromHelper::Init { pid: 42 }).unwrap();

@@ -116,6 +116,82 @@ pub fn make_rprivate() -> Result<(), SysError> {
     })
 }
 
+/// Makes every mount below / a slave: nothing the job mounts propagates
+/// anywhere, and only what already receives (the job's drop point) goes on
+/// receiving.
+pub fn make_rslave() -> Result<(), SysError> {
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| SysError::Mount {
+        fstype: "rslave".into(),
+        target: "/".into(),
+        source: e,
+    })
+}
+
+/// Makes the mount at `path` shared (a peer group of its own).
+pub fn make_shared(path: &Path) -> Result<(), SysError> {
+    nix::mount::mount(
+        None::<&str>,
+        path,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(|e| SysError::Mount {
+        fstype: "shared".into(),
+        target: path.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Runs `f` on a thread of its own that has joined the mount namespace
+/// `mntns` (its root and working directory are that namespace's root):
+/// paths `f` uses are resolved there. The caller's threads stay where
+/// they are. Needs CAP_SYS_ADMIN and CAP_SYS_CHROOT.
+pub fn in_mntns<T: Send>(
+    mntns: std::os::fd::BorrowedFd<'_>,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, SysError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // A thread shares its root and cwd with the process; it must
+            // have its own before it may change mount namespace.
+            nix::sched::unshare(CloneFlags::CLONE_FS).map_err(|e| call("unshare(CLONE_FS)", e))?;
+            nix::sched::setns(mntns, CloneFlags::CLONE_NEWNS)
+                .map_err(|e| call("setns into the job's mount namespace", e))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// Makes the calling thread create files as `uid`:`gid` (its filesystem
+/// ids; its other ids, and every other thread's, stay). A filesystem
+/// mounted in a job's user namespace takes new files only from ids mapped
+/// there.
+pub fn set_thread_fs_ids(uid: u32, gid: u32) -> Result<(), SysError> {
+    nix::unistd::setfsgid(Gid::from_raw(gid));
+    nix::unistd::setfsuid(Uid::from_raw(uid));
+    // Both calls return the previous id and never fail outright: asking
+    // again with an invalid id (-1) reads the current one.
+    let now_g = nix::unistd::setfsgid(Gid::from_raw(u32::MAX));
+    let now_u = nix::unistd::setfsuid(Uid::from_raw(u32::MAX));
+    if now_u.as_raw() != uid || now_g.as_raw() != gid {
+        return Err(call(
+            format!("setfsuid({uid})/setfsgid({gid})"),
+            Errno::EPERM,
+        ));
+    }
+    Ok(())
+}
+
 /// Detaches the mount at `path` from the tree (MNT_DETACH): the filesystem
 /// goes when its last user does.
 pub fn unmount_detached(path: &Path) -> Result<(), Errno> {

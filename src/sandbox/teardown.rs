@@ -44,6 +44,9 @@ impl Engine {
                 self.stuck.locked().remove(id);
                 self.workspaces.locked().retain(|(_, job)| job != id);
                 if let Some(sb) = self.jobs.locked().remove(id) {
+                    // The namespaces held for it: the helper's, with the
+                    // mounts of its drop point, goes with this.
+                    sb.inner.mounts.locked().take();
                     sb.inner.status.send_replace(Status::Stopped);
                 }
                 let took = t0.elapsed();

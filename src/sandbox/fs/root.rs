@@ -27,6 +27,9 @@ pub mod inside {
     /// the host side.
     pub const API_DIR: &str = "/run/berth";
     pub const API_SOCKET: &str = "/run/berth/docker.sock";
+    /// Where workspaces attached to a running job arrive (from the agent,
+    /// by mount propagation) before they are bound at their own paths.
+    pub const DROP: &str = "/run/berth-drop";
 }
 
 /// Host system directories every job gets read-only, and the top-level
@@ -292,6 +295,16 @@ pub fn plan(host: &HostRoot, job: &JobRoot<'_>) -> Vec<Step> {
         s.push(bind(job.dir.join("layers"), p(inside::LAYERS), true, true));
     }
     s.push(bind(job.dir.join("api"), p(inside::API_DIR), true, false));
+    // Not recursive, not read-only: a bind of the drop point that stays its
+    // slave (a recursive or remounted copy would too, but needs nothing of
+    // either).
+    s.push(Step::Bind {
+        from: job.dir.join("drop"),
+        at: p(inside::DROP),
+        dir: true,
+        readonly: false,
+        shallow: true,
+    });
     for (from, at) in job.workspaces {
         s.push(Step::Bind {
             from: from.clone(),
@@ -529,6 +542,7 @@ mod tests {
             (format!("{d}/root/data"), inside::DATA_ROOT.into(), false),
             (format!("{d}/root/etc-docker"), "/etc/docker".into(), false),
             (format!("{d}/api"), inside::API_DIR.into(), false),
+            (format!("{d}/drop"), inside::DROP.into(), false),
             ("/j/workspaces/0".into(), "/srv/ci/ws/app".into(), false),
         ]);
         assert_eq!(binds(&steps), want);

@@ -267,11 +267,12 @@ pub fn job_ids(
 /// Checks `reqs` and returns the workspaces to mount: each asked-for
 /// directory and, beside it where that is allowed too, its `DIR@tmp`
 /// (Jenkins keeps its step scripts and their output there), made for the
-/// owner if missing.
+/// owner if missing. Without `make`, only the checks (and no `DIR@tmp`).
 pub fn check(
     reqs: &[WorkspaceRequest],
     rules: &Rules,
     live: &[(PathBuf, String)],
+    make: bool,
 ) -> Result<Vec<Workspace>, WorkspaceError> {
     let mut out: Vec<Workspace> = Vec::new();
     for r in reqs {
@@ -319,6 +320,9 @@ pub fn check(
             Some(Refusal::NotAllowed(_)) => continue,
             Some(why) => return Err(WorkspaceError::Refused { path: tmp_at, why }),
             None => {}
+        }
+        if !make {
+            continue;
         }
         make_tmp(&tmp_dir, owner, md.mode()).map_err(|source| WorkspaceError::Io {
             path: tmp_dir.clone(),
@@ -572,7 +576,7 @@ mod tests {
             path: ws.clone(),
             as_uid: None,
         };
-        let got = check(std::slice::from_ref(&req), &r, &[]).unwrap();
+        let got = check(std::slice::from_ref(&req), &r, &[], true).unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[1].at, base.join("app@tmp"));
         let md = std::fs::metadata(base.join("app@tmp")).unwrap();
@@ -582,15 +586,15 @@ mod tests {
             allowed: vec![std::fs::canonicalize(&ws).unwrap()],
             ..r.clone()
         };
-        let alone = check(std::slice::from_ref(&req), &own_root, &[]).unwrap();
+        let alone = check(std::slice::from_ref(&req), &own_root, &[], true).unwrap();
         assert_eq!(alone.len(), 1);
         // A second request for the same directory overlaps the first.
-        let e = check(&[req.clone(), req.clone()], &r, &[]).unwrap_err();
+        let e = check(&[req.clone(), req.clone()], &r, &[], true).unwrap_err();
         assert!(e.to_string().contains("overlaps"), "{e}");
         // A link planted as DIR@tmp is not followed.
         std::fs::remove_dir(base.join("app@tmp")).unwrap();
         std::os::unix::fs::symlink("/etc", base.join("app@tmp")).unwrap();
-        let e = check(std::slice::from_ref(&req), &r, &[]).unwrap_err();
+        let e = check(std::slice::from_ref(&req), &r, &[], true).unwrap_err();
         assert!(e.to_string().contains("not a directory owned by"), "{e}");
         std::fs::remove_dir_all(&base).unwrap();
     }
