@@ -607,8 +607,32 @@ fn build_test(kind: EngineKind, n: u32, name: &str, policy: Policy) {
         return;
     }
     plugins();
+    let host_binds = matches!(policy.profile, Profile::AllowAll);
     let (fd, _host, registry, addr) = door_with_registry(kind, n, name, policy);
     let jw = JobWork::open(fd, name);
+    if host_binds && matches!(kind, EngineKind::Debian13) {
+        // The engine from /opt is in the job's root, and nothing else of
+        // the host's /opt: its directories, read-only.
+        let seen = run(
+            "the engine in the job's root",
+            jw.cli().args([
+                "run",
+                "--rm",
+                "-v",
+                "/:/host",
+                "busybox:test",
+                "sh",
+                "-c",
+                "ls /host/opt/berth/engines/debian13/usr; ls -A /host/opt /host/opt/berth/engines; \
+                 touch /host/opt/berth/engines/debian13/usr/sbin/x 2>&1 || true",
+            ]),
+        );
+        assert_eq!(
+            text(&seen.stdout),
+            "bin\nsbin\n/host/opt:\nberth\ncontainerd\n\n/host/opt/berth/engines:\ndebian13\n\
+             touch: /host/opt/berth/engines/debian13/usr/sbin/x: Read-only file system\n"
+        );
+    }
     build_scenarios(&jw, &addr);
     assert!(
         registry.log_count("\"PUT /v2/berth/app/manifests/1") >= 1,
