@@ -538,6 +538,66 @@ fn workspaces_outside_what_the_agent_allows_are_refused_with_the_reason() {
 }
 
 #[test]
+fn a_filesystem_without_idmapped_mounts_is_named_at_create_and_by_doctor() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    // A ramfs an interrupted run left mounted goes first.
+    let _ = nix::mount::umount2("/var/lib/bt-ws/ramfs", nix::mount::MntFlags::MNT_DETACH);
+    let base = ws_base("ramfs");
+    // ramfs cannot make idmapped mounts (ext4, xfs, btrfs and tmpfs can).
+    let out = std::process::Command::new("mount")
+        .args(["-t", "ramfs", "none"])
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount ramfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wsp = base.join("checkout");
+    owned_dir(&wsp, OWNER, 0o755);
+    let e = engine_with_workspaces(7, "fs-ramfs", &[&base]);
+    let err = rt
+        .block_on(e.start_job(None, &[ws(&wsp, None)]))
+        .err()
+        .expect("a workspace on ramfs was mounted");
+    let kernel = nix::sys::utsname::uname().unwrap();
+    let kernel = kernel.release().to_string_lossy();
+    let text = err.to_string();
+    assert!(
+        text.contains("(ramfs)")
+            && text.contains(&*kernel)
+            && text.contains("cannot make idmapped mounts"),
+        "{text}"
+    );
+    assert!(e.list().is_empty(), "the failed start left a job");
+    drop(e);
+    let cfg = write_config(7, "fs-ramfs", "");
+    let mut file = std::fs::read_to_string(&cfg).unwrap();
+    file.push_str(&format!("[workspaces]\nallowed_roots = [{:?}]\n", base));
+    std::fs::write(&cfg, file).unwrap();
+    let doctor = std::process::Command::new(berth_bin())
+        .args(["doctor", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&doctor.stdout);
+    let line = said
+        .lines()
+        .find(|l| l.starts_with("workspaces"))
+        .unwrap_or_else(|| panic!("doctor said nothing of workspaces: {said}"));
+    assert!(line.contains("FAIL") && line.contains("(ramfs)"), "{said}");
+    let out = std::process::Command::new("umount")
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
 fn the_cli_the_job_api_and_a_pipeline_give_jobs_their_workspaces() {
     if !prerequisites() {
         return;

@@ -1452,10 +1452,28 @@ issuer = "{ISS}"
 claims = {{ repository = "acme/*", ref = "refs/heads/main" }}
 labels = ["repository", "run_id"]
 max_ttl = "1h"
+workspaces = ["/var/lib/bt-ws/token/acme/*"]
 "#
     ))
     .unwrap();
-    let fd = FrontDoor::start_with(43, "fd-token", |c| c.token = token_cfg);
+    // Workspaces the rule's pattern names, below the agent's allowed root.
+    let ws_root = PathBuf::from("/var/lib/bt-ws/token");
+    let _ = std::fs::remove_dir_all(&ws_root);
+    for d in ["acme/app", "other/app"] {
+        let d = ws_root.join(d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::os::unix::fs::chown(&d, Some(4242), Some(4343)).unwrap();
+    }
+    let engine = berth::sandbox::Engine::new(berth::sandbox::SandboxConfig {
+        workspaces: berth::sandbox::fs::workspaces::WorkspacesConfig {
+            allowed_roots: vec![ws_root.clone()],
+        },
+        ..engine_config(43, "fd-token")
+    })
+    .unwrap();
+    let fd = FrontDoor::start_engine(std::sync::Arc::new(engine), "fd-token", |c| {
+        c.token = token_cfg
+    });
     let at = fd.token.expect("the token listener is up").to_string();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1526,6 +1544,22 @@ max_ttl = "1h"
     assert_eq!(mine["labels"]["oidc.repository"], "acme/app", "{mine}");
     assert_eq!(mine["labels"]["oidc.run_id"], "4711", "{mine}");
     assert_eq!(mine["labels"]["berth.rule"], "acme-main", "{mine}");
+    // A workspace the rule's pattern names; one it does not (nor one that
+    // climbs out of it) is refused before the token is spent.
+    let acme = ws_root.join("acme/app").display().to_string();
+    let o = exchange(&mint(&rsa, &claims(&|_| {})), &["--workspace", &acme]);
+    assert!(o.status.success(), "{}", err(&o));
+    for other in [
+        ws_root.join("other/app").display().to_string(),
+        format!("{}/acme/../other/app", ws_root.display()),
+    ] {
+        let o = exchange(&mint(&rsa, &claims(&|_| {})), &["--workspace", &other]);
+        assert!(
+            err(&o).contains("403") && err(&o).contains("not one that rule acme-main grants"),
+            "{other}: {}",
+            err(&o)
+        );
+    }
     // ES256 works too, and a job longer than the rule grants is refused.
     let o = exchange(&mint(&ec, &claims(&|_| {})), &["--ttl", "30m"]);
     assert!(o.status.success(), "{}", err(&o));

@@ -430,6 +430,7 @@ pub fn fs_name(path: &Path) -> String {
         0x6969 => "nfs",
         0x2FC1_2FC1 => "zfs",
         0x6573_5546 => "fuse",
+        0x8584_58F6 => "ramfs",
         _ => return format!("filesystem magic {magic:#x}"),
     };
     name.into()
