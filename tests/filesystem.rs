@@ -625,6 +625,9 @@ fn the_cli_the_job_api_and_a_pipeline_give_jobs_their_workspaces() {
     let w = wsp.display().to_string();
     let job = fd.create_job(&["--workspace", &w]);
     assert_eq!(job.id, warm, "the warm sandbox served the job");
+    let ls = fd.job_cli(&["ls", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(listed[0]["workspaces"], serde_json::json!([w]), "{listed}");
     let user = format!("{}:{}", OWNER.0, OWNER.1);
     let vol = format!("{w}:{w}");
     let bb = busybox_tar();

@@ -107,12 +107,16 @@ pub struct JobView {
     pub created_at: u64,
     pub expires_at: u64,
     pub labels: BTreeMap<String, String>,
+    /// Host directories bound into the job, at these same paths.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub workspaces: Vec<std::path::PathBuf>,
 }
 
 struct Meta {
     created: SystemTime,
     expires: SystemTime,
     labels: BTreeMap<String, String>,
+    workspaces: Vec<std::path::PathBuf>,
     /// Its teardown has begun: the certificate opens nothing any more, but
     /// the job stays listed until its last trace is gone.
     ending: bool,
@@ -369,6 +373,7 @@ impl Jobs {
                 created,
                 expires,
                 labels: req.labels,
+                workspaces: req.workspaces.iter().map(|w| w.path.clone()).collect(),
                 ending: false,
             },
         );
@@ -414,6 +419,7 @@ impl Jobs {
             created_at: unix(m.created),
             expires_at: unix(m.expires),
             labels: m.labels.clone(),
+            workspaces: m.workspaces.clone(),
         })
     }
 
@@ -437,6 +443,7 @@ impl Jobs {
                     created_at: stuck.created_unix,
                     expires_at: 0,
                     labels: BTreeMap::new(),
+                    workspaces: Vec::new(),
                 });
             }
         }
