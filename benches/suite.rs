@@ -38,7 +38,8 @@
 //!     by a container in a job through its workspace against the same
 //!     busybox `dd` on the host in the same directory, alternating; then
 //!     one such file read by both from a cold page cache, alternating.
-//!     Each timed where it runs (busybox `time`, 10 ms steps).
+//!     Each timed where it runs, by one static binary
+//!     (tests/clients/timed_io.c, built with gcc at the start).
 //!
 //! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build,workspace
 //! runs a subset.
@@ -1162,17 +1163,6 @@ fn rand_n() -> usize {
     N.fetch_add(1, Ordering::SeqCst)
 }
 
-/// Seconds of busybox `time`'s `real\t0m 0.36s` line.
-fn busybox_real(stderr: &str) -> f64 {
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("real"))
-        .unwrap_or_else(|| panic!("no time in: {stderr}"));
-    let t = line.trim_start_matches("real").trim().trim_end_matches('s');
-    let (m, sec) = t.split_once('m').unwrap_or(("0", t));
-    m.trim().parse::<f64>().unwrap() * 60.0 + sec.trim().parse::<f64>().unwrap()
-}
-
 fn drop_caches() {
     nix::unistd::sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
@@ -1280,45 +1270,42 @@ fn workspace_figures(rt: &tokio::runtime::Runtime, n: usize, table: &mut Vec<Str
         ],
     );
     let cid = cid.trim().to_string();
+    // One static binary times the same work where it runs: in the job's
+    // container and on the host.
+    let timer = PathBuf::from("/var/lib/bt/bench-timed_io");
+    let out = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&timer)
+        .arg("tests/clients/timed_io.c")
+        .output()
+        .expect("gcc (apt-get install gcc libc6-dev)");
+    assert!(
+        out.status.success(),
+        "gcc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::docker_ok(
+        &s,
+        &[
+            "cp",
+            timer.to_str().unwrap(),
+            &format!("{cid}:/bin/timed_io"),
+        ],
+    );
     let file = ws.join("big");
     let f = file.display().to_string();
-    let write = [
-        "dd",
-        "if=/dev/zero",
-        &format!("of={f}"),
-        "bs=1M",
-        "count=500",
-        "conv=fsync",
-    ]
-    .map(String::from);
-    let read = ["dd", &format!("if={f}"), "of=/dev/null", "bs=1M"].map(String::from);
-    // The same busybox `dd`, timed by busybox `time` where it runs: in the
-    // job's container (no `docker exec` cost in the figure) and on the host.
+    let write = ["write", f.as_str(), "500"].map(String::from);
+    let read = ["read", f.as_str()].map(String::from);
+    let secs = |o: std::process::Output| -> f64 {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+    };
     let in_job = |args: &[String]| {
-        let mut a = vec!["exec", cid.as_str(), "time"];
+        let mut a = vec!["exec", cid.as_str(), "timed_io"];
         a.extend(args.iter().map(String::as_str));
-        let out = common::docker(&s, &a);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        busybox_real(&String::from_utf8_lossy(&out.stderr))
+        secs(common::docker(&s, &a))
     };
-    let on_host = |args: &[String]| {
-        let out = Command::new("/bin/busybox")
-            .arg("time")
-            .arg("/bin/busybox")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        busybox_real(&String::from_utf8_lossy(&out.stderr))
-    };
+    let on_host = |args: &[String]| secs(Command::new(&timer).args(args).output().unwrap());
     let (mut jw, mut jr, mut hw, mut hr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // Writes: each side a fresh file, fsync'd. Reads: both sides the same
     // file (the last one written), from a cold page cache.

@@ -629,9 +629,7 @@ impl Engine {
             }
         }
         // Then the workspaces, each seen through a map of one id.
-        for w in workspaces {
-            trees.push(w.mount_for(rec.host_id)?);
-        }
+        trees.extend(workspaces::mounts_for(workspaces, rec.host_id)?);
         let handshake = Handshake {
             chan,
             pid,
@@ -828,29 +826,37 @@ fn daemon_json_text(
     format!("{v:#}\n")
 }
 
-/// The blocking part of [`Engine::attach_workspaces`].
+/// The blocking part of [`Engine::attach_workspaces`]: every mount made
+/// first, then attached in the helper's namespace, then bound in the job's
+/// (one thread in each).
 fn attach(sb: &Sandbox, host_id: u32, ws: &[Workspace]) -> Result<(), SandboxError> {
     use std::os::unix::fs::MetadataExt;
     let id = sb.id();
+    let trees = workspaces::mounts_for(ws, host_id)?;
     let mut mounts = sb.inner.mounts.locked();
     let m = mounts
         .as_mut()
         .ok_or_else(|| start_err(id, "the job's mount namespaces are not known"))?;
-    for w in ws {
-        let tree = w.mount_for(host_id)?;
-        let name = m.attached.to_string();
-        m.attached += 1;
-        let outer = sb.inner.dir.join("drop").join(&name);
-        sys::in_mntns(m.outer.as_fd(), || -> Result<(), SandboxError> {
-            mkdir_mode(&outer, 0o700)?;
-            sys::attach_tree(tree.as_fd(), &outer).map_err(|e| start_err(id, e))
-        })
-        .map_err(|e| start_err(id, e))??;
-        let arrived = Path::new(root::inside::DROP).join(&name);
-        sys::in_mntns(m.job.as_fd(), || -> Result<(), SandboxError> {
-            // The job's root is a tmpfs of its user namespace: its mount
-            // point is made as the job's root.
-            sys::set_thread_fs_ids(host_id, host_id).map_err(|e| start_err(id, e))?;
+    let names: Vec<String> = (m.attached..m.attached + ws.len())
+        .map(|n| n.to_string())
+        .collect();
+    m.attached += ws.len();
+    let drop = sb.inner.dir.join("drop");
+    sys::in_mntns(m.outer.as_fd(), || -> Result<(), SandboxError> {
+        for (tree, name) in trees.iter().zip(&names) {
+            let at = drop.join(name);
+            mkdir_mode(&at, 0o700)?;
+            sys::attach_tree(tree.as_fd(), &at).map_err(|e| start_err(id, e))?;
+        }
+        Ok(())
+    })
+    .map_err(|e| start_err(id, e))??;
+    sys::in_mntns(m.job.as_fd(), || -> Result<(), SandboxError> {
+        // The job's root is a tmpfs of its user namespace: mount points are
+        // made there as the job's root.
+        sys::set_thread_fs_ids(host_id, host_id).map_err(|e| start_err(id, e))?;
+        for (w, name) in ws.iter().zip(&names) {
+            let arrived = Path::new(root::inside::DROP).join(name);
             std::fs::create_dir_all(&w.at).map_err(io("cannot make", &w.at))?;
             sys::mount(
                 &arrived.to_string_lossy(),
@@ -869,11 +875,10 @@ fn attach(sb: &Sandbox, host_id: u32, ws: &[Workspace]) -> Result<(), SandboxErr
                     format!("workspace {} did not reach the job", w.at.display()),
                 ));
             }
-            Ok(())
-        })
-        .map_err(|e| start_err(id, e))??;
-    }
-    Ok(())
+        }
+        Ok(())
+    })
+    .map_err(|e| start_err(id, e))?
 }
 
 /// Where the stage-1 helper attaches workspace `i` of the job whose

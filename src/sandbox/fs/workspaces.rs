@@ -88,12 +88,10 @@ impl Workspace {
         )
     }
 
-    /// A detached, writable clone of the directory's mount, idmapped for the
-    /// job whose ids start at `first` on the host. The directory is opened
-    /// again without following any link and must be the one checked.
-    pub fn mount_for(&self, first: u32) -> Result<std::os::fd::OwnedFd, WorkspaceError> {
-        let (uid_map, gid_map) = self.idmap(first);
-        let ns = IdmapNs::new(&uid_map, &gid_map)?;
+    /// A detached, writable clone of the directory's mount, idmapped
+    /// through `ns` (made from [`Workspace::idmap`]). The directory is
+    /// opened again without following any link and must be the one checked.
+    fn mount_with(&self, ns: &IdmapNs) -> Result<std::os::fd::OwnedFd, WorkspaceError> {
         let changed = || WorkspaceError::Refused {
             path: self.at.clone(),
             why: Refusal::Changed,
@@ -116,6 +114,30 @@ impl Workspace {
             },
         )
     }
+}
+
+/// The idmapped mounts of `ws` for the job whose ids start at `first` on
+/// the host, in order: one user namespace for each distinct id map (a
+/// workspace and its `DIR@tmp` share one).
+pub fn mounts_for(
+    ws: &[Workspace],
+    first: u32,
+) -> Result<Vec<std::os::fd::OwnedFd>, WorkspaceError> {
+    let mut maps: Vec<((String, String), IdmapNs)> = Vec::new();
+    let mut out = Vec::with_capacity(ws.len());
+    for w in ws {
+        let map = w.idmap(first);
+        let i = match maps.iter().position(|(m, _)| *m == map) {
+            Some(i) => i,
+            None => {
+                let ns = IdmapNs::new(&map.0, &map.1)?;
+                maps.push((map, ns));
+                maps.len() - 1
+            }
+        };
+        out.push(w.mount_with(&maps[i].1)?);
+    }
+    Ok(out)
 }
 
 /// Why a workspace is refused.
