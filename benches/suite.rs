@@ -1192,55 +1192,33 @@ fn workspace_figures(rt: &tokio::runtime::Runtime, n: usize, table: &mut Vec<Str
         ..common::engine_config(49, "bs-ws")
     };
     let engine = std::sync::Arc::new(berth::sandbox::Engine::new(cfg).unwrap());
-    let fd = common::FrontDoor::start_engine(engine.clone(), "bs-ws", |c| c.warm_pool = 0);
     let with = serde_json::json!({ "workspaces": [{ "path": ws }] });
-    let (mut bare, mut mounted) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        bare.extend(ready_latency_of(
-            &fd,
-            rt,
-            false,
-            true,
-            &serde_json::json!({}),
-            1,
-        ));
-        mounted.extend(ready_latency_of(&fd, rt, false, true, &with, 1));
+    let without = serde_json::json!({});
+    // Cold (no pool) and warm (a pool of one), each with a workspace
+    // against without, alternating.
+    for (warm, what, digits) in [(false, "cold", 0), (true, "warm pool", 1)] {
+        let fd = common::FrontDoor::start_engine(engine.clone(), "bs-ws", |c| {
+            c.warm_pool = usize::from(warm)
+        });
+        let (mut bare, mut mounted) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            bare.extend(ready_latency_of(&fd, rt, warm, true, &without, 1));
+            mounted.extend(ready_latency_of(&fd, rt, warm, true, &with, 1));
+        }
+        row(
+            table,
+            format!(
+                "| job ready, {what}, docker CLI, with a workspace (ms) | {:.*} | {:.*} ({:.2}× without: {:.*}) |",
+                digits,
+                median(&mounted),
+                digits,
+                pct(&mounted, 0.95),
+                median(&mounted) / median(&bare),
+                digits,
+                median(&bare)
+            ),
+        );
     }
-    row(
-        table,
-        format!(
-            "| job ready, cold, docker CLI, with a workspace (ms) | {:.0} | {:.0} ({:.2}× without: {:.0}) |",
-            median(&mounted),
-            pct(&mounted, 0.95),
-            median(&mounted) / median(&bare),
-            median(&bare)
-        ),
-    );
-    drop(fd);
-    let fd = common::FrontDoor::start_engine(engine.clone(), "bs-ws", |c| c.warm_pool = 1);
-    let (mut bare, mut mounted) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        bare.extend(ready_latency_of(
-            &fd,
-            rt,
-            true,
-            true,
-            &serde_json::json!({}),
-            1,
-        ));
-        mounted.extend(ready_latency_of(&fd, rt, true, true, &with, 1));
-    }
-    row(
-        table,
-        format!(
-            "| job ready, warm pool, docker CLI, with a workspace (ms) | {:.1} | {:.1} ({:.2}× without: {:.1}) |",
-            median(&mounted),
-            pct(&mounted, 0.95),
-            median(&mounted) / median(&bare),
-            median(&bare)
-        ),
-    );
-    drop(fd);
 
     // 500 MB through the workspace: a container in a job against the host.
     let sb = rt

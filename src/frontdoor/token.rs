@@ -194,15 +194,11 @@ impl TokenDoor {
             .min(self.jobs.max_ttl);
         let ttl = ask.ttl.unwrap_or(self.jobs.default_ttl.min(max));
         if ttl > max {
-            self.audit(
+            return self.deny(
                 peer,
-                400,
-                "deny",
+                StatusCode::BAD_REQUEST,
                 "token-ttl",
                 &format!("rule={} sub={}", g.rule, g.subject),
-            );
-            return error_response(
-                StatusCode::BAD_REQUEST,
                 &format!(
                     "berth: ttl {} is above what rule {} grants ({})",
                     crate::duration::format(ttl),
@@ -213,15 +209,11 @@ impl TokenDoor {
         }
         if let Some(w) = ask.workspaces.iter().find(|w| !g.allows_workspace(&w.path)) {
             let path = w.path.display();
-            self.audit(
+            return self.deny(
                 peer,
-                403,
-                "deny",
+                StatusCode::FORBIDDEN,
                 "token-workspace",
                 &format!("rule={} sub={} workspace={path}", g.rule, g.subject),
-            );
-            return error_response(
-                StatusCode::FORBIDDEN,
                 &format!(
                     "berth: workspace {path} is not one that rule {} grants",
                     g.rule
@@ -267,6 +259,20 @@ impl TokenDoor {
         self.audit(peer, e.status(), "deny", e.kind(), &e.to_string());
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
         error_response(status, &format!("berth: {e}"))
+    }
+
+    /// A request its verified token's rule does not grant: audited (`what`
+    /// names the rule and subject) and answered with `status`, `message`.
+    fn deny(
+        &self,
+        peer: SocketAddr,
+        status: StatusCode,
+        rule: &str,
+        what: &str,
+        message: &str,
+    ) -> Response<Own> {
+        self.audit(peer, status.as_u16(), "deny", rule, what);
+        error_response(status, message)
     }
 
     fn audit(&self, peer: SocketAddr, status: u16, decision: &str, rule: &str, what: &str) {

@@ -139,7 +139,7 @@ impl Engine {
         let slot = match slot {
             Ok(s) => s,
             Err(e) => {
-                self.workspaces.locked().retain(|(_, job)| *job != id);
+                self.release_workspaces(&id);
                 return Err(e.into());
             }
         };
@@ -170,7 +170,7 @@ impl Engine {
                 .map_err(io("cannot write record in", &dir))
         }) {
             let _ = slots::release(&cfg.state_dir, slot, &id);
-            self.workspaces.locked().retain(|(_, job)| *job != id);
+            self.release_workspaces(&id);
             return Err(e);
         }
         let (status, _) = watch::channel(Status::Starting);
@@ -273,18 +273,30 @@ impl Engine {
         if reqs.is_empty() {
             return Ok(Vec::new());
         }
+        self.checked_workspaces(reqs, Some(id)).await
+    }
+
+    /// The workspaces `reqs` ask for, checked against the rules and the
+    /// live claims, whose lock the check holds throughout. With `claim`,
+    /// they are claimed for that job and each `DIR@tmp` is made.
+    async fn checked_workspaces(
+        &self,
+        reqs: &[WorkspaceRequest],
+        claim: Option<&str>,
+    ) -> Result<Vec<Workspace>, SandboxError> {
         let reqs = reqs.to_vec();
-        let (rules, job) = (self.host.workspace_rules.clone(), id.to_string());
+        let (rules, job) = (self.host.workspace_rules.clone(), claim.map(str::to_string));
         let claims = self.workspaces.clone();
-        // The check holds the claims' lock throughout.
         tokio::task::spawn_blocking(move || {
             let mut live = claims.locked();
-            let ws = workspaces::check(&reqs, &rules, &live, true)?;
-            live.extend(ws.iter().map(|w| (w.dir.clone(), job.clone())));
+            let ws = workspaces::check(&reqs, &rules, &live, job.is_some())?;
+            if let Some(job) = job {
+                live.extend(ws.iter().map(|w| (w.dir.clone(), job.clone())));
+            }
             Ok(ws)
         })
         .await
-        .map_err(|e| start_err(id, e))?
+        .map_err(|e| start_err(claim.unwrap_or("workspaces"), e))?
     }
 
     /// Brings workspaces into a running job that has never been handed out
@@ -305,24 +317,20 @@ impl Engine {
             .map_err(|e| start_err(&id, e))
             .and_then(|r| r);
         if r.is_err() {
-            self.workspaces.locked().retain(|(_, job)| *job != id);
+            self.release_workspaces(&id);
         }
         r
+    }
+
+    /// Gives up the workspaces claimed for job `id`.
+    pub(super) fn release_workspaces(&self, id: &str) {
+        self.workspaces.locked().retain(|(_, job)| job != id);
     }
 
     /// Checks workspaces as a start or an attach would, without claiming or
     /// making anything.
     pub async fn check_workspaces(&self, reqs: &[WorkspaceRequest]) -> Result<(), SandboxError> {
-        let reqs = reqs.to_vec();
-        let rules = self.host.workspace_rules.clone();
-        let claims = self.workspaces.clone();
-        tokio::task::spawn_blocking(move || {
-            let live = claims.locked().clone();
-            workspaces::check(&reqs, &rules, &live, false).map(drop)
-        })
-        .await
-        .map_err(|e| start_err("workspaces", e))?
-        .map_err(SandboxError::from)
+        self.checked_workspaces(reqs, None).await.map(drop)
     }
 
     /// dockerd takes the ports it publishes from the job's

@@ -99,54 +99,39 @@ pub fn mount(
     })
 }
 
-/// Make every mount below / private so nothing the job mounts propagates to
-/// the host (and nothing of the host's later mounts reaches the job).
+/// Make every mount below / private so nothing the job mounts propagates
+/// to the host (and nothing of the host's later mounts reaches the job).
 pub fn make_rprivate() -> Result<(), SysError> {
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
+    set_propagation(
+        Path::new("/"),
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
+        "rprivate",
     )
-    .map_err(|e| SysError::Mount {
-        fstype: "rprivate".into(),
-        target: "/".into(),
-        source: e,
-    })
 }
 
 /// Makes every mount below / a slave: nothing the job mounts propagates
 /// anywhere, and only what already receives (the job's drop point) goes on
 /// receiving.
 pub fn make_rslave() -> Result<(), SysError> {
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
+    set_propagation(
+        Path::new("/"),
         MsFlags::MS_REC | MsFlags::MS_SLAVE,
-        None::<&str>,
+        "rslave",
     )
-    .map_err(|e| SysError::Mount {
-        fstype: "rslave".into(),
-        target: "/".into(),
-        source: e,
-    })
 }
 
 /// Makes the mount at `path` shared (a peer group of its own).
 pub fn make_shared(path: &Path) -> Result<(), SysError> {
-    nix::mount::mount(
-        None::<&str>,
-        path,
-        None::<&str>,
-        MsFlags::MS_SHARED,
-        None::<&str>,
-    )
-    .map_err(|e| SysError::Mount {
-        fstype: "shared".into(),
-        target: path.to_path_buf(),
-        source: e,
+    set_propagation(path, MsFlags::MS_SHARED, "shared")
+}
+
+fn set_propagation(target: &Path, flags: MsFlags, what: &str) -> Result<(), SysError> {
+    nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| {
+        SysError::Mount {
+            fstype: what.into(),
+            target: target.to_path_buf(),
+            source: e,
+        }
     })
 }
 
@@ -158,13 +143,27 @@ pub fn in_mntns<T: Send>(
     mntns: std::os::fd::BorrowedFd<'_>,
     f: impl FnOnce() -> T + Send,
 ) -> Result<T, SysError> {
+    on_thread_in(mntns, CloneFlags::CLONE_NEWNS, "mount", f)
+}
+
+/// Runs `f` on a new thread that has joined the namespace `ns` of kind
+/// `kind` (`what` names it in errors).
+fn on_thread_in<T: Send>(
+    ns: std::os::fd::BorrowedFd<'_>,
+    kind: CloneFlags,
+    what: &str,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, SysError> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            // A thread shares its root and cwd with the process; it must
-            // have its own before it may change mount namespace.
-            nix::sched::unshare(CloneFlags::CLONE_FS).map_err(|e| call("unshare(CLONE_FS)", e))?;
-            nix::sched::setns(mntns, CloneFlags::CLONE_NEWNS)
-                .map_err(|e| call("setns into the job's mount namespace", e))?;
+            if kind == CloneFlags::CLONE_NEWNS {
+                // A thread shares its root and cwd with the process; it must
+                // have its own before it may change mount namespace.
+                nix::sched::unshare(CloneFlags::CLONE_FS)
+                    .map_err(|e| call("unshare(CLONE_FS)", e))?;
+            }
+            nix::sched::setns(ns, kind)
+                .map_err(|e| call(format!("setns into the job's {what} namespace"), e))?;
             Ok(f())
         })
         .join()
@@ -356,15 +355,7 @@ pub fn in_netns<T: Send>(
     netns: std::os::fd::BorrowedFd<'_>,
     f: impl FnOnce() -> T + Send,
 ) -> Result<T, SysError> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(netns, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| call("setns into the job's network namespace", e))?;
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
+    on_thread_in(netns, CloneFlags::CLONE_NEWNET, "network", f)
 }
 
 /// A detached, read-only clone of the tree at `path` (with what is mounted

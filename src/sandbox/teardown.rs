@@ -42,7 +42,7 @@ impl Engine {
         match self.end(live.as_ref(), &rec).await {
             Ok(killed) => {
                 self.stuck.locked().remove(id);
-                self.workspaces.locked().retain(|(_, job)| job != id);
+                self.release_workspaces(id);
                 if let Some(sb) = self.jobs.locked().remove(id) {
                     // The namespaces held for it: the helper's, with the
                     // mounts of its drop point, goes with this.
