@@ -100,7 +100,7 @@ pub fn prerequisites() -> bool {
     true
 }
 
-/// A per-test engine. `n` (unique per test, < 64) selects a disjoint uid
+/// A per-test engine. `n` (unique per test, < 128) selects a disjoint uid
 /// pool, address pool and state dir so tests run in parallel.
 pub fn engine_config(n: u32, name: &str) -> SandboxConfig {
     let state_dir = PathBuf::from(format!("/var/lib/bt/{name}"));

@@ -27,6 +27,15 @@ pub mod inside {
     /// the host side.
     pub const API_DIR: &str = "/run/berth";
     pub const API_SOCKET: &str = "/run/berth/docker.sock";
+    /// Where docker:dind's daemon listens, and where tools run in
+    /// containers (Testcontainers' reaper, docker:cli, scanners) look for
+    /// it: a link to the API socket. `/var/run` is a link to `/run`.
+    pub const DIND_SOCKET: &str = "/run/docker.sock";
+    /// The group that owns the socket (dockerd's default `--group`), for a
+    /// container's non-root user given it with `--group-add`. Hosts'
+    /// `docker` groups are system groups; 999 is the common one that
+    /// images and setups write as a number.
+    pub const DOCKER_GID: u32 = 999;
     /// Where workspaces attached to a running job arrive (from the agent,
     /// by mount propagation) before they are bound at their own paths.
     pub const DROP: &str = "/run/berth-drop";
@@ -295,6 +304,12 @@ pub fn plan(host: &HostRoot, job: &JobRoot<'_>) -> Vec<Step> {
         s.push(bind(job.dir.join("layers"), p(inside::LAYERS), true, true));
     }
     s.push(bind(job.dir.join("api"), p(inside::API_DIR), true, false));
+    // Relative: it leads to the job's socket wherever the job's root is
+    // seen from (`-v /:/host` in a container).
+    s.push(Step::Symlink {
+        at: p(inside::DIND_SOCKET),
+        to: p("berth/docker.sock"),
+    });
     // Not recursive, not read-only: a bind of the drop point that stays its
     // slave (a recursive or remounted copy would too, but needs nothing of
     // either).
@@ -335,7 +350,13 @@ fn etc_files(job: &JobRoot<'_>) -> Vec<(&'static str, String)> {
              nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
                 .into(),
         ),
-        ("group", "root:x:0:\nnogroup:x:65534:\n".into()),
+        (
+            "group",
+            format!(
+                "root:x:0:\ndocker:x:{}:\nnogroup:x:65534:\n",
+                inside::DOCKER_GID
+            ),
+        ),
         (
             "nsswitch.conf",
             "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n\
@@ -573,6 +594,38 @@ mod tests {
                 .contains("10.1.0.2\tberth-0123456789ab\n")
         );
         assert!(file("passwd").unwrap().starts_with("root:x:0:0:"));
+        assert!(file("group").unwrap().contains("\ndocker:x:999:\n"));
+    }
+
+    /// docker:dind's socket path leads to the job's own daemon, and the
+    /// link is made after the mounts of /run it points into.
+    #[test]
+    fn docker_sock_is_a_link_to_the_jobs_own_api_socket() {
+        let steps = plan(&host(), &job(&[]));
+        let link = steps
+            .iter()
+            .position(|s| {
+                *s == Step::Symlink {
+                    at: inside::DIND_SOCKET.into(),
+                    to: "berth/docker.sock".into(),
+                }
+            })
+            .expect("no /run/docker.sock");
+        let mounted = |at: &str| {
+            steps.iter().position(|s| {
+                matches!(s, Step::Tmpfs { at: a, .. } | Step::Bind { at: a, .. } if a == Path::new(at))
+            })
+        };
+        assert!(mounted("/run").unwrap() < link);
+        assert!(mounted(inside::API_DIR).unwrap() < link);
+        assert_eq!(
+            Path::new("/run").join("berth/docker.sock"),
+            Path::new(inside::API_SOCKET)
+        );
+        assert!(steps.contains(&Step::Symlink {
+            at: "/var/run".into(),
+            to: "../run".into()
+        }));
     }
 
     /// A mount's parent exists before it: nothing below /run, /dev or the
