@@ -397,9 +397,19 @@ fn server_cert_current(cert_pem: &str, names: &[String]) -> bool {
 }
 
 /// Names a server certificate should carry: localhost, loopback addresses,
-/// the host's name and its interface addresses, and `extra`.
+/// the host's name and its interface addresses, `docker`, and `extra`.
+///
+/// `docker` is the name docker:dind's own server certificate carries: a
+/// pipeline written for a `docker:dind` service says
+/// `DOCKER_HOST=tcp://docker:2376`, and a CI executor that points that name
+/// at the agent (examples/gitlab) must find it valid.
 pub fn host_names(extra: &[String]) -> Vec<String> {
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "docker".into(),
+        "127.0.0.1".into(),
+        "::1".into(),
+    ];
     if let Ok(h) = nix::unistd::gethostname()
         && let Some(h) = h.to_str()
     {
@@ -533,6 +543,34 @@ mod tests {
             .ensure_server(&d, &[names[0].clone(), "10.1.2.3".into()])
             .unwrap();
         assert_ne!(a.cert_pem, c.cert_pem);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_server_certificate_answers_to_docker_like_dind() {
+        let names = host_names(&["ci.example".into()]);
+        for want in ["docker", "localhost", "127.0.0.1", "ci.example"] {
+            assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+        }
+        // A certificate issued before `docker` was among the names is
+        // re-issued with it.
+        let d = tmp("docker-name");
+        let ca = Ca::load_or_create(&d).unwrap();
+        let old: Vec<String> = names.iter().filter(|n| *n != "docker").cloned().collect();
+        let before = ca.ensure_server(&d, &old).unwrap();
+        let after = ca.ensure_server(&d, &names).unwrap();
+        assert_ne!(before.cert_pem, after.cert_pem);
+        let der = der_of(&after.cert_pem);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert!(
+            san.value
+                .general_names
+                .iter()
+                .any(|n| matches!(n, x509_parser::extensions::GeneralName::DNSName("docker"))),
+            "{:?}",
+            san.value.general_names
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -1,6 +1,13 @@
 #!/bin/sh
-# Custom executor cleanup stage: the daemon and everything in it go.
-dir="/run/berth-ci/$CUSTOM_ENV_CI_JOB_ID"
-id=$(sed -n 's/.*"id":"\([^"]*\)".*/\1/p' "$dir/job.json" 2>/dev/null)
-[ -n "$id" ] && berth job rm --endpoint "${BERTH_ENDPOINT:-localhost:2376}" --certs-dir /etc/berth/certs "$id"
-rm -rf "$dir"
+# cleanup_exec: runs after every CI job, also a failed or canceled one. The
+# berth job goes (its daemon, containers, images), and so do this CI job's
+# bundle and builds directory. The runner only logs what this exits with.
+set -u
+. "$(dirname "$0")/common.sh"
+rc=0
+if id=$(cat "$job_dir/id" 2>/dev/null); then
+    berth job rm --endpoint "$BERTH_ENDPOINT" --certs-dir "$BERTH_CERTS_DIR" "$id" >/dev/null ||
+        { echo "berth: cannot remove job $id now; the agent ends it when its ttl runs out" >&2; rc=1; }
+fi
+rm -rf "$job_dir" "$BERTH_BUILDS_DIR/$CUSTOM_ENV_CI_JOB_ID"
+exit "$rc"
