@@ -963,6 +963,8 @@ fn testcontainers_with_its_defaults_reaches_what_a_job_publishes() {
             .env("DOCKER_HOST", &job.endpoint)
             .env("DOCKER_TLS_VERIFY", "1")
             .env("DOCKER_CERT_PATH", &job.dir)
+            // Ports only: tests/inside.rs runs both clients with Ryuk on
+            // (its image needs a registry; there it gets a stand-in).
             .env("TESTCONTAINERS_RYUK_DISABLED", "true")
             // requests would trust these bundles instead of DOCKER_CERT_PATH/ca.pem.
             .env_remove("REQUESTS_CA_BUNDLE")

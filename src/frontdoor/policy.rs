@@ -158,6 +158,16 @@ const CAPABILITIES: [&str; 41] = [
     "CHECKPOINT_RESTORE",
 ];
 
+/// The path a local-driver volume binds: its `device` when its options
+/// (`-o`) say `bind` or `rbind`.
+fn volume_bind(opts: &serde_json::Value) -> Option<String> {
+    let binds = opts["o"]
+        .as_str()?
+        .split(',')
+        .any(|o| matches!(o.trim(), "bind" | "rbind"));
+    binds.then(|| opts["device"].as_str().map(str::to_string))?
+}
+
 fn cap_name(c: &str) -> String {
     let c = c.trim().to_ascii_uppercase();
     c.strip_prefix("CAP_").map(str::to_string).unwrap_or(c)
@@ -199,7 +209,7 @@ impl Policy {
         let seg: Vec<&str> = strip_version(path).trim_matches('/').split('/').collect();
         matches!(
             seg.as_slice(),
-            ["containers", "create"] | ["containers", _, "exec"]
+            ["containers", "create"] | ["containers", _, "exec"] | ["volumes", "create"]
         )
     }
 
@@ -245,6 +255,12 @@ impl Policy {
                     "privileged exec (`docker exec --privileged`) is not allowed",
                 ),
                 Ok(_) => allow(),
+                Err(d) => Err(d),
+            },
+            // The local driver's `-o bind` volumes are bind mounts by
+            // another name.
+            (&Method::POST, ["volumes", "create"]) => match parse(body) {
+                Ok(v) => self.binds_allowed(volume_bind(&v["DriverOpts"])),
                 Err(d) => Err(d),
             },
             (&Method::POST, ["images", "create"]) => match query("fromImage") {
@@ -302,21 +318,12 @@ impl Policy {
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|m| {
-                (m["Type"].as_str() == Some("bind"))
-                    .then(|| m["Source"].as_str().map(str::to_string))
-                    .flatten()
+            .filter_map(|m| match m["Type"].as_str() {
+                Some("bind") => m["Source"].as_str().map(str::to_string),
+                Some("volume") => volume_bind(&m["VolumeOptions"]["DriverConfig"]["Options"]),
+                _ => None,
             });
-        for src in binds.chain(mounts) {
-            if !self.bind_allowed(Path::new(&src)) {
-                return deny(
-                    "bind-mount",
-                    format!(
-                        "bind mounts of {src} are not allowed (policy.allowed_bind_sources); use a volume"
-                    ),
-                );
-            }
-        }
+        let Permit(()) = self.binds_allowed(binds.chain(mounts))?;
         let any = |key: &str| hc[key].as_array().is_some_and(|a| !a.is_empty());
         if any("Devices") || any("DeviceRequests") || any("DeviceCgroupRules") {
             return deny(
@@ -353,6 +360,23 @@ impl Policy {
             Some(image) => self.registry_of(image),
             None => allow(),
         }
+    }
+
+    /// Every source of `binds` must be allowed (docker:dind's socket in a
+    /// job among them: through it a container would ask the daemon for what
+    /// this profile denies, past the front door).
+    fn binds_allowed(&self, binds: impl IntoIterator<Item = String>) -> Decision {
+        for src in binds {
+            if !self.bind_allowed(Path::new(&src)) {
+                return deny(
+                    "bind-mount",
+                    format!(
+                        "bind mounts of {src} are not allowed (policy.allowed_bind_sources); use a volume"
+                    ),
+                );
+            }
+        }
+        allow()
     }
 
     /// A path is allowed when it is, or is below, an allowed source; `..`
@@ -655,6 +679,17 @@ mod tests {
                 json!({"Mounts": [{"Type": "bind", "Source": "/var/run", "Target": "/r"}]}),
                 "bind-mount",
             ),
+            // docker:dind's socket in the job: the daemon past the policy.
+            (
+                json!({"Binds": ["/var/run/docker.sock:/var/run/docker.sock"]}),
+                "bind-mount",
+            ),
+            (
+                json!({"Mounts": [{"Type": "volume", "Target": "/r", "VolumeOptions":
+                    {"DriverConfig": {"Name": "local", "Options":
+                        {"type": "none", "o": "ro,rbind", "device": "/run"}}}}]}),
+                "bind-mount",
+            ),
             (json!({"Devices": [{"PathOnHost": "/dev/kvm"}]}), "devices"),
             (json!({"DeviceRequests": [{"Count": -1}]}), "devices"),
             (json!({"CapAdd": ["SYS_ADMIN"]}), "cap-add"),
@@ -674,6 +709,27 @@ mod tests {
         // Named volumes and tmpfs are the job's own.
         let vols = json!({"Image": "busybox", "HostConfig": {"Mounts": [{"Type": "volume", "Source": "v", "Target": "/v"}, {"Type": "tmpfs", "Target": "/t"}]}});
         assert_eq!(rule(create(vols)), "allow");
+        // A volume that binds a path is a bind mount.
+        assert!(p.needs_body(&Method::POST, "/v1.41/volumes/create"));
+        let volume = |opts: serde_json::Value| {
+            let uri: hyper::Uri = "/v1.41/volumes/create".parse().unwrap();
+            let body = json!({"Name": "v", "Driver": "local", "DriverOpts": opts}).to_string();
+            rule(p.decide(
+                &Method::POST,
+                &uri,
+                &HeaderMap::new(),
+                Some(body.as_bytes()),
+            ))
+        };
+        let bind = |device: &str| json!({"type": "none", "o": "bind", "device": device});
+        assert_eq!(volume(bind("/run")), "bind-mount");
+        assert_eq!(volume(bind("/var/run/docker.sock")), "bind-mount");
+        assert_eq!(volume(bind("/srv/cache/npm")), "allow");
+        assert_eq!(
+            volume(json!({"type": "tmpfs", "o": "size=64m", "device": "tmpfs"})),
+            "allow"
+        );
+        assert_eq!(volume(json!({})), "allow");
         // Images: Docker Hub names are docker.io's; others by their host.
         assert_eq!(rule(create(json!({"Image": "ghcr.io/a/b:1"}))), "registry");
         assert_eq!(

@@ -1,7 +1,8 @@
 """Testcontainers with its defaults against a berth job: the container's
 exposed port must answer at get_container_host_ip():get_exposed_port().
-Only DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH are set (and Ryuk
-off: it needs an image from a registry)."""
+Only DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH are set, and Ryuk
+is off: this run is about ports (tests/inside.rs runs Testcontainers with
+Ryuk on, against a stand-in for its image)."""
 
 import socket
 import sys
