@@ -10,15 +10,26 @@
 #   [workspaces] allowed_roots = ["/home/runner/actions-runner"]
 # Register the runner once with `./config.sh --ephemeral …`, or pass a fresh
 # registration token per round (REG_TOKEN) as below.
+#
+# Settings (environment): RUNNER, RUNNER_USER, BERTH_ENDPOINT and
+# BERTH_CERTS_DIR as below; GITHUB_URL and REG_TOKEN, required;
+# BERTH_RUNNER_ROUNDS, how many workflow jobs to take before exiting
+# (default 0: one after another, forever, e.g. under a systemd service).
 set -euo pipefail
 RUNNER=${RUNNER:-/home/runner/actions-runner}
 RUNNER_USER=${RUNNER_USER:-runner}
 BERTH_ENDPOINT=${BERTH_ENDPOINT:-localhost:2376}
 BERTH_CERTS_DIR=${BERTH_CERTS_DIR:-/etc/berth/certs}
+BERTH_RUNNER_ROUNDS=${BERTH_RUNNER_ROUNDS:-0}
 : "${GITHUB_URL:?the repository or organisation URL}" "${REG_TOKEN:?a runner registration token}"
 
-while true; do
+round=0
+while [ "$BERTH_RUNNER_ROUNDS" -eq 0 ] || [ "$round" -lt "$BERTH_RUNNER_ROUNDS" ]; do
+    round=$((round + 1))
     bundle=$(mktemp -d)
+    # A freshly unpacked runner has no _work yet (it makes it on its first
+    # job), and a workspace must exist: make it as the runner's user.
+    su "$RUNNER_USER" -c "mkdir -p '$RUNNER/_work'"
     # The runner's work directory (mounted at /__w in container jobs) and
     # its externals (/__e, node for JavaScript actions) at their own paths.
     # Container jobs run their steps as root: root in the job writes as the
