@@ -10,6 +10,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -82,9 +83,14 @@ fn cli_rootfs_tar() -> Vec<u8> {
         &root,
         Path::new("/usr/local/libexec/docker/cli-plugins/docker-compose"),
     );
-    let ryuk = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ryuk");
-    for f in ["ryuk", "ryuk-client"] {
-        std::fs::copy(ryuk.join(f), root.join("bin").join(f)).unwrap();
+    // Carried in the test binary: the guest lanes run it without the tree.
+    for (name, text) in [
+        ("ryuk", include_str!("clients/ryuk/ryuk")),
+        ("ryuk-client", include_str!("clients/ryuk/ryuk-client")),
+    ] {
+        let at = root.join("bin").join(name);
+        std::fs::write(&at, text).unwrap();
+        std::fs::set_permissions(&at, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     for d in ["var/run", "etc", "root"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
