@@ -175,6 +175,7 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
 
     out.push(check_cgroups(sb));
     out.extend(check_workspaces(sb));
+    out.extend(check_emulation(sb));
 
     let fwd =
         std::fs::read_to_string(sb.proc_root.join("sys/net/ipv4/ip_forward")).unwrap_or_default();
@@ -228,6 +229,120 @@ fn check_workspaces(sb: &SandboxConfig) -> Vec<Check> {
             ),
         })
         .collect()
+}
+
+/// The host's binfmt_misc handlers for foreign architectures, and whether
+/// each job gets an instance of its own.
+fn check_emulation(sb: &SandboxConfig) -> Vec<Check> {
+    use crate::sandbox::binfmt;
+    use crate::sandbox::fs::workspaces::kernel;
+    let own = binfmt::own_instances();
+    let mut out = vec![match (own, sb.host_emulation) {
+        (true, true) => pass(
+            "emulation",
+            format!(
+                "each job gets a binfmt_misc of its own with the host's handlers (kernel {})",
+                kernel()
+            ),
+        ),
+        (true, false) => pass(
+            "emulation",
+            "host_emulation = false: each job gets an empty binfmt_misc of its own",
+        ),
+        (false, true) => warn(
+            "emulation",
+            format!(
+                "kernel {}: no binfmt_misc per user namespace; jobs run foreign binaries through \
+                 the host's handlers and cannot mount binfmt_misc (tonistiigi/binfmt fails in a job)",
+                kernel()
+            ),
+            "Linux 6.7 or later gives each job its own",
+        ),
+        (false, false) => fail(
+            "emulation",
+            format!(
+                "host_emulation = false needs Linux 6.7 or later; this is {}",
+                kernel()
+            ),
+            "remove host_emulation = false from [sandbox], or run a newer kernel",
+        ),
+    }];
+    if !sb.host_emulation {
+        return out;
+    }
+    let mount = Path::new(binfmt::MOUNT);
+    if !mount.join("register").exists() {
+        out.push(warn(
+            "emulation",
+            format!(
+                "binfmt_misc is not mounted at {}: jobs run only this host's architecture",
+                mount.display()
+            ),
+            format!(
+                "mount -t binfmt_misc binfmt_misc {}, then install emulators (see below)",
+                mount.display()
+            ),
+        ));
+        return out;
+    }
+    let handlers = match binfmt::handlers(mount) {
+        Ok(h) => h,
+        Err(e) => {
+            return vec![fail(
+                "emulation",
+                e.to_string(),
+                "check the host's binfmt_misc",
+            )];
+        }
+    };
+    let foreign: Vec<_> = handlers
+        .iter()
+        .filter(|h| h.enabled && h.arch().is_some())
+        .collect();
+    if foreign.is_empty() {
+        out.push(warn(
+            "emulation",
+            "no handler for a foreign architecture: jobs run only this host's",
+            EMULATORS,
+        ));
+    }
+    for h in foreign {
+        let arch = h.arch().unwrap_or_default();
+        let from = package_of(&h.interpreter).unwrap_or_else(|| "no package".into());
+        let what = format!(
+            "{arch}: {} ({}, flags {}, from {from})",
+            h.name,
+            h.interpreter.display(),
+            if h.flags.is_empty() { "none" } else { &h.flags }
+        );
+        out.push(if h.fixed() {
+            pass("emulation", what)
+        } else {
+            warn(
+                "emulation",
+                format!("{what}: without the F flag the interpreter must be inside every image"),
+                EMULATORS,
+            )
+        });
+    }
+    out
+}
+
+/// Where Debian's emulators with the F flag come from.
+const EMULATORS: &str = "Debian 12: apt-get install qemu-user-static binfmt-support; \
+     Debian 13: apt-get install qemu-user-binfmt (static, registered with F by systemd-binfmt)";
+
+/// The Debian package that owns `path` (its links resolved), if any.
+fn package_of(path: &Path) -> Option<String> {
+    let real = std::fs::canonicalize(path).ok()?;
+    let out = std::process::Command::new("dpkg-query")
+        .arg("-S")
+        .arg(&real)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next()?;
+    Some(line.split_once(':')?.0.to_string())
 }
 
 /// Delegation proven, not assumed: a throwaway job cgroup is created with

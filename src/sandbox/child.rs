@@ -15,6 +15,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+use super::binfmt::{self, Handler};
 use super::cgroup::Layout;
 use super::fs::root::{self, Step, inside};
 use super::net::ports::PortRange;
@@ -61,6 +62,10 @@ pub struct ChildSpec {
     pub workspaces: Vec<PathBuf>,
     /// The job's drop point (`<state>/jobs/<id>/drop`).
     pub drop: PathBuf,
+    /// A binfmt_misc instance of the job's own with these handlers (see
+    /// `binfmt`); None where the kernel has none per user namespace.
+    #[serde(default)]
+    pub binfmt: Option<Vec<Handler>>,
 }
 
 /// Reports `what` to the agent (and the job's log) and exits.
@@ -291,6 +296,11 @@ fn setup(spec: &ChildSpec) -> Result<(), String> {
     // receiving what the agent attaches.
     sys::make_rslave().map_err(|e| e.to_string())?;
     root::build(&spec.new_root, &spec.root).map_err(|e| e.to_string())?;
+    if let Some(handlers) = &spec.binfmt {
+        for refused in binfmt::install(&spec.new_root, handlers)? {
+            eprintln!("berth sandbox: binfmt_misc handler not carried into the job: {refused}");
+        }
+    }
     root::enter(&spec.new_root).map_err(|e| e.to_string())?;
     mount_cgroups(spec)?;
     sys::sethostname(&spec.hostname).map_err(|e| e.to_string())?;
@@ -465,6 +475,7 @@ mod tests {
             shared_layers: Vec::new(),
             workspaces: Vec::new(),
             drop: "/nonexistent/drop".into(),
+            binfmt: None,
         }
     }
 

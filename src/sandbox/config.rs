@@ -164,6 +164,13 @@ pub struct SandboxConfig {
     /// mounts instead of loading them into every job (falls back to loading
     /// where the kernel cannot).
     pub share_preloads: bool,
+    /// Whether jobs run foreign binaries through the host's binfmt_misc
+    /// handlers (qemu-user-static's, for arm64 images and builds). On
+    /// kernels with an instance per user namespace (6.7 and later) each job
+    /// gets its own with copies of the host's enabled handlers; `false`
+    /// gives it an empty one. Older kernels apply the host's handlers to
+    /// every process, jobs included, and cannot turn them off per job.
+    pub host_emulation: bool,
     /// Extra arguments for every job's dockerd (`["--debug"]`). Flags
     /// berth sets itself, and those `daemon.json` or `[registries]` carry,
     /// are refused.
@@ -253,6 +260,7 @@ impl Default for SandboxConfig {
             },
             preload: Vec::new(),
             share_preloads: true,
+            host_emulation: true,
             extra_dockerd_args: Vec::new(),
             unchecked_dockerd_args: Vec::new(),
             registries: Default::default(),

@@ -30,6 +30,9 @@ pub(super) struct Prepared {
     pub engine: engines::Engine,
     /// What of the host every job's private root is made from.
     pub root: super::fs::root::HostRoot,
+    /// Whether each job gets a binfmt_misc instance of its own (the kernel
+    /// has one per user namespace).
+    pub own_binfmt: bool,
     /// What workspaces jobs may have.
     pub workspace_rules: super::fs::workspaces::Rules,
     /// Registry settings for every job, CA files read.
@@ -155,6 +158,14 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
     };
     let root = super::fs::root::HostRoot::read(Path::new("/"), &engine.path, &engine.dockerd.path);
     let workspace_rules = workspace_rules(cfg)?;
+    let own_binfmt = super::binfmt::own_instances();
+    if !own_binfmt && !cfg.host_emulation {
+        return Err(SandboxError::Prerequisite(format!(
+            "host_emulation = false needs binfmt_misc instances per user namespace (Linux 6.7 or later; this is {}): \
+             here every job runs foreign binaries through the host's handlers",
+            super::fs::workspaces::kernel()
+        )));
+    }
     Ok(Prepared {
         helper,
         layout,
@@ -162,6 +173,7 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         ephemeral_ports,
         engine,
         root,
+        own_binfmt,
         workspace_rules,
         registries,
         upstreams,

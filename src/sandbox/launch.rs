@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::binfmt;
 use super::child::{ChildSpec, HIDDEN_SUBCOMMAND};
 use super::fs::disk;
 use super::fs::idmap::IdmapNs;
@@ -551,6 +552,23 @@ impl Engine {
                 .unwrap_or_default(),
             workspaces: mounted.into_iter().map(|(from, _)| from).collect(),
             drop: files.dir.join("drop"),
+            binfmt: self.host.own_binfmt.then(|| self.binfmt_handlers()),
+        }
+    }
+
+    /// The host's enabled binfmt_misc handlers as they are now (a package
+    /// installed since the agent started counts), or none when the jobs'
+    /// use of them is off.
+    fn binfmt_handlers(&self) -> Vec<binfmt::Handler> {
+        if !self.cfg.host_emulation {
+            return Vec::new();
+        }
+        match binfmt::handlers(Path::new(binfmt::MOUNT)) {
+            Ok(hs) => hs.into_iter().filter(|h| h.enabled).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the host's binfmt_misc handlers: the job gets none");
+                Vec::new()
+            }
         }
     }
 

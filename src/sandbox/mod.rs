@@ -15,6 +15,7 @@
 //! `sys` is the only place that makes raw system calls. Registry settings,
 //! the pull-through cache and preloads are host services in `crate::images`.
 
+pub mod binfmt;
 pub mod cgroup;
 pub mod child;
 pub mod config;

@@ -292,6 +292,34 @@ pub fn unshare_user_in_child(cmd: &mut std::process::Command) {
     }
 }
 
+/// Whether a new user namespace may mount binfmt_misc: an instance of its
+/// own (Linux 6.7 and later). Tried in a child, which then execs `true`;
+/// its namespaces go with it, and the mount never reaches the agent's
+/// (a namespace made with a new user namespace receives propagation only).
+pub fn userns_mounts_binfmt() -> bool {
+    let mut cmd = std::process::Command::new("true");
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the hook runs between fork and exec and makes two syscalls
+    // (unshare, mount) with paths short enough for nix's stack buffer: no
+    // allocation, async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)?;
+            nix::mount::mount(
+                Some("binfmt_misc"),
+                "/proc/sys/fs/binfmt_misc",
+                Some("binfmt_misc"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            )?;
+            Ok(())
+        });
+    }
+    cmd.status().is_ok_and(|s| s.success())
+}
+
 /// Has the kernel SIGKILL the child `cmd` starts when the thread that
 /// started it ends (the agent killed included).
 pub fn die_with_parent(cmd: &mut std::process::Command) {

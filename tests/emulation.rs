@@ -1,0 +1,457 @@
+//! Foreign architectures in jobs: arm64 containers through the host's
+//! emulation (qemu-user-static's binfmt_misc handlers), a binfmt_misc of
+//! each job's own that tonistiigi/binfmt's sequence changes for that job
+//! alone, and the classic binfmt escape tried from a `--privileged`
+//! container. Runs as root; fails loudly when a prerequisite is missing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use berth::sandbox::binfmt::{self, Handler};
+use berth::sandbox::{Engine, SandboxConfig};
+use common::*;
+
+/// Debian 13's static busybox for arm64 (`scripts/debian13-parts
+/// busybox-arm64`).
+const ARM64_BUSYBOX: &str = "/opt/berth/arm64/busybox";
+const ARM64_IMAGE: &str = "arm64-busybox:test";
+
+/// The host's handlers, each entry's text by name: what no job may change.
+fn host_handlers() -> BTreeMap<String, String> {
+    std::fs::read_dir(binfmt::MOUNT)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), text)
+        })
+        .collect()
+}
+
+/// The host's arm64 handler; fails with the fix when there is none.
+fn host_arm64() -> Handler {
+    let hs = binfmt::handlers(Path::new(binfmt::MOUNT)).unwrap();
+    let h = hs
+        .into_iter()
+        .find(|h| h.enabled && h.arch() == Some("arm64"))
+        .expect(
+            "the host has no arm64 binfmt_misc handler: apt-get install qemu-user-static \
+             binfmt-support, then update-binfmts --enable (see the README's emulation section)",
+        );
+    assert!(
+        h.fixed(),
+        "the host's arm64 handler has no F flag: {h:?} (Debian's qemu-user-binfmt registers \
+         without it; install qemu-user-static)"
+    );
+    h
+}
+
+fn sha256(path: &Path) -> String {
+    let o = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(o.status.success());
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A `docker save` archive of an arm64 image (its config says so): Debian's
+/// arm64 static busybox with its applets, tagged [`ARM64_IMAGE`].
+fn arm64_image_tar() -> Vec<u8> {
+    assert!(
+        Path::new(ARM64_BUSYBOX).exists(),
+        "{ARM64_BUSYBOX} is missing: run scripts/debian13-parts busybox-arm64"
+    );
+    let dir = std::env::temp_dir().join(format!("berth-arm64-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::create_dir_all(rootfs.join("tmp")).unwrap();
+    std::fs::copy(ARM64_BUSYBOX, rootfs.join("bin/busybox")).unwrap();
+    for applet in ["sh", "uname", "echo", "cat", "ls", "sleep", "true"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let image = dir.join("image");
+    std::fs::create_dir_all(image.join("layer")).unwrap();
+    let layer = image.join("layer/layer.tar");
+    let ok = Command::new("tar")
+        .args([
+            "-C",
+            rootfs.to_str().unwrap(),
+            "-cf",
+            layer.to_str().unwrap(),
+            ".",
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let config = serde_json::json!({
+        "architecture": "arm64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256(&layer))]},
+    });
+    let config_path = image.join("config.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let config_name = format!("{}.json", sha256(&config_path));
+    std::fs::rename(&config_path, image.join(&config_name)).unwrap();
+    let manifest = serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": [ARM64_IMAGE],
+        "Layers": ["layer/layer.tar"],
+    }]);
+    std::fs::write(image.join("manifest.json"), manifest.to_string()).unwrap();
+    let tar = Command::new("tar")
+        .args(["-C", image.to_str().unwrap(), "-c", "."])
+        .output()
+        .unwrap();
+    assert!(tar.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+    tar.stdout
+}
+
+fn load_arm64(sock: &Path) {
+    let o = docker_stdin(sock, &["load"], Some(&arm64_image_tar()));
+    assert!(o.status.success(), "docker load: {}", text(&o));
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn uname_arm64(sock: &Path) -> Output {
+    docker(sock, &["run", "--rm", ARM64_IMAGE, "uname", "-m"])
+}
+
+fn assert_arm64_runs(sock: &Path, what: &str) {
+    let o = uname_arm64(sock);
+    assert!(o.status.success(), "{what}: {}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "aarch64",
+        "{what}"
+    );
+}
+
+fn assert_arm64_fails(sock: &Path, what: &str) {
+    let o = uname_arm64(sock);
+    assert!(!o.status.success(), "{what}: arm64 still ran: {}", text(&o));
+    assert!(
+        text(&o).contains("exec format error"),
+        "{what}: {}",
+        text(&o)
+    );
+}
+
+/// A `--privileged` container of the job behind `sock` running `script`
+/// (busybox sh), as tonistiigi/binfmt's container runs.
+fn privileged(sock: &Path, extra: &[&str], script: &str) -> Output {
+    let mut args = vec!["run", "--rm", "--privileged"];
+    args.extend_from_slice(extra);
+    args.extend(["busybox:test", "sh", "-c", script]);
+    docker(sock, &args)
+}
+
+fn privileged_ok(sock: &Path, extra: &[&str], script: &str) -> String {
+    let o = privileged(sock, extra, script);
+    assert!(o.status.success(), "{script}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// tonistiigi/binfmt's steps: mount binfmt_misc where it is not, change
+/// it, unmount what it mounted.
+fn binfmt_sequence(change: &str) -> String {
+    format!(
+        "set -e; m=/proc/sys/fs/binfmt_misc; mount -t binfmt_misc binfmt_misc $m; \
+         {change}; umount $m"
+    )
+}
+
+/// A file that starts with `magic` and is executed: on the host the kernel
+/// must refuse it (no handler of the host's matches).
+fn assert_host_refuses(magic: &str) {
+    let file = std::env::temp_dir().join(format!("berth-binfmt-{magic}-{}", std::process::id()));
+    std::fs::write(&file, magic).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ran = Command::new(&file).output();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        ran.as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ENOEXEC)),
+        "the host ran a {magic} file through a job's handler: {ran:?}"
+    );
+}
+
+/// The same in a `--privileged` container of the job behind `sock`: the
+/// kernel refuses it (ENOEXEC) and the shell reads it as a script.
+fn assert_job_refuses(sock: &Path, magic: &str) {
+    let o = privileged(sock, &[], &run_magic(magic));
+    assert!(
+        !o.status.success(),
+        "the job ran a {magic} file: {}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains(&format!("{magic}: not found")),
+        "{}",
+        text(&o)
+    );
+}
+
+/// A script that makes a file starting with `magic` and executes it.
+fn run_magic(magic: &str) -> String {
+    format!("printf '{magic}' > /tmp/f && chmod +x /tmp/f && /tmp/f")
+}
+
+fn kernel_has_instances() {
+    assert!(
+        binfmt::own_instances(),
+        "this kernel ({}) has no binfmt_misc instance per user namespace (Linux 6.7+): \
+         these checks need one",
+        berth::sandbox::fs::workspaces::kernel()
+    );
+}
+
+#[test]
+fn a_jobs_own_binfmt_misc_survives_tonistiigis_sequence_and_changes_that_job_alone() {
+    if !prerequisites() {
+        return;
+    }
+    kernel_has_instances();
+    let arm64 = host_arm64();
+    let before = host_handlers();
+    let rt = rt();
+    let e = engine(68, "emulation");
+    let a = rt.block_on(e.start(None)).unwrap();
+    let b = rt.block_on(e.start(None)).unwrap();
+    let (sa, sb) = (a.socket(), b.socket());
+    for s in [&sa, &sb] {
+        import_busybox(s);
+        load_arm64(s);
+        assert_arm64_runs(s, "a new job");
+    }
+
+    // The install half, as tonistiigi/binfmt runs it: mount, register an
+    // emulator (here a handler of the job's own), unmount. Before berth
+    // kept a mount of the job's instance, that unmount took every handler
+    // of the job with it.
+    let listed = privileged_ok(
+        &sa,
+        &[],
+        &binfmt_sequence("ls $m; echo ':berth-test:M::BERTHTST::/bin/true:F' > $m/register"),
+    );
+    assert!(
+        listed.lines().any(|l| l == arm64.name),
+        "the job's instance holds the host's {}: {listed}",
+        arm64.name
+    );
+    assert_arm64_runs(&sa, "after the install sequence");
+    // The handler it registered is the job's: in another container of
+    // the job, a matching file runs through it (busybox's `true`, opened at registration).
+    privileged_ok(&sa, &[], &run_magic("BERTHTST"));
+
+    // The uninstall half removes the job's arm64 handler: that job alone
+    // loses it, on purpose.
+    privileged_ok(
+        &sa,
+        &[],
+        &binfmt_sequence(&format!("echo -1 > $m/{}", arm64.name)),
+    );
+    assert_arm64_fails(&sa, "after uninstalling in this job");
+    assert_arm64_runs(&sb, "another job");
+    assert_eq!(host_handlers(), before, "the host's handlers changed");
+
+    // An emulator from the container's own file (tonistiigi/binfmt
+    // carries its qemu builds), registered with F: it stays after the
+    // unmount and the container's end.
+    let Some(line) = arm64.register_line() else {
+        panic!("{arm64:?}")
+    };
+    let line = String::from_utf8(line).unwrap();
+    let interp = arm64.interpreter.display().to_string();
+    let line = line.replace(&format!(":{interp}:"), ":/qemu-aarch64:");
+    privileged_ok(
+        &sa,
+        &["-v", &format!("{interp}:/qemu-aarch64:ro")],
+        &binfmt_sequence(&format!("printf '%s' '{line}' > $m/register")),
+    );
+    assert_arm64_runs(&sa, "after installing from the container's file");
+
+    // Neither the host nor another job runs what job A registered.
+    assert_host_refuses("BERTHTST");
+    assert_job_refuses(&sb, "BERTHTST");
+    assert_eq!(host_handlers(), before, "the host's handlers changed");
+
+    for sb in [a, b] {
+        rt.block_on(e.teardown(sb.id())).unwrap();
+    }
+    assert_eq!(host_handlers(), before, "the host's handlers changed");
+}
+
+/// The classic binfmt escape: a job registers a handler whose interpreter
+/// is its own program (with F, opened at registration), for a magic any
+/// file can start with. Neither the host nor another job may ever run it.
+#[test]
+fn a_handler_a_job_registers_never_runs_outside_it() {
+    if !prerequisites() {
+        return;
+    }
+    kernel_has_instances();
+    let before = host_handlers();
+    let rt = rt();
+    let e = engine(69, "emulation-escape");
+    let a = rt.block_on(e.start(None)).unwrap();
+    let b = rt.block_on(e.start(None)).unwrap();
+    let (sa, sb) = (a.socket(), b.socket());
+    for s in [&sa, &sb] {
+        import_busybox(s);
+    }
+    let marker = std::env::temp_dir().join(format!("berth-escaped-{}", a.id()));
+    let _ = std::fs::remove_file(&marker);
+    // The interpreter writes a marker wherever it runs, then says so.
+    let evil = format!(
+        "printf '#!/bin/sh\\necho escaped > {m}; echo escaped\\n' > /evil && chmod +x /evil",
+        m = marker.display()
+    );
+    let ran = privileged_ok(
+        &sa,
+        &[],
+        &format!(
+            "{evil}; {}; {}",
+            binfmt_sequence("echo ':berth-escape:M::BERTHESC::/evil:F' > $m/register"),
+            run_magic("BERTHESC")
+        ),
+    );
+    // It works where it was registered: the checks below are not vacuous.
+    assert_eq!(ran.trim(), "escaped");
+    assert_host_refuses("BERTHESC");
+    assert_job_refuses(&sb, "BERTHESC");
+    assert!(!marker.exists(), "job A's interpreter ran on the host");
+    assert_eq!(host_handlers(), before, "the host's handlers changed");
+    for sb in [a, b] {
+        rt.block_on(e.teardown(sb.id())).unwrap();
+    }
+}
+
+/// `host_emulation = false`: a job gets an empty instance of its own, and
+/// arm64 binaries do not run in it; the host's handlers stay as they were.
+#[test]
+fn host_emulation_off_leaves_jobs_without_the_hosts_handlers() {
+    if !prerequisites() {
+        return;
+    }
+    kernel_has_instances();
+    host_arm64();
+    let before = host_handlers();
+    let rt = rt();
+    let cfg = SandboxConfig {
+        host_emulation: false,
+        ..engine_config(70, "emulation-off")
+    };
+    let e = Engine::new(cfg).expect("engine");
+    let sb = rt.block_on(e.start(None)).unwrap();
+    let s = sb.socket();
+    import_busybox(&s);
+    load_arm64(&s);
+    assert_arm64_fails(&s, "host_emulation = false");
+    let listed = privileged_ok(&s, &[], &binfmt_sequence("ls $m"));
+    assert_eq!(
+        listed.split_whitespace().collect::<Vec<_>>(),
+        ["register", "status"]
+    );
+    rt.block_on(e.teardown(sb.id())).unwrap();
+    assert_eq!(host_handlers(), before);
+}
+
+/// An arm64 image built in a job, from the local arm64 base, with the
+/// CLI's default builder (BuildKit, through buildx), `buildx build
+/// --load` and the legacy builder: each runs its `RUN` under emulation.
+fn arm64_builds_in_a_job(e: Engine) {
+    host_arm64();
+    let rt = rt();
+    let sb = rt.block_on(e.start(None)).unwrap();
+    let s = sb.socket();
+    load_arm64(&s);
+    let ctx = std::env::temp_dir().join(format!("berth-arm64-ctx-{}", sb.id()));
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {ARM64_IMAGE}\nRUN uname -m > /built-on\nCMD [\"cat\", \"/built-on\"]\n"),
+    )
+    .unwrap();
+    let ctx_arg = ctx.display().to_string();
+    let builds: [(&str, Vec<&str>, Option<&str>); 3] = [
+        (
+            "default builder",
+            vec!["build", "--platform", "linux/arm64", "-t", "built:default"],
+            None,
+        ),
+        (
+            "buildx --load",
+            vec![
+                "buildx",
+                "build",
+                "--platform",
+                "linux/arm64",
+                "--load",
+                "-t",
+                "built:buildx",
+            ],
+            None,
+        ),
+        (
+            "legacy builder",
+            vec!["build", "--platform", "linux/arm64", "-t", "built:legacy"],
+            Some("0"),
+        ),
+    ];
+    for (what, mut args, buildkit) in builds {
+        let tag = args[args.len() - 1].to_string();
+        args.push(&ctx_arg);
+        let mut c = Command::new("docker");
+        c.env("DOCKER_HOST", format!("unix://{}", s.display()))
+            .env_remove("DOCKER_TLS_VERIFY")
+            .env_remove("DOCKER_CERT_PATH")
+            .args(&args);
+        if let Some(v) = buildkit {
+            c.env("DOCKER_BUILDKIT", v);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{what}: {}", text(&o));
+        let arch = docker_ok(
+            &s,
+            &["image", "inspect", "--format", "{{.Architecture}}", &tag],
+        );
+        assert_eq!(arch.trim(), "arm64", "{what}");
+        let ran = docker_ok(&s, &["run", "--rm", &tag]);
+        assert_eq!(ran.trim(), "aarch64", "{what}: RUN ran under emulation");
+    }
+    let _ = std::fs::remove_dir_all(&ctx);
+    rt.block_on(e.teardown(sb.id())).unwrap();
+}
+
+#[test]
+fn arm64_images_build_in_a_job() {
+    if !prerequisites() {
+        return;
+    }
+    arm64_builds_in_a_job(engine(71, "emulation-build"));
+}
+
+#[test]
+fn arm64_images_build_in_a_job_on_debian13s_engine() {
+    if !prerequisites() {
+        return;
+    }
+    let cfg = with_debian13_engine(engine_config(72, "emulation-build13"));
+    arm64_builds_in_a_job(Engine::new(cfg).expect("engine"));
+}
