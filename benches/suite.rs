@@ -41,7 +41,11 @@
 //!     Each timed where it runs, by one static binary
 //!     (tests/clients/timed_io.c, built with gcc at the start).
 //!
-//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build,workspace
+//! - emulation: the build section's multi-stage Dockerfile for linux/arm64
+//!   under the host's emulation (qemu-user-static, the job's own
+//!   binfmt_misc) against the same build for amd64, alternating, per engine.
+//!
+//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build,workspace,emulation
 //! runs a subset.
 
 #[path = "../tests/common/mod.rs"]
@@ -827,7 +831,7 @@ fn main() {
     }
 
     // 9. BuildKit builds on each engine.
-    if section("build") {
+    if section("build") || section("emulation") {
         for (label, cfg) in [
             ("dockerd 20.10", common::engine_config(47, "bs-build-d12")),
             (
@@ -857,6 +861,9 @@ fn main() {
 
 /// Variables for the docker CLI.
 type Env<'a> = &'a [(&'a str, String)];
+
+/// A timed docker CLI run: its variables, arguments and standard input.
+type TimedDocker<'a> = &'a dyn Fn(Env, &[&str], Option<&[u8]>) -> f64;
 
 /// Rows for one engine: BuildKit through the front door against the unix
 /// socket, against the legacy builder, and a cache mount cold against warm.
@@ -942,6 +949,14 @@ fn build_figures(label: &str, cfg: berth::sandbox::SandboxConfig, n: usize) -> V
     );
     let m = multi.to_str().unwrap();
     let build = ["build", "--no-cache", "-q", "-t", "multi:1", m];
+    if !section("build") {
+        let rows = emulation_figures(&docker, &tls, &work, m, n);
+        assert!(fd.job_cli(&["rm", &job.id]).status.success());
+        return rows
+            .into_iter()
+            .map(|r| format!("| {label}: {r}"))
+            .collect();
+    }
     let (mut via_tls, mut via_unix, mut legacy) = (Vec::new(), Vec::new(), Vec::new());
     // One untimed build of each kind first: the first BuildKit build of a
     // daemon sets up its state.
@@ -978,8 +993,13 @@ fn build_figures(label: &str, cfg: berth::sandbox::SandboxConfig, n: usize) -> V
             None,
         ));
     }
+    let emulated = if section("emulation") {
+        emulation_figures(&docker, &tls, &work, m, n)
+    } else {
+        Vec::new()
+    };
     assert!(fd.job_cli(&["rm", &job.id]).status.success());
-    vec![
+    let mut rows = vec![
         format!(
             "| {label}: multi-stage BuildKit build --no-cache, front door (s) | {:.2} | {:.3}× the job's unix socket ({:.2}) |",
             median(&via_tls),
@@ -997,7 +1017,62 @@ fn build_figures(label: &str, cfg: berth::sandbox::SandboxConfig, n: usize) -> V
             median(&warm) / median(&cold),
             median(&cold)
         ),
-    ]
+    ];
+    rows.extend(emulated.into_iter().map(|r| format!("| {label}: {r}")));
+    rows
+}
+
+/// The multi-stage Dockerfile of `multi` built for arm64 under the host's
+/// emulation (from the arm64 busybox image) against the same build for
+/// amd64, alternating, through the front door: a row without its label.
+fn emulation_figures(
+    docker: TimedDocker<'_>,
+    tls: Env,
+    work: &Path,
+    multi: &str,
+    n: usize,
+) -> Vec<String> {
+    docker(tls, &["load"], Some(&common::arm64_busybox_tar()));
+    let arm64 = work.join("multi-arm64");
+    std::fs::create_dir_all(&arm64).unwrap();
+    let text = std::fs::read_to_string(Path::new(multi).join("Dockerfile")).unwrap();
+    std::fs::write(
+        arm64.join("Dockerfile"),
+        text.replace(
+            "FROM busybox:test",
+            &format!("FROM {}", common::ARM64_IMAGE),
+        ),
+    )
+    .unwrap();
+    let a = arm64.to_str().unwrap();
+    let native = ["build", "--no-cache", "-q", "-t", "multi:amd64", multi];
+    let foreign = [
+        "build",
+        "--no-cache",
+        "-q",
+        "--platform",
+        "linux/arm64",
+        "-t",
+        "multi:arm64",
+        a,
+    ];
+    docker(tls, &foreign, None);
+    let (mut on_amd64, mut on_arm64) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        if i % 2 == 0 {
+            on_amd64.push(docker(tls, &native, None));
+            on_arm64.push(docker(tls, &foreign, None));
+        } else {
+            on_arm64.push(docker(tls, &foreign, None));
+            on_amd64.push(docker(tls, &native, None));
+        }
+    }
+    vec![format!(
+        "same Dockerfile for linux/arm64 under emulation (s) | {:.2} | {:.2}× amd64 ({:.2}) |",
+        median(&on_arm64),
+        median(&on_arm64) / median(&on_amd64),
+        median(&on_amd64)
+    )]
 }
 
 /// Seconds of each fresh job's `docker pull big:1` (docker.io/library/big:1,

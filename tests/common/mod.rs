@@ -917,3 +917,79 @@ impl Registry {
             .count()
     }
 }
+
+/// Debian 13's static busybox for arm64 (`scripts/debian13-parts
+/// busybox-arm64`).
+pub const ARM64_BUSYBOX: &str = "/opt/berth/arm64/busybox";
+/// The arm64 image [`arm64_busybox_tar`] holds.
+pub const ARM64_IMAGE: &str = "arm64-busybox:test";
+
+fn sha256(path: &Path) -> String {
+    let o = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(o.status.success());
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A `docker save` archive of an arm64 image (its config says so): Debian's
+/// arm64 static busybox with its applets, tagged [`ARM64_IMAGE`].
+pub fn arm64_busybox_tar() -> Vec<u8> {
+    assert!(
+        Path::new(ARM64_BUSYBOX).exists(),
+        "{ARM64_BUSYBOX} is missing: run scripts/debian13-parts busybox-arm64"
+    );
+    let dir = std::env::temp_dir().join(format!("berth-arm64-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::create_dir_all(rootfs.join("tmp")).unwrap();
+    std::fs::copy(ARM64_BUSYBOX, rootfs.join("bin/busybox")).unwrap();
+    // The applets of this host's busybox (Debian 12's list: a subset of
+    // Debian 13's).
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+        }
+    }
+    let image = dir.join("image");
+    std::fs::create_dir_all(image.join("layer")).unwrap();
+    let layer = image.join("layer/layer.tar");
+    let ok = Command::new("tar")
+        .args([
+            "-C",
+            rootfs.to_str().unwrap(),
+            "-cf",
+            layer.to_str().unwrap(),
+            ".",
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let config = serde_json::json!({
+        "architecture": "arm64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256(&layer))]},
+    });
+    let config_path = image.join("config.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let config_name = format!("{}.json", sha256(&config_path));
+    std::fs::rename(&config_path, image.join(&config_name)).unwrap();
+    let manifest = serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": [ARM64_IMAGE],
+        "Layers": ["layer/layer.tar"],
+    }]);
+    std::fs::write(image.join("manifest.json"), manifest.to_string()).unwrap();
+    let tar = Command::new("tar")
+        .args(["-C", image.to_str().unwrap(), "-c", "."])
+        .output()
+        .unwrap();
+    assert!(tar.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+    tar.stdout
+}
