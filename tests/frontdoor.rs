@@ -625,10 +625,16 @@ fn silent_clients_time_out_and_shutdown_tears_jobs_down() {
     idle.set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
     let mut buf = [0u8; 16];
-    match idle.read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("the agent sent {n} bytes to a silent client"),
-        Err(e) => panic!("the agent kept a silent client: {e}"),
+    loop {
+        match idle.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => panic!("the agent sent {n} bytes to a silent client"),
+            // A socket with a receive timeout returns EINTR whenever this
+            // process catches a signal (SIGCHLD of any test's child), even
+            // under SA_RESTART: read again.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("the agent kept a silent client: {e}"),
+        }
     }
     // Shutdown (SIGTERM in `berth serve`) tears every job down.
     let state = Path::new("/var/lib/bt/fd-shutdown/jobs").join(&job.id);
