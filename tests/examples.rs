@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
 use berth::sandbox::{Engine, SandboxConfig};
-use common::{FrontDoor, berth_bin, engine_config, prerequisites, write_config};
+use common::{FrontDoor, berth_bin, engine_config, prerequisites, require_tools, write_config};
 
 /// The tests share test numbers 66 and 67 (uid, address and port pools):
 /// one at a time.
@@ -43,7 +43,7 @@ fn example_prerequisites() -> bool {
     if !prerequisites() {
         return false;
     }
-    for (argv, fix) in [
+    require_tools(&[
         (&["jq", "--version"][..], "apt-get install jq"),
         (&["setpriv", "--version"][..], "apt-get install util-linux"),
         (&["useradd", "--help"][..], "apt-get install passwd"),
@@ -51,15 +51,7 @@ fn example_prerequisites() -> bool {
             &["python3", "-c", "import yaml"][..],
             "python3 with PyYAML: python3 -m pip install pyyaml",
         ),
-    ] {
-        assert!(
-            Command::new(argv[0])
-                .args(&argv[1..])
-                .output()
-                .is_ok_and(|o| o.status.success()),
-            "{argv:?} failed: {fix}"
-        );
-    }
+    ]);
     true
 }
 

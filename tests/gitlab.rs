@@ -12,7 +12,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{FrontDoor, berth_bin, prerequisites};
+use common::{FrontDoor, berth_bin, prerequisites, require_tools};
 
 /// The tests share test numbers 29 and 38 (uid, address and port pools):
 /// one at a time.
@@ -28,7 +28,7 @@ fn gitlab_prerequisites() -> bool {
     if !prerequisites() {
         return false;
     }
-    for (argv, fix) in [
+    require_tools(&[
         (&["jq", "--version"][..], "apt-get install jq"),
         (&["unshare", "--version"][..], "apt-get install util-linux"),
         (&["git", "--version"][..], "apt-get install git"),
@@ -36,15 +36,7 @@ fn gitlab_prerequisites() -> bool {
             &["python3", "-c", "import yaml, tomllib"][..],
             "python 3.11 or later with PyYAML: python3 -m pip install pyyaml",
         ),
-    ] {
-        assert!(
-            Command::new(argv[0])
-                .args(&argv[1..])
-                .output()
-                .is_ok_and(|o| o.status.success()),
-            "{argv:?} failed: {fix}"
-        );
-    }
+    ]);
     true
 }
 

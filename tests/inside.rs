@@ -329,13 +329,10 @@ impl Client {
         let clients = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
         match self {
             Client::Python => {
-                let probe = Command::new("python3")
-                    .args(["-c", "import testcontainers.core.container"])
-                    .output();
-                assert!(
-                    probe.as_ref().is_ok_and(|o| o.status.success()),
-                    "testcontainers-python is missing: python3 -m pip install testcontainers==4.15.0"
-                );
+                require_tools(&[(
+                    &["python3", "-c", "import testcontainers.core.container"],
+                    "testcontainers-python is missing: python3 -m pip install testcontainers==4.15.0",
+                )]);
                 let mut c = Command::new("python3");
                 c.arg(clients.join("testcontainers_reaper.py"));
                 c

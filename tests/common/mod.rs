@@ -993,3 +993,17 @@ pub fn arm64_busybox_tar() -> Vec<u8> {
     let _ = std::fs::remove_dir_all(&dir);
     tar.stdout
 }
+
+/// Fails, naming the fix, unless each command runs and succeeds: the
+/// tools a test drives beside berth (`[(argv, fix)]`).
+pub fn require_tools(tools: &[(&[&str], &str)]) {
+    for (argv, fix) in tools {
+        assert!(
+            Command::new(argv[0])
+                .args(&argv[1..])
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            "{argv:?} failed: {fix}"
+        );
+    }
+}
