@@ -272,6 +272,42 @@ fn a_handler_a_job_registers_never_runs_outside_it() {
     }
 }
 
+/// What tonistiigi/binfmt's first step, mounting binfmt_misc, gets in a
+/// job on this kernel: its own instance, holding the host's arm64 handler
+/// (6.7 and later), or the kernel's refusal, the job running arm64 through
+/// the host's handlers (Debian 12's 6.1). Either way arm64 runs, and the
+/// host's handlers stay as they were.
+#[test]
+fn a_job_gets_what_its_kernel_gives_of_binfmt_misc() {
+    if !prerequisites() {
+        return;
+    }
+    let arm64 = host_arm64();
+    let before = host_handlers();
+    let rt = rt();
+    let e = engine(73, "emulation-kernel");
+    let sb = rt.block_on(e.start(None)).unwrap();
+    let s = sb.socket();
+    import_busybox(&s);
+    load_arm64(&s);
+    assert_arm64_runs(&s, "a new job");
+    let o = privileged(&s, &[], &binfmt_sequence("ls $m"));
+    if binfmt::own_instances() {
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(text(&o).lines().any(|l| l == arm64.name), "{}", text(&o));
+    } else {
+        assert!(
+            !o.status.success(),
+            "a mount without an instance: {}",
+            text(&o)
+        );
+        assert!(text(&o).contains("ermission denied"), "{}", text(&o));
+    }
+    assert_arm64_runs(&s, "after the attempt");
+    rt.block_on(e.teardown(sb.id())).unwrap();
+    assert_eq!(host_handlers(), before);
+}
+
 /// `host_emulation = false`: a job gets an empty instance of its own, and
 /// arm64 binaries do not run in it; the host's handlers stay as they were.
 #[test]

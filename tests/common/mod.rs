@@ -919,8 +919,12 @@ impl Registry {
 }
 
 /// Debian 13's static busybox for arm64 (`scripts/debian13-parts
-/// busybox-arm64`).
-pub const ARM64_BUSYBOX: &str = "/opt/berth/arm64/busybox";
+/// busybox-arm64`), or `BERTH_TEST_ARM64_BUSYBOX` (the guest lanes' copy).
+pub fn arm64_busybox() -> PathBuf {
+    std::env::var_os("BERTH_TEST_ARM64_BUSYBOX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/berth/arm64/busybox"))
+}
 /// The arm64 image [`arm64_busybox_tar`] holds.
 pub const ARM64_IMAGE: &str = "arm64-busybox:test";
 
@@ -937,16 +941,18 @@ fn sha256(path: &Path) -> String {
 /// A `docker save` archive of an arm64 image (its config says so): Debian's
 /// arm64 static busybox with its applets, tagged [`ARM64_IMAGE`].
 pub fn arm64_busybox_tar() -> Vec<u8> {
+    let busybox = arm64_busybox();
     assert!(
-        Path::new(ARM64_BUSYBOX).exists(),
-        "{ARM64_BUSYBOX} is missing: run scripts/debian13-parts busybox-arm64"
+        busybox.exists(),
+        "{} is missing: run scripts/debian13-parts busybox-arm64",
+        busybox.display()
     );
     let dir = std::env::temp_dir().join(format!("berth-arm64-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let rootfs = dir.join("rootfs");
     std::fs::create_dir_all(rootfs.join("bin")).unwrap();
     std::fs::create_dir_all(rootfs.join("tmp")).unwrap();
-    std::fs::copy(ARM64_BUSYBOX, rootfs.join("bin/busybox")).unwrap();
+    std::fs::copy(&busybox, rootfs.join("bin/busybox")).unwrap();
     // The applets of this host's busybox (Debian 12's list: a subset of
     // Debian 13's).
     let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
