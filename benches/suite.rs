@@ -45,7 +45,12 @@
 //!   under the host's emulation (qemu-user-static, the job's own
 //!   binfmt_misc) against the same build for amd64, alternating, per engine.
 //!
-//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build,workspace,emulation
+//! 11. The image store on Debian 13's engine: a new job's start → first
+//!     docker CLI answer with the containerd image store against the
+//!     classic one, alternating; memory (RSS and PSS) and data-root of 5
+//!     idle jobs of each.
+//!
+//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build,workspace,emulation,image-store
 //! runs a subset.
 
 #[path = "../tests/common/mod.rs"]
@@ -796,6 +801,13 @@ fn main() {
         );
     }
 
+    // 11. The image store on Debian 13's engine: classic against containerd.
+    if section("image-store") {
+        for r in image_store_figures(&rt, n) {
+            row(&mut table, r);
+        }
+    }
+
     // 10. Workspaces.
     if section("workspace") {
         workspace_figures(&rt, n, &mut table);
@@ -1073,6 +1085,101 @@ fn emulation_figures(
         median(&on_arm64) / median(&on_amd64),
         median(&on_amd64)
     )]
+}
+
+/// What the containerd image store costs a job on Debian 13's engine,
+/// against the classic store in the same run: cold start → first docker
+/// CLI answer (alternating), then memory and disk of 5 idle jobs of each
+/// (after 5 s), every job answering.
+fn image_store_figures(rt: &tokio::runtime::Runtime, n: usize) -> Vec<String> {
+    use berth::sandbox::{Engine, ImageStore, SandboxConfig};
+    let engine = |store, n, name| {
+        Engine::new(SandboxConfig {
+            image_store: store,
+            ..common::with_debian13_engine(common::engine_config(n, name))
+        })
+        .unwrap()
+    };
+    let classic = engine(ImageStore::Classic, 76, "bs-store-classic");
+    let containerd = engine(ImageStore::Containerd, 77, "bs-store-containerd");
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        if i % 2 == 0 {
+            a.extend(start_to_usable_once(&classic, rt));
+            b.extend(start_to_usable_once(&containerd, rt));
+        } else {
+            b.extend(start_to_usable_once(&containerd, rt));
+            a.extend(start_to_usable_once(&classic, rt));
+        }
+    }
+    let idle = |e: &Engine| {
+        let jobs: Vec<_> = (0..5)
+            .map(|_| rt.block_on(e.start(None)).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_secs(5));
+        for j in &jobs {
+            let driver = common::docker_ok(&j.socket(), &["info", "-f", "{{json .DriverStatus}}"]);
+            assert_eq!(
+                driver.contains("io.containerd.snapshotter"),
+                e.config().image_store == ImageStore::Containerd,
+                "{driver}"
+            );
+        }
+        let mib = |b: u64| b as f64 / (1 << 20) as f64 / jobs.len() as f64;
+        let rss = mib(jobs.iter().map(|j| j.rss_bytes()).sum());
+        let pss = mib(jobs.iter().flat_map(|j| j.pids()).map(pss_of).sum());
+        let disk = mib(jobs
+            .iter()
+            .map(|j| {
+                du_bytes(
+                    &e.config()
+                        .state_dir
+                        .join("jobs")
+                        .join(j.id())
+                        .join("root/data"),
+                )
+            })
+            .sum());
+        for j in jobs {
+            rt.block_on(e.teardown(j.id())).unwrap();
+        }
+        (rss, pss, disk)
+    };
+    let (c_rss, c_pss, c_disk) = idle(&classic);
+    let (d_rss, d_pss, d_disk) = idle(&containerd);
+    vec![
+        format!(
+            "| dockerd 26.1, containerd image store: start → first docker CLI answer (ms) | {:.0} | {:.2}× the classic store ({:.0}) |",
+            median(&b),
+            median(&b) / median(&a),
+            median(&a)
+        ),
+        format!(
+            "| dockerd 26.1, containerd image store: idle job RSS / PSS / data-root (MiB) | {d_rss:.1} / {d_pss:.1} / {d_disk:.1} | classic: {c_rss:.1} / {c_pss:.1} / {c_disk:.1} |"
+        ),
+    ]
+}
+
+/// Proportional set size of a process (shared pages divided among their
+/// users), in bytes; 0 for a process gone.
+fn pss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|t| {
+            let kb = t.lines().find(|l| l.starts_with("Pss:"))?;
+            kb.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes allocated under `dir` (`du -sb`, no links followed).
+fn du_bytes(dir: &Path) -> u64 {
+    let o = Command::new("du").arg("-sB1").arg(dir).output().unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Seconds of each fresh job's `docker pull big:1` (docker.io/library/big:1,

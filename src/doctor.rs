@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::frontdoor::ServeConfig;
-use crate::sandbox::{SandboxConfig, cgroup, slots};
+use crate::sandbox::{ImageStore, SandboxConfig, cgroup, slots};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -62,14 +62,18 @@ fn version_of(prog: &Path, arg: &str) -> Option<String> {
 fn check_engine(sb: &SandboxConfig) -> Vec<Check> {
     use crate::sandbox::engines::EngineError;
     match sb.engine().probe() {
-        Ok(e) => [
-            ("dockerd", &e.dockerd),
-            ("containerd", &e.containerd),
-            ("runc", &e.runc),
-        ]
-        .into_iter()
-        .map(|(name, part)| pass(name, format!("{} {}", part.release, part.path.display())))
-        .collect(),
+        Ok(e) => {
+            let mut out: Vec<Check> = [
+                ("dockerd", &e.dockerd),
+                ("containerd", &e.containerd),
+                ("runc", &e.runc),
+            ]
+            .into_iter()
+            .map(|(name, part)| pass(name, format!("{} {}", part.release, part.path.display())))
+            .collect();
+            out.push(check_image_store(sb.image_store, &e.dockerd));
+            out
+        }
         Err(e) => {
             let fix = match &e {
                 EngineError::TooOld { .. } => {
@@ -82,6 +86,39 @@ fn check_engine(sb: &SandboxConfig) -> Vec<Check> {
             };
             vec![fail(e.key(), e.to_string(), fix)]
         }
+    }
+}
+
+/// The configured image store against the engine: the containerd store
+/// needs dockerd 24 or later; the classic one cannot build or hold images
+/// of several platforms at once, which is worth knowing where the engine
+/// could.
+fn check_image_store(store: ImageStore, dockerd: &crate::sandbox::engines::Part) -> Check {
+    let since = ImageStore::CONTAINERD_SINCE;
+    match store {
+        ImageStore::Containerd if dockerd.version < since => fail(
+            "image store",
+            format!(
+                "image_store = \"containerd\" needs dockerd {since} or later; this is {}",
+                dockerd.release
+            ),
+            "remove image_store from [sandbox], or point sandbox.dockerd and sandbox.containerd \
+             at Debian 13's engine (docs/sandbox.md, \"Engines\")",
+        ),
+        ImageStore::Containerd => pass(
+            "image store",
+            "containerd: jobs build and push images of several platforms; preloads are loaded \
+             into each job",
+        ),
+        ImageStore::Classic if dockerd.version < since => pass(
+            "image store",
+            "classic (this dockerd has no containerd image store): one platform per build",
+        ),
+        ImageStore::Classic => pass(
+            "image store",
+            "classic: one platform per build; image_store = \"containerd\" in [sandbox] \
+             gives jobs multi-platform builds",
+        ),
     }
 }
 
@@ -509,6 +546,28 @@ pub fn render(checks: &[Check]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_containerd_image_store_fails_on_an_engine_without_it() {
+        use crate::sandbox::engines::{Part, Version};
+        let part = |release: &str| Part {
+            path: "/usr/sbin/dockerd".into(),
+            version: Version::find(release).unwrap(),
+            release: release.into(),
+        };
+        let old = check_image_store(ImageStore::Containerd, &part("20.10.24+dfsg1"));
+        assert_eq!(old.verdict, Verdict::Fail);
+        assert!(
+            old.detail
+                .contains("needs dockerd 24.0.0 or later; this is 20.10.24+dfsg1")
+        );
+        assert!(old.fix.contains("Debian 13"));
+        let new = check_image_store(ImageStore::Containerd, &part("26.1.5+dfsg1"));
+        assert_eq!(new.verdict, Verdict::Pass);
+        let classic = check_image_store(ImageStore::Classic, &part("26.1.5+dfsg1"));
+        assert_eq!(classic.verdict, Verdict::Pass);
+        assert!(classic.detail.contains("image_store = \"containerd\""));
+    }
 
     #[test]
     fn a_missing_dockerd_fails_with_its_fix() {

@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use berth::sandbox::binfmt::{self, Handler};
+use berth::sandbox::binfmt;
 use berth::sandbox::{Engine, SandboxConfig};
 use common::*;
 
@@ -25,24 +25,6 @@ fn host_handlers() -> BTreeMap<String, String> {
             (e.file_name().to_string_lossy().into_owned(), text)
         })
         .collect()
-}
-
-/// The host's arm64 handler; fails with the fix when there is none.
-fn host_arm64() -> Handler {
-    let hs = binfmt::handlers(Path::new(binfmt::MOUNT)).unwrap();
-    let h = hs
-        .into_iter()
-        .find(|h| h.enabled && h.arch() == Some("arm64"))
-        .expect(
-            "the host has no arm64 binfmt_misc handler: apt-get install qemu-user-static \
-             binfmt-support, then update-binfmts --enable (see the README's emulation section)",
-        );
-    assert!(
-        h.fixed(),
-        "the host's arm64 handler has no F flag: {h:?} (Debian's qemu-user-binfmt registers \
-         without it; install qemu-user-static)"
-    );
-    h
 }
 
 fn load_arm64(sock: &Path) {
@@ -157,7 +139,7 @@ fn a_jobs_own_binfmt_misc_survives_tonistiigis_sequence_and_changes_that_job_alo
         return;
     }
     kernel_has_instances();
-    let arm64 = host_arm64();
+    let arm64 = require_host_arm64();
     let before = host_handlers();
     let rt = rt();
     let e = engine(68, "emulation");
@@ -282,7 +264,7 @@ fn a_job_gets_what_its_kernel_gives_of_binfmt_misc() {
     if !prerequisites() {
         return;
     }
-    let arm64 = host_arm64();
+    let arm64 = require_host_arm64();
     let before = host_handlers();
     let rt = rt();
     let e = engine(73, "emulation-kernel");
@@ -316,7 +298,7 @@ fn host_emulation_off_leaves_jobs_without_the_hosts_handlers() {
         return;
     }
     kernel_has_instances();
-    host_arm64();
+    require_host_arm64();
     let before = host_handlers();
     let rt = rt();
     let cfg = SandboxConfig {
@@ -342,7 +324,7 @@ fn host_emulation_off_leaves_jobs_without_the_hosts_handlers() {
 /// CLI's default builder (BuildKit, through buildx), `buildx build
 /// --load` and the legacy builder: each runs its `RUN` under emulation.
 fn arm64_builds_in_a_job(e: Engine) {
-    host_arm64();
+    require_host_arm64();
     let rt = rt();
     let sb = rt.block_on(e.start(None)).unwrap();
     let s = sb.socket();

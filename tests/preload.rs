@@ -251,6 +251,37 @@ fn every_new_job_has_the_preloaded_images() {
             > 1_000_000
     );
     rt.block_on(e.teardown(c.id())).unwrap();
+    drop(e);
+
+    // The containerd image store (Debian 13's engine) has no shared seed:
+    // every job loads the archives into containerd's content store itself.
+    let mut cfg = with_debian13_engine(engine_config(36, "preload"));
+    cfg.preload = vec![save.clone(), layout.clone()];
+    cfg.image_store = berth::sandbox::ImageStore::Containerd;
+    let e = berth::sandbox::Engine::new(cfg).unwrap();
+    let d = rt.block_on(e.start(None)).unwrap();
+    let images = docker_ok(
+        &d.socket(),
+        &["images", "--format", "{{.Repository}}:{{.Tag}}"],
+    );
+    assert!(
+        images.contains("saved-busybox:1") && images.contains("oci-busybox:1"),
+        "{images}"
+    );
+    let o = docker_ok(
+        &d.socket(),
+        &["run", "--rm", "saved-busybox:1", "echo", "from-containerd"],
+    );
+    assert_eq!(o.trim(), "from-containerd");
+    let data = e
+        .config()
+        .state_dir
+        .join("jobs")
+        .join(d.id())
+        .join("root/data");
+    assert!(du(&data.join("containerd")) > 1_000_000);
+    assert!(!data.join("overlay2").exists() || du(&data.join("overlay2")) < 1_000_000);
+    rt.block_on(e.teardown(d.id())).unwrap();
 
     // A corrupt layout is refused at agent start, naming the blob.
     let bad = PathBuf::from("/var/lib/bt/preload-oci/broken");

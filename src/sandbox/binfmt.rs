@@ -234,9 +234,11 @@ pub fn handlers(dir: &Path) -> Result<Vec<Handler>, BinfmtError> {
 }
 
 /// Whether this kernel gives a user namespace a binfmt_misc instance of
-/// its own (Linux 6.7 and later), tried in a throwaway namespace.
+/// its own (Linux 6.7 and later), tried once per process in a throwaway
+/// namespace: the kernel cannot change its mind while we run.
 pub fn own_instances() -> bool {
-    sys::userns_mounts_binfmt()
+    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OWN.get_or_init(sys::userns_mounts_binfmt)
 }
 
 /// The job's own instance, mounted below the job's new root `new_root`

@@ -91,6 +91,29 @@ impl Limits {
     }
 }
 
+/// Where a job's dockerd keeps its images (`[sandbox] image_store`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageStore {
+    /// dockerd's own graph driver (overlay2): one platform per image name.
+    #[default]
+    Classic,
+    /// containerd's content store and snapshotter (dockerd's
+    /// `containerd-snapshotter` feature): image indexes, multi-platform
+    /// builds.
+    Containerd,
+}
+
+impl ImageStore {
+    /// The first dockerd whose `containerd-snapshotter` feature is more
+    /// than a preview (24.0).
+    pub const CONTAINERD_SINCE: super::engines::Version = super::engines::Version {
+        major: 24,
+        minor: 0,
+        patch: 0,
+    };
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxConfig {
@@ -171,6 +194,13 @@ pub struct SandboxConfig {
     /// gives it an empty one. Older kernels apply the host's handlers to
     /// every process, jobs included, and cannot turn them off per job.
     pub host_emulation: bool,
+    /// Where each job's dockerd keeps its images: `classic` (its own
+    /// graph driver; preloads shared between jobs) or `containerd`
+    /// (containerd's content store and snapshotter, dockerd 24 and later),
+    /// which multi-platform builds (`buildx build --platform a,b --push`)
+    /// and image indexes need. With `containerd` every job loads the
+    /// preloads itself.
+    pub image_store: ImageStore,
     /// Extra arguments for every job's dockerd (`["--debug"]`). Flags
     /// berth sets itself, and those `daemon.json` or `[registries]` carry,
     /// are refused.
@@ -261,6 +291,7 @@ impl Default for SandboxConfig {
             preload: Vec::new(),
             share_preloads: true,
             host_emulation: true,
+            image_store: ImageStore::Classic,
             extra_dockerd_args: Vec::new(),
             unchecked_dockerd_args: Vec::new(),
             registries: Default::default(),

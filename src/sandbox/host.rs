@@ -166,6 +166,18 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
             super::fs::workspaces::kernel()
         )));
     }
+    if cfg.image_store == config::ImageStore::Containerd
+        && engine.dockerd.version < config::ImageStore::CONTAINERD_SINCE
+    {
+        return Err(SandboxError::Prerequisite(format!(
+            "image_store = \"containerd\" needs dockerd {} or later; {} is {} \
+             (Debian 13's docker.io has 26.1: point sandbox.dockerd and sandbox.containerd at it, \
+             or remove image_store)",
+            config::ImageStore::CONTAINERD_SINCE,
+            engine.dockerd.path.display(),
+            engine.dockerd.release
+        )));
+    }
     Ok(Prepared {
         helper,
         layout,

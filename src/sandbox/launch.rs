@@ -24,8 +24,9 @@ use super::health;
 use super::host::{chown, mkdir_mode};
 use super::net::dns;
 use super::{
-    Engine, Inner, JobCgroup, JobRecord, Limits, Sandbox, SandboxError, SeedState, Status, code_of,
-    config, describe_exit, evidence, io, net, ping, protocol, record, seed, slots, start_err, sys,
+    Engine, ImageStore, Inner, JobCgroup, JobRecord, Limits, Sandbox, SandboxError, SeedState,
+    Status, code_of, config, describe_exit, evidence, io, net, ping, protocol, record, seed, slots,
+    start_err, sys,
 };
 
 impl Engine {
@@ -40,7 +41,12 @@ impl Engine {
         limits: Option<Limits>,
         workspaces: &[WorkspaceRequest],
     ) -> Result<Sandbox, SandboxError> {
-        let seed = if self.host.preloads.is_empty() || !self.cfg.share_preloads {
+        // The shared store is the classic one's layout; a containerd store
+        // loads the preloads into each job.
+        let seed = if self.host.preloads.is_empty()
+            || !self.cfg.share_preloads
+            || self.cfg.image_store == ImageStore::Containerd
+        {
             None
         } else {
             self.ensure_seed().await
@@ -412,6 +418,7 @@ impl Engine {
             daemon_json_text(
                 self.host.mtu,
                 self.host.engine.has_default_network_opts(),
+                self.cfg.image_store,
                 &self.host.registries,
             ),
         )
@@ -829,16 +836,21 @@ fn probe_idmap(dir: &Path) -> Result<(), SandboxError> {
 /// of 10 MiB per container, the newest kept); a container may still ask for
 /// other log options. From dockerd 24 on, networks the job creates get the
 /// link's MTU (`--mtu` covers only the default bridge; older dockerds refuse
-/// the key, and the job's TCP segment clamp covers them).
+/// the key, and the job's TCP segment clamp covers them). The containerd
+/// image store is dockerd's `containerd-snapshotter` feature.
 fn daemon_json_text(
     mtu: u32,
     default_network_opts: bool,
+    store: ImageStore,
     registries: &crate::images::registries::Loaded,
 ) -> String {
     let mut v = serde_json::json!({
         "log-driver": "json-file",
         "log-opts": { "max-size": "10m", "max-file": "3" },
     });
+    if store == ImageStore::Containerd {
+        v["features"] = serde_json::json!({ "containerd-snapshotter": true });
+    }
     if !registries.mirrors.is_empty() {
         v["registry-mirrors"] = serde_json::json!(registries.mirrors);
     }
@@ -925,12 +937,22 @@ mod tests {
 
     #[test]
     fn new_networks_get_the_link_mtu_where_dockerd_knows_how() {
-        let old: serde_json::Value =
-            serde_json::from_str(&daemon_json_text(1400, false, &Default::default())).unwrap();
+        let old: serde_json::Value = serde_json::from_str(&daemon_json_text(
+            1400,
+            false,
+            ImageStore::Classic,
+            &Default::default(),
+        ))
+        .unwrap();
         assert!(old.get("default-network-opts").is_none());
         assert_eq!(old["log-opts"]["max-size"], "10m");
-        let new: serde_json::Value =
-            serde_json::from_str(&daemon_json_text(1400, true, &Default::default())).unwrap();
+        let new: serde_json::Value = serde_json::from_str(&daemon_json_text(
+            1400,
+            true,
+            ImageStore::Classic,
+            &Default::default(),
+        ))
+        .unwrap();
         assert_eq!(
             new["default-network-opts"]["bridge"]["com.docker.network.driver.mtu"],
             "1400"
@@ -941,10 +963,24 @@ mod tests {
             cas: Vec::new(),
         };
         let unknown: serde_json::Value =
-            serde_json::from_str(&daemon_json_text(1400, false, &reg)).unwrap();
+            serde_json::from_str(&daemon_json_text(1400, false, ImageStore::Classic, &reg))
+                .unwrap();
         assert!(unknown.get("default-network-opts").is_none());
         assert_eq!(unknown["registry-mirrors"][0], "http://10.0.0.1:5000");
         assert_eq!(unknown["insecure-registries"][0], "r.example:5000");
+        assert!(unknown.get("features").is_none());
+    }
+
+    #[test]
+    fn the_containerd_image_store_is_dockerds_snapshotter_feature() {
+        let v: serde_json::Value = serde_json::from_str(&daemon_json_text(
+            1400,
+            true,
+            ImageStore::Containerd,
+            &Default::default(),
+        ))
+        .unwrap();
+        assert_eq!(v["features"]["containerd-snapshotter"], true);
     }
 
     #[test]

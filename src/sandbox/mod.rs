@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 pub use cgroup::{JobCgroup, Layout};
-pub use config::{Limits, SandboxConfig};
+pub use config::{ImageStore, Limits, SandboxConfig};
 pub use fs::workspaces::WorkspaceRequest;
 pub use net::ports::PortRange;
 /// Whether a dockerd answers `/_ping` on a socket (the engine's readiness check).

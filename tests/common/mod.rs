@@ -925,6 +925,25 @@ pub fn arm64_busybox() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/opt/berth/arm64/busybox"))
 }
+
+/// The host's arm64 handler; fails with the fix when there is none.
+pub fn require_host_arm64() -> berth::sandbox::binfmt::Handler {
+    let hs = berth::sandbox::binfmt::handlers(Path::new(berth::sandbox::binfmt::MOUNT)).unwrap();
+    let h = hs
+        .into_iter()
+        .find(|h| h.enabled && h.arch() == Some("arm64"))
+        .expect(
+            "the host has no arm64 binfmt_misc handler: apt-get install qemu-user-static \
+             binfmt-support, then update-binfmts --enable (see the README's emulation section)",
+        );
+    assert!(
+        h.fixed(),
+        "the host's arm64 handler has no F flag: {h:?} (Debian's qemu-user-binfmt registers \
+         without it; install qemu-user-static)"
+    );
+    h
+}
+
 /// The arm64 image [`arm64_busybox_tar`] holds.
 pub const ARM64_IMAGE: &str = "arm64-busybox:test";
 
