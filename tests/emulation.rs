@@ -194,7 +194,10 @@ fn a_jobs_own_binfmt_misc_survives_tonistiigis_sequence_and_changes_that_job_alo
     privileged_ok(
         &sa,
         &["-v", &format!("{interp}:/qemu-aarch64:ro")],
-        &binfmt_sequence(&format!("printf '%s' '{line}' > $m/register")),
+        &binfmt_sequence(&format!(
+            "test -f /qemu-aarch64 || {{ echo \"the host handler's {interp} is not in the job's root\" >&2; exit 1; }}; \
+             printf '%s' '{line}' > $m/register"
+        )),
     );
     assert_arm64_runs(&sa, "after installing from the container's file");
 
