@@ -220,6 +220,15 @@ pub struct SandboxConfig {
     /// directories bound in.
     #[serde(skip)]
     pub workspaces: super::fs::workspaces::WorkspacesConfig,
+    /// Every job's disk stores the ids of its namespace and reaches the job
+    /// through an idmapped mount (the layout a project cache needs), keyed
+    /// or not.
+    #[serde(skip)]
+    pub idmapped_disk: bool,
+    /// `[project_caches]` of the configuration file: warm starts per
+    /// project.
+    #[serde(skip)]
+    pub project_caches: super::fs::caches::ProjectCachesConfig,
 }
 
 /// dockerd flags berth sets for every job (or writes to its daemon.json):
@@ -297,6 +306,8 @@ impl Default for SandboxConfig {
             registries: Default::default(),
             cache: Default::default(),
             workspaces: Default::default(),
+            idmapped_disk: false,
+            project_caches: Default::default(),
         }
     }
 }

@@ -43,6 +43,8 @@ pub(super) struct Prepared {
     pub preloads: Vec<PathBuf>,
     /// The pull-through cache, when enabled (stopped before the lock goes).
     pub cache: Option<cache::Cache>,
+    /// Project caches (warm starts per key), when enabled.
+    pub project_caches: Option<super::fs::caches::Pool>,
     /// Exclusive lock on the state dir, held for the engine's lifetime.
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -178,6 +180,14 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
             engine.dockerd.release
         )));
     }
+    let project_caches = if cfg.project_caches.enabled {
+        Some(
+            super::fs::caches::Pool::open(&cfg.state_dir, &cfg.project_caches)
+                .map_err(|e| SandboxError::Prerequisite(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     Ok(Prepared {
         helper,
         layout,
@@ -191,6 +201,7 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         upstreams,
         preloads,
         cache,
+        project_caches,
         _lock: lock,
     })
 }

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use super::binfmt;
 use super::child::{ChildSpec, HIDDEN_SUBCOMMAND};
+use super::fs::caches::Key;
 use super::fs::disk;
 use super::fs::idmap::IdmapNs;
 use super::fs::root;
@@ -41,9 +42,28 @@ impl Engine {
         limits: Option<Limits>,
         workspaces: &[WorkspaceRequest],
     ) -> Result<Sandbox, SandboxError> {
+        self.start_keyed(limits, workspaces, None).await
+    }
+
+    /// Starts a job whose disk is a copy of `key`'s project cache (empty
+    /// the first time), which it may later commit
+    /// ([`Engine::teardown_committing`]).
+    pub async fn start_keyed(
+        &self,
+        limits: Option<Limits>,
+        workspaces: &[WorkspaceRequest],
+        key: Option<&Key>,
+    ) -> Result<Sandbox, SandboxError> {
+        if key.is_some() && self.host.project_caches.is_none() {
+            return Err(SandboxError::Prerequisite(
+                "a cache key needs project caches: [project_caches] enabled = true".into(),
+            ));
+        }
         // The shared store is the classic one's layout; a containerd store
-        // loads the preloads into each job.
-        let seed = if self.host.preloads.is_empty()
+        // loads the preloads into each job. A keyed job's images come from
+        // its key.
+        let seed = if key.is_some()
+            || self.host.preloads.is_empty()
             || !self.cfg.share_preloads
             || self.cfg.image_store == ImageStore::Containerd
         {
@@ -51,7 +71,7 @@ impl Engine {
         } else {
             self.ensure_seed().await
         };
-        self.start_with(limits, seed, workspaces).await
+        self.start_with(limits, seed, workspaces, key).await
     }
 
     /// The shared image store, built on first use from a sandbox that loads
@@ -92,7 +112,7 @@ impl Engine {
             disk_bytes: Some(0),
             ..self.cfg.default_limits.clone()
         };
-        let sb = Box::pin(self.start_with(Some(limits), None, &[])).await?;
+        let sb = Box::pin(self.start_with(Some(limits), None, &[], None)).await?;
         let rec = sb.record();
         // Stop dockerd gracefully so that its image store is complete on disk.
         sb.inner.status.send_replace(Status::Stopping);
@@ -127,6 +147,7 @@ impl Engine {
         limits: Option<Limits>,
         seed: Option<Arc<seed::Seed>>,
         workspaces: &[WorkspaceRequest],
+        key: Option<&Key>,
     ) -> Result<Sandbox, SandboxError> {
         // What a job leaves out of its limits, it gets from the defaults.
         let limits = limits.map_or_else(
@@ -134,6 +155,11 @@ impl Engine {
             |l| l.or(&self.cfg.default_limits),
         );
         limits.validate()?;
+        if key.is_some() && limits.disk().is_none() {
+            return Err(SandboxError::Prerequisite(
+                "a job with a cache key needs a disk of its own (disk_bytes above 0)".into(),
+            ));
+        }
         let id = new_id();
         let cfg = self.cfg.clone();
         let workspaces = self.claim_workspaces(&id, workspaces).await?;
@@ -171,6 +197,10 @@ impl Engine {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            cache_key: key.cloned(),
+            disk_image: key
+                .and(self.host.project_caches.as_ref())
+                .map(|p| p.job_image(&id)),
         };
         if let Err(e) = mkdir_mode(&dir, 0o711).and_then(|()| {
             rec.save(&cfg.state_dir)
@@ -376,6 +406,20 @@ impl Engine {
         let root = sb.inner.dir.join("root");
         mkdir_mode(&root, 0o700)?;
         match limits.disk() {
+            Some(bytes) if rec.disk_image.is_some() || self.cfg.idmapped_disk => {
+                let dir = sb.inner.dir.clone();
+                let image = rec.disk_image.clone().unwrap_or(dir.join(disk::IMAGE));
+                if let (Some(key), Some(pool)) = (&rec.cache_key, &self.host.project_caches) {
+                    let hit = pool
+                        .store
+                        .copy_current(key, &image)
+                        .map_err(|e| start_err(&rec.id, e))?;
+                    tracing::info!(job = %rec.id, key = %key, hit, "project cache");
+                }
+                tokio::task::spawn_blocking(move || disk::create_staged(&dir, &image, bytes))
+                    .await
+                    .map_err(|e| start_err(&rec.id, e))??;
+            }
             Some(bytes) => {
                 let (dir, uid) = (sb.inner.dir.clone(), rec.host_id);
                 tokio::task::spawn_blocking(move || disk::create(&dir, &root, bytes, uid))
@@ -397,17 +441,24 @@ impl Engine {
         workspaces: usize,
     ) -> Result<JobFiles, SandboxError> {
         let dir = sb.inner.dir.clone();
-        let root = dir.join("root");
         let api = dir.join("api");
         mkdir_mode(&api, 0o700)?;
         chown(&api, rec.host_id)?;
+        // An idmapped disk is laid out as it is on disk (ids of the job's
+        // namespace), before the job's view of it is attached.
+        let staged = dir.join(disk::STAGING);
+        let (root, owner) = if staged.is_dir() {
+            (staged, 0)
+        } else {
+            (dir.join("root"), rec.host_id)
+        };
         for sub in ["data", "exec", "home", "xdg", "tmp", "etc-docker"] {
             let p = root.join(sub);
             mkdir_mode(&p, 0o700)?;
-            chown(&p, rec.host_id)?;
+            chown(&p, owner)?;
         }
         if let Some(sd) = seed {
-            let (sd, jd, data, uid) = (sd.clone(), dir.clone(), root.join("data"), rec.host_id);
+            let (sd, jd, data, uid) = (sd.clone(), dir.clone(), root.join("data"), owner);
             tokio::task::spawn_blocking(move || seed::materialize(&sd, &jd, &data, uid))
                 .await
                 .map_err(|e| start_err(&rec.id, e))??;
@@ -423,20 +474,30 @@ impl Engine {
             ),
         )
         .map_err(io("cannot write", &daemon_json))?;
-        chown(&daemon_json, rec.host_id)?;
+        chown(&daemon_json, owner)?;
         // Private CAs where dockerd looks for them: /etc/docker/certs.d.
         let certs_d = root.join("etc-docker").join("certs.d");
         if !self.host.registries.cas.is_empty() {
             mkdir_mode(&certs_d, 0o755)?;
-            chown(&certs_d, rec.host_id)?;
+            chown(&certs_d, owner)?;
         }
         for (registry, pem) in &self.host.registries.cas {
             let d = certs_d.join(registry);
             mkdir_mode(&d, 0o755)?;
-            chown(&d, rec.host_id)?;
+            chown(&d, owner)?;
             let f = d.join("ca.crt");
             std::fs::write(&f, pem).map_err(io("cannot write", &f))?;
-            chown(&f, rec.host_id)?;
+            chown(&f, owner)?;
+        }
+        if root != dir.join("root") {
+            let (jd, uid) = (dir.clone(), rec.host_id);
+            tokio::task::spawn_blocking(move || -> Result<(), SandboxError> {
+                let ns = layers_idmap(uid)?;
+                disk::attach_idmapped(&jd, &jd.join("root"), ns.fd())?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| start_err(&rec.id, e))??;
         }
         // The job's init mounts its private root here, and the helper the
         // job's drop point, each in a mount namespace of the job's own: on

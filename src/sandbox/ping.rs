@@ -1,7 +1,8 @@
 //! Requests the engine itself makes to a job's dockerd on its private
 //! socket: readiness (`GET /_ping`), whether containers are running (teardown
-//! decides between a graceful stop and an immediate kill on it), and loading
-//! preloaded image archives.
+//! decides between a graceful stop and an immediate kill on it), loading
+//! preloaded image archives, and what a job's disk sheds before it becomes
+//! a project cache.
 
 use std::path::Path;
 use std::time::Duration;
@@ -100,4 +101,65 @@ pub async fn load_image(socket: &Path, tar: &Path) -> Result<(), String> {
         (_, Some(e)) => Err(e),
         (false, None) => Err(format!("dockerd answered {status}: {}", text.trim())),
     }
+}
+
+async fn call(socket: &Path, method: hyper::Method, path: &str) -> Result<Bytes, String> {
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "docker")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let (status, body) = send(socket, req).await?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!(
+            "{path}: dockerd answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ))
+    }
+}
+
+/// The label that keeps a volume in a project cache (`docker volume create
+/// --label berth.cache=keep`).
+pub const KEEP_VOLUME_LABEL: &str = "berth.cache=keep";
+
+/// What a job's dockerd sheds before its disk is committed to a project
+/// cache: every container (running ones killed), every volume without
+/// [`KEEP_VOLUME_LABEL`], and the networks no container uses. Images and
+/// the build cache stay. `named_need_all`: the dockerd prunes named
+/// volumes only when asked with the `all` filter (API 1.42, dockerd 23 on;
+/// older ones prune them all and refuse the filter).
+pub async fn shed_for_commit(socket: &Path, named_need_all: bool) -> Result<(), String> {
+    let list = call(socket, hyper::Method::GET, "/containers/json?all=1").await?;
+    let containers: Vec<serde_json::Value> =
+        serde_json::from_slice(&list).map_err(|e| e.to_string())?;
+    for c in containers {
+        let Some(id) = c.get("Id").and_then(|i| i.as_str()) else {
+            continue;
+        };
+        call(
+            socket,
+            hyper::Method::DELETE,
+            &format!("/containers/{id}?force=1&v=1"),
+        )
+        .await?;
+    }
+    let mut filters = serde_json::json!({ "label!": { KEEP_VOLUME_LABEL: true } });
+    if named_need_all {
+        filters["all"] = serde_json::json!({ "true": true });
+    }
+    let filters = filters.to_string();
+    call(
+        socket,
+        hyper::Method::POST,
+        &format!(
+            "/volumes/prune?filters={}",
+            form_urlencoded::byte_serialize(filters.as_bytes()).collect::<String>()
+        ),
+    )
+    .await?;
+    call(socket, hyper::Method::POST, "/networks/prune").await?;
+    Ok(())
 }

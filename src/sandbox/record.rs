@@ -28,6 +28,13 @@ pub struct JobRecord {
     /// pid 1 of the job's pid namespace, as seen from the host.
     pub init_pid: Option<u32>,
     pub created_unix: u64,
+    /// The project cache the job started from and may commit to.
+    #[serde(default)]
+    pub cache_key: Option<super::fs::caches::Key>,
+    /// The job's disk image where it is not `<job>/disk.img`: a keyed job's
+    /// lives in the project caches' pool.
+    #[serde(default)]
+    pub disk_image: Option<std::path::PathBuf>,
 }
 
 pub fn jobs_dir(state_dir: &Path) -> PathBuf {
@@ -89,11 +96,14 @@ mod tests {
             monitor_pid: Some(42),
             init_pid: None,
             created_unix: 1,
+            cache_key: Some(super::super::fs::caches::Key::new("org/app").unwrap()),
+            disk_image: None,
         };
         r.save(&d).unwrap();
         let back = JobRecord::load(&d, "abc").unwrap();
         assert_eq!(back.slot, 3);
         assert_eq!(back.monitor_pid, Some(42));
+        assert_eq!(back.cache_key, r.cache_key);
         let mode = std::fs::metadata(record_path(&d, "abc"))
             .unwrap()
             .permissions()

@@ -423,6 +423,19 @@ pub fn idmapped_clone(
     userns: std::os::fd::BorrowedFd<'_>,
     readonly: bool,
 ) -> Result<std::os::fd::OwnedFd, SysError> {
+    idmapped_clone_with(dir, path, userns, readonly, true)
+}
+
+/// [`idmapped_clone`], `nosuid` and `nodev` only with `nosuid_nodev`: a
+/// job's own disk goes without them, as its plain mount does (see
+/// `fs::disk::create`).
+pub fn idmapped_clone_with(
+    dir: std::os::fd::BorrowedFd<'_>,
+    path: &Path,
+    userns: std::os::fd::BorrowedFd<'_>,
+    readonly: bool,
+    nosuid_nodev: bool,
+) -> Result<std::os::fd::OwnedFd, SysError> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let empty = c"";
     let recursive = if readonly { AT_RECURSIVE } else { 0 };
@@ -447,7 +460,10 @@ pub fn idmapped_clone(
     }
     // SAFETY: the kernel just returned this descriptor to us.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut set = MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    let mut set = MOUNT_ATTR_IDMAP;
+    if nosuid_nodev {
+        set |= MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    }
     if readonly {
         set |= MOUNT_ATTR_RDONLY;
     }

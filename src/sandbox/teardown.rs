@@ -88,6 +88,64 @@ impl Engine {
         }
     }
 
+    /// Ends a keyed job and makes its disk its key's new project cache:
+    /// containers, unlabelled volumes and unused networks shed, dockerd
+    /// stopped, the job torn down, then its disk, once no mount of it is
+    /// left, committed whole. A job whose disk cannot be committed is torn
+    /// down all the same, and the key keeps its state.
+    pub async fn teardown_committing(
+        &self,
+        id: &str,
+    ) -> Result<(Teardown, super::fs::caches::KeyInfo), SandboxError> {
+        let sb = self
+            .get(id)
+            .ok_or_else(|| SandboxError::NoSuchJob(id.into()))?;
+        let rec = sb.record();
+        let (Some(key), Some(image), Some(pool)) = (
+            rec.cache_key.clone(),
+            rec.disk_image.clone(),
+            self.host.project_caches.as_ref(),
+        ) else {
+            self.teardown(id).await?;
+            return Err(SandboxError::Prerequisite(format!(
+                "job {id} has no cache key: nothing to commit"
+            )));
+        };
+        let named_need_all = self.host.engine.dockerd.version.major >= 23;
+        let shed = ping::shed_for_commit(&sb.socket(), named_need_all).await;
+        // dockerd stopped by its own hand, its stores complete on disk.
+        if let Some(init) = rec.init_pid {
+            sys::kill(init as i32, Signal::SIGTERM).ok();
+        }
+        let mut exited = sb.inner.exited.clone();
+        let stopped =
+            tokio::time::timeout(Duration::from_secs(30), exited.wait_for(|e| e.is_some()))
+                .await
+                .is_ok();
+        // Out of the teardown's way, which removes the job's image.
+        let kept = image.with_extension("commit");
+        let moved = std::fs::rename(&image, &kept);
+        let torn = self.teardown(id).await?;
+        let result = async {
+            shed.map_err(|e| start_err(id, format!("before the commit: {e}")))?;
+            if !stopped {
+                return Err(start_err(id, "dockerd did not stop within 30 s"));
+            }
+            moved.map_err(io("cannot move", &image))?;
+            released(&kept).await.map_err(|e| start_err(id, e))?;
+            pool.store
+                .commit(&key, &kept, id)
+                .map_err(|e| start_err(id, e))
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_file(&kept);
+        }
+        let info = result?;
+        tracing::info!(job = %id, key = %info.key, bytes = info.bytes, "project cache committed");
+        Ok((torn, info))
+    }
+
     /// The steps of a teardown, in order. True when something was killed.
     async fn end(&self, live: Option<&Sandbox>, rec: &JobRecord) -> Result<bool, SandboxError> {
         if let Some(sb) = live {
@@ -164,6 +222,13 @@ impl Engine {
             net::delete_link(&rec.id)?;
             let dir = record::job_dir(&cfg.state_dir, &rec.id);
             disk::remove(&dir, &dir.join("root"))?;
+            if let Some(image) = &rec.disk_image {
+                match std::fs::remove_file(image) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io("cannot remove", image)(e)),
+                }
+            }
             for entry in ["root", "api"] {
                 let p = dir.join(entry);
                 if p.exists() {
@@ -234,4 +299,34 @@ fn is_job_process(pid: u32, id: &str) -> bool {
             s.contains(HIDDEN_SUBCOMMAND) && s.contains(id)
         })
         .unwrap_or(false)
+}
+
+/// Waits until no loop device is backed by `image` any more: the last
+/// mount of the filesystem in it is gone and it was written out.
+async fn released(image: &std::path::Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if !loop_backed(image) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} is still in use by a loop device after 10 s",
+                image.display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether a loop device is backed by `image` (its backing file, as
+/// `/sys/block/loop*/loop/backing_file` names it, is `image`).
+fn loop_backed(image: &std::path::Path) -> bool {
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return false;
+    };
+    rd.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+        .any(|b| std::path::Path::new(b.trim_end()) == image)
 }

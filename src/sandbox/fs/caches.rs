@@ -39,6 +39,17 @@ pub enum CacheError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cache store: cannot run {tool}: {source} (apt-get install xfsprogs)")]
+    Spawn {
+        tool: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cache store: {tool} failed for {path}: {stderr}")]
+    Tool {
+        tool: &'static str,
+        path: PathBuf,
+        stderr: String,
+    },
     #[error(
         "cache store: {path}: this filesystem cannot share blocks between files \
          (reflink): {source}; put the store on XFS (mkfs.xfs -m reflink=1) or btrfs"
@@ -386,6 +397,130 @@ impl Store {
     /// The store's directory (for `berth doctor` and the leak scanner).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+/// `[project_caches]` of the configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectCachesConfig {
+    /// Whether jobs may name a cache key.
+    pub enabled: bool,
+    /// Bound on what the store's keys take together; least recently used
+    /// keys go past it. Also the size of the store's own XFS filesystem
+    /// where the state dir's cannot share blocks.
+    pub total_bytes: u64,
+}
+
+impl Default for ProjectCachesConfig {
+    fn default() -> Self {
+        ProjectCachesConfig {
+            enabled: false,
+            total_bytes: 100 << 30,
+        }
+    }
+}
+
+/// Where keyed jobs' disks and the key store live: one filesystem that
+/// shares blocks between files, so a job's copy of a key is a reflink and
+/// its commit a rename. `<state>/project-caches`, on the state dir's own
+/// filesystem where it can (XFS, btrfs), else on an XFS filesystem in
+/// `<state>/project-caches.img` that the agent makes and mounts.
+#[derive(Debug)]
+pub struct Pool {
+    pub store: Store,
+    jobs: PathBuf,
+}
+
+impl Pool {
+    pub fn open(state_dir: &Path, cfg: &ProjectCachesConfig) -> Result<Pool, CacheError> {
+        let dir = state_dir.join("project-caches");
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+        if reflinks(&dir).is_err() {
+            let image = state_dir.join("project-caches.img");
+            if !image.exists() {
+                make_xfs(&image, cfg.total_bytes)?;
+            }
+            if !is_mount_point(&dir) {
+                let out = std::process::Command::new("mount")
+                    .args(["-t", "xfs", "-o", "loop"])
+                    .arg(&image)
+                    .arg(&dir)
+                    .output()
+                    .map_err(io(&image))?;
+                if !out.status.success() {
+                    return Err(CacheError::Tool {
+                        tool: "mount",
+                        path: image,
+                        stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
+                    });
+                }
+            }
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(&dir))?;
+            reflinks(&dir)?;
+        }
+        let jobs = dir.join("jobs");
+        std::fs::create_dir_all(&jobs).map_err(io(&jobs))?;
+        std::fs::set_permissions(&jobs, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(&jobs))?;
+        // A disk on its way to a commit when an earlier agent stopped: the
+        // key keeps its state.
+        for e in std::fs::read_dir(&jobs).map_err(io(&jobs))?.flatten() {
+            if e.path().extension().is_some_and(|x| x == "commit") {
+                std::fs::remove_file(e.path()).map_err(io(&e.path()))?;
+            }
+        }
+        let (store, recovered) = Store::open(&dir.join("keys"))?;
+        for p in &recovered.removed {
+            tracing::info!(path = %p.display(), "project cache: removed what an interrupted commit left");
+        }
+        Ok(Pool { store, jobs })
+    }
+
+    /// Where job `id`'s disk image is, when the job has a cache key.
+    pub fn job_image(&self, id: &str) -> PathBuf {
+        self.jobs.join(format!("{id}.img"))
+    }
+}
+
+/// A sparse file of `bytes` with an XFS filesystem that shares blocks.
+fn make_xfs(image: &Path, bytes: u64) -> Result<(), CacheError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(image)
+        .map_err(io(image))?;
+    f.set_len(bytes).map_err(io(image))?;
+    drop(f);
+    let out = std::process::Command::new("mkfs.xfs")
+        .args(["-q", "-m", "reflink=1"])
+        .arg(image)
+        .output()
+        .map_err(|source| CacheError::Spawn {
+            tool: "mkfs.xfs",
+            source,
+        })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(image);
+        return Err(CacheError::Tool {
+            tool: "mkfs.xfs",
+            path: image.into(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `dir` is the root of a mount (its device differs from its
+/// parent's).
+fn is_mount_point(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) {
+        (Ok(d), Some(Ok(p))) => d.dev() != p.dev(),
+        _ => false,
     }
 }
 

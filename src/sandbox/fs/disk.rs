@@ -70,6 +70,63 @@ pub fn create(job_dir: &Path, root: &Path, bytes: u64, owner: u32) -> Result<(),
     Ok(())
 }
 
+/// Where an idmapped disk is mounted as it is on disk, for the agent to
+/// lay out before the job's view of it is attached (see [`attach_idmapped`]).
+pub const STAGING: &str = "disk";
+
+/// Mounts the job's filesystem, from `image` (made with `bytes` and root
+/// owner 0 when it is not there yet), as it is on disk at the job's
+/// staging directory: its files carry the ids of the job's namespace
+/// (0..65535), whatever host range the job runs in, so that another job
+/// can start from a copy of it. Returns the staging directory, for the
+/// agent to lay the job's files out in before [`attach_idmapped`].
+pub fn create_staged(job_dir: &Path, image: &Path, bytes: u64) -> Result<PathBuf, DiskError> {
+    if !image.exists() {
+        make_image(image, bytes, 0)?;
+    }
+    let staging = job_dir.join(STAGING);
+    let err = |source| DiskError::Image {
+        path: staging.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&staging).map_err(err)?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    mount_image(image, &staging, "loop")?;
+    let lost = staging.join("lost+found");
+    if lost.exists() {
+        std::fs::remove_dir(&lost).map_err(err)?;
+    }
+    Ok(staging)
+}
+
+/// Attaches the staged filesystem on `root` seen through `userns` (which
+/// maps 0..65535 onto the job's range), then unmounts the staging mount:
+/// the job's view is the only one left.
+pub fn attach_idmapped(
+    job_dir: &Path,
+    root: &Path,
+    userns: std::os::fd::BorrowedFd<'_>,
+) -> Result<(), DiskError> {
+    use super::super::sys;
+    let staging = job_dir.join(STAGING);
+    let sys_err = |e: sys::SysError| DiskError::Tool {
+        tool: "idmapped mount",
+        path: staging.clone(),
+        stderr: e.to_string(),
+    };
+    let dir = sys::open_dir_nofollow(&staging, true).map_err(sys_err)?;
+    let tree = sys::idmapped_clone_with(
+        std::os::fd::AsFd::as_fd(&dir),
+        &staging,
+        userns,
+        false,
+        false,
+    )
+    .map_err(sys_err)?;
+    sys::attach_tree(std::os::fd::AsFd::as_fd(&tree), root).map_err(sys_err)?;
+    unmount(&staging)
+}
+
 /// A new sparse image (0600) of `bytes` holding an ext4 filesystem whose
 /// root belongs to host id `owner`.
 pub fn make_image(image: &Path, bytes: u64, owner: u32) -> Result<(), DiskError> {
@@ -119,6 +176,7 @@ pub fn mount_image(image: &Path, root: &Path, options: &str) -> Result<(), DiskE
 /// image. Idempotent.
 pub fn remove(job_dir: &Path, root: &Path) -> Result<(), DiskError> {
     unmount(root)?;
+    unmount(&job_dir.join(STAGING))?;
     let image = job_dir.join(IMAGE);
     match std::fs::remove_file(&image) {
         Ok(()) => Ok(()),

@@ -1,0 +1,212 @@
+//! Warm starts per project (docs/caches.md): a keyed job starts from a
+//! reflink copy of what the key's last commit left, through an idmapped
+//! mount onto its own id range; concurrent jobs of one key never see each
+//! other's writes; a commit is whole and the later of two wins. Runs as
+//! root; fails loudly when a prerequisite is missing.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use berth::sandbox::fs::caches::{Key, ProjectCachesConfig};
+use berth::sandbox::{Engine, SandboxConfig};
+use common::*;
+
+fn engine_with_caches(cfg: SandboxConfig) -> Engine {
+    require_tools(&[(&["mkfs.xfs", "-V"], "apt-get install xfsprogs")]);
+    let cfg = SandboxConfig {
+        project_caches: ProjectCachesConfig {
+            enabled: true,
+            total_bytes: 8 << 30,
+        },
+        ..cfg
+    };
+    // A pool left by an earlier run starts over: the test counts its keys.
+    let pool = cfg.state_dir.join("project-caches");
+    let _ = std::process::Command::new("umount")
+        .arg(&pool)
+        .stderr(std::process::Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir_all(&pool);
+    let _ = std::fs::remove_file(cfg.state_dir.join("project-caches.img"));
+    Engine::new(cfg).expect("engine")
+}
+
+fn images(sock: &Path) -> Vec<String> {
+    let mut v: Vec<String> = docker_ok(sock, &["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+fn lines(text: String) -> Vec<String> {
+    let mut v: Vec<String> = text.lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+/// The whole life of a key on `cfg`'s engine: an empty start, a build and
+/// a commit, two concurrent copies, two commits, a job that does not
+/// commit.
+fn keyed_cycle(cfg: SandboxConfig) {
+    let rt = rt();
+    let e = engine_with_caches(cfg);
+    let key = Key::new("org/app").unwrap();
+
+    // The first job of the key starts empty, builds, and commits.
+    let a = rt.block_on(e.start_keyed(None, &[], Some(&key))).unwrap();
+    let s = a.socket();
+    assert_eq!(images(&s), Vec::<String>::new());
+    import_busybox(&s);
+    let ctx = std::env::temp_dir().join(format!("berth-caches-ctx-{}", a.id()));
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:test\nRUN echo built-once > /built\nCMD [\"cat\", \"/built\"]\n",
+    )
+    .unwrap();
+    docker_ok(&s, &["build", "-q", "-t", "app:1", ctx.to_str().unwrap()]);
+    docker_ok(
+        &s,
+        &["volume", "create", "--label", "berth.cache=keep", "kept"],
+    );
+    docker_ok(&s, &["volume", "create", "dropped"]);
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "kept:/k",
+            "busybox:test",
+            "sh",
+            "-c",
+            "echo kept > /k/f",
+        ],
+    );
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "left",
+            "busybox:test",
+            "sleep",
+            "1000",
+        ],
+    );
+    let (_, info) = rt.block_on(e.teardown_committing(a.id())).unwrap();
+    assert_eq!(info.key, key);
+    assert_eq!(info.committed_by, a.id());
+
+    // Two jobs of the key at once: each has the build and the kept volume,
+    // none of the containers or other volumes, and its files carry its own
+    // host ids.
+    let b = rt.block_on(e.start_keyed(None, &[], Some(&key))).unwrap();
+    let c = rt.block_on(e.start_keyed(None, &[], Some(&key))).unwrap();
+    for j in [&b, &c] {
+        let s = j.socket();
+        assert_eq!(images(&s), ["app:1", "busybox:test"]);
+        assert_eq!(
+            docker_ok(&s, &["run", "--rm", "app:1"]).trim(),
+            "built-once"
+        );
+        assert_eq!(lines(docker_ok(&s, &["volume", "ls", "-q"])), ["kept"]);
+        assert_eq!(
+            docker_ok(
+                &s,
+                &[
+                    "run",
+                    "--rm",
+                    "-v",
+                    "kept:/k",
+                    "busybox:test",
+                    "cat",
+                    "/k/f"
+                ]
+            )
+            .trim(),
+            "kept"
+        );
+        assert_eq!(
+            docker_ok(&s, &["ps", "-aq", "--filter", "name=left"]).trim(),
+            ""
+        );
+        let data = e
+            .config()
+            .state_dir
+            .join("jobs")
+            .join(j.id())
+            .join("root/data");
+        assert_eq!(std::fs::metadata(&data).unwrap().uid(), j.record().host_id);
+    }
+    assert_ne!(b.record().host_id, c.record().host_id);
+
+    // What one writes, the other does not see.
+    docker_ok(&b.socket(), &["tag", "app:1", "app:from-b"]);
+    assert!(!images(&c.socket()).contains(&"app:from-b".to_string()));
+
+    // Both commit: the later commit is the key's state, whole.
+    rt.block_on(e.teardown_committing(b.id())).unwrap();
+    docker_ok(&c.socket(), &["tag", "app:1", "app:from-c"]);
+    rt.block_on(e.teardown_committing(c.id())).unwrap();
+    let d = rt.block_on(e.start_keyed(None, &[], Some(&key))).unwrap();
+    assert_eq!(images(&d.socket()), ["app:1", "app:from-c", "busybox:test"]);
+
+    // A job that ends without a commit leaves the key as it was.
+    docker_ok(&d.socket(), &["tag", "app:1", "app:from-d"]);
+    rt.block_on(e.teardown(d.id())).unwrap();
+    let f = rt.block_on(e.start_keyed(None, &[], Some(&key))).unwrap();
+    assert_eq!(images(&f.socket()), ["app:1", "app:from-c", "busybox:test"]);
+    let traces = Traces::capture(&e, &f);
+    rt.block_on(e.teardown(f.id())).unwrap();
+    traces.assert_gone();
+
+    // Nothing of a job is left in the pool, and the key has one state.
+    let pool = e.config().state_dir.join("project-caches");
+    assert_eq!(std::fs::read_dir(pool.join("jobs")).unwrap().count(), 0);
+    let keys = berth::sandbox::fs::caches::Store::open(&pool.join("keys"))
+        .unwrap()
+        .0
+        .list()
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].committed_by, c.id());
+    let _ = std::fs::remove_dir_all(&ctx);
+}
+
+#[test]
+fn a_keyed_job_starts_from_the_last_commit_and_concurrent_copies_stay_apart() {
+    if !prerequisites() {
+        return;
+    }
+    keyed_cycle(engine_config(78, "caches"));
+}
+
+#[test]
+fn a_keyed_job_starts_from_the_last_commit_on_debian13s_engine() {
+    if !prerequisites() {
+        return;
+    }
+    keyed_cycle(with_debian13_engine(engine_config(80, "caches-d13")));
+}
+
+#[test]
+fn a_cache_key_without_project_caches_is_refused_with_the_setting() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let e = engine(79, "caches-off");
+    let key = Key::new("org/app").unwrap();
+    let err = rt
+        .block_on(e.start_keyed(None, &[], Some(&key)))
+        .err()
+        .expect("a keyed job without project caches")
+        .to_string();
+    assert!(err.contains("[project_caches] enabled = true"), "{err}");
+}
