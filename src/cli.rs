@@ -29,6 +29,24 @@ pub enum LogFormat {
     Json,
 }
 
+/// A job's project cache (`job create`).
+#[derive(clap::Args, Debug, Default)]
+pub struct CacheArgs {
+    /// Start from this project cache (empty the first time), and commit to
+    /// it at the end (see --cache-commit).
+    #[arg(long, value_name = "KEY", conflicts_with = "cache_from")]
+    cache_key: Option<String>,
+    /// When the job's disk becomes its key's cache: on-success (when `job
+    /// rm --outcome success` ends it), always, never.
+    #[arg(long, value_name = "WHEN", requires = "cache_key",
+          value_parser = ["on-success", "always", "never"])]
+    cache_commit: Option<String>,
+    /// Start from this project cache and never commit (a pull request's
+    /// job).
+    #[arg(long, value_name = "KEY")]
+    cache_from: Option<String>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the mutual-TLS front door (Docker API of every job, and the job API).
@@ -172,6 +190,8 @@ pub enum JobCmd {
         /// DIR:root: root in the job writes as its owner; DIR:UID: that uid.
         #[arg(long = "workspace", value_name = "DIR[:root|:UID]")]
         workspaces: Vec<crate::sandbox::WorkspaceRequest>,
+        #[command(flatten)]
+        cache: Box<CacheArgs>,
     },
     /// List the agent's jobs.
     Ls {
@@ -185,6 +205,10 @@ pub enum JobCmd {
         #[command(flatten)]
         agent: AgentArgs,
         id: String,
+        /// How the job ended: a job with a cache key commits on success
+        /// (--cache-commit on-success).
+        #[arg(long, value_parser = ["success", "failure"])]
+        outcome: Option<String>,
     },
     /// What a job did with its daemon: one line per request (kept after the job ends).
     Audit {
@@ -308,6 +332,8 @@ struct FileConfig {
     #[serde(default)]
     workspaces: crate::sandbox::fs::workspaces::WorkspacesConfig,
     #[serde(default)]
+    project_caches: crate::sandbox::fs::caches::ProjectCachesConfig,
+    #[serde(default)]
     policy: crate::frontdoor::policy::Policy,
     #[serde(default)]
     token: crate::oidc::TokenConfig,
@@ -351,6 +377,7 @@ fn load_file_unvalidated(args: &EngineArgs) -> Result<FileConfig, CliError> {
     cfg.sandbox.registries = cfg.registries.clone();
     cfg.sandbox.cache = cfg.cache.clone();
     cfg.sandbox.workspaces = cfg.workspaces.clone();
+    cfg.sandbox.project_caches = cfg.project_caches.clone();
     cfg.serve.policy = cfg.policy.clone();
     cfg.serve.token = cfg.token.clone();
     Ok(cfg)
@@ -593,8 +620,19 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
             token_endpoint,
             ca,
             workspaces,
+            cache,
         } => {
             let mut spec = serde_json::Map::new();
+            let cache = *cache;
+            for (field, value) in [
+                ("cache_key", cache.cache_key),
+                ("cache_commit", cache.cache_commit),
+                ("cache_from", cache.cache_from),
+            ] {
+                if let Some(v) = value {
+                    spec.insert(field.into(), v.into());
+                }
+            }
             if let Some(t) = ttl {
                 let d = crate::duration::parse(&t, "--ttl").map_err(CliError::Usage)?;
                 spec.insert("ttl".into(), crate::duration::format(d).into());
@@ -689,9 +727,9 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
             }
             Ok(())
         }
-        JobCmd::Rm { agent, id } => {
+        JobCmd::Rm { agent, id, outcome } => {
             let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
-            client.delete(&id).await?;
+            client.delete_with(&id, outcome.as_deref()).await?;
             println!("removed {id}");
             Ok(())
         }

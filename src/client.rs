@@ -149,8 +149,17 @@ impl AgentClient {
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
-        self.send(self.http.delete(format!("{}/jobs/{id}", self.base)))
-            .await?;
+        self.delete_with(id, None).await
+    }
+
+    /// Ends job `id`, saying how it ended (`success`, `failure`): a job
+    /// with a cache key commits on it.
+    pub async fn delete_with(&self, id: &str, outcome: Option<&str>) -> Result<(), ClientError> {
+        let mut req = self.http.delete(format!("{}/jobs/{id}", self.base));
+        if let Some(o) = outcome {
+            req = req.query(&[("outcome", o)]);
+        }
+        self.send(req).await?;
         Ok(())
     }
 }

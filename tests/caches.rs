@@ -208,5 +208,86 @@ fn a_cache_key_without_project_caches_is_refused_with_the_setting() {
         .err()
         .expect("a keyed job without project caches")
         .to_string();
-    assert!(err.contains("[project_caches] enabled = true"), "{err}");
+    assert!(
+        err.contains(
+            "cache_key: this agent keeps no project caches ([project_caches] enabled = true"
+        ),
+        "{err}"
+    );
+}
+
+fn tls_images(job: &TlsJob) -> Vec<String> {
+    let mut v: Vec<String> =
+        docker_tls_ok(job, &["images", "--format", "{{.Repository}}:{{.Tag}}"])
+            .lines()
+            .map(str::to_string)
+            .collect();
+    v.sort();
+    v
+}
+
+/// Through the front door, as a CI system drives it: `berth job create
+/// --cache-key`, the docker CLI over mutual TLS, `berth job rm --outcome`.
+/// A failed job does not commit; a successful one does; a job started with
+/// `--cache-from` reads the key and never writes it; options that do not
+/// go together are refused.
+#[test]
+fn the_cli_commits_on_success_and_cache_from_never_writes() {
+    if !prerequisites() {
+        return;
+    }
+    let e = std::sync::Arc::new(engine_with_caches(engine_config(81, "caches-door")));
+    let fd = FrontDoor::start_engine(e, "caches-door", |_| {});
+    let rm = |id: &str, outcome: &str| {
+        let o = fd.job_cli(&["rm", id, "--outcome", outcome]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let busybox = busybox_tar();
+
+    // A failing job of the key: nothing committed.
+    let a = fd.create_job(&["--cache-key", "org/app"]);
+    assert_eq!(tls_images(&a), Vec::<String>::new());
+    let o = docker_tls_stdin(&a, &["import", "-", "busybox:test"], Some(busybox));
+    assert!(o.status.success());
+    rm(&a.id, "failure");
+    let b = fd.create_job(&["--cache-key", "org/app"]);
+    assert_eq!(tls_images(&b), Vec::<String>::new());
+
+    // A successful one: committed.
+    let o = docker_tls_stdin(&b, &["import", "-", "busybox:test"], Some(busybox));
+    assert!(o.status.success());
+    rm(&b.id, "success");
+    let c = fd.create_job(&["--cache-from", "org/app"]);
+    assert_eq!(tls_images(&c), ["busybox:test"]);
+
+    // A reader's success commits nothing.
+    docker_tls_ok(&c, &["tag", "busybox:test", "from-a-pull-request:1"]);
+    rm(&c.id, "success");
+    let d = fd.create_job(&["--cache-key", "org/app", "--cache-commit", "never"]);
+    assert_eq!(tls_images(&d), ["busybox:test"]);
+    rm(&d.id, "success");
+
+    // Another key sees none of it.
+    let other = fd.create_job(&["--cache-key", "org/other"]);
+    assert_eq!(tls_images(&other), Vec::<String>::new());
+    rm(&other.id, "failure");
+
+    // The options that do not go together: refused before any job starts.
+    for (args, why) in [
+        (
+            vec!["--cache-commit", "always"],
+            "required arguments were not provided:\n  --cache-key <KEY>",
+        ),
+        (
+            vec!["--cache-key", "a", "--cache-from", "b"],
+            "cannot be used with",
+        ),
+    ] {
+        let o = fd.job_cli(&[&["create"][..], &args[..]].concat());
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(why), "{err}");
+    }
+    let o = fd.job_cli(&["rm", "0123456789ab", "--outcome", "maybe"]);
+    assert!(!o.status.success());
 }

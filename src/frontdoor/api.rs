@@ -21,7 +21,7 @@ use super::http::{
     HttpLimits, Own, error_response, is_json, json_response, read_body, serve_small,
 };
 use super::policy::{self, Denial};
-use crate::jobs::{CreateJob, JobError, JobView, Jobs};
+use crate::jobs::{CreateJob, JobError, JobView, Jobs, Outcome};
 use crate::pki::valid_job_id;
 
 const MAX_BODY: usize = 64 * 1024;
@@ -72,6 +72,7 @@ async fn handle(
     body_idle: Duration,
 ) -> Response<Own> {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let query = req.uri().query().unwrap_or_default().to_string();
     if let Err(Denial {
         rule,
         status,
@@ -138,7 +139,11 @@ async fn handle(
             if let Err(s) = valid_id(&id) {
                 return error_response(s, &format!("berth: no such job: {id}"));
             }
-            match jobs.delete(&id).await {
+            let outcome = match outcome_of(&query) {
+                Ok(o) => o,
+                Err(why) => return error_response(StatusCode::BAD_REQUEST, &why),
+            };
+            match jobs.delete_with(&id, outcome).await {
                 Ok(()) => {
                     tracing::info!(job = %id, client = %peer, "job deleted");
                     let mut r = Response::new(Full::new(Bytes::new()));
@@ -153,6 +158,29 @@ async fn handle(
         }
         _ => method_not_allowed(),
     }
+}
+
+/// `DELETE /berth/v1/jobs/{id}?outcome=success|failure`: how the job
+/// ended, as its caller says (a keyed job commits on it).
+fn outcome_of(query: &str) -> Result<Outcome, String> {
+    let mut outcome = Outcome::Unknown;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match (k.as_ref(), v.as_ref()) {
+            ("outcome", "success") => outcome = Outcome::Success,
+            ("outcome", "failure") => outcome = Outcome::Failure,
+            ("outcome", other) => {
+                return Err(format!(
+                    "berth: outcome={other:?}: a job ends with outcome=success or outcome=failure"
+                ));
+            }
+            (other, _) => {
+                return Err(format!(
+                    "berth: unknown parameter {other:?} (DELETE takes outcome=success|failure)"
+                ));
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 fn method_not_allowed() -> Response<Own> {
@@ -290,7 +318,7 @@ pub(super) fn created(
 /// Why a job was not made: the client's fault a 400, no room a 503.
 pub(super) fn create_failed(e: &JobError) -> Response<Own> {
     match e {
-        JobError::TtlTooLong { .. } | JobError::TtlTooShort => {
+        JobError::TtlTooLong { .. } | JobError::TtlTooShort | JobError::BadCache(_) => {
             error_response(StatusCode::BAD_REQUEST, &format!("berth: {e}"))
         }
         JobError::Sandbox(crate::sandbox::SandboxError::Config(e)) => {

@@ -228,6 +228,10 @@ impl TokenDoor {
             limits: g.limits.clone(),
             labels: g.labels.clone(),
             workspaces: ask.workspaces,
+            // No token rule grants a project cache.
+            cache_key: None,
+            cache_commit: None,
+            cache_from: None,
         };
         match self.jobs.create(spec).await {
             Ok((view, bundle)) => {

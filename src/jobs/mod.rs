@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{Audit, Record};
 use crate::metrics::{Metrics, Snapshot};
 use crate::pki::{Bundle, Ca, Identity, PkiError};
+use crate::sandbox::fs::caches::Key;
 use crate::sandbox::slots::SlotError;
 use crate::sandbox::{Engine, Limits, PortRange, SandboxError, Status, WorkspaceRequest};
 
@@ -44,6 +45,41 @@ pub enum JobError {
     NotFound(String),
     #[error("the agent is shutting down")]
     ShuttingDown,
+    #[error("{0}")]
+    BadCache(String),
+}
+
+/// When a keyed job's disk becomes its key's new project cache: at its
+/// end, as its caller reports it (`DELETE …?outcome=success`); always;
+/// or never.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheCommit {
+    #[default]
+    OnSuccess,
+    Always,
+    Never,
+}
+
+/// How a job ended, as the caller that removes it says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+    /// Not said (or the job expired).
+    #[default]
+    Unknown,
+}
+
+impl CacheCommit {
+    /// Whether a job ending with `outcome` commits.
+    pub fn commits(self, outcome: Outcome) -> bool {
+        match self {
+            CacheCommit::Always => true,
+            CacheCommit::OnSuccess => outcome == Outcome::Success,
+            CacheCommit::Never => false,
+        }
+    }
 }
 
 /// Why a job identity does not open a daemon.
@@ -91,6 +127,36 @@ pub struct CreateJob {
     /// Host directories bound into the job at their own path.
     #[serde(default)]
     pub workspaces: Vec<WorkspaceRequest>,
+    /// The project cache the job starts from and commits to.
+    #[serde(default)]
+    pub cache_key: Option<Key>,
+    /// When it commits (with `cache_key`).
+    #[serde(default)]
+    pub cache_commit: Option<CacheCommit>,
+    /// A project cache the job starts from and never commits to.
+    #[serde(default)]
+    pub cache_from: Option<Key>,
+}
+
+impl CreateJob {
+    /// The key the job starts from and when it commits; a refusal names
+    /// the fields that do not go together.
+    fn cache(&self) -> Result<Option<(Key, CacheCommit)>, JobError> {
+        match (&self.cache_key, &self.cache_from, self.cache_commit) {
+            (Some(_), Some(_), _) => Err(JobError::BadCache(
+                "cache_key and cache_from exclude each other: a job reads and commits one \
+                 key, or reads one without committing"
+                    .into(),
+            )),
+            (None, Some(_), Some(_)) => Err(JobError::BadCache(
+                "cache_commit needs cache_key: a job started with cache_from never commits".into(),
+            )),
+            (None, None, Some(_)) => Err(JobError::BadCache("cache_commit needs cache_key".into())),
+            (Some(k), None, c) => Ok(Some((k.clone(), c.unwrap_or_default()))),
+            (None, Some(k), None) => Ok(Some((k.clone(), CacheCommit::Never))),
+            (None, None, None) => Ok(None),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,6 +183,8 @@ struct Meta {
     expires: SystemTime,
     labels: BTreeMap<String, String>,
     workspaces: Vec<std::path::PathBuf>,
+    /// When the job commits to its key (`Never` without one).
+    commit: CacheCommit,
     /// Its teardown has begun: the certificate opens nothing any more, but
     /// the job stays listed until its last trace is gone.
     ending: bool,
@@ -220,9 +288,10 @@ impl Jobs {
         kind: &'static str,
         limits: Option<Limits>,
         workspaces: &[WorkspaceRequest],
+        key: Option<&Key>,
     ) -> Result<crate::sandbox::Sandbox, SandboxError> {
         let t0 = std::time::Instant::now();
-        let r = self.engine.start_job(limits, workspaces).await;
+        let r = self.engine.start_keyed(limits, workspaces, key).await;
         match &r {
             Ok(_) => self.metrics.started(kind, t0.elapsed()),
             Err(e) => self.metrics.start_failed(e.reason()),
@@ -251,7 +320,11 @@ impl Jobs {
         standard: bool,
         limits: Option<Limits>,
         workspaces: &[WorkspaceRequest],
+        key: Option<&Key>,
     ) -> Result<crate::sandbox::Sandbox, JobError> {
+        // A warm sandbox's disk is fixed when its dockerd starts: a keyed
+        // job starts from its key.
+        let standard = standard && key.is_none();
         if standard && !workspaces.is_empty() {
             // Refused before a warm sandbox is spent on it.
             self.engine.check_workspaces(workspaces).await?;
@@ -263,7 +336,10 @@ impl Jobs {
             return Ok(sb);
         }
         loop {
-            match self.start_sandbox("job", limits.clone(), workspaces).await {
+            match self
+                .start_sandbox("job", limits.clone(), workspaces, key)
+                .await
+            {
                 Err(SandboxError::Slot(SlotError::Exhausted { .. }))
                     if self.pool_holds_ranges() =>
                 {
@@ -350,8 +426,14 @@ impl Jobs {
             .limits
             .as_ref()
             .is_none_or(|l| l.or(defaults) == *defaults);
+        let cache = req.cache()?;
         let sb = self
-            .sandbox_for(standard, req.limits, &req.workspaces)
+            .sandbox_for(
+                standard,
+                req.limits,
+                &req.workspaces,
+                cache.as_ref().map(|(k, _)| k),
+            )
             .await?;
         self.refill_pool();
         let created = SystemTime::now();
@@ -374,6 +456,7 @@ impl Jobs {
                 expires,
                 labels: req.labels,
                 workspaces: req.workspaces.iter().map(|w| w.path.clone()).collect(),
+                commit: cache.map_or(CacheCommit::Never, |(_, c)| c),
                 ending: false,
             },
         );
@@ -453,8 +536,14 @@ impl Jobs {
 
     /// Ends a job: from now on its certificate opens nothing.
     pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), JobError> {
+        self.delete_with(id, Outcome::Unknown).await
+    }
+
+    /// Tears job `id` down, committing its disk to its key where the job
+    /// asked for that on `outcome`.
+    pub async fn delete_with(self: &Arc<Self>, id: &str, outcome: Outcome) -> Result<(), JobError> {
         let (me, id) = (self.clone(), id.to_string());
-        self.on_agent(async move { me.delete_here(&id).await })
+        self.on_agent(async move { me.delete_ending(&id, outcome).await })
             .await
     }
 
@@ -462,15 +551,35 @@ impl Jobs {
     /// gone; a failed teardown keeps it listed (`teardown-failed`) and the
     /// janitor retries it.
     async fn delete_here(self: &Arc<Self>, id: &str) -> Result<(), JobError> {
-        let ours = match self.meta.locked().get_mut(id) {
+        self.delete_ending(id, Outcome::Unknown).await
+    }
+
+    async fn delete_ending(self: &Arc<Self>, id: &str, outcome: Outcome) -> Result<(), JobError> {
+        let (ours, commit) = match self.meta.locked().get_mut(id) {
             Some(m) => {
+                let first = !m.ending;
                 m.ending = true;
-                true
+                (true, first && m.commit.commits(outcome))
             }
-            None => false,
+            None => (false, false),
         };
         if !ours && !self.engine.stuck().iter().any(|(s, _)| s == id) {
             return Err(JobError::NotFound(id.into()));
+        }
+        if commit {
+            match self.engine.teardown_committing(id).await {
+                Ok((t, info)) => {
+                    self.metrics.torn_down(t.took);
+                    tracing::info!(job = %id, key = %info.key, "job's disk committed to its key");
+                    self.forget(id);
+                    return Ok(());
+                }
+                // The job is torn down (or tearing down) whatever the
+                // commit did; the key keeps its state.
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "the commit to the job's key failed; the key keeps its state");
+                }
+            }
         }
         match self.end(id).await {
             // NoSuchJob: another teardown of it finished first.
@@ -581,6 +690,41 @@ impl Jobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_reads_and_commits_one_key_or_reads_one_without_committing() {
+        let k = |t: &str| Some(Key::new(t).unwrap());
+        let job = |key, commit, from| CreateJob {
+            cache_key: key,
+            cache_commit: commit,
+            cache_from: from,
+            ..Default::default()
+        };
+        assert_eq!(job(None, None, None).cache().unwrap(), None);
+        assert_eq!(
+            job(k("a"), None, None).cache().unwrap(),
+            Some((Key::new("a").unwrap(), CacheCommit::OnSuccess))
+        );
+        assert_eq!(
+            job(None, None, k("a")).cache().unwrap(),
+            Some((Key::new("a").unwrap(), CacheCommit::Never))
+        );
+        for bad in [
+            job(k("a"), None, k("b")),
+            job(None, Some(CacheCommit::Always), k("b")),
+            job(None, Some(CacheCommit::Always), None),
+        ] {
+            assert!(matches!(bad.cache(), Err(JobError::BadCache(_))));
+        }
+        let parsed: CreateJob =
+            serde_json::from_str(r#"{"cache_key": "org/app", "cache_commit": "always"}"#).unwrap();
+        assert_eq!(parsed.cache_commit, Some(CacheCommit::Always));
+        assert!(serde_json::from_str::<CreateJob>(r#"{"cache_key": ""}"#).is_err());
+        assert!(CacheCommit::OnSuccess.commits(Outcome::Success));
+        assert!(!CacheCommit::OnSuccess.commits(Outcome::Unknown));
+        assert!(CacheCommit::Always.commits(Outcome::Failure));
+        assert!(!CacheCommit::Never.commits(Outcome::Success));
+    }
 
     #[test]
     fn create_requests_parse_strictly() {

@@ -56,7 +56,7 @@ impl Jobs {
         *slot = Some(self.rt.spawn(async move {
             while !me.closing.load(Ordering::SeqCst) && me.pooled() < me.pool_size {
                 me.warming.store(true, Ordering::SeqCst);
-                let started = me.start_sandbox("warm", None, &[]).await;
+                let started = me.start_sandbox("warm", None, &[], None).await;
                 me.warming.store(false, Ordering::SeqCst);
                 match started {
                     // Every range serves a job: nothing to warm until one ends.

@@ -55,9 +55,11 @@ impl Engine {
         key: Option<&Key>,
     ) -> Result<Sandbox, SandboxError> {
         if key.is_some() && self.host.project_caches.is_none() {
-            return Err(SandboxError::Prerequisite(
-                "a cache key needs project caches: [project_caches] enabled = true".into(),
-            ));
+            return Err(SandboxError::Config(config::ConfigError::Invalid {
+                key: "cache_key",
+                why: "this agent keeps no project caches ([project_caches] enabled = true turns them on)"
+                    .into(),
+            }));
         }
         // The shared store is the classic one's layout; a containerd store
         // loads the preloads into each job. A keyed job's images come from
@@ -156,9 +158,10 @@ impl Engine {
         );
         limits.validate()?;
         if key.is_some() && limits.disk().is_none() {
-            return Err(SandboxError::Prerequisite(
-                "a job with a cache key needs a disk of its own (disk_bytes above 0)".into(),
-            ));
+            return Err(SandboxError::Config(config::ConfigError::Invalid {
+                key: "limits.disk_bytes",
+                why: "a job with a cache key needs a disk of its own (disk_bytes above 0)".into(),
+            }));
         }
         let id = new_id();
         let cfg = self.cfg.clone();
