@@ -19,6 +19,7 @@ fn engine_with_caches(cfg: SandboxConfig) -> Engine {
         project_caches: ProjectCachesConfig {
             enabled: true,
             total_bytes: 8 << 30,
+            ..cfg.project_caches
         },
         ..cfg
     };
@@ -290,4 +291,85 @@ fn the_cli_commits_on_success_and_cache_from_never_writes() {
     }
     let o = fd.job_cli(&["rm", "0123456789ab", "--outcome", "maybe"]);
     assert!(!o.status.success());
+}
+
+/// A commit above `bytes_per_key` is refused and the key keeps its state;
+/// past `total_bytes`, the least recently used other key goes.
+#[test]
+fn the_stores_bounds_refuse_a_large_commit_and_evict_the_least_recently_used_key() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let mut cfg = engine_config(82, "caches-bounds");
+    cfg.project_caches.bytes_per_key = 160 << 20;
+    cfg.project_caches.total_bytes = 8 << 30;
+    let e = engine_with_caches(cfg);
+    let (small, big) = (Key::new("small").unwrap(), Key::new("big").unwrap());
+    for key in [&small, &big] {
+        let j = rt.block_on(e.start_keyed(None, &[], Some(key))).unwrap();
+        import_busybox(&j.socket());
+        let (_, info) = rt.block_on(e.teardown_committing(j.id())).unwrap();
+        assert!(info.bytes < 160 << 20, "{info:?}");
+    }
+    // 200 MiB more in a kept volume: above the bound.
+    let j = rt.block_on(e.start_keyed(None, &[], Some(&big))).unwrap();
+    let s = j.socket();
+    docker_ok(
+        &s,
+        &["volume", "create", "--label", "berth.cache=keep", "fat"],
+    );
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "fat:/f",
+            "busybox:test",
+            "dd",
+            "if=/dev/urandom",
+            "of=/f/x",
+            "bs=1M",
+            "count=200",
+        ],
+    );
+    let err = rt
+        .block_on(e.teardown_committing(j.id()))
+        .expect_err("a commit above bytes_per_key")
+        .to_string();
+    assert!(
+        err.contains("above bytes_per_key (167772160); the key keeps its state"),
+        "{err}"
+    );
+    let j = rt.block_on(e.start_keyed(None, &[], Some(&big))).unwrap();
+    assert_eq!(
+        lines(docker_ok(&j.socket(), &["volume", "ls", "-q"])),
+        Vec::<String>::new()
+    );
+    rt.block_on(e.teardown(j.id())).unwrap();
+    let pool = e.config().state_dir.join("project-caches");
+    assert_eq!(std::fs::read_dir(pool.join("jobs")).unwrap().count(), 0);
+
+    // The same store with room for about one key: the next commit of
+    // `big` evicts `small`, used least recently.
+    let store = || {
+        berth::sandbox::fs::caches::Store::open(&pool.join("keys"))
+            .unwrap()
+            .0
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|k| (k.key.to_string(), k.bytes))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let before = store();
+    assert_eq!(before.keys().collect::<Vec<_>>(), ["big", "small"]);
+    let mut cfg = e.config().clone();
+    drop(e);
+    cfg.project_caches.total_bytes = before["big"] + before["small"] / 2;
+    let e = Engine::new(cfg).expect("engine");
+    let j = rt.block_on(e.start_keyed(None, &[], Some(&big))).unwrap();
+    rt.block_on(e.teardown_committing(j.id())).unwrap();
+    assert_eq!(store().keys().collect::<Vec<_>>(), ["big"]);
 }

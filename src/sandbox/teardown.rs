@@ -133,9 +133,11 @@ impl Engine {
             }
             moved.map_err(io("cannot move", &image))?;
             released(&kept).await.map_err(|e| start_err(id, e))?;
-            pool.store
-                .commit(&key, &kept, id)
-                .map_err(|e| start_err(id, e))
+            let (info, evicted) = pool.commit(&key, &kept, id).map_err(|e| start_err(id, e))?;
+            for k in &evicted {
+                tracing::info!(key = %k.key, bytes = k.bytes, "project cache evicted (least recently used)");
+            }
+            Ok(info)
         }
         .await;
         if result.is_err() {

@@ -39,6 +39,11 @@ pub enum CacheError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "cache key {key}: the job's disk holds {bytes} bytes, above bytes_per_key ({bound}); \
+         the key keeps its state"
+    )]
+    TooLarge { key: Key, bytes: u64, bound: u64 },
     #[error("cache store: cannot run {tool}: {source} (apt-get install xfsprogs)")]
     Spawn {
         tool: &'static str,
@@ -410,6 +415,9 @@ pub struct ProjectCachesConfig {
     /// keys go past it. Also the size of the store's own XFS filesystem
     /// where the state dir's cannot share blocks.
     pub total_bytes: u64,
+    /// Bound on one key's state: a larger commit is refused and the key
+    /// keeps what it had.
+    pub bytes_per_key: u64,
 }
 
 impl Default for ProjectCachesConfig {
@@ -417,6 +425,7 @@ impl Default for ProjectCachesConfig {
         ProjectCachesConfig {
             enabled: false,
             total_bytes: 100 << 30,
+            bytes_per_key: 20 << 30,
         }
     }
 }
@@ -430,6 +439,8 @@ impl Default for ProjectCachesConfig {
 pub struct Pool {
     pub store: Store,
     jobs: PathBuf,
+    total_bytes: u64,
+    bytes_per_key: u64,
 }
 
 impl Pool {
@@ -476,7 +487,34 @@ impl Pool {
         for p in &recovered.removed {
             tracing::info!(path = %p.display(), "project cache: removed what an interrupted commit left");
         }
-        Ok(Pool { store, jobs })
+        Ok(Pool {
+            store,
+            jobs,
+            total_bytes: cfg.total_bytes,
+            bytes_per_key: cfg.bytes_per_key,
+        })
+    }
+
+    /// Commits `image` to `key` within the store's bounds: a state larger
+    /// than `bytes_per_key` is refused (the key keeps what it had); past
+    /// `total_bytes`, least recently used other keys go.
+    pub fn commit(
+        &self,
+        key: &Key,
+        image: &Path,
+        job: &str,
+    ) -> Result<(KeyInfo, Vec<KeyInfo>), CacheError> {
+        let bytes = allocated(image);
+        if bytes > self.bytes_per_key {
+            return Err(CacheError::TooLarge {
+                key: key.clone(),
+                bytes,
+                bound: self.bytes_per_key,
+            });
+        }
+        let info = self.store.commit(key, image, job)?;
+        let evicted = self.store.evict(self.total_bytes, &[key.clone()].into())?;
+        Ok((info, evicted))
     }
 
     /// Where job `id`'s disk image is, when the job has a cache key.
