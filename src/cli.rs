@@ -83,6 +83,9 @@ pub enum Command {
     /// Create, list and remove jobs on an agent.
     #[command(subcommand)]
     Job(JobCmd),
+    /// List and remove an agent's project caches (warm starts per key).
+    #[command(subcommand)]
+    Cache(CacheCmd),
     /// Whether an agent takes another job: exit 0 when it does (with at
     /// least --min-free jobs' room), 1 when it does not, 2 when it cannot be
     /// asked. A readiness probe or a CI scheduler's check.
@@ -149,6 +152,23 @@ pub struct AgentArgs {
     /// Certificates directory holding admin/{ca,cert,key}.pem.
     #[arg(long, env = "BERTH_CERTS_DIR", default_value = "certs")]
     pub certs_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCmd {
+    /// Every key with a state, least recently used first.
+    Ls {
+        #[command(flatten)]
+        agent: AgentArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a key and its state (running jobs keep their copies).
+    Rm {
+        #[command(flatten)]
+        agent: AgentArgs,
+        key: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -390,7 +410,9 @@ impl Command {
         match self {
             Command::Serve { .. } | Command::Doctor { .. } | Command::Sandbox(_) => true,
             Command::Run { endpoint, .. } => endpoint.is_none(),
-            Command::Job(_) | Command::Certs(_) | Command::Capacity { .. } => false,
+            Command::Job(_) | Command::Cache(_) | Command::Certs(_) | Command::Capacity { .. } => {
+                false
+            }
         }
     }
 }
@@ -465,6 +487,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Job(cmd) => job(cmd).await,
+        Command::Cache(cmd) => cache(cmd).await,
         Command::Capacity {
             agent,
             min_free,
@@ -604,6 +627,40 @@ async fn up(engine: &Engine, limits: Limits) -> Result<(), CliError> {
 async fn shutdown_signal(mut stop: crate::signals::Stop) {
     let sig = stop.recv().await;
     tracing::info!(signal = sig, "shutting down");
+}
+
+async fn cache(cmd: CacheCmd) -> Result<(), CliError> {
+    match cmd {
+        CacheCmd::Ls { agent, json } => {
+            let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
+            let keys = client.caches().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&keys)
+                        .map_err(|e| CliError::Usage(e.to_string()))?
+                );
+                return Ok(());
+            }
+            println!(
+                "{:<40} {:>12} {:>12} {:>12}  COMMITTED BY",
+                "KEY", "BYTES", "USED", "COMMITTED"
+            );
+            for k in keys {
+                println!(
+                    "{:<40} {:>12} {:>12} {:>12}  {}",
+                    k.key, k.bytes, k.last_used, k.committed_at, k.committed_by
+                );
+            }
+            Ok(())
+        }
+        CacheCmd::Rm { agent, key } => {
+            let client = crate::client::AgentClient::new(&agent.endpoint, &agent.certs_dir)?;
+            client.remove_cache(&key).await?;
+            println!("removed {key}");
+            Ok(())
+        }
+    }
 }
 
 async fn job(cmd: JobCmd) -> Result<(), CliError> {

@@ -107,6 +107,21 @@ impl AgentClient {
         self.get_json("jobs").await
     }
 
+    /// The agent's project caches (`GET /berth/v1/caches`).
+    pub async fn caches(&self) -> Result<Vec<crate::sandbox::fs::caches::KeyInfo>, ClientError> {
+        self.get_json("caches").await
+    }
+
+    /// Removes a project cache (`DELETE /berth/v1/caches?key=KEY`).
+    pub async fn remove_cache(&self, key: &str) -> Result<(), ClientError> {
+        let req = self
+            .http
+            .delete(format!("{}/caches", self.base))
+            .query(&[("key", key)]);
+        self.send(req).await?;
+        Ok(())
+    }
+
     /// The agent's warm pool (`GET /berth/v1/pool`).
     pub async fn pool(&self) -> Result<serde_json::Value, ClientError> {
         self.get_json("pool").await

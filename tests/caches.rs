@@ -291,6 +291,38 @@ fn the_cli_commits_on_success_and_cache_from_never_writes() {
     }
     let o = fd.job_cli(&["rm", "0123456789ab", "--outcome", "maybe"]);
     assert!(!o.status.success());
+
+    // `berth cache ls` and `rm`: the one committed key, then none; a job
+    // of the removed key starts empty.
+    let cache_cli = |args: &[&str]| {
+        std::process::Command::new(berth_bin())
+            .arg("cache")
+            .args(args)
+            .args(["--endpoint", &fd.endpoint()])
+            .arg("--certs-dir")
+            .arg(&fd.certs)
+            .output()
+            .unwrap()
+    };
+    let o = cache_cli(&["ls", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let keys: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let keys = keys.as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0]["key"], "org/app");
+    assert_eq!(keys[0]["committed_by"], b.id.as_str());
+    let o = cache_cli(&["rm", "org/app"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = cache_cli(&["rm", "org/app"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no project cache for key org/app"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let e = fd.create_job(&["--cache-key", "org/app"]);
+    assert_eq!(tls_images(&e), Vec::<String>::new());
+    rm(&e.id, "failure");
 }
 
 /// A commit above `bytes_per_key` is refused and the key keeps its state;

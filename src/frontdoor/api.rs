@@ -125,6 +125,9 @@ async fn handle(
     if path == "/berth/v1/pool" {
         return json_response(StatusCode::OK, &jobs.pool_view());
     }
+    if path == "/berth/v1/caches" {
+        return caches(jobs, &method, &query);
+    }
     let id = path.strip_prefix("/berth/v1/jobs/").map(str::to_string);
     match (method, id) {
         (Method::POST, None) => create(jobs, req, local, peer, body_idle).await,
@@ -153,6 +156,54 @@ async fn handle(
                 Err(JobError::NotFound(_)) => {
                     error_response(StatusCode::NOT_FOUND, &format!("berth: no such job: {id}"))
                 }
+                Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("berth: {e}")),
+            }
+        }
+        _ => method_not_allowed(),
+    }
+}
+
+/// `GET /berth/v1/caches`: every key with a state; `DELETE
+/// /berth/v1/caches?key=KEY`: removes one (404 when it has none).
+fn caches(jobs: &Jobs, method: &Method, query: &str) -> Response<Own> {
+    let Some(pool) = jobs.project_caches() else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "berth: this agent keeps no project caches ([project_caches] enabled = true turns them on)",
+        );
+    };
+    match *method {
+        Method::GET => match pool.store.list() {
+            Ok(keys) => json_response(StatusCode::OK, &keys),
+            Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("berth: {e}")),
+        },
+        Method::DELETE => {
+            let key = form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "key")
+                .map(|(_, v)| v.into_owned());
+            let key = match key.map(crate::sandbox::fs::caches::Key::new) {
+                Some(Ok(k)) => k,
+                Some(Err(e)) => {
+                    return error_response(StatusCode::BAD_REQUEST, &format!("berth: {e}"));
+                }
+                None => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        "berth: DELETE /berth/v1/caches takes key=KEY",
+                    );
+                }
+            };
+            match pool.store.remove(&key) {
+                Ok(true) => {
+                    tracing::info!(key = %key, "project cache removed");
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    *r.status_mut() = StatusCode::NO_CONTENT;
+                    r
+                }
+                Ok(false) => error_response(
+                    StatusCode::NOT_FOUND,
+                    &format!("berth: no project cache for key {key}"),
+                ),
                 Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("berth: {e}")),
             }
         }

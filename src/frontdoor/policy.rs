@@ -57,6 +57,7 @@ pub fn decide_admin(_method: &Method, path: &str) -> Decision {
         || path == "/berth/v1/pool"
         || path == "/berth/v1/capacity"
         || path == "/berth/v1/metrics"
+        || path == "/berth/v1/caches"
     {
         return allow();
     }

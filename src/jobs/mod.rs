@@ -267,6 +267,11 @@ impl Jobs {
         &self.audit
     }
 
+    /// The agent's project caches, when it keeps them.
+    pub fn project_caches(&self) -> Option<&crate::sandbox::fs::caches::Pool> {
+        self.engine.project_caches()
+    }
+
     /// The gauges of a scrape, read now.
     pub fn snapshot(&self) -> Snapshot {
         let mut jobs: BTreeMap<String, i64> = BTreeMap::new();

@@ -355,6 +355,11 @@ impl Engine {
     }
 
     /// Job slots (id ranges) that no job or sandbox holds now.
+    /// The project caches' pool, when enabled.
+    pub fn project_caches(&self) -> Option<&fs::caches::Pool> {
+        self.host.project_caches.as_ref()
+    }
+
     pub fn free_slots(&self) -> usize {
         slots::free(&self.cfg).unwrap_or(0)
     }
