@@ -49,6 +49,9 @@ pub struct Metrics {
     teardown_failures: Counter,
     denials: Family<Labels, Counter>,
     refused: Family<Labels, Counter>,
+    cache_starts: Family<Labels, Counter>,
+    cache_commits: Family<Labels, Counter>,
+    cache_commit_time: Histogram,
     open: AtomicI64,
     // Read at scrape time.
     jobs: Family<Labels, Gauge>,
@@ -78,6 +81,9 @@ impl Metrics {
         let bytes = Family::<Labels, Counter>::default();
         let denials = Family::<Labels, Counter>::default();
         let refused = Family::<Labels, Counter>::default();
+        let cache_starts = Family::<Labels, Counter>::default();
+        let cache_commits = Family::<Labels, Counter>::default();
+        let cache_commit_time = seconds();
         let jobs = Family::<Labels, Gauge>::default();
         let (pool_size, pool_ready, free_ranges, rss, connections) = (
             Gauge::default(),
@@ -134,6 +140,22 @@ impl Metrics {
             "Connections refused before any request (plaintext, handshake, certificate), by reason",
             refused.clone(),
         );
+        registry.register(
+            "project_cache_starts",
+            "Jobs with a cache key, by whether their key had a state (result: hit, miss)",
+            cache_starts.clone(),
+        );
+        registry.register(
+            "project_cache_commits",
+            "Commits of a job's disk to its key (result: committed, failed)",
+            cache_commits.clone(),
+        );
+        registry.register_with_unit(
+            "project_cache_commit",
+            "From a keyed job's end to its disk being its key's state",
+            Unit::Seconds,
+            cache_commit_time.clone(),
+        );
         registry.register("jobs", "Jobs by state", jobs.clone());
         registry.register(
             "warm_pool_size",
@@ -180,6 +202,9 @@ impl Metrics {
             teardown_failures,
             denials,
             refused,
+            cache_starts,
+            cache_commits,
+            cache_commit_time,
             open: AtomicI64::new(0),
             jobs,
             pool_size,
@@ -205,6 +230,30 @@ impl Metrics {
 
     pub fn torn_down(&self, took: Duration) {
         self.teardown.observe(took.as_secs_f64());
+    }
+
+    /// A job with a cache key started from its key's state (`hit`) or empty.
+    pub fn cache_start(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.cache_starts
+            .get_or_create(&label("result", result))
+            .inc();
+    }
+
+    /// A keyed job's commit ended: its disk is the key's state after
+    /// `took`, or it failed (the key kept its state).
+    pub fn cache_commit(&self, took: Option<Duration>) {
+        let result = if took.is_some() {
+            "committed"
+        } else {
+            "failed"
+        };
+        self.cache_commits
+            .get_or_create(&label("result", result))
+            .inc();
+        if let Some(t) = took {
+            self.cache_commit_time.observe(t.as_secs_f64());
+        }
     }
 
     pub fn teardown_failed(&self) {

@@ -323,6 +323,24 @@ fn the_cli_commits_on_success_and_cache_from_never_writes() {
     let e = fd.create_job(&["--cache-key", "org/app"]);
     assert_eq!(tls_images(&e), Vec::<String>::new());
     rm(&e.id, "failure");
+
+    // The metrics: keyed starts by result, commits.
+    let raw = rt()
+        .block_on(tls_request(
+            fd.port,
+            &fd.certs.join("admin"),
+            b"GET /berth/v1/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ))
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    for line in [
+        "berth_project_cache_starts_total{result=\"hit\"} 2",
+        "berth_project_cache_starts_total{result=\"miss\"} 4",
+        "berth_project_cache_commits_total{result=\"committed\"} 1",
+        "berth_project_cache_commit_seconds_count 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
 }
 
 /// A commit above `bytes_per_key` is refused and the key keeps its state;

@@ -440,6 +440,9 @@ impl Jobs {
                 cache.as_ref().map(|(k, _)| k),
             )
             .await?;
+        if let Some(hit) = sb.cache_hit() {
+            self.metrics.cache_start(hit);
+        }
         self.refill_pool();
         let created = SystemTime::now();
         let expires = created + ttl;
@@ -572,7 +575,11 @@ impl Jobs {
             return Err(JobError::NotFound(id.into()));
         }
         if commit {
-            match self.engine.teardown_committing(id).await {
+            let t0 = std::time::Instant::now();
+            let committed = self.engine.teardown_committing(id).await;
+            self.metrics
+                .cache_commit(committed.as_ref().ok().map(|_| t0.elapsed()));
+            match committed {
                 Ok((t, info)) => {
                     self.metrics.torn_down(t.took);
                     tracing::info!(job = %id, key = %info.key, "job's disk committed to its key");

@@ -225,6 +225,7 @@ impl Engine {
                 relay: Mutex::new(None),
                 mounts: Mutex::new(None),
                 started: Instant::now(),
+                cache_hit: std::sync::OnceLock::new(),
             }),
         };
         self.jobs.locked().insert(id.clone(), sb.clone());
@@ -418,6 +419,7 @@ impl Engine {
                         .copy_current(key, &image)
                         .map_err(|e| start_err(&rec.id, e))?;
                     tracing::info!(job = %rec.id, key = %key, hit, "project cache");
+                    let _ = sb.inner.cache_hit.set(hit);
                 }
                 tokio::task::spawn_blocking(move || disk::create_staged(&dir, &image, bytes))
                     .await

@@ -158,6 +158,8 @@ struct Inner {
     /// The job's mount namespaces, once it has them.
     mounts: Mutex<Option<JobMounts>>,
     started: Instant,
+    /// A keyed job: whether its key had a state to start from.
+    cache_hit: std::sync::OnceLock<bool>,
 }
 
 /// What the agent holds of a job's mounts: its mount namespace, and the
@@ -172,6 +174,12 @@ struct JobMounts {
 }
 
 impl Sandbox {
+    /// For a job with a cache key: whether it started from the key's state
+    /// (false: the key had none, and the job started empty).
+    pub fn cache_hit(&self) -> Option<bool> {
+        self.inner.cache_hit.get().copied()
+    }
+
     pub fn id(&self) -> &str {
         &self.inner.id
     }
