@@ -423,3 +423,99 @@ fn the_stores_bounds_refuse_a_large_commit_and_evict_the_least_recently_used_key
     rt.block_on(e.teardown_committing(j.id())).unwrap();
     assert_eq!(store().keys().collect::<Vec<_>>(), ["big"]);
 }
+
+/// A job of key Q finds nothing of key P, not from a `--privileged`
+/// container with the job's whole root bound in: no file holding what P's
+/// jobs wrote, no loop device, no mount of the pool, while a job of P runs
+/// from its copy beside it.
+#[test]
+fn a_job_of_one_key_finds_nothing_of_another_key() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let e = engine_with_caches(engine_config(83, "caches-apart"));
+    let (p, q) = (Key::new("proj/p").unwrap(), Key::new("proj/q").unwrap());
+    let marker = format!("marker-of-p-{}", std::process::id());
+    let a = rt.block_on(e.start_keyed(None, &[], Some(&p))).unwrap();
+    import_busybox(&a.socket());
+    let ctx = std::env::temp_dir().join(format!("berth-caches-apart-{}", a.id()));
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM busybox:test\nRUN echo {marker} > /m\n"),
+    )
+    .unwrap();
+    docker_ok(
+        &a.socket(),
+        &["build", "-q", "-t", "p:1", ctx.to_str().unwrap()],
+    );
+    rt.block_on(e.teardown_committing(a.id())).unwrap();
+    let _ = std::fs::remove_dir_all(&ctx);
+
+    let running_p = rt.block_on(e.start_keyed(None, &[], Some(&p))).unwrap();
+    assert!(images(&running_p.socket()).contains(&"p:1".to_string()));
+    let jq = rt.block_on(e.start_keyed(None, &[], Some(&q))).unwrap();
+    import_busybox(&jq.socket());
+    let look = |script: &str| {
+        docker_ok(
+            &jq.socket(),
+            &[
+                "run",
+                "--rm",
+                "--privileged",
+                "-v",
+                "/:/host",
+                "busybox:test",
+                "sh",
+                "-c",
+                script,
+            ],
+        )
+    };
+    // busybox find and grep: every file of the job's view but the
+    // kernel's own trees, the host's read-only system directories, and
+    // running containers' roots (the searching one holds /host again). The pattern matches the marker, never itself:
+    // the search's own command line is in files of the job too.
+    let (head, tail) = marker.split_at(1);
+    let grep = format!(
+        "find /host \\( -path /host/proc -o -path /host/sys -o -path /host/dev \
+         -o -path /host/usr -o -path /host/opt -o -path '*/merged' \\) -prune -o -type f -exec grep -l '[{head}]{tail}' {{}} + \
+         2>/dev/null; true"
+    );
+    assert_eq!(look(&grep), "", "files holding key P's marker");
+    // The same search in P's job finds its layer: the search can find.
+    let in_p = docker_ok(
+        &running_p.socket(),
+        &[
+            "run",
+            "--rm",
+            "--privileged",
+            "-v",
+            "/:/host",
+            "busybox:test",
+            "sh",
+            "-c",
+            &grep,
+        ],
+    );
+    assert!(in_p.contains("/host/var/lib/berth/data/"), "{in_p}");
+    assert_eq!(look("ls /dev /host/dev | grep -i loop; true"), "");
+    // Mounted: the job's own disk (one loop device, idmapped), never the
+    // pool.
+    let mounts = look("cat /proc/mounts");
+    assert!(!mounts.contains("project-caches"), "{mounts}");
+    let loops: std::collections::BTreeSet<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|d| d.starts_with("/dev/loop"))
+        .collect();
+    assert_eq!(loops.len(), 1, "{mounts}");
+    // The job's dockerd keeps its data below /var/lib/berth (and docker:
+    // dind's /var/lib/docker) in its root; nothing else of the host's.
+    assert_eq!(lines(look("ls -A /host/var/lib")), ["berth", "docker"]);
+    let traces = Traces::capture(&e, &jq);
+    rt.block_on(e.teardown(jq.id())).unwrap();
+    traces.assert_gone();
+    rt.block_on(e.teardown(running_p.id())).unwrap();
+}
