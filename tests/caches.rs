@@ -19,7 +19,7 @@ fn engine_with_caches(cfg: SandboxConfig) -> Engine {
         project_caches: ProjectCachesConfig {
             enabled: true,
             total_bytes: 8 << 30,
-            ..cfg.project_caches
+            bytes_per_key: cfg.project_caches.bytes_per_key.min(8 << 30),
         },
         ..cfg
     };
@@ -359,6 +359,26 @@ fn the_stores_bounds_refuse_a_large_commit_and_evict_the_least_recently_used_key
     for key in [&small, &big] {
         let j = rt.block_on(e.start_keyed(None, &[], Some(key))).unwrap();
         import_busybox(&j.socket());
+        // 70 MiB kept: states above the smallest total_bytes (64 MiB).
+        docker_ok(
+            &j.socket(),
+            &["volume", "create", "--label", "berth.cache=keep", "ballast"],
+        );
+        docker_ok(
+            &j.socket(),
+            &[
+                "run",
+                "--rm",
+                "-v",
+                "ballast:/b",
+                "busybox:test",
+                "dd",
+                "if=/dev/urandom",
+                "of=/b/x",
+                "bs=1M",
+                "count=70",
+            ],
+        );
         let (_, info) = rt.block_on(e.teardown_committing(j.id())).unwrap();
         assert!(info.bytes < 160 << 20, "{info:?}");
     }
@@ -393,9 +413,10 @@ fn the_stores_bounds_refuse_a_large_commit_and_evict_the_least_recently_used_key
         "{err}"
     );
     let j = rt.block_on(e.start_keyed(None, &[], Some(&big))).unwrap();
+    // The state from before: its ballast, not the refused job's volume.
     assert_eq!(
         lines(docker_ok(&j.socket(), &["volume", "ls", "-q"])),
-        Vec::<String>::new()
+        ["ballast"]
     );
     rt.block_on(e.teardown(j.id())).unwrap();
     let pool = e.config().state_dir.join("project-caches");
@@ -418,6 +439,7 @@ fn the_stores_bounds_refuse_a_large_commit_and_evict_the_least_recently_used_key
     let mut cfg = e.config().clone();
     drop(e);
     cfg.project_caches.total_bytes = before["big"] + before["small"] / 2;
+    cfg.project_caches.bytes_per_key = cfg.project_caches.total_bytes;
     let e = Engine::new(cfg).expect("engine");
     let j = rt.block_on(e.start_keyed(None, &[], Some(&big))).unwrap();
     rt.block_on(e.teardown_committing(j.id())).unwrap();

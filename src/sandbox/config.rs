@@ -17,6 +17,10 @@ use super::net::ports::{PortRange, PortsError};
 /// Docker images expect).
 pub const RANGE_SIZE: u32 = 65536;
 
+/// The smallest `project_caches.bytes_per_key`: a job's disk with dockerd's
+/// own files.
+const MIN_KEY_BYTES: u64 = 64 << 20;
+
 /// Default bound on a job's disk: 20 GiB, allocated on the host as the job
 /// writes (a sparse image).
 pub const DEFAULT_DISK_BYTES: u64 = 20 << 30;
@@ -220,11 +224,6 @@ pub struct SandboxConfig {
     /// directories bound in.
     #[serde(skip)]
     pub workspaces: super::fs::workspaces::WorkspacesConfig,
-    /// Every job's disk stores the ids of its namespace and reaches the job
-    /// through an idmapped mount (the layout a project cache needs), keyed
-    /// or not.
-    #[serde(skip)]
-    pub idmapped_disk: bool,
     /// `[project_caches]` of the configuration file: warm starts per
     /// project.
     #[serde(skip)]
@@ -306,7 +305,6 @@ impl Default for SandboxConfig {
             registries: Default::default(),
             cache: Default::default(),
             workspaces: Default::default(),
-            idmapped_disk: false,
             project_caches: Default::default(),
         }
     }
@@ -435,6 +433,22 @@ impl SandboxConfig {
                 return inv("extra_dockerd_args", format!("{f} cannot be given: {why}"));
             }
         }
+        let pc = &self.project_caches;
+        if pc.enabled && pc.total_bytes < MIN_KEY_BYTES {
+            return inv(
+                "project_caches.total_bytes",
+                format!("{} is below 64 MiB (67108864)", pc.total_bytes),
+            );
+        }
+        if pc.enabled && !(MIN_KEY_BYTES..=pc.total_bytes).contains(&pc.bytes_per_key) {
+            return inv(
+                "project_caches.bytes_per_key",
+                format!(
+                    "{} must be between 64 MiB and total_bytes ({})",
+                    pc.bytes_per_key, pc.total_bytes
+                ),
+            );
+        }
         self.registries.load()?;
         self.cache.validate()?;
         for root in &self.workspaces.allowed_roots {
@@ -504,6 +518,22 @@ impl SandboxConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn project_cache_bounds_are_checked_when_enabled() {
+        let mut c = SandboxConfig::default();
+        c.project_caches.total_bytes = 1;
+        assert!(c.validate().is_ok(), "off: not checked");
+        c.project_caches.enabled = true;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("project_caches.total_bytes"), "{e}");
+        c.project_caches.total_bytes = 10 << 30;
+        c.project_caches.bytes_per_key = 20 << 30;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("project_caches.bytes_per_key"), "{e}");
+        c.project_caches.bytes_per_key = 5 << 30;
+        assert!(c.validate().is_ok());
+    }
 
     #[test]
     fn defaults_are_valid() {

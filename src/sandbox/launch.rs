@@ -410,7 +410,7 @@ impl Engine {
         let root = sb.inner.dir.join("root");
         mkdir_mode(&root, 0o700)?;
         match limits.disk() {
-            Some(bytes) if rec.disk_image.is_some() || self.cfg.idmapped_disk => {
+            Some(bytes) if rec.disk_image.is_some() => {
                 let dir = sb.inner.dir.clone();
                 let image = rec.disk_image.clone().unwrap_or(dir.join(disk::IMAGE));
                 if let (Some(key), Some(pool)) = (&rec.cache_key, &self.host.project_caches) {

@@ -131,7 +131,6 @@ pub fn engine_config(n: u32, name: &str) -> SandboxConfig {
         ports_per_job: 16,
         // Loopback only: tests never send DNS anywhere else.
         dns_upstreams: vec![SocketAddr::from(([127, 0, 0, 1], 9))],
-        idmapped_disk: std::env::var_os("BERTH_TEST_IDMAPPED_DISK").is_some(),
         ..Default::default()
     }
 }

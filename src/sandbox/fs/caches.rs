@@ -451,7 +451,8 @@ impl Pool {
         if reflinks(&dir).is_err() {
             let image = state_dir.join("project-caches.img");
             if !image.exists() {
-                make_xfs(&image, cfg.total_bytes)?;
+                // XFS wants a few hundred MiB of its own.
+                make_xfs(&image, cfg.total_bytes.max(1 << 30))?;
             }
             if !is_mount_point(&dir) {
                 let out = std::process::Command::new("mount")
