@@ -44,7 +44,7 @@ pub(super) struct Prepared {
     /// The pull-through cache, when enabled (stopped before the lock goes).
     pub cache: Option<cache::Cache>,
     /// Project caches (warm starts per key), when enabled.
-    pub project_caches: Option<super::fs::caches::Pool>,
+    pub project_caches: Option<std::sync::Arc<super::fs::caches::Pool>>,
     /// Exclusive lock on the state dir, held for the engine's lifetime.
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -181,10 +181,10 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         )));
     }
     let project_caches = if cfg.project_caches.enabled {
-        Some(
+        Some(std::sync::Arc::new(
             super::fs::caches::Pool::open(&cfg.state_dir, &cfg.project_caches)
                 .map_err(|e| SandboxError::Prerequisite(e.to_string()))?,
-        )
+        ))
     } else {
         None
     };

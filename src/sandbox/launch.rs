@@ -410,20 +410,30 @@ impl Engine {
         let root = sb.inner.dir.join("root");
         mkdir_mode(&root, 0o700)?;
         match limits.disk() {
-            Some(bytes) if rec.disk_image.is_some() => {
+            Some(bytes) if let Some(image) = rec.disk_image.clone() => {
                 let dir = sb.inner.dir.clone();
-                let image = rec.disk_image.clone().unwrap_or(dir.join(disk::IMAGE));
-                if let (Some(key), Some(pool)) = (&rec.cache_key, &self.host.project_caches) {
-                    let hit = pool
-                        .store
-                        .copy_current(key, &image)
-                        .map_err(|e| start_err(&rec.id, e))?;
+                let copy = rec.cache_key.clone().zip(self.host.project_caches.clone());
+                // The copy waits on the key's lock while a commit holds it:
+                // off the runtime's threads, with the disk's making.
+                let id = rec.id.clone();
+                let hit = tokio::task::spawn_blocking(move || {
+                    let hit = match copy {
+                        Some((key, pool)) => Some(
+                            pool.store
+                                .copy_current(&key, &image)
+                                .map_err(|e| start_err(&id, e))?,
+                        ),
+                        None => None,
+                    };
+                    disk::create_staged(&dir, &image, bytes)?;
+                    Ok::<_, SandboxError>(hit)
+                })
+                .await
+                .map_err(|e| start_err(&rec.id, e))??;
+                if let (Some(hit), Some(key)) = (hit, &rec.cache_key) {
                     tracing::info!(job = %rec.id, key = %key, hit, "project cache");
                     let _ = sb.inner.cache_hit.set(hit);
                 }
-                tokio::task::spawn_blocking(move || disk::create_staged(&dir, &image, bytes))
-                    .await
-                    .map_err(|e| start_err(&rec.id, e))??;
             }
             Some(bytes) => {
                 let (dir, uid) = (sb.inner.dir.clone(), rec.host_id);

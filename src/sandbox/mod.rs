@@ -365,7 +365,7 @@ impl Engine {
     /// Job slots (id ranges) that no job or sandbox holds now.
     /// The project caches' pool, when enabled.
     pub fn project_caches(&self) -> Option<&fs::caches::Pool> {
-        self.host.project_caches.as_ref()
+        self.host.project_caches.as_deref()
     }
 
     pub fn free_slots(&self) -> usize {

@@ -398,11 +398,6 @@ impl Store {
         }
         Ok(evicted)
     }
-
-    /// The store's directory (for `berth doctor` and the leak scanner).
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// `[project_caches]` of the configuration file.
