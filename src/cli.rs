@@ -37,9 +37,9 @@ pub struct CacheArgs {
     #[arg(long, value_name = "KEY", conflicts_with = "cache_from")]
     cache_key: Option<String>,
     /// When the job's disk becomes its key's cache: on-success (when `job
-    /// rm --outcome success` ends it), always, never.
-    #[arg(long, value_name = "WHEN", requires = "cache_key",
-          value_parser = ["on-success", "always", "never"])]
+    /// rm --outcome success` ends it), always, never. With --token, the
+    /// agent's rule names the key and whether the job may commit.
+    #[arg(long, value_name = "WHEN", value_parser = ["on-success", "always", "never"])]
     cache_commit: Option<String>,
     /// Start from this project cache and never commit (a pull request's
     /// job).
@@ -227,6 +227,20 @@ pub enum JobCmd {
         id: String,
         /// How the job ended: a job with a cache key commits on success
         /// (--cache-commit on-success).
+        #[arg(long, value_parser = ["success", "failure"])]
+        outcome: Option<String>,
+    },
+    /// From inside a job: end it with its own certificate (a job made for a
+    /// CI platform's token has no admin to end it), saying how it ended.
+    End {
+        /// The job's endpoint (tcp://HOST:PORT or HOST:PORT).
+        #[arg(long, env = "DOCKER_HOST")]
+        endpoint: String,
+        /// The job's bundle: ca.pem, cert.pem, key.pem.
+        #[arg(long, env = "DOCKER_CERT_PATH")]
+        cert_path: PathBuf,
+        /// How the job ended: a job with a cache key commits on success
+        /// (when its key and rule let it).
         #[arg(long, value_parser = ["success", "failure"])]
         outcome: Option<String>,
     },
@@ -701,6 +715,13 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
             }
             let created = match token {
                 Some(file) => {
+                    if spec.contains_key("cache_key") || spec.contains_key("cache_from") {
+                        return Err(CliError::Usage(
+                            "with --token the agent's rule names the project cache; \
+                             --cache-commit says when the job commits, if the rule lets it"
+                                .into(),
+                        ));
+                    }
                     let jwt = match file.to_str() {
                         Some("-") => std::io::read_to_string(std::io::stdin()),
                         _ => std::fs::read_to_string(&file),
@@ -782,6 +803,17 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
                     }
                 }
             }
+            Ok(())
+        }
+        JobCmd::End {
+            endpoint,
+            cert_path,
+            outcome,
+        } => {
+            let at = endpoint.strip_prefix("tcp://").unwrap_or(&endpoint);
+            let client = crate::client::AgentClient::with_bundle(at, &cert_path)?;
+            client.end_own_job(outcome.as_deref()).await?;
+            println!("ended");
             Ok(())
         }
         JobCmd::Rm { agent, id, outcome } => {

@@ -39,7 +39,12 @@ pub struct AgentClient {
 impl AgentClient {
     /// `endpoint` is HOST:PORT; the admin bundle is `<certs_dir>/admin/`.
     pub fn new(endpoint: &str, certs_dir: &Path) -> Result<AgentClient, ClientError> {
-        let dir = certs_dir.join("admin");
+        AgentClient::with_bundle(endpoint, &certs_dir.join("admin"))
+    }
+
+    /// `dir` holds a bundle: `ca.pem`, `cert.pem`, `key.pem` (the admin's,
+    /// or a job's, as `DOCKER_CERT_PATH` names it).
+    pub fn with_bundle(endpoint: &str, dir: &Path) -> Result<AgentClient, ClientError> {
         let read = |f: &str| {
             let path = dir.join(f);
             std::fs::read(&path).map_err(|source| ClientError::Bundle { path, source })
@@ -171,6 +176,17 @@ impl AgentClient {
     /// with a cache key commits on it.
     pub async fn delete_with(&self, id: &str, outcome: Option<&str>) -> Result<(), ClientError> {
         let mut req = self.http.delete(format!("{}/jobs/{id}", self.base));
+        if let Some(o) = outcome {
+            req = req.query(&[("outcome", o)]);
+        }
+        self.send(req).await?;
+        Ok(())
+    }
+
+    /// With a job's bundle: ends that job (`DELETE /berth/v1/job`), saying
+    /// how it ended; answers once the job is gone.
+    pub async fn end_own_job(&self, outcome: Option<&str>) -> Result<(), ClientError> {
+        let mut req = self.http.delete(format!("{}/job", self.base));
         if let Some(o) = outcome {
             req = req.query(&[("outcome", o)]);
         }

@@ -18,6 +18,7 @@ use sha2::Digest;
 use crate::duration::text;
 use crate::locks::Lock;
 use crate::sandbox::Limits;
+use crate::sandbox::fs::caches::Key;
 
 /// `[token]` of berth.toml: the token exchange, off unless enabled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +102,16 @@ pub struct Rule {
     /// `[workspaces] allowed_roots` apply too.
     #[serde(default)]
     pub workspaces: Vec<String>,
+    /// The project cache its jobs start from: a key whose every `{claim}`
+    /// is the token's claim (`"github/{repository}"`), so that a token
+    /// never picks another project's key. None: no cache.
+    #[serde(default)]
+    pub cache_key: Option<String>,
+    /// Whether its jobs may commit to that key (a protected branch's
+    /// rule). Otherwise they start from it and never write it (a pull
+    /// request's).
+    #[serde(default)]
+    pub cache_write: bool,
 }
 
 impl TokenConfig {
@@ -174,9 +185,54 @@ impl TokenConfig {
                     ),
                 ));
             }
+            match &r.cache_key {
+                Some(t) => {
+                    expand(t, |_| Some("x".into())).map_err(|why| {
+                        (
+                            "token.rules",
+                            format!("[{i}] {}: cache_key {t:?}: {why}", r.name),
+                        )
+                    })?;
+                }
+                None if r.cache_write => {
+                    return Err((
+                        "token.rules",
+                        format!("[{i}] {}: cache_write needs a cache_key", r.name),
+                    ));
+                }
+                None => {}
+            }
         }
         Ok(())
     }
+}
+
+/// `template` with every `{claim}` replaced by `value(claim)`; the text
+/// around them as it is. A claim the token lacks, a brace left open, or a
+/// key the store refuses is an error.
+fn expand(template: &str, value: impl Fn(&str) -> Option<String>) -> Result<Key, String> {
+    let mut key = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find(['{', '}']) {
+        if rest[open..].starts_with('}') {
+            return Err("a '}' with no '{'".into());
+        }
+        key.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let close = after.find('}').ok_or("a '{' with no '}'")?;
+        let name = &after[..close];
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Err(format!("{{{name}}} is not a claim's name"));
+        }
+        key.push_str(&value(name).ok_or_else(|| format!("the token has no claim {name:?}"))?);
+        rest = &after[close + 1..];
+    }
+    key.push_str(rest);
+    Key::new(key).map_err(|e| e.to_string())
 }
 
 /// Asymmetric algorithms only: an HMAC "key" would be the issuer's public
@@ -226,6 +282,8 @@ pub enum TokenError {
     NoRule { issuer: String, subject: String },
     #[error("the keys of {issuer} cannot be read: {why}")]
     Keys { issuer: String, why: String },
+    #[error("rule {rule} names a project cache this token cannot have: {why}")]
+    CacheKey { rule: String, why: String },
 }
 
 impl TokenError {
@@ -233,7 +291,7 @@ impl TokenError {
     /// rules do not grant, 503 when the agent cannot check.
     pub fn status(&self) -> u16 {
         match self {
-            TokenError::NoRule { .. } => 403,
+            TokenError::NoRule { .. } | TokenError::CacheKey { .. } => 403,
             TokenError::Keys { .. } => 503,
             _ => 401,
         }
@@ -254,6 +312,7 @@ impl TokenError {
             TokenError::Replayed => "token-replayed",
             TokenError::NoRule { .. } => "token-no-rule",
             TokenError::Keys { .. } => "token-keys",
+            TokenError::CacheKey { .. } => "token-cache-key",
         }
     }
 }
@@ -269,6 +328,14 @@ pub struct Grant {
     pub limits: Option<Limits>,
     /// Patterns of the workspaces its job may have.
     pub workspaces: Vec<String>,
+    /// The project cache its job starts from, and whether it may commit.
+    pub cache: Option<GrantedCache>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantedCache {
+    pub key: Key,
+    pub write: bool,
 }
 
 impl Grant {
@@ -575,6 +642,16 @@ impl Verifier {
                 labels.insert(format!("oidc.{l}"), v);
             }
         }
+        let cache = match &rule.cache_key {
+            Some(t) => Some(GrantedCache {
+                key: expand(t, |name| claim(claims, name)).map_err(|why| TokenError::CacheKey {
+                    rule: rule.name.clone(),
+                    why,
+                })?,
+                write: rule.cache_write,
+            }),
+            None => None,
+        };
         Ok(Grant {
             rule: rule.name.clone(),
             issuer: issuer.into(),
@@ -583,6 +660,7 @@ impl Verifier {
             max_ttl: rule.max_ttl,
             limits: rule.limits.clone(),
             workspaces: rule.workspaces.clone(),
+            cache,
         })
     }
 
@@ -747,6 +825,42 @@ max_ttl = "1h"
             bad(&|c| c.issuers[0].jwks_url = Some("https://x/jwks".into()))
                 .1
                 .contains("not both")
+        );
+        assert!(
+            bad(&|c| c.rules[0].cache_write = true)
+                .1
+                .contains("needs a cache_key")
+        );
+        for (t, why) in [
+            ("gh/{repository", "no '}'"),
+            ("gh/repository}", "no '{'"),
+            ("gh/{}", "not a claim"),
+            ("gh/{a b}", "not a claim"),
+            ("", "empty"),
+        ] {
+            let e = bad(&|c| c.rules[0].cache_key = Some(t.into()));
+            assert!(e.1.contains(why), "{t:?}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_rules_cache_key_is_made_of_the_tokens_claims() {
+        let claims: serde_json::Map<String, serde_json::Value> = serde_json::from_value(
+            serde_json::json!({"repository": "acme/app", "run": 7, "ctl": "a\nb"}),
+        )
+        .unwrap();
+        let of = |t: &str| expand(t, |n| claim(&claims, n));
+        assert_eq!(of("gh/{repository}").unwrap().as_str(), "gh/acme/app");
+        assert_eq!(of("{repository}:{run}").unwrap().as_str(), "acme/app:7");
+        assert_eq!(of("shared").unwrap().as_str(), "shared");
+        assert!(of("gh/{ref}").unwrap_err().contains("no claim \"ref\""));
+        // A claim cannot smuggle what the store refuses into a key.
+        assert!(of("{ctl}").unwrap_err().contains("control"));
+        let long = "x".repeat(300);
+        assert!(
+            expand("{r}", |_| Some(long.clone()))
+                .unwrap_err()
+                .contains("256")
         );
     }
 

@@ -277,7 +277,7 @@ fn the_cli_commits_on_success_and_cache_from_never_writes() {
     for (args, why) in [
         (
             vec!["--cache-commit", "always"],
-            "required arguments were not provided:\n  --cache-key <KEY>",
+            "cache_commit needs cache_key",
         ),
         (
             vec!["--cache-key", "a", "--cache-from", "b"],
@@ -341,6 +341,208 @@ fn the_cli_commits_on_success_and_cache_from_never_writes() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
     }
+}
+
+/// A CI platform's token gets the project cache its rule names, made of
+/// the token's claims: a protected branch's job commits when it ends
+/// itself with success; a pull request's job starts from the same key and
+/// never writes it, whatever it asks or reports.
+#[test]
+fn a_tokens_rule_names_its_jobs_key_and_whether_they_commit() {
+    if !prerequisites() {
+        return;
+    }
+    const ISS: &str = "https://ci.example.test";
+    let keys_dir = std::path::PathBuf::from("/var/lib/bt/caches-token-keys");
+    let _ = std::fs::remove_dir_all(&keys_dir);
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    let signer = test_key(&keys_dir, jsonwebtoken::Algorithm::ES256, "ec-1");
+    let jwks = keys_dir.join("jwks.json");
+    std::fs::write(
+        &jwks,
+        serde_json::json!({ "keys": [jwk(&signer)] }).to_string(),
+    )
+    .unwrap();
+    let token_cfg: berth::oidc::TokenConfig = toml::from_str(&format!(
+        r#"
+enabled = true
+listen = "127.0.0.1:0"
+[[issuers]]
+issuer = "{ISS}"
+jwks_file = {jwks:?}
+[[rules]]
+name = "main"
+issuer = "{ISS}"
+claims = {{ repository = "acme/*", ref = "refs/heads/main" }}
+cache_key = "ci/{{repository}}"
+cache_write = true
+[[rules]]
+name = "pull-requests"
+issuer = "{ISS}"
+claims = {{ repository = "acme/*", ref = "refs/pull/*" }}
+cache_key = "ci/{{repository}}"
+[[rules]]
+name = "deploys"
+issuer = "{ISS}"
+claims = {{ repository = "acme/*", ref = "refs/tags/*" }}
+cache_key = "deploy/{{environment}}"
+cache_write = true
+[[rules]]
+name = "others"
+issuer = "{ISS}"
+claims = {{ repository = "*" }}
+"#
+    ))
+    .unwrap();
+    let e = std::sync::Arc::new(engine_with_caches(engine_config(88, "caches-token")));
+    let fd = FrontDoor::start_engine(e, "caches-token", |c| c.token = token_cfg);
+    let at = fd.token.expect("the token listener is up").to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let n = std::sync::atomic::AtomicU32::new(0);
+    let token = |repository: &str, git_ref: &str| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let jwt = mint(
+            &signer,
+            &serde_json::json!({
+                "iss": ISS, "aud": "berth", "sub": format!("repo:{repository}"),
+                "repository": repository, "ref": git_ref,
+                "iat": now, "exp": now + 600, "jti": format!("jti-{i}"),
+            }),
+        );
+        let f = keys_dir.join(format!("t{i}"));
+        std::fs::write(&f, jwt).unwrap();
+        f
+    };
+    let exchange = |token: &Path, extra: &[&str]| {
+        std::process::Command::new(berth_bin())
+            .args(["job", "create", "--json", "--endpoint", &fd.endpoint()])
+            .args(["--token-endpoint", &at])
+            .arg("--token")
+            .arg(token)
+            .arg("--ca")
+            .arg(fd.certs.join("ca/cert.pem"))
+            .arg("--out")
+            .arg(token.with_extension("job"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let job_of = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        TlsJob::from_create_json(&v, v["cert_path"].as_str().unwrap().into())
+    };
+    // The job ends itself, as a CI job's last step does: `berth job end`
+    // with the variables `job create` printed.
+    let end = |job: &TlsJob, outcome: &str| {
+        std::process::Command::new(berth_bin())
+            .args(["job", "end", "--outcome", outcome])
+            .env("DOCKER_HOST", &job.endpoint)
+            .env("DOCKER_CERT_PATH", &job.dir)
+            .output()
+            .unwrap()
+    };
+    let ended = |job: &TlsJob, outcome: &str| {
+        let o = end(job, outcome);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let keys = || {
+        let o = std::process::Command::new(berth_bin())
+            .args(["cache", "ls", "--json", "--endpoint", &fd.endpoint()])
+            .arg("--certs-dir")
+            .arg(&fd.certs)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+        lines(
+            v.iter()
+                .map(|k| k["key"].as_str().unwrap().to_string() + "\n")
+                .collect(),
+        )
+    };
+    let busybox = busybox_tar();
+
+    // main's first job: the key is empty; it builds, fails, and ends so:
+    // nothing is committed. Its next job succeeds: committed.
+    let a = job_of(exchange(&token("acme/app", "refs/heads/main"), &[]));
+    assert_eq!(tls_images(&a), Vec::<String>::new());
+    let o = docker_tls_stdin(&a, &["import", "-", "main:1"], Some(busybox));
+    assert!(o.status.success());
+    ended(&a, "failure");
+    assert_eq!(keys(), Vec::<String>::new());
+    // Its certificate ended with it.
+    let o = end(&a, "success");
+    assert!(!o.status.success());
+    let b = job_of(exchange(&token("acme/app", "refs/heads/main"), &[]));
+    let o = docker_tls_stdin(&b, &["import", "-", "main:1"], Some(busybox));
+    assert!(o.status.success());
+    ended(&b, "success");
+    assert_eq!(keys(), ["ci/acme/app"]);
+
+    // A pull request's token: asking to commit is refused before the token
+    // is spent; the same token then gets a job that starts from main's
+    // state, and its success commits nothing.
+    let pr = token("acme/app", "refs/pull/7/merge");
+    let o = exchange(&pr, &["--cache-commit", "on-success"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("403") && err.contains("never commit to it"),
+        "{err}"
+    );
+    let c = job_of(exchange(&pr, &[]));
+    assert_eq!(tls_images(&c), ["main:1"]);
+    docker_tls_ok(&c, &["tag", "main:1", "from-a-pull-request:1"]);
+    ended(&c, "success");
+    let d = job_of(exchange(&token("acme/app", "refs/heads/main"), &[]));
+    assert_eq!(tls_images(&d), ["main:1"]);
+
+    // Another repository's main: its own key, empty.
+    let other = job_of(exchange(&token("acme/lib", "refs/heads/main"), &[]));
+    assert_eq!(tls_images(&other), Vec::<String>::new());
+    ended(&other, "failure");
+
+    // A token cannot pick the key: with --token the CLI refuses one, and
+    // the exchange takes no cache_key field.
+    let t = token("acme/app", "refs/pull/8/merge");
+    let o = exchange(&t, &["--cache-key", "ci/acme/lib"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("rule names the project cache"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A rule's key made of a claim the token lacks: refused, saying so.
+    let o = exchange(&token("acme/app", "refs/tags/v1"), &[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("403") && err.contains("no claim \"environment\""),
+        "{err}"
+    );
+    // A rule with no cache grants no commit.
+    let o = exchange(
+        &token("someone/else", "refs/heads/main"),
+        &["--cache-commit", "always"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("grants no project cache"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ended(&d, "failure");
+    assert_eq!(keys(), ["ci/acme/app"]);
+    let audit = fd.job_cli(&["audit", &b.id, "--json"]);
+    assert!(
+        String::from_utf8_lossy(&audit.stdout).contains("end-requested"),
+        "{}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
 }
 
 /// A commit above `bytes_per_key` is refused and the key keeps its state;

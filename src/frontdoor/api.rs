@@ -213,7 +213,7 @@ fn caches(jobs: &Jobs, method: &Method, query: &str) -> Response<Own> {
 
 /// `DELETE /berth/v1/jobs/{id}?outcome=success|failure`: how the job
 /// ended, as its caller says (a keyed job commits on it).
-fn outcome_of(query: &str) -> Result<Outcome, String> {
+pub(super) fn outcome_of(query: &str) -> Result<Outcome, String> {
     let mut outcome = Outcome::Unknown;
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match (k.as_ref(), v.as_ref()) {

@@ -376,12 +376,58 @@ fn is_hijack(method: &hyper::Method, path: &str) -> bool {
     )
 }
 
+/// The one path of the job API a job's own certificate opens:
+/// `DELETE /berth/v1/job?outcome=success|failure` ends that job, saying how
+/// it ended. A token's job has no admin to end it; its rule decided, when
+/// the job was made, whether it may commit to a project cache at all.
+pub const OWN_END: &str = "/berth/v1/job";
+
 async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.uri().path() == OWN_END {
+        return end_own_job(ctx, &req).await;
+    }
     let (parts, body) = req.into_parts();
     let account = Account::new(ctx, &parts.method, &parts.uri);
     let resp = answer(ctx, parts, body, &account).await;
     account.answered(resp.status());
     resp
+}
+
+/// Ends the job whose certificate asked, once it is gone (a commit to
+/// its project cache included). Audited before it starts: the job's audit
+/// file closes with its end.
+async fn end_own_job(ctx: &Ctx, req: &Request<Incoming>) -> Response<ProxyBody> {
+    if req.method() != hyper::Method::DELETE {
+        return error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "berth: DELETE /berth/v1/job?outcome=success|failure ends this job",
+        );
+    }
+    let outcome = match super::api::outcome_of(req.uri().query().unwrap_or("")) {
+        Ok(o) => o,
+        Err(why) => return error_response(StatusCode::BAD_REQUEST, &why),
+    };
+    if let Err(r) = ctx.jobs.route(&ctx.job) {
+        return refusal_response(&r);
+    }
+    let mut rec =
+        crate::audit::Record::event(&ctx.job, "job", &ctx.peer.to_string(), "end-requested", 0);
+    rec.method = "DELETE".into();
+    rec.target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    ctx.jobs.audit().record(rec);
+    tracing::info!(job = %ctx.job, client = %ctx.peer, ?outcome, "the job ends itself");
+    match ctx.jobs.delete_with(&ctx.job, outcome).await {
+        Ok(()) => {
+            let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("berth: {e}")),
+    }
 }
 
 async fn answer(

@@ -22,7 +22,7 @@ use super::http::{HttpLimits, Own, error_response, is_json, read_body, serve_sma
 use super::refusals::{Reason, Refusals};
 use crate::audit::{Record, TOKENS};
 use crate::backoff::Backoff;
-use crate::jobs::{CreateJob, Jobs};
+use crate::jobs::{CacheCommit, CreateJob, Jobs};
 use crate::oidc::{TokenError, Verifier};
 
 /// A token request: the JWT, and optionally a shorter job than the rule
@@ -36,6 +36,10 @@ struct Exchange {
     /// Workspaces the job asks for: each must match a pattern of the rule.
     #[serde(default)]
     workspaces: Vec<crate::sandbox::WorkspaceRequest>,
+    /// When the job commits to the rule's project cache, if the rule lets
+    /// it write (on-success by default).
+    #[serde(default)]
+    cache_commit: Option<CacheCommit>,
 }
 
 /// JWTs are a few KiB; nothing else is read.
@@ -220,6 +224,30 @@ impl TokenDoor {
                 ),
             );
         }
+        // The rule names the key; a token asks only when its job commits,
+        // and only a rule that lets it write grants a commit.
+        let (cache_key, cache_commit, cache_from) = match (&g.cache, ask.cache_commit) {
+            (Some(c), commit) if c.write => (Some(c.key.clone()), commit, None),
+            (Some(c), None | Some(CacheCommit::Never)) => (None, None, Some(c.key.clone())),
+            (None, None | Some(CacheCommit::Never)) => (None, None, None),
+            (granted, Some(_)) => {
+                let why = match granted {
+                    Some(c) => format!(
+                        "rule {} lets its jobs read project cache {:?}, never commit to it",
+                        g.rule,
+                        c.key.as_str()
+                    ),
+                    None => format!("rule {} grants no project cache", g.rule),
+                };
+                return self.deny(
+                    peer,
+                    StatusCode::FORBIDDEN,
+                    "token-cache-commit",
+                    &format!("rule={} sub={}", g.rule, g.subject),
+                    &format!("berth: {why}"),
+                );
+            }
+        };
         if let Err(e) = self.verifier.spend(&verified) {
             return self.refuse(&e, peer);
         }
@@ -228,10 +256,9 @@ impl TokenDoor {
             limits: g.limits.clone(),
             labels: g.labels.clone(),
             workspaces: ask.workspaces,
-            // No token rule grants a project cache.
-            cache_key: None,
-            cache_commit: None,
-            cache_from: None,
+            cache_key,
+            cache_commit,
+            cache_from,
         };
         match self.jobs.create(spec).await {
             Ok((view, bundle)) => {

@@ -1032,3 +1032,64 @@ pub fn require_tools(tools: &[(&[&str], &str)]) {
         );
     }
 }
+
+/// A signing key made for the test, its JWK public half published in the
+/// issuer's JWKS file.
+pub struct TestKey {
+    pub alg: jsonwebtoken::Algorithm,
+    pub kid: &'static str,
+    pub key: jsonwebtoken::EncodingKey,
+    pub public_pem: Vec<u8>,
+}
+
+pub fn test_key(dir: &Path, alg: jsonwebtoken::Algorithm, kid: &'static str) -> TestKey {
+    let (file, args): (_, &[&str]) = match alg {
+        jsonwebtoken::Algorithm::RS256 => (
+            "rsa.pem",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        ),
+        _ => (
+            "ec.pem",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        ),
+    };
+    let path = dir.join(file);
+    let o = Command::new("openssl")
+        .arg("genpkey")
+        .args(args)
+        .arg("-out")
+        .arg(&path)
+        .output()
+        .expect("openssl (the test's key maker) is missing: apt-get install openssl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pem = std::fs::read(&path).unwrap();
+    let public_pem = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&path)
+        .output()
+        .unwrap()
+        .stdout;
+    let key = match alg {
+        jsonwebtoken::Algorithm::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
+        _ => jsonwebtoken::EncodingKey::from_ec_pem(&pem),
+    }
+    .unwrap();
+    TestKey {
+        alg,
+        kid,
+        key,
+        public_pem,
+    }
+}
+
+pub fn jwk(k: &TestKey) -> serde_json::Value {
+    let mut j = jsonwebtoken::jwk::Jwk::from_encoding_key(&k.key, k.alg).unwrap();
+    j.common.key_id = Some(k.kid.into());
+    serde_json::to_value(j).unwrap()
+}
+
+pub fn mint(k: &TestKey, claims: &serde_json::Value) -> String {
+    let mut h = jsonwebtoken::Header::new(k.alg);
+    h.kid = Some(k.kid.into());
+    jsonwebtoken::encode(&h, claims, &k.key).unwrap()
+}
