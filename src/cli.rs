@@ -47,6 +47,48 @@ pub struct CacheArgs {
     cache_from: Option<String>,
 }
 
+impl CacheArgs {
+    /// The flags as a pipeline's `[cache]`, if they name a key; `commit`
+    /// alone changes only when the pipeline's own key commits.
+    fn pipeline_cache(
+        &self,
+        file: Option<&crate::pipeline::Cache>,
+    ) -> Result<Option<crate::pipeline::Cache>, CliError> {
+        use crate::sandbox::fs::caches::Key;
+        let key = |k: &Option<String>, flag: &str| {
+            k.clone()
+                .map(Key::new)
+                .transpose()
+                .map_err(|e| CliError::Usage(format!("{flag}: {e}")))
+        };
+        let commit = match self.cache_commit.as_deref() {
+            None => None,
+            Some(w) => {
+                Some(serde_json::from_value(w.into()).map_err(|e| CliError::Usage(e.to_string()))?)
+            }
+        };
+        let mut c = crate::pipeline::Cache {
+            key: key(&self.cache_key, "--cache-key")?,
+            commit,
+            from: key(&self.cache_from, "--cache-from")?,
+        };
+        if c.key.is_none() && c.from.is_none() {
+            match (c.commit, file) {
+                (None, _) => return Ok(None),
+                (Some(_), Some(f)) if f.key.is_some() => c.key = f.key.clone(),
+                (Some(_), _) => {
+                    return Err(CliError::Usage(
+                        "--cache-commit needs --cache-key or a [cache] key in the pipeline".into(),
+                    ));
+                }
+            }
+        }
+        c.check()
+            .map_err(|e| CliError::Usage(format!("--cache-*: {e}")))?;
+        Ok(Some(c))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the mutual-TLS front door (Docker API of every job, and the job API).
@@ -72,6 +114,12 @@ pub enum Command {
         /// `workspaces` nor (with the embedded agent) its own directory.
         #[arg(long)]
         no_workspace: bool,
+        /// The project cache, in place of the pipeline's `[cache]`.
+        #[command(flatten)]
+        cache: Box<CacheArgs>,
+        /// Start with no project cache, whatever the pipeline's `[cache]`.
+        #[arg(long, conflicts_with_all = ["cache_key", "cache_from"])]
+        no_cache: bool,
     },
     /// Check every prerequisite and print a pass/fail table with fixes.
     Doctor {
@@ -545,10 +593,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             endpoint,
             certs_dir,
             no_workspace,
+            cache,
+            no_cache,
         } => {
             let mut p = crate::pipeline::Pipeline::load(&pipeline)?;
             if no_workspace {
                 p.workspaces = Some(Vec::new());
+            }
+            if no_cache {
+                p.cache = None;
+            } else if let Some(c) = cache.pipeline_cache(p.cache.as_ref())? {
+                p.cache = Some(c);
             }
             let agent = match endpoint {
                 Some(endpoint) => crate::runner::Agent::Remote {

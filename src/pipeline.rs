@@ -11,6 +11,11 @@
 //! [env]
 //! APP = "hello-app"
 //!
+//! [cache]                     # the project cache the job starts from
+//! key = "org/app"             # and commits to when every step passed
+//! commit = "on-success"       # always | never
+//! # from = "org/app"          # instead of key: start from it, never commit
+//!
 //! [[step]]
 //! name = "build"
 //! run = "docker build -t $APP:1 apps/hello"
@@ -25,7 +30,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::duration;
+use crate::jobs::CacheCommit;
 use crate::sandbox::WorkspaceRequest;
+use crate::sandbox::fs::caches::Key;
 
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -66,6 +73,47 @@ struct RawPipeline {
     workspaces: Option<Vec<String>>,
     #[serde(default, rename = "step")]
     steps: Vec<RawStep>,
+    #[serde(default)]
+    cache: Option<Cache>,
+}
+
+/// `[cache]`: the project cache the pipeline's job starts from, and when
+/// it commits (on success: every step passed). The agent checks the same
+/// fields of the job API.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    #[serde(default)]
+    pub key: Option<Key>,
+    #[serde(default)]
+    pub commit: Option<CacheCommit>,
+    #[serde(default)]
+    pub from: Option<Key>,
+}
+
+impl Cache {
+    /// What does not go together, said as the file says it.
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.key, &self.commit, &self.from) {
+            (Some(_), _, Some(_)) => Err("key and from exclude each other: a job reads and \
+                                          commits one key, or reads one without committing"
+                .into()),
+            (None, Some(_), _) => {
+                Err("commit needs key (a job started from `from` never commits)".into())
+            }
+            (None, None, None) => Err("names no key: give key or from".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The fields of a job API request.
+    pub fn request(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cache_key": self.key,
+            "cache_commit": self.commit,
+            "cache_from": self.from,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +146,8 @@ pub struct Pipeline {
     /// file names, or (None) its own directory.
     pub workspaces: Option<Vec<WorkspaceRequest>>,
     pub steps: Vec<Step>,
+    /// The project cache of its job.
+    pub cache: Option<Cache>,
 }
 
 fn valid_env_name(k: &str) -> bool {
@@ -203,12 +253,16 @@ impl Pipeline {
                     .collect::<Result<_, PipelineError>>()?,
             ),
         };
+        if let Some(c) = &raw.cache {
+            c.check().map_err(|e| invalid(format!("[cache]: {e}")))?;
+        }
         Ok(Pipeline {
             name: raw.name,
             dir,
             ttl,
             workspaces,
             steps,
+            cache: raw.cache,
         })
     }
 }
@@ -280,6 +334,51 @@ run = "echo"
         assert_eq!(
             p.ttl,
             Duration::from_secs(90) + DEFAULT_STEP_TIMEOUT + Duration::from_secs(300)
+        );
+    }
+
+    #[test]
+    fn a_cache_names_one_key_and_commits_only_with_key() {
+        let with = |cache: &str| {
+            parse(&format!(
+                "name = \"x\"\n{cache}\n[[step]]\nname = \"a\"\nrun = \"true\"\n"
+            ))
+        };
+        let p = with("[cache]\nkey = \"org/app\"").unwrap();
+        let c = p.cache.unwrap();
+        assert_eq!(c.key.unwrap().as_str(), "org/app");
+        assert_eq!(c.commit, None);
+        let c = with("[cache]\nkey = \"org/app\"\ncommit = \"always\"")
+            .unwrap()
+            .cache
+            .unwrap();
+        assert_eq!(c.commit, Some(CacheCommit::Always));
+        assert!(with("[cache]\nfrom = \"org/app\"").is_ok());
+        for (bad, why) in [
+            ("[cache]\nkey = \"a\"\nfrom = \"b\"", "exclude each other"),
+            (
+                "[cache]\nfrom = \"a\"\ncommit = \"always\"",
+                "commit needs key",
+            ),
+            ("[cache]", "names no key"),
+            ("[cache]\nkey = \"\"", "empty"),
+            (
+                "[cache]\nkey = \"a\"\ncommit = \"sometimes\"",
+                "unknown variant",
+            ),
+            ("[cache]\nkeys = \"a\"", "unknown field"),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        let c = Cache {
+            key: Some(Key::new("k").unwrap()),
+            commit: None,
+            from: None,
+        };
+        assert_eq!(
+            c.request(),
+            serde_json::json!({"cache_key": "k", "cache_commit": null, "cache_from": null})
         );
     }
 

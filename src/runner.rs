@@ -144,6 +144,26 @@ fn workspaces_of(
     }
 }
 
+fn describe_cache(c: &crate::pipeline::Cache) -> String {
+    use crate::jobs::CacheCommit;
+    match (&c.key, &c.from) {
+        (Some(k), _) => format!(
+            "berth: the job starts from project cache {}; it commits {}",
+            k.as_str(),
+            match c.commit.unwrap_or_default() {
+                CacheCommit::OnSuccess => "if every step passes",
+                CacheCommit::Always => "at its end, whatever its steps did",
+                CacheCommit::Never => "nothing",
+            }
+        ),
+        (None, Some(k)) => format!(
+            "berth: the job starts from project cache {}, and never commits to it",
+            k.as_str()
+        ),
+        (None, None) => String::new(),
+    }
+}
+
 /// Runs the pipeline; returns its exit code.
 pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
     let started = Instant::now();
@@ -165,6 +185,11 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
             certs_dir,
         } => AgentClient::new(&endpoint, &certs_dir)?,
         Agent::Embedded(mut cfg) => {
+            // A pipeline that names a project cache gets one from this
+            // agent (kept in its state dir, as a served agent keeps them).
+            if pipeline.cache.is_some() {
+                cfg.project_caches.enabled = true;
+            }
             // The user who runs the pipeline is this agent's admin: the
             // directories it names (or its own) are allowed.
             for w in workspaces.as_deref().unwrap_or_default() {
@@ -193,13 +218,18 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
     };
 
     let ttl = crate::duration::format(pipeline.ttl.max(std::time::Duration::from_secs(1)));
-    let created = client
-        .create(&serde_json::json!({
-            "ttl": ttl,
-            "labels": { "pipeline": pipeline.name },
-            "workspaces": workspaces.unwrap_or_default(),
-        }))
-        .await;
+    let mut spec = serde_json::json!({
+        "ttl": ttl,
+        "labels": { "pipeline": pipeline.name },
+        "workspaces": workspaces.unwrap_or_default(),
+    });
+    if let Some(cache) = &pipeline.cache
+        && let (Some(to), serde_json::Value::Object(fields)) =
+            (spec.as_object_mut(), cache.request())
+    {
+        to.extend(fields.into_iter().filter(|(_, v)| !v.is_null()));
+    }
+    let created = client.create(&spec).await;
     let created = match created {
         Ok(c) => c,
         Err(e) => {
@@ -221,6 +251,9 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
         created.id,
         if n == 1 { "" } else { "s" }
     ));
+    if let Some(c) = &pipeline.cache {
+        display.line(&describe_cache(c));
+    }
     let mut results: Vec<(String, Outcome, Option<Duration>)> = Vec::new();
     if let Err(e) = write {
         results.push((
@@ -281,7 +314,14 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
 
     // Teardown, whatever happened.
     let t0 = Instant::now();
-    let teardown = client.delete(&created.id).await;
+    // A keyed job commits on success (every step passed) when it asked to.
+    let passed = results.iter().all(|(_, o, _)| *o == Outcome::Ok);
+    let teardown = client
+        .delete_with(
+            &created.id,
+            Some(if passed { "success" } else { "failure" }),
+        )
+        .await;
     // Close our pooled connection so the embedded agent drains at once.
     drop(client);
     stop_embedded(embedded).await;

@@ -743,3 +743,124 @@ fn a_job_of_one_key_finds_nothing_of_another_key() {
     traces.assert_gone();
     rt.block_on(e.teardown(running_p.id())).unwrap();
 }
+
+/// `berth run` of a pipeline with `[cache]`: its second run starts from
+/// what the first committed; a failing run commits nothing; `--no-cache`
+/// starts empty; `--cache-from` reads the key and never writes it.
+#[test]
+fn a_pipelines_cache_makes_its_next_run_warm() {
+    if !prerequisites() {
+        return;
+    }
+    require_tools(&[(&["mkfs.xfs", "-V"], "apt-get install xfsprogs")]);
+    let name = "caches-run";
+    let state = engine_config(89, name).state_dir;
+    let pool = state.join("project-caches");
+    let forget_pool = || {
+        let _ = std::process::Command::new("umount")
+            .arg(&pool)
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&pool);
+        let _ = std::fs::remove_file(state.join("project-caches.img"));
+    };
+    forget_pool();
+    let cfg = write_config(
+        89,
+        name,
+        "\n[project_caches]\ntotal_bytes = 8589934592\nbytes_per_key = 4294967296\n",
+    );
+    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::path::PathBuf::from("/var/lib/bt/pipelines-caches-run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pipeline.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+name = "warm"
+[cache]
+key = "pipelines/warm"
+[[step]]
+name = "base"
+run = '''
+if docker image inspect warm:1 >/dev/null 2>&1; then echo "STARTED WARM"; else echo "STARTED COLD"; {base} warm:1; fi
+docker images --format 'IMAGE {{{{.Repository}}}}:{{{{.Tag}}}}'
+'''
+[[step]]
+name = "more"
+run = 'docker tag warm:1 "$TAG" && test "$FAIL" != 1'
+env = {{ TAG = "warm:1", FAIL = "0" }}
+"#,
+            base = repo.join("pipelines/scripts/busybox-base.sh").display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let o = std::process::Command::new(berth_bin())
+            .arg("run")
+            .arg(&file)
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        (o.status.success(), text)
+    };
+    let ok = |args: &[&str]| {
+        let (passed, text) = run(args, &[]);
+        assert!(passed, "{text}");
+        text
+    };
+
+    let first = ok(&[]);
+    assert!(first.contains("STARTED COLD"), "{first}");
+    assert!(
+        first.contains("starts from project cache pipelines/warm; it commits if every step passes"),
+        "{first}"
+    );
+    let second = ok(&[]);
+    assert!(second.contains("STARTED WARM"), "{second}");
+
+    // A failing run (its last step fails after tagging) commits nothing.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "sed -i 's/FAIL = \"0\"/FAIL = \"1\"/; s/TAG = \"warm:1\"/TAG = \"broken:1\"/' {}",
+            file.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let (passed, text) = run(&[], &[]);
+    assert!(!passed, "{text}");
+    std::fs::write(
+        &file,
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("FAIL = \"1\"", "FAIL = \"0\"")
+            .replace("TAG = \"broken:1\"", "TAG = \"reader:1\""),
+    )
+    .unwrap();
+
+    // A reader: starts warm, without the failed run's tag; its success
+    // commits nothing either.
+    let read = ok(&["--cache-from", "pipelines/warm"]);
+    assert!(read.contains("STARTED WARM"), "{read}");
+    assert!(!read.contains("IMAGE broken:1"), "{read}");
+    assert!(read.contains("never commits to it"), "{read}");
+    let after = ok(&["--cache-commit", "never"]);
+    assert!(after.contains("STARTED WARM"), "{after}");
+    assert!(!after.contains("IMAGE reader:1"), "{after}");
+
+    // --no-cache: empty, whatever the file says.
+    let fresh = ok(&["--no-cache"]);
+    assert!(fresh.contains("STARTED COLD"), "{fresh}");
+    assert!(!fresh.contains("project cache"), "{fresh}");
+    let (passed, text) = run(&["--no-cache", "--cache-key", "x"], &[]);
+    assert!(!passed, "{text}");
+    assert!(jobs_left(name).is_empty(), "{:?}", jobs_left(name));
+    forget_pool();
+}
