@@ -18,7 +18,7 @@ fn engine_with_caches(cfg: SandboxConfig) -> Engine {
     let cfg = SandboxConfig {
         project_caches: ProjectCachesConfig {
             enabled: true,
-            total_bytes: 8 << 30,
+            total_bytes: cfg.project_caches.total_bytes.min(8 << 30),
             bytes_per_key: cfg.project_caches.bytes_per_key.min(8 << 30),
         },
         ..cfg
@@ -543,6 +543,67 @@ claims = {{ repository = "*" }}
         "{}",
         String::from_utf8_lossy(&audit.stdout)
     );
+}
+
+/// Keyed jobs' disks live in the pool beside the keys: with the agent's
+/// own XFS image, the pool grows as they start, so that two jobs writing
+/// up to their disk bounds at once both fit though the keys' bound is
+/// small.
+#[test]
+fn keyed_jobs_writing_to_their_bounds_at_once_find_room_in_the_pool() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let mut cfg = engine_config(92, "caches-grow");
+    cfg.project_caches.total_bytes = 256 << 20;
+    cfg.project_caches.bytes_per_key = 256 << 20;
+    let e = engine_with_caches(cfg);
+    let pool = e.project_caches().expect("caches on");
+    let before = pool.size().unwrap();
+    // The keys' bound and XFS's own room; less than the two disks below.
+    assert!(before < (256 << 20) + (2 << 30), "{before}");
+    let key = Key::new("grow").unwrap();
+    let limits = berth::sandbox::Limits {
+        disk_bytes: Some(1 << 30),
+        ..Default::default()
+    };
+    let jobs: Vec<_> = (0..2)
+        .map(|_| {
+            rt.block_on(e.start_keyed(Some(limits.clone()), &[], Some(&key)))
+                .unwrap()
+        })
+        .collect();
+    let grown = pool.size().unwrap();
+    assert!(grown >= (256 << 20) + (2 << 30), "{grown}");
+    std::thread::scope(|sc| {
+        for j in &jobs {
+            let s = j.socket();
+            sc.spawn(move || {
+                import_busybox(&s);
+                docker_ok(
+                    &s,
+                    &[
+                        "run",
+                        "--rm",
+                        "busybox:test",
+                        "sh",
+                        "-c",
+                        "dd if=/dev/zero of=/fill bs=1M count=700 && sync",
+                    ],
+                );
+            });
+        }
+    });
+    for j in jobs {
+        rt.block_on(e.teardown(j.id())).unwrap();
+    }
+    // A third job finds the room the first two left.
+    let j = rt
+        .block_on(e.start_keyed(Some(limits), &[], Some(&key)))
+        .unwrap();
+    assert_eq!(pool.size().unwrap(), grown);
+    rt.block_on(e.teardown(j.id())).unwrap();
 }
 
 /// A commit above `bytes_per_key` is refused and the key keeps its state;

@@ -418,11 +418,14 @@ impl Engine {
                 let id = rec.id.clone();
                 let hit = tokio::task::spawn_blocking(move || {
                     let hit = match copy {
-                        Some((key, pool)) => Some(
-                            pool.store
-                                .copy_current(&key, &image)
-                                .map_err(|e| start_err(&id, e))?,
-                        ),
+                        Some((key, pool)) => {
+                            pool.reserve(&id, bytes).map_err(|e| start_err(&id, e))?;
+                            Some(
+                                pool.store
+                                    .copy_current(&key, &image)
+                                    .map_err(|e| start_err(&id, e))?,
+                            )
+                        }
                         None => None,
                     };
                     disk::create_staged(&dir, &image, bytes)?;

@@ -216,6 +216,7 @@ impl Engine {
         let cfg = self.cfg.clone();
         let rec = rec.clone();
         let id = rec.id.clone();
+        let pool = self.host.project_caches.clone();
         tokio::task::spawn_blocking(move || -> Result<(), SandboxError> {
             if let Some(cg) = &rec.cgroup {
                 cg.remove()?;
@@ -229,6 +230,9 @@ impl Engine {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(io("cannot remove", image)(e)),
+                }
+                if let Some(pool) = &pool {
+                    pool.release(&rec.id);
                 }
             }
             for entry in ["root", "api"] {

@@ -19,6 +19,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::locks::Lock;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -436,18 +437,29 @@ pub struct Pool {
     jobs: PathBuf,
     total_bytes: u64,
     bytes_per_key: u64,
+    /// The XFS image the agent made and mounted here, when the state dir
+    /// cannot share blocks: it grows as keyed jobs need room.
+    image: Option<(PathBuf, PathBuf)>,
+    /// The disk bound of each keyed job whose disk is in the pool.
+    reserved: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
+
+/// What the pool's own filesystem takes beside its files (XFS's log and
+/// allocation groups' headers).
+const POOL_SLACK: u64 = 1 << 30;
 
 impl Pool {
     pub fn open(state_dir: &Path, cfg: &ProjectCachesConfig) -> Result<Pool, CacheError> {
         let dir = state_dir.join("project-caches");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+        let mut made = None;
         if reflinks(&dir).is_err() {
             let image = state_dir.join("project-caches.img");
             if !image.exists() {
-                // XFS wants a few hundred MiB of its own.
-                make_xfs(&image, cfg.total_bytes.max(1 << 30))?;
+                // Sparse: the keys' bound and the slack now, more as keyed
+                // jobs start (see `reserve`).
+                make_xfs(&image, cfg.total_bytes + POOL_SLACK)?;
             }
             if !is_mount_point(&dir) {
                 let out = std::process::Command::new("mount")
@@ -467,6 +479,7 @@ impl Pool {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(io(&dir))?;
             reflinks(&dir)?;
+            made = Some((image, dir.clone()));
         }
         let jobs = dir.join("jobs");
         std::fs::create_dir_all(&jobs).map_err(io(&jobs))?;
@@ -488,7 +501,41 @@ impl Pool {
             jobs,
             total_bytes: cfg.total_bytes,
             bytes_per_key: cfg.bytes_per_key,
+            image: made,
+            reserved: Default::default(),
         })
+    }
+
+    /// Room for keyed job `id`'s disk of `bytes`: the agent's image grows
+    /// (sparse, online) until the keys' bound and every running keyed
+    /// job's disk bound fit together, so that no job meets a full pool
+    /// before its own bound. Nothing to do where the state dir itself
+    /// shares blocks: its free space is the host's.
+    pub fn reserve(&self, id: &str, bytes: u64) -> Result<(), CacheError> {
+        let mut reserved = self.reserved.locked();
+        reserved.insert(id.into(), bytes);
+        let Some((image, mount)) = &self.image else {
+            return Ok(());
+        };
+        let want = self.total_bytes + POOL_SLACK + reserved.values().sum::<u64>();
+        let grown = grow_xfs(image, mount, want);
+        if grown.is_err() {
+            reserved.remove(id);
+        }
+        grown
+    }
+
+    /// Job `id`'s disk has left the pool. The image keeps its size (XFS
+    /// does not shrink); its freed blocks serve the next jobs.
+    pub fn release(&self, id: &str) {
+        self.reserved.locked().remove(id);
+    }
+
+    /// The pool filesystem's size (bytes).
+    pub fn size(&self) -> Result<u64, CacheError> {
+        let dir = self.jobs.parent().unwrap_or(&self.jobs);
+        let st = nix::sys::statvfs::statvfs(dir).map_err(|e| io(dir)(e.into()))?;
+        Ok(st.blocks() * st.fragment_size())
     }
 
     /// Commits `image` to `key` within the store's bounds: a state larger
@@ -545,6 +592,44 @@ fn make_xfs(image: &Path, bytes: u64) -> Result<(), CacheError> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
         });
     }
+    Ok(())
+}
+
+/// Grows the XFS in `image`, mounted (through a loop device) on `mount`,
+/// to `bytes` if it is smaller: the file first, then the loop device's
+/// idea of it, then the filesystem.
+fn grow_xfs(image: &Path, mount: &Path, bytes: u64) -> Result<(), CacheError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .map_err(io(image))?;
+    if f.metadata().map_err(io(image))?.len() >= bytes {
+        return Ok(());
+    }
+    f.set_len(bytes).map_err(io(image))?;
+    drop(f);
+    let run = |tool: &'static str, args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(tool)
+            .args(args)
+            .output()
+            .map_err(|source| CacheError::Spawn { tool, source })?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(CacheError::Tool {
+                tool,
+                path: image.into(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
+            })
+        }
+    };
+    // `/dev/loopN: [dev]:inode (path)`, one line per device on the file.
+    let listed = run("losetup", &["-j".as_ref(), image.as_os_str()])?;
+    for device in listed.lines().filter_map(|l| l.split(':').next()) {
+        run("losetup", &["-c".as_ref(), device.as_ref()])?;
+    }
+    run("xfs_growfs", &["-d".as_ref(), mount.as_os_str()])?;
+    tracing::info!(image = %image.display(), bytes, "project caches: the pool grew");
     Ok(())
 }
 
