@@ -212,6 +212,7 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
 
     out.push(check_cgroups(sb));
     out.extend(check_workspaces(sb));
+    out.extend(check_project_caches(sb));
     out.extend(check_emulation(sb));
 
     let fwd =
@@ -232,6 +233,119 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
 
     out.push(check_port(serve.listen));
     out.push(check_certs(&serve.certs_dir));
+    out
+}
+
+/// Where the project caches' pool is (or will be) and what it needs: a
+/// filesystem that shares blocks, or the tools to make and grow an XFS
+/// image; room on the disk for `total_bytes`. Nothing is made: the probe
+/// copies one small file and removes both.
+fn check_project_caches(sb: &SandboxConfig) -> Vec<Check> {
+    use crate::sandbox::fs::caches;
+    const NAME: &str = "project caches";
+    let pc = &sb.project_caches;
+    if !pc.enabled {
+        return vec![pass(
+            NAME,
+            "off ([project_caches] enabled = true gives keyed jobs warm starts)",
+        )];
+    }
+    let gib = |b: u64| format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30));
+    let dir = sb.state_dir.join("project-caches");
+    let image = sb.state_dir.join("project-caches.img");
+    // The state dir, or where it will be made.
+    let Some(home) = sb.state_dir.ancestors().find(|p| p.is_dir()) else {
+        return vec![fail(
+            NAME,
+            format!("no directory of {} exists", sb.state_dir.display()),
+            "give [sandbox] state_dir an absolute path",
+        )];
+    };
+    let mut out = Vec::new();
+    let shares = !image.exists() && caches::reflinks(home).is_ok();
+    let tools: Vec<&str> = [
+        ("mkfs.xfs", "-V"),
+        ("xfs_growfs", "-V"),
+        ("losetup", "--version"),
+    ]
+    .into_iter()
+    .filter(|(tool, arg)| version_of(Path::new(tool), arg).is_none())
+    .map(|(tool, _)| tool)
+    .collect();
+    out.push(if shares {
+        pass(
+            NAME,
+            format!(
+                "the pool is in the state dir ({} shares blocks between files)",
+                crate::sandbox::fs::workspaces::fs_name(home)
+            ),
+        )
+    } else if !tools.is_empty() {
+        fail(
+            NAME,
+            format!(
+                "{} cannot share blocks, and {} missing to make the pool's XFS image",
+                crate::sandbox::fs::workspaces::fs_name(home),
+                tools.join(", ")
+            ),
+            "apt-get install xfsprogs util-linux (or put state_dir on XFS or btrfs)",
+        )
+    } else if !Path::new("/dev/loop-control").exists() {
+        fail(
+            NAME,
+            "no /dev/loop-control: the pool's XFS image cannot be mounted",
+            "modprobe loop",
+        )
+    } else {
+        let size = std::fs::metadata(&image).map(|m| m.len());
+        pass(
+            NAME,
+            match size {
+                Ok(b) => format!(
+                    "the pool is an XFS image the agent made ({}, {} sparse; it grows as keyed jobs start)",
+                    image.display(),
+                    gib(b)
+                ),
+                Err(_) => format!(
+                    "{} cannot share blocks: the agent makes an XFS image for the pool ({})",
+                    crate::sandbox::fs::workspaces::fs_name(home),
+                    image.display()
+                ),
+            },
+        )
+    });
+    let keys = std::fs::read_dir(dir.join("keys"))
+        .map(|r| r.flatten().filter(|e| e.path().is_dir()).count())
+        .unwrap_or(0);
+    // What the disk under the pool can still take, against the keys' bound.
+    if let Ok(st) = nix::sys::statvfs::statvfs(home) {
+        let free = st.blocks_available() * st.fragment_size();
+        // The pool's own XFS: its used blocks are the image's, already
+        // out of the disk's free space, and count toward the bound.
+        let held = if image.exists() && dir.join("keys").is_dir() {
+            nix::sys::statvfs::statvfs(&dir)
+                .map(|p| (p.blocks() - p.blocks_free()) * p.fragment_size())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let detail = format!(
+            "keys: {keys}; total_bytes {}, bytes_per_key {}; {} free on {}",
+            gib(pc.total_bytes),
+            gib(pc.bytes_per_key),
+            gib(free),
+            home.display()
+        );
+        out.push(if free + held < pc.total_bytes {
+            warn(
+                "project cache room",
+                detail,
+                "the disk fills before the keys reach total_bytes: lower total_bytes or free space",
+            )
+        } else {
+            pass("project cache room", detail)
+        });
+    }
     out
 }
 

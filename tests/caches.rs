@@ -923,5 +923,50 @@ env = {{ TAG = "warm:1", FAIL = "0" }}
     let (passed, text) = run(&["--no-cache", "--cache-key", "x"], &[]);
     assert!(!passed, "{text}");
     assert!(jobs_left(name).is_empty(), "{:?}", jobs_left(name));
+
+    // `berth doctor` of the same agent with project caches on: the pool it
+    // made and its key; then, with no pool yet and no xfsprogs to make
+    // one, a failure naming the fix.
+    let on = dir.join("doctor.toml");
+    std::fs::write(
+        &on,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("[project_caches]\n", "[project_caches]\nenabled = true\n"),
+    )
+    .unwrap();
+    let doctor = |path: Option<&str>| {
+        let mut c = std::process::Command::new(berth_bin());
+        c.args(["doctor", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&on);
+        if let Some(p) = path {
+            c.env("PATH", p);
+        }
+        let o = c.output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let line = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} line in:\n{text}"))
+            .to_string()
+    };
+    let text = doctor(None);
+    let pool_line = line(&text, "project caches ");
+    assert!(
+        pool_line.contains("ok") && pool_line.contains("the pool is an XFS image the agent made"),
+        "{text}"
+    );
+    assert!(
+        line(&text, "project cache room").contains("keys: 1;"),
+        "{text}"
+    );
     forget_pool();
+    let text = doctor(Some("/nonexistent"));
+    let pool_line = line(&text, "project caches ");
+    assert!(
+        pool_line.contains("mkfs.xfs, xfs_growfs, losetup missing"),
+        "{text}"
+    );
+    assert!(text.contains("apt-get install xfsprogs"), "{text}");
 }
