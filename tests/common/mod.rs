@@ -1093,3 +1093,46 @@ pub fn mint(k: &TestKey, claims: &serde_json::Value) -> String {
     h.kid = Some(k.kid.into());
     jsonwebtoken::encode(&h, claims, &k.key).unwrap()
 }
+
+/// `berth serve --config CFG --certs-dir CERTS` started as systemd starts
+/// a socket-activated service: its listening socket on fd 3. Returns the
+/// agent and its port.
+pub fn serve_activated_with(
+    cfg: &Path,
+    certs: &Path,
+    env: &[(&str, &Path)],
+) -> (std::process::Child, u16) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    // As systemd does: the socket on fd 3, LISTEN_PID = the service's pid.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS=1 exec {} serve --config {} --certs-dir {}",
+            berth_bin().display(),
+            cfg.display(),
+            certs.display()
+        ))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only dup2/fcntl between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            // dup2(3, 3) would keep close-on-exec: clear it instead.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let agent = cmd.spawn().unwrap();
+    drop(listener);
+    (agent, port)
+}
