@@ -1170,3 +1170,70 @@ fn state_of_job(j: &TlsJob) -> (Vec<String>, String) {
     );
     (tls_images(j), kept)
 }
+
+/// A keyed job whose key holds the agent's preloaded images, under their
+/// names, does not load the archives again; one whose key lost a name
+/// does.
+#[test]
+fn a_keyed_job_loads_only_the_preloads_its_key_lacks() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let save = std::path::PathBuf::from("/var/lib/bt/caches-preload-save.tar");
+    {
+        let e = Engine::new(engine_config(94, "caches-preload-src")).unwrap();
+        let sb = rt.block_on(e.start(None)).unwrap();
+        import_busybox(&sb.socket());
+        docker_ok(&sb.socket(), &["tag", "busybox:test", "preloaded:1"]);
+        let out = docker(&sb.socket(), &["save", "preloaded:1"]);
+        assert!(out.status.success());
+        std::fs::write(&save, &out.stdout).unwrap();
+        rt.block_on(e.teardown(sb.id())).unwrap();
+    }
+    let mut cfg = engine_config(94, "caches-preload");
+    cfg.preload = vec![save];
+    let e = engine_with_caches(cfg);
+    let key = Key::new("preloads").unwrap();
+    // The image events of the job's dockerd since it started.
+    let loads = |s: &Path| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 1;
+        docker_ok(
+            s,
+            &[
+                "events",
+                "--since",
+                "0",
+                "--until",
+                &now.to_string(),
+                "--filter",
+                "type=image",
+                "--format",
+                "{{.Action}}",
+            ],
+        )
+        .lines()
+        .filter(|a| *a == "load")
+        .count()
+    };
+    let a = rt.block_on(e.start_keyed(None, &[], Some(&key))).unwrap();
+    assert_eq!(images(&a.socket()), ["preloaded:1"]);
+    assert_eq!(loads(&a.socket()), 1);
+    rt.block_on(e.teardown_committing(a.id())).unwrap();
+
+    let b = rt.block_on(e.start_keyed(None, &[], Some(&key))).unwrap();
+    assert_eq!(images(&b.socket()), ["preloaded:1"]);
+    assert_eq!(loads(&b.socket()), 0, "the key's images were loaded again");
+    docker_ok(&b.socket(), &["tag", "preloaded:1", "other:1"]);
+    docker_ok(&b.socket(), &["rmi", "preloaded:1"]);
+    rt.block_on(e.teardown_committing(b.id())).unwrap();
+
+    let c = rt.block_on(e.start_keyed(None, &[], Some(&key))).unwrap();
+    assert_eq!(images(&c.socket()), ["other:1", "preloaded:1"]);
+    assert_eq!(loads(&c.socket()), 1);
+    rt.block_on(e.teardown(c.id())).unwrap();
+}

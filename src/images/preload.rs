@@ -31,6 +31,51 @@ fn invalid(path: &Path, why: impl Into<String>) -> PreloadError {
     }
 }
 
+/// The images of a docker-save archive: each one's id (`sha256:` and its
+/// config's digest) and the names it is loaded under. Reads the archive's
+/// headers and its `manifest.json` alone, seeking past the layers.
+pub fn images_in(tar: &Path) -> Result<Vec<(String, Vec<String>)>, PreloadError> {
+    let io = |source| PreloadError::Io {
+        path: tar.into(),
+        source,
+    };
+    let file = std::fs::File::open(tar).map_err(io)?;
+    let mut archive = tar::Archive::new(file);
+    for entry in archive.entries_with_seek().map_err(io)? {
+        let mut entry = entry.map_err(io)?;
+        if entry.path().map_err(io)?.as_os_str() != "manifest.json" {
+            continue;
+        }
+        let mut text = String::new();
+        entry.read_to_string(&mut text).map_err(io)?;
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Entry {
+            config: String,
+            #[serde(default)]
+            repo_tags: Option<Vec<String>>,
+        }
+        let entries: Vec<Entry> =
+            serde_json::from_str(&text).map_err(|e| invalid(tar, format!("manifest.json: {e}")))?;
+        return entries
+            .into_iter()
+            .map(|e| {
+                // `<hex>.json` (docker save) or `blobs/sha256/<hex>` (OCI).
+                let name = e.config.rsplit('/').next().unwrap_or_default();
+                let hex = name.strip_suffix(".json").unwrap_or(name);
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(invalid(
+                        tar,
+                        format!("manifest.json: config {:?}", e.config),
+                    ));
+                }
+                Ok((format!("sha256:{hex}"), e.repo_tags.unwrap_or_default()))
+            })
+            .collect();
+    }
+    Err(invalid(tar, "no manifest.json: not a docker-save archive"))
+}
+
 /// Turns the configured paths into docker-save archives (converting OCI
 /// layouts into `cache_dir`).
 pub fn prepare(paths: &[PathBuf], cache_dir: &Path) -> Result<Vec<PathBuf>, PreloadError> {
@@ -255,6 +300,27 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .starts_with("blobs/sha256/")
+        );
+        // What a job is asked for before it loads the archive again.
+        let config =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+        assert_eq!(
+            images_in(&out).unwrap(),
+            [(
+                format!("sha256:{}", sha(config)),
+                vec!["myimage:1.0".to_string()]
+            )]
+        );
+        let bare = base.join("bare.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&bare).unwrap());
+        append_bytes(&mut b, "layer.tar", b"x").unwrap();
+        b.finish().unwrap();
+        drop(b);
+        assert!(
+            images_in(&bare)
+                .unwrap_err()
+                .to_string()
+                .contains("no manifest.json")
         );
         std::fs::remove_dir_all(&base).unwrap();
     }

@@ -795,11 +795,40 @@ impl Engine {
             return Ok(());
         }
         for tar in &self.host.preloads {
+            // A key's state may hold the archive's images already, under
+            // the same names: loading it again would only read it.
+            if sb.cache_hit() == Some(true) && self.holds(sb, tar).await {
+                continue;
+            }
             ping::load_image(&sb.socket(), tar)
                 .await
                 .map_err(|e| start_err(sb.id(), format!("preloading {}: {e}", tar.display())))?;
         }
         Ok(())
+    }
+
+    /// Whether the job has every image of the archive at `tar` under each
+    /// of its names.
+    async fn holds(&self, sb: &Sandbox, tar: &Path) -> bool {
+        let tar = tar.to_path_buf();
+        let Ok(Ok(images)) =
+            tokio::task::spawn_blocking(move || crate::images::preload::images_in(&tar)).await
+        else {
+            return false;
+        };
+        for (id, names) in images {
+            let names = if names.is_empty() {
+                vec![id.clone()]
+            } else {
+                names
+            };
+            for name in names {
+                if ping::image_id(&sb.socket(), &name).await.as_deref() != Some(id.as_str()) {
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Writes `rec` to disk and to the live job.

@@ -40,12 +40,33 @@ where
     Ok((status, body))
 }
 
-async fn get(socket: &Path, path: &str) -> Option<(hyper::StatusCode, Bytes)> {
-    let req = hyper::Request::get(path)
+/// A request without a body, and dockerd's answer whatever its status.
+async fn request(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+) -> Result<(hyper::StatusCode, Bytes), String> {
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", "docker")
         .body(Empty::<Bytes>::new())
-        .ok()?;
-    send(socket, req).await.ok()
+        .map_err(|e| e.to_string())?;
+    send(socket, req).await
+}
+
+async fn get(socket: &Path, path: &str) -> Option<(hyper::StatusCode, Bytes)> {
+    request(socket, hyper::Method::GET, path).await.ok()
+}
+
+/// The id (`sha256:…`) of the image `name` names in the job, if any.
+pub async fn image_id(socket: &Path, name: &str) -> Option<String> {
+    let (status, body) = get(socket, &format!("/images/{name}/json")).await?;
+    if status != hyper::StatusCode::OK {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    v.get("Id")?.as_str().map(str::to_string)
 }
 
 /// True when dockerd at `socket` answers `/_ping` with 200.
@@ -103,14 +124,9 @@ pub async fn load_image(socket: &Path, tar: &Path) -> Result<(), String> {
     }
 }
 
+/// A request without a body; an answer other than 2xx is an error.
 async fn call(socket: &Path, method: hyper::Method, path: &str) -> Result<Bytes, String> {
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "docker")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let (status, body) = send(socket, req).await?;
+    let (status, body) = request(socket, method, path).await?;
     if status.is_success() {
         Ok(body)
     } else {
