@@ -34,17 +34,15 @@ fn engine_with_caches(cfg: SandboxConfig) -> Engine {
     Engine::new(cfg).expect("engine")
 }
 
+/// The job's images as `name:tag`, sorted.
+const IMAGE_NAMES: [&str; 3] = ["images", "--format", "{{.Repository}}:{{.Tag}}"];
+
 fn images(sock: &Path) -> Vec<String> {
-    let mut v: Vec<String> = docker_ok(sock, &["images", "--format", "{{.Repository}}:{{.Tag}}"])
-        .lines()
-        .map(str::to_string)
-        .collect();
-    v.sort();
-    v
+    lines(docker_ok(sock, &IMAGE_NAMES))
 }
 
-fn lines(text: String) -> Vec<String> {
-    let mut v: Vec<String> = text.lines().map(str::to_string).collect();
+fn lines(text: impl AsRef<str>) -> Vec<String> {
+    let mut v: Vec<String> = text.as_ref().lines().map(str::to_string).collect();
     v.sort();
     v
 }
@@ -218,13 +216,7 @@ fn a_cache_key_without_project_caches_is_refused_with_the_setting() {
 }
 
 fn tls_images(job: &TlsJob) -> Vec<String> {
-    let mut v: Vec<String> =
-        docker_tls_ok(job, &["images", "--format", "{{.Repository}}:{{.Tag}}"])
-            .lines()
-            .map(str::to_string)
-            .collect();
-    v.sort();
-    v
+    lines(docker_tls_ok(job, &IMAGE_NAMES))
 }
 
 /// Through the front door, as a CI system drives it: `berth job create
@@ -325,21 +317,30 @@ fn the_cli_commits_on_success_and_cache_from_never_writes() {
     rm(&e.id, "failure");
 
     // The metrics: keyed starts by result, commits.
-    let raw = rt()
-        .block_on(tls_request(
-            fd.port,
-            &fd.certs.join("admin"),
-            b"GET /berth/v1/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        ))
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw);
-    for line in [
-        "berth_project_cache_starts_total{result=\"hit\"} 2",
-        "berth_project_cache_starts_total{result=\"miss\"} 4",
-        "berth_project_cache_commits_total{result=\"committed\"} 1",
-        "berth_project_cache_commit_seconds_count 1",
+    let m = scrape(&fd);
+    for (name, labels, want) in [
+        (
+            "berth_project_cache_starts_total",
+            &[("result", "hit")][..],
+            2.0,
+        ),
+        (
+            "berth_project_cache_starts_total",
+            &[("result", "miss")],
+            4.0,
+        ),
+        (
+            "berth_project_cache_commits_total",
+            &[("result", "committed")],
+            1.0,
+        ),
+        ("berth_project_cache_commit_seconds_count", &[], 1.0),
     ] {
-        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        assert_eq!(
+            sample(&m, name, labels),
+            Some(want),
+            "{name} {labels:?} in {m}"
+        );
     }
 }
 
@@ -461,7 +462,7 @@ claims = {{ repository = "*" }}
         lines(
             v.iter()
                 .map(|k| k["key"].as_str().unwrap().to_string() + "\n")
-                .collect(),
+                .collect::<String>(),
         )
     };
     let busybox = busybox_tar();

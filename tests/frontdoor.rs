@@ -994,68 +994,6 @@ fn testcontainers_with_its_defaults_reaches_what_a_job_publishes() {
     }
 }
 
-/// The agent's metrics, scraped as Prometheus does and parsed by the
-/// Prometheus project's own OpenMetrics parser (prometheus_client, from
-/// PyPI): `{name: [[sample, labels, value], ...]}`.
-fn scrape(fd: &FrontDoor) -> serde_json::Value {
-    let raw = rt()
-        .block_on(tls_request(
-            fd.port,
-            &fd.certs.join("admin"),
-            b"GET /berth/v1/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        ))
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/openmetrics-text; version=1.0.0"),
-        "{head}"
-    );
-    let parse = r#"
-import json, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-out = {}
-for f in text_string_to_metric_families(sys.stdin.read()):
-    for s in f.samples:
-        out.setdefault(s.name, []).append([s.name, s.labels, s.value])
-print(json.dumps(out))
-"#;
-    let o = docker_stdin_cmd("python3", &["-c", parse], body.as_bytes());
-    assert!(
-        o.status.success(),
-        "the OpenMetrics parser refused the exposition (python3 -m pip install prometheus-client): {}\n{body}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
-/// Runs `prog args` with `input` on its standard input.
-fn docker_stdin_cmd(prog: &str, args: &[&str], input: &[u8]) -> std::process::Output {
-    use std::io::Write;
-    let mut c = Command::new(prog)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(input).unwrap();
-    c.wait_with_output().unwrap()
-}
-
-/// The value of `sample` whose labels include `labels`.
-fn sample(m: &serde_json::Value, sample: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    m.as_object()?
-        .values()
-        .flat_map(|v| v.as_array().cloned().unwrap_or_default())
-        .find_map(|s| {
-            let ok = s[0] == sample && labels.iter().all(|(k, v)| s[1][*k] == *v);
-            ok.then(|| s[2].as_f64()).flatten()
-        })
-}
-
 #[test]
 fn metrics_and_the_audit_tell_what_every_job_did() {
     if !prerequisites() {
