@@ -536,6 +536,34 @@ claims = {{ repository = "*" }}
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // A job's certificate ends its own job and nothing else: the one path,
+    // DELETE only, unversioned, with a valid outcome; another job's path
+    // stays the admin's.
+    let other = job_of(exchange(&token("acme/app", "refs/pull/9/merge"), &[]));
+    for (request, status) in [
+        ("GET /berth/v1/job", "405"),
+        ("DELETE /berth/v1/job?outcome=maybe", "400"),
+        ("DELETE /berth/v1/job?id=x", "400"),
+        ("DELETE /v1.41/berth/v1/job?outcome=success", "403"),
+        ("DELETE /berth/v1/job/", "403"),
+        (&format!("DELETE /berth/v1/jobs/{}", other.id), "403"),
+    ] {
+        let raw = rt()
+            .block_on(tls_request(
+                fd.port,
+                &d.dir,
+                format!("{request} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            ))
+            .unwrap();
+        let head = String::from_utf8_lossy(&raw);
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{request}: {head}"
+        );
+    }
+    assert_eq!(tls_images(&other), ["main:1"]);
+    assert_eq!(tls_images(&d), ["main:1"]);
+    ended(&other, "failure");
     ended(&d, "failure");
     assert_eq!(keys(), ["ci/acme/app"]);
     let audit = fd.job_cli(&["audit", &b.id, "--json"]);
