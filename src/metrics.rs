@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub pool_size: i64,
     pub pool_ready: i64,
     pub free_ranges: i64,
+    /// Keys with a state, and the bytes they hold (with project caches).
+    pub project_caches: Option<(i64, i64)>,
 }
 
 pub struct Metrics {
@@ -52,12 +54,15 @@ pub struct Metrics {
     cache_starts: Family<Labels, Counter>,
     cache_commits: Family<Labels, Counter>,
     cache_commit_time: Histogram,
+    cache_snapshot_time: Histogram,
     open: AtomicI64,
     // Read at scrape time.
     jobs: Family<Labels, Gauge>,
     pool_size: Gauge,
     pool_ready: Gauge,
     free_ranges: Gauge,
+    cache_keys: Gauge,
+    cache_bytes: Gauge,
     rss: Gauge,
     connections: Gauge,
     registry: Registry,
@@ -84,6 +89,9 @@ impl Metrics {
         let cache_starts = Family::<Labels, Counter>::default();
         let cache_commits = Family::<Labels, Counter>::default();
         let cache_commit_time = seconds();
+        // A reflink copy: milliseconds, whatever the key holds.
+        let cache_snapshot_time = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let (cache_keys, cache_bytes) = (Gauge::default(), Gauge::default());
         let jobs = Family::<Labels, Gauge>::default();
         let (pool_size, pool_ready, free_ranges, rss, connections) = (
             Gauge::default(),
@@ -156,6 +164,23 @@ impl Metrics {
             Unit::Seconds,
             cache_commit_time.clone(),
         );
+        registry.register_with_unit(
+            "project_cache_snapshot",
+            "A keyed job's copy of its key's state (a reflink of its disk)",
+            Unit::Seconds,
+            cache_snapshot_time.clone(),
+        );
+        registry.register(
+            "project_cache_keys",
+            "Project cache keys with a state",
+            cache_keys.clone(),
+        );
+        registry.register_with_unit(
+            "project_cache",
+            "What the project caches' keys hold (blocks allocated, shared ones counted per key)",
+            Unit::Bytes,
+            cache_bytes.clone(),
+        );
         registry.register("jobs", "Jobs by state", jobs.clone());
         registry.register(
             "warm_pool_size",
@@ -205,11 +230,14 @@ impl Metrics {
             cache_starts,
             cache_commits,
             cache_commit_time,
+            cache_snapshot_time,
             open: AtomicI64::new(0),
             jobs,
             pool_size,
             pool_ready,
             free_ranges,
+            cache_keys,
+            cache_bytes,
             rss,
             connections,
             registry,
@@ -232,8 +260,10 @@ impl Metrics {
         self.teardown.observe(took.as_secs_f64());
     }
 
-    /// A job with a cache key started from its key's state (`hit`) or empty.
-    pub fn cache_start(&self, hit: bool) {
+    /// A job with a cache key started from its key's state (`hit`) or
+    /// empty; its copy of the state took `took`.
+    pub fn cache_start(&self, hit: bool, took: Duration) {
+        self.cache_snapshot_time.observe(took.as_secs_f64());
         let result = if hit { "hit" } else { "miss" };
         self.cache_starts
             .get_or_create(&label("result", result))
@@ -297,6 +327,9 @@ impl Metrics {
         self.pool_size.set(now.pool_size);
         self.pool_ready.set(now.pool_ready);
         self.free_ranges.set(now.free_ranges);
+        let (keys, bytes) = now.project_caches.unwrap_or_default();
+        self.cache_keys.set(keys);
+        self.cache_bytes.set(bytes);
         self.rss.set(resident_bytes().unwrap_or(0));
         self.connections.set(self.open.load(Ordering::Relaxed));
         let mut out = String::new();
@@ -356,6 +389,7 @@ mod tests {
             pool_size: 2,
             pool_ready: 1,
             free_ranges: 5,
+            project_caches: Some((3, 4096)),
         });
         for line in [
             "berth_sandbox_starts_total{kind=\"job\"} 1",
@@ -371,6 +405,8 @@ mod tests {
             "berth_warm_pool_ready 1",
             "berth_free_id_ranges 5",
             "berth_open_connections 1",
+            "berth_project_cache_keys 3",
+            "berth_project_cache_bytes 4096",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -303,6 +303,17 @@ fn the_cli_commits_on_success_and_cache_from_never_writes() {
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert_eq!(keys[0]["key"], "org/app");
     assert_eq!(keys[0]["committed_by"], b.id.as_str());
+    let m = scrape(&fd);
+    assert_eq!(
+        sample(&m, "berth_project_cache_keys", &[]),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "berth_project_cache_bytes", &[]),
+        keys[0]["bytes"].as_f64(),
+        "{m}"
+    );
     let o = cache_cli(&["rm", "org/app"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = cache_cli(&["rm", "org/app"]);
@@ -335,6 +346,8 @@ fn the_cli_commits_on_success_and_cache_from_never_writes() {
             1.0,
         ),
         ("berth_project_cache_commit_seconds_count", &[], 1.0),
+        ("berth_project_cache_snapshot_seconds_count", &[], 6.0),
+        ("berth_project_cache_keys", &[], 0.0),
     ] {
         assert_eq!(
             sample(&m, name, labels),

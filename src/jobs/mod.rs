@@ -284,6 +284,11 @@ impl Jobs {
             pool_size: pool.size as i64,
             pool_ready: pool.ready as i64,
             free_ranges: self.engine.free_slots() as i64,
+            project_caches: self
+                .engine
+                .project_caches()
+                .and_then(|p| p.store.list().ok())
+                .map(|keys| (keys.len() as i64, keys.iter().map(|k| k.bytes as i64).sum())),
         }
     }
 
@@ -440,8 +445,8 @@ impl Jobs {
                 cache.as_ref().map(|(k, _)| k),
             )
             .await?;
-        if let Some(hit) = sb.cache_hit() {
-            self.metrics.cache_start(hit);
+        if let (Some(hit), Some(took)) = (sb.cache_hit(), sb.cache_snapshot_time()) {
+            self.metrics.cache_start(hit, took);
         }
         self.refill_pool();
         let created = SystemTime::now();

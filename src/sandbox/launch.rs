@@ -420,11 +420,12 @@ impl Engine {
                     let hit = match copy {
                         Some((key, pool)) => {
                             pool.reserve(&id, bytes).map_err(|e| start_err(&id, e))?;
-                            Some(
-                                pool.store
-                                    .copy_current(&key, &image)
-                                    .map_err(|e| start_err(&id, e))?,
-                            )
+                            let t0 = std::time::Instant::now();
+                            let hit = pool
+                                .store
+                                .copy_current(&key, &image)
+                                .map_err(|e| start_err(&id, e))?;
+                            Some((hit, t0.elapsed()))
                         }
                         None => None,
                     };
@@ -433,9 +434,9 @@ impl Engine {
                 })
                 .await
                 .map_err(|e| start_err(&rec.id, e))??;
-                if let (Some(hit), Some(key)) = (hit, &rec.cache_key) {
-                    tracing::info!(job = %rec.id, key = %key, hit, "project cache");
-                    let _ = sb.inner.cache_hit.set(hit);
+                if let (Some((hit, took)), Some(key)) = (hit, &rec.cache_key) {
+                    tracing::info!(job = %rec.id, key = %key, hit, copy_ms = took.as_millis() as u64, "project cache");
+                    let _ = sb.inner.cache_hit.set((hit, took));
                 }
             }
             Some(bytes) => {

@@ -158,8 +158,9 @@ struct Inner {
     /// The job's mount namespaces, once it has them.
     mounts: Mutex<Option<JobMounts>>,
     started: Instant,
-    /// A keyed job: whether its key had a state to start from.
-    cache_hit: std::sync::OnceLock<bool>,
+    /// A keyed job: whether its key had a state to start from, and how
+    /// long its copy of that state took.
+    cache_hit: std::sync::OnceLock<(bool, std::time::Duration)>,
 }
 
 /// What the agent holds of a job's mounts: its mount namespace, and the
@@ -177,7 +178,13 @@ impl Sandbox {
     /// For a job with a cache key: whether it started from the key's state
     /// (false: the key had none, and the job started empty).
     pub fn cache_hit(&self) -> Option<bool> {
-        self.inner.cache_hit.get().copied()
+        self.inner.cache_hit.get().map(|(hit, _)| *hit)
+    }
+
+    /// For a job with a cache key: how long its copy of the key's state
+    /// (its snapshot) took.
+    pub fn cache_snapshot_time(&self) -> Option<std::time::Duration> {
+        self.inner.cache_hit.get().map(|(_, took)| *took)
     }
 
     pub fn id(&self) -> &str {
