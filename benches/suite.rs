@@ -50,7 +50,19 @@
 //!     classic one, alternating; memory (RSS and PSS) and data-root of 5
 //!     idle jobs of each.
 //!
-//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build,workspace,emulation,image-store
+//! 12. Project caches (docs/caches.md), through the front door: a
+//!     multi-stage BuildKit build of Lua 5.4 (a debootstrap'd bookworm
+//!     base from a registry, gcc and make from an apt repository, both in
+//!     a test host; apt's lists and downloads in cache mounts) in a fresh
+//!     job without a key against a job whose key holds the previous run,
+//!     with the same source and after a one-line change, alternating; job
+//!     ready with an empty key against a 5 GiB one (and no key), cold; the
+//!     pool's used space (statfs) with 4 jobs of the 5 GiB key running,
+//!     each having written 100 MiB, against 4 × the key. Setup
+//!     (benches/support/project-cache-setup) downloads once, under
+//!     /var/lib/bt/bs-pc-setup.
+//!
+//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build,workspace,emulation,image-store,project-cache
 //! runs a subset.
 
 #[path = "../tests/common/mod.rs"]
@@ -842,6 +854,11 @@ fn main() {
         );
     }
 
+    // 12. Project caches.
+    if section("project-cache") {
+        project_cache_figures(&rt, n, &mut table);
+    }
+
     // 9. BuildKit builds on each engine.
     if section("build") || section("emulation") {
         for (label, cfg) in [
@@ -1497,4 +1514,418 @@ fn workspace_figures(rt: &tokio::runtime::Runtime, n: usize, table: &mut Vec<Str
             ),
         );
     }
+}
+
+/// The Dockerfile of the project-cache section: a toolchain stage that
+/// installs gcc and make from the test host's apt repository (package
+/// lists and downloads in cache mounts), a stage that compiles Lua, and a
+/// small final image with the binary.
+fn lua_dockerfile(registry: &str, apt: &str) -> String {
+    format!(
+        "FROM {registry}/bench/debian:bookworm AS toolchain\n\
+         ARG DEBIAN_FRONTEND=noninteractive\n\
+         RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \\\n    \
+             --mount=type=cache,target=/var/lib/apt/lists,sharing=locked \\\n    \
+             echo 'deb [trusted=yes] http://{apt}/ ./' > /etc/apt/sources.list \\\n    \
+             && apt-get update -qq \\\n    \
+             && apt-get install -y -qq --no-install-recommends gcc libc6-dev make >/dev/null\n\
+         FROM toolchain AS build\n\
+         COPY lua/ /src/lua/\n\
+         RUN make -C /src/lua -j2 linux >/dev/null && make -C /src/lua test\n\
+         FROM {registry}/bench/debian:bookworm\n\
+         COPY --from=build /src/lua/src/lua /usr/local/bin/lua\n\
+         ENTRYPOINT [\"lua\"]\n"
+    )
+}
+
+/// What the built interpreter must print for the check run.
+const LUA_CHECK: (&str, &str) = ("print(('berth '):rep(2) .. 6 * 7)", "berth berth 42");
+
+/// The docker CLI over a job's front door, with a config dir of its own
+/// and `stdin` from a file: its output, or a panic with its errors.
+fn pc_docker(job: &common::TlsJob, config: &Path, args: &[&str], stdin: Option<&Path>) -> String {
+    let o = Command::new("docker")
+        .env_remove("DOCKER_BUILDKIT")
+        .env("DOCKER_CONFIG", config)
+        .env("DOCKER_HOST", &job.endpoint)
+        .env("DOCKER_TLS_VERIFY", "1")
+        .env("DOCKER_CERT_PATH", &job.dir)
+        .args(args)
+        .stdin(match stdin {
+            Some(p) => Stdio::from(std::fs::File::open(p).unwrap()),
+            None => Stdio::null(),
+        })
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A server in a test host's namespace, killed on drop.
+struct Served(std::process::Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// busybox httpd serving `dir` on port 80 of `host`.
+fn serve_http(host: &common::Outside, dir: &Path) -> Served {
+    let child = Command::new("ip")
+        .args(["netns", "exec", &host.name, "/bin/busybox", "httpd", "-f"])
+        .args(["-p", &format!("{}:80", host.addr), "-h"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let served = Served(child);
+    let addr = std::net::SocketAddr::from((host.addr, 80));
+    let t = Instant::now();
+    while common::in_netns(&host.name, || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+    })
+    .is_err()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "httpd in {} never listened",
+            host.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    served
+}
+
+/// Used bytes of the filesystem holding `path` (statfs), after a sync.
+fn fs_used(path: &Path) -> u64 {
+    nix::unistd::sync();
+    std::thread::sleep(Duration::from_secs(1));
+    nix::unistd::sync();
+    let s = nix::sys::statvfs::statvfs(path).unwrap();
+    (s.blocks() - s.blocks_free()) * s.fragment_size()
+}
+
+/// Project caches (docs/caches.md) through the front door, on one engine
+/// with its pool: a multi-stage build in a fresh job against a job of the
+/// key that holds the previous run; job ready with an empty key against a
+/// 5 GiB one; the pool's growth under 4 jobs of that key.
+fn project_cache_figures(rt: &tokio::runtime::Runtime, n: usize, table: &mut Vec<String>) {
+    use berth::images::registries::Registries;
+    use berth::sandbox::fs::caches::ProjectCachesConfig;
+    use berth::sandbox::{Engine, SandboxConfig};
+    common::require_tools(&[(&["mkfs.xfs", "-V"], "apt-get install xfsprogs")]);
+    let setup_started = Instant::now();
+    let setup = PathBuf::from("/var/lib/bt/bs-pc-setup");
+    let st = Command::new("benches/support/project-cache-setup")
+        .arg(&setup)
+        .status()
+        .unwrap();
+    assert!(st.success(), "benches/support/project-cache-setup failed");
+
+    // The test host: the registry the base image comes from, and the apt
+    // repository the toolchain comes from.
+    let host = common::Outside::create(90);
+    let ip = host.addr.to_string();
+    let (ca_pem, cert_pem, key_pem) = common::private_ca_for(&ip);
+    let ca_file = PathBuf::from("/var/lib/bt/bs-pc-registry-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let registry = format!("{ip}:5443");
+    let _registry = common::Registry::start(
+        &host.name,
+        "bs-pc",
+        &registry,
+        Some((&cert_pem, &key_pem)),
+        None,
+    );
+    let _apt = serve_http(&host, &setup.join("repo"));
+
+    let cfg = SandboxConfig {
+        project_caches: ProjectCachesConfig {
+            enabled: true,
+            total_bytes: 24 << 30,
+            bytes_per_key: 12 << 30,
+        },
+        registries: Registries {
+            ca: [(registry.clone(), ca_file.clone())].into(),
+            ..Default::default()
+        },
+        ..common::engine_config(84, "bs-pc")
+    };
+    let pool = cfg.state_dir.join("project-caches");
+    let engine = std::sync::Arc::new(Engine::new(cfg).unwrap());
+    let fd = common::FrontDoor::start_engine(engine, "bs-pc", |c| c.warm_pool = 0);
+    let work = PathBuf::from("/var/lib/bt/bs-pc-work");
+    let _ = std::fs::remove_dir_all(&work);
+    let config = work.join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    let docker = |job: &common::TlsJob, args: &[&str]| pc_docker(job, &config, args, None);
+    let rm = |id: &str, outcome: &str| {
+        let o = fd.job_cli(&["rm", id, "--outcome", outcome]);
+        assert!(
+            o.status.success(),
+            "job rm: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let cache_cli = |args: &[&str]| {
+        Command::new(common::berth_bin())
+            .arg("cache")
+            .args(args)
+            .args(["--endpoint", &fd.endpoint()])
+            .arg("--certs-dir")
+            .arg(&fd.certs)
+            .output()
+            .unwrap()
+    };
+    let key_bytes = |key: &str| -> Option<u64> {
+        let o = cache_cli(&["ls", "--json"]);
+        assert!(
+            o.status.success(),
+            "cache ls: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let keys: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["key"] == key)
+            .and_then(|k| k["bytes"].as_u64())
+    };
+
+    // The base image, pushed once to the test host's registry by a job.
+    let base = format!("{registry}/bench/debian:bookworm");
+    {
+        let j = fd.create_job(&[]);
+        pc_docker(
+            &j,
+            &config,
+            &["import", "--change", "CMD [\"bash\"]", "-", &base],
+            Some(&setup.join("base.tar")),
+        );
+        docker(&j, &["push", "-q", &base]);
+        rm(&j.id, "failure");
+    }
+
+    // A key of 5 GiB: random bytes in a kept volume (and busybox), made
+    // once and kept in the pool for later runs.
+    let big = "bench/5g";
+    if key_bytes(big).is_none_or(|b| b < 5 << 30) {
+        let j = fd.create_job(&["--cache-key", big, "--cache-commit", "on-success"]);
+        let o = common::docker_tls_stdin(
+            &j,
+            &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
+            Some(common::busybox_tar()),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        docker(
+            &j,
+            &["volume", "create", "--label", "berth.cache=keep", "ballast"],
+        );
+        docker(
+            &j,
+            &[
+                "run",
+                "--rm",
+                "-v",
+                "ballast:/b",
+                "busybox:test",
+                "dd",
+                "if=/dev/urandom",
+                "of=/b/x",
+                "bs=1M",
+                "count=5120",
+            ],
+        );
+        rm(&j.id, "success");
+    }
+    let big_bytes = key_bytes(big).expect("the 5 GiB key is listed");
+    assert!(big_bytes >= 5 << 30, "{big} holds {big_bytes} bytes");
+
+    // The build's context: Lua's source and the Dockerfile.
+    let ctx = work.join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(setup.join("lua"))
+        .arg(ctx.join("lua"))
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        lua_dockerfile(&registry, &format!("{ip}:80")),
+    )
+    .unwrap();
+    let lines = Command::new("sh")
+        .arg("-c")
+        .arg("cat src/*.c src/*.h | wc -l")
+        .current_dir(ctx.join("lua"))
+        .output()
+        .unwrap();
+    let lines = String::from_utf8_lossy(&lines.stdout).trim().to_string();
+    let c = ctx.display().to_string();
+    // create → built → the image run once, through the front door.
+    let build_in = |extra: &[&str]| -> (common::TlsJob, f64) {
+        let t = Instant::now();
+        let job = fd.create_job(extra);
+        docker(&job, &["build", "-q", "-t", "lua-app:1", &c]);
+        let out = docker(&job, &["run", "--rm", "lua-app:1", "-e", LUA_CHECK.0]);
+        assert_eq!(out.trim(), LUA_CHECK.1);
+        (job, t.elapsed().as_secs_f64())
+    };
+    let key = "bench/lua";
+    let keyed = ["--cache-key", key, "--cache-commit", "on-success"];
+    let _ = cache_cli(&["rm", key]);
+    let setup_secs = setup_started.elapsed().as_secs_f64();
+    // The key's first run (empty), untimed as a figure: it fills the key.
+    let (j, empty_key_secs) = build_in(&keyed);
+    rm(&j.id, "success");
+    let lua_c = ctx.join("lua/src/lua.c");
+    let (mut fresh, mut same, mut changed, mut commits) = (vec![], vec![], vec![], vec![]);
+    let keyed_run = |out: &mut Vec<f64>, commits: &mut Vec<f64>| {
+        let (j, s) = build_in(&keyed);
+        out.push(s);
+        let t = Instant::now();
+        rm(&j.id, "success");
+        commits.push(t.elapsed().as_secs_f64());
+    };
+    for i in 0..n {
+        let fresh_run = |fresh: &mut Vec<f64>| {
+            let (j, s) = build_in(&[]);
+            fresh.push(s);
+            rm(&j.id, "success");
+        };
+        if i % 2 == 0 {
+            fresh_run(&mut fresh);
+        }
+        // A one-line change to lua.c, then the same source again.
+        let mut text = std::fs::read_to_string(&lua_c).unwrap();
+        text.push_str(&format!("/* change {i} */\n"));
+        std::fs::write(&lua_c, text).unwrap();
+        keyed_run(&mut changed, &mut commits);
+        keyed_run(&mut same, &mut commits);
+        if i % 2 == 1 {
+            fresh_run(&mut fresh);
+        }
+    }
+    let lua_bytes = key_bytes(key).expect("the build's key is listed");
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let gib = |b: u64| b as f64 / (1 << 30) as f64;
+    row(
+        table,
+        format!(
+            "| project cache: multi-stage BuildKit build of Lua 5.4 ({lines} lines of C; apt from a test host, cache mounts), fresh job without a key: create → built → run (s) | {:.1} | {:.1} |",
+            median(&fresh),
+            pct(&fresh, 0.95)
+        ),
+    );
+    row(
+        table,
+        format!(
+            "| same, a job whose key holds the previous run, same source (s) | {:.1} | {:.1}× faster than fresh |",
+            median(&same),
+            median(&fresh) / median(&same)
+        ),
+    );
+    row(
+        table,
+        format!(
+            "| same, a job whose key holds the previous run, after a one-line change to lua.c (s) | {:.1} | {:.1}× faster than fresh |",
+            median(&changed),
+            median(&fresh) / median(&changed)
+        ),
+    );
+    row(
+        table,
+        format!(
+            "| its commit, `job rm --outcome success` (s) | {:.1} | key {:.0} MiB; the key's first run (empty key) {empty_key_secs:.1} s |",
+            median(&commits),
+            mib(lua_bytes)
+        ),
+    );
+
+    // Job ready: an empty key against the 5 GiB key against no key, cold.
+    let (mut empty, mut full, mut none) = (vec![], vec![], vec![]);
+    for i in 0..n {
+        let empty_spec = serde_json::json!({ "cache_key": format!("bench/empty-{i}") });
+        let full_spec = serde_json::json!({ "cache_key": big });
+        let mut round: [(&serde_json::Value, &mut Vec<f64>); 3] = [
+            (&empty_spec, &mut empty),
+            (&full_spec, &mut full),
+            (&serde_json::json!({}), &mut none),
+        ];
+        round.rotate_left(i % 3);
+        for (spec, out) in round {
+            out.extend(ready_latency_of(&fd, rt, false, true, spec, 1));
+        }
+    }
+
+    row(
+        table,
+        format!(
+            "| keyed job ready, key empty: create → first `docker version` (ms) | {:.0} | {:.0} |",
+            median(&empty),
+            pct(&empty, 0.95)
+        ),
+    );
+    row(
+        table,
+        format!(
+            "| keyed job ready, key holding {:.1} GiB (ms) | {:.0} | {:.2}× the empty key; no key, cold: {:.0} |",
+            gib(big_bytes),
+            median(&full),
+            median(&full) / median(&empty),
+            median(&none)
+        ),
+    );
+
+    // Disk: 4 jobs of the 5 GiB key at once, each writing 100 MiB.
+    let jobs_n = 4u64;
+    let before = fs_used(&pool);
+    let jobs: Vec<_> = (0..jobs_n)
+        .map(|_| fd.create_job(&["--cache-key", big, "--cache-commit", "never"]))
+        .collect();
+    for j in &jobs {
+        docker(
+            j,
+            &[
+                "run",
+                "--name",
+                "writer",
+                "busybox:test",
+                "dd",
+                "if=/dev/urandom",
+                "of=/x",
+                "bs=1M",
+                "count=100",
+                "conv=fsync",
+            ],
+        );
+    }
+    let grown = fs_used(&pool).saturating_sub(before);
+    for j in &jobs {
+        rm(&j.id, "failure");
+    }
+    row(
+        table,
+        format!(
+            "| pool space taken by {jobs_n} running jobs of the {:.1} GiB key, each wrote 100 MiB (MiB) | {:.0} | {jobs_n} × the key: {:.0} MiB ({:.1}% of it) |",
+            gib(big_bytes),
+            mib(grown),
+            mib(jobs_n * big_bytes),
+            100.0 * grown as f64 / (jobs_n * big_bytes) as f64
+        ),
+    );
+    row(
+        table,
+        format!(
+            "| project-cache section's setup (s) | {setup_secs:.0} | debootstrap, apt downloads and the 5 GiB key when not kept from an earlier run |"
+        ),
+    );
 }
