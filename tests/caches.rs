@@ -98,6 +98,18 @@ fn keyed_cycle(cfg: SandboxConfig) {
             "1000",
         ],
     );
+    // What the run leaves beside the data-root stays with the run.
+    let a_root = e.config().state_dir.join("jobs").join(a.id()).join("root");
+    for sub in ["tmp", "exec"] {
+        // As the job's own root: host root has no id in its disk's mount.
+        let id = a.record().host_id.to_string();
+        let o = std::process::Command::new("setpriv")
+            .args(["--reuid", &id, "--regid", &id, "--clear-groups", "touch"])
+            .arg(a_root.join(sub).join("left-by-a"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
     let (_, info) = rt.block_on(e.teardown_committing(a.id())).unwrap();
     assert_eq!(info.key, key);
     assert_eq!(info.committed_by, a.id());
@@ -142,6 +154,9 @@ fn keyed_cycle(cfg: SandboxConfig) {
             .join(j.id())
             .join("root/data");
         assert_eq!(std::fs::metadata(&data).unwrap().uid(), j.record().host_id);
+        for sub in ["tmp", "exec"] {
+            assert!(!data.with_file_name(sub).join("left-by-a").exists());
+        }
     }
     assert_ne!(b.record().host_id, c.record().host_id);
 

@@ -471,6 +471,9 @@ impl Engine {
         } else {
             (dir.join("root"), rec.host_id)
         };
+        if owner == 0 {
+            forget_the_last_run(&root)?;
+        }
         for sub in ["data", "exec", "home", "xdg", "tmp", "etc-docker"] {
             let p = root.join(sub);
             mkdir_mode(&p, 0o700)?;
@@ -838,6 +841,30 @@ impl Engine {
             .map_err(io("cannot write record in", &sb.inner.dir))?;
         *sb.inner.record.locked() = rec.clone();
         Ok(())
+    }
+}
+
+/// What a key's state keeps of the job that committed it and its next
+/// job must not start with: the run's state (dockerd's exec-root, the
+/// job's /tmp), and libnetwork's store of that run's networks. Every
+/// network went with its containers before the commit; from a store that
+/// still names the default bridge, dockerd removes the old one (and its
+/// iptables rules) before making it anew, which costs a start about a
+/// tenth of a second.
+fn forget_the_last_run(root: &Path) -> Result<(), SandboxError> {
+    for sub in ["exec", "tmp"] {
+        let p = root.join(sub);
+        match std::fs::remove_dir_all(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("cannot empty", &p)(e)),
+        }
+    }
+    let store = root.join("data/network/files/local-kv.db");
+    match std::fs::remove_file(&store) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("cannot remove", &store)(e)),
     }
 }
 
