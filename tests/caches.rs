@@ -1294,3 +1294,93 @@ fn a_keyed_job_loads_only_the_preloads_its_key_lacks() {
     assert_eq!(loads(&c.socket()), 1);
     rt.block_on(e.teardown(c.id())).unwrap();
 }
+
+/// A keyed job's own disk bound holds on top of its copy, whatever bound
+/// the committing job had: the copy grows to a larger bound, shrinks to a
+/// smaller one that holds the state, and a bound too small for the state
+/// is refused as the request's fault, naming the key.
+#[test]
+fn a_keyed_jobs_own_disk_bound_holds_on_top_of_its_copy() {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let e = engine_with_caches(engine_config(95, "caches-fit"));
+    let key = Key::new("fit").unwrap();
+    let gib = |b: u64| berth::sandbox::Limits {
+        disk_bytes: Some(b),
+        ..Default::default()
+    };
+    // The job's disk as the job sees it: its filesystem's size.
+    let size = |j: &berth::sandbox::Sandbox| {
+        let root = e.config().state_dir.join("jobs").join(j.id()).join("root");
+        let st = nix::sys::statvfs::statvfs(&root).unwrap();
+        st.blocks() * st.fragment_size()
+    };
+    let a = rt
+        .block_on(e.start_keyed(Some(gib(2 << 30)), &[], Some(&key)))
+        .unwrap();
+    import_busybox(&a.socket());
+    docker_ok(
+        &a.socket(),
+        &["volume", "create", "--label", "berth.cache=keep", "kept"],
+    );
+    docker_ok(
+        &a.socket(),
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "kept:/k",
+            "busybox:test",
+            "dd",
+            "if=/dev/urandom",
+            "of=/k/x",
+            "bs=1M",
+            "count=100",
+        ],
+    );
+    rt.block_on(e.teardown_committing(a.id())).unwrap();
+
+    for bound in [3u64 << 30, 1 << 30] {
+        let j = rt
+            .block_on(e.start_keyed(Some(gib(bound)), &[], Some(&key)))
+            .unwrap();
+        let s = size(&j);
+        // The filesystem's own metadata aside.
+        assert!(s <= bound && s > bound / 10 * 9, "bound {bound}: {s}");
+        assert_eq!(images(&j.socket()), ["busybox:test"]);
+        assert_eq!(
+            docker_ok(
+                &j.socket(),
+                &[
+                    "run",
+                    "--rm",
+                    "-v",
+                    "kept:/k",
+                    "busybox:test",
+                    "du",
+                    "-m",
+                    "/k/x"
+                ]
+            )
+            .split_whitespace()
+            .next(),
+            Some("100")
+        );
+        rt.block_on(e.teardown(j.id())).unwrap();
+    }
+    let err = match rt.block_on(e.start_keyed(Some(gib(64 << 20)), &[], Some(&key))) {
+        Ok(_) => panic!("a job started with a bound below its key's state"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("limits.disk_bytes") && err.contains("project cache fit"),
+        "{err}"
+    );
+    assert!(
+        jobs_left("caches-fit").is_empty(),
+        "{:?}",
+        jobs_left("caches-fit")
+    );
+}

@@ -425,7 +425,20 @@ impl Engine {
                                 .store
                                 .copy_current(&key, &image)
                                 .map_err(|e| start_err(&id, e))?;
-                            Some((hit, t0.elapsed()))
+                            let took = t0.elapsed();
+                            // This job's own bound holds on top of the copy.
+                            if hit {
+                                disk::fit(&image, bytes).map_err(|e| match e {
+                                    disk::DiskError::TooSmall { .. } => {
+                                        SandboxError::Config(config::ConfigError::Invalid {
+                                            key: "limits.disk_bytes",
+                                            why: format!("project cache {key}: {e}"),
+                                        })
+                                    }
+                                    e => start_err(&id, format!("project cache {key}: {e}")),
+                                })?;
+                            }
+                            Some((hit, took))
                         }
                         None => None,
                     };

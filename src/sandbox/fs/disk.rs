@@ -36,6 +36,8 @@ pub enum DiskError {
     },
     #[error("cannot unmount the job's disk at {path}: {source}")]
     Unmount { path: PathBuf, source: nix::Error },
+    #[error("what it holds does not fit a disk of {bytes} bytes: {why}")]
+    TooSmall { bytes: u64, why: String },
     #[error("cannot remove the job's disk image {path}: {source}")]
     Remove {
         path: PathBuf,
@@ -156,6 +158,66 @@ pub fn make_image(image: &Path, bytes: u64, owner: u32) -> Result<(), DiskError>
         "mkfs.ext4",
         image,
     )
+}
+
+/// Makes a copy of a key's image the size of this job's disk bound, which
+/// differs from the bound of the job that committed it only when a job
+/// asks for another one: checked (`e2fsck`), then grown or shrunk
+/// (`resize2fs`). A state that does not fit the smaller bound is refused
+/// with resize2fs's reason. Costs nothing when the bounds agree.
+pub fn fit(image: &Path, bytes: u64) -> Result<(), DiskError> {
+    let err = |source| DiskError::Image {
+        path: image.into(),
+        source,
+    };
+    let len = std::fs::metadata(image).map_err(err)?.len();
+    // Whole 4 KiB blocks, as mkfs.ext4 makes them of `bytes`.
+    let size = bytes / 4096 * 4096;
+    if len / 4096 * 4096 == size {
+        return Ok(());
+    }
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(image)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|source| DiskError::Spawn {
+            tool: "e2fsck",
+            path: image.into(),
+            source,
+        })?;
+    // 1: errors corrected (none are expected of a cleanly unmounted image).
+    if !matches!(out.status.code(), Some(0 | 1)) {
+        return Err(DiskError::Tool {
+            tool: "e2fsck",
+            path: image.into(),
+            stderr: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        });
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .map_err(err)?;
+    if size > len {
+        file.set_len(size).map_err(err)?;
+    }
+    let resized = run(
+        Command::new("resize2fs")
+            .arg(image)
+            .arg(format!("{}K", size / 1024)),
+        "resize2fs",
+        image,
+    );
+    match resized {
+        Err(DiskError::Tool { stderr, .. }) if size < len => {
+            return Err(DiskError::TooSmall { bytes, why: stderr });
+        }
+        r => r?,
+    }
+    if size < len {
+        file.set_len(size).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Mounts `image` on `root` with `options` (which include `loop`: the loop
