@@ -711,14 +711,30 @@ async fn cache(cmd: CacheCmd) -> Result<(), CliError> {
                 );
                 return Ok(());
             }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let ago = |t: u64| {
+                // Whole minutes: seconds would only be noise here.
+                let d = std::time::Duration::from_secs(now.saturating_sub(t) / 60 * 60);
+                if d.is_zero() {
+                    "just now".to_string()
+                } else {
+                    format!("{} ago", crate::duration::format(d))
+                }
+            };
             println!(
-                "{:<40} {:>12} {:>12} {:>12}  COMMITTED BY",
-                "KEY", "BYTES", "USED", "COMMITTED"
+                "{:<40} {:>10} {:>16} {:>16}  COMMITTED BY",
+                "KEY", "SIZE", "LAST USED", "COMMITTED"
             );
             for k in keys {
                 println!(
-                    "{:<40} {:>12} {:>12} {:>12}  {}",
-                    k.key, k.bytes, k.last_used, k.committed_at, k.committed_by
+                    "{:<40} {:>10} {:>16} {:>16}  {}",
+                    k.key,
+                    size_text(k.bytes),
+                    ago(k.last_used),
+                    ago(k.committed_at),
+                    k.committed_by
                 );
             }
             Ok(())
@@ -729,6 +745,15 @@ async fn cache(cmd: CacheCmd) -> Result<(), CliError> {
             println!("removed {key}");
             Ok(())
         }
+    }
+}
+
+/// Bytes as people read them: MiB below a GiB, GiB with one decimal above.
+fn size_text(bytes: u64) -> String {
+    if bytes < 1 << 30 {
+        format!("{} MiB", bytes.div_ceil(1 << 20))
+    } else {
+        format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
     }
 }
 
@@ -1177,6 +1202,14 @@ mod tests {
             assert!(e.to_string().contains(key), "{text}: {e}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sizes_read_as_people_read_them() {
+        assert_eq!(size_text(0), "0 MiB");
+        assert_eq!(size_text(1), "1 MiB");
+        assert_eq!(size_text(474 << 20), "474 MiB");
+        assert_eq!(size_text(5_376_389_120), "5.0 GiB");
     }
 
     #[test]
