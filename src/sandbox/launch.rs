@@ -479,12 +479,13 @@ impl Engine {
         // An idmapped disk is laid out as it is on disk (ids of the job's
         // namespace), before the job's view of it is attached.
         let staged = dir.join(disk::STAGING);
-        let (root, owner) = if staged.is_dir() {
+        let keyed = staged.is_dir();
+        let (root, owner) = if keyed {
             (staged, 0)
         } else {
             (dir.join("root"), rec.host_id)
         };
-        if owner == 0 {
+        if keyed {
             forget_the_last_run(&root)?;
         }
         for sub in ["data", "exec", "home", "xdg", "tmp", "etc-docker"] {
