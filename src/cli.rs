@@ -465,6 +465,20 @@ fn load_file_unvalidated(args: &EngineArgs) -> Result<FileConfig, CliError> {
     Ok(cfg)
 }
 
+/// The configuration file's text as `serve` reads it: parsed, then
+/// checked key by key (a fuzz target's entry).
+#[cfg(fuzzing)]
+pub fn check_config_text(text: &str) -> Result<(), String> {
+    let cfg = toml::from_str::<FileConfig>(text).map_err(|e| e.to_string())?;
+    let mut sandbox = cfg.sandbox;
+    sandbox.project_caches = cfg.project_caches;
+    sandbox.validate().map_err(|e| e.to_string())?;
+    let mut serve = cfg.serve;
+    serve.policy = cfg.policy;
+    serve.token = cfg.token;
+    serve.validate().map_err(|e| e.to_string())
+}
+
 impl Command {
     /// Whether this command runs sandboxes in this process (and so needs
     /// delegated cgroups).

@@ -10,6 +10,8 @@ pub mod doctor;
 pub mod duration;
 pub mod files;
 pub mod frontdoor;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod images;
 pub mod jobs;
 pub mod locks;

@@ -141,7 +141,7 @@ pub struct CreateJob {
 impl CreateJob {
     /// The key the job starts from and when it commits; a refusal names
     /// the fields that do not go together.
-    fn cache(&self) -> Result<Option<(Key, CacheCommit)>, JobError> {
+    pub(crate) fn cache(&self) -> Result<Option<(Key, CacheCommit)>, JobError> {
         match (&self.cache_key, &self.cache_from, self.cache_commit) {
             (Some(_), Some(_), _) => Err(JobError::BadCache(
                 "cache_key and cache_from exclude each other: a job reads and commits one \
