@@ -958,8 +958,14 @@ fn sha256(path: &Path) -> String {
 }
 
 /// A `docker save` archive of an arm64 image (its config says so): Debian's
-/// arm64 static busybox with its applets, tagged [`ARM64_IMAGE`].
+/// arm64 static busybox with its applets, tagged [`ARM64_IMAGE`]. Built
+/// once per test process: tests running at once share it.
 pub fn arm64_busybox_tar() -> Vec<u8> {
+    static TAR: OnceLock<Vec<u8>> = OnceLock::new();
+    TAR.get_or_init(build_arm64_busybox_tar).clone()
+}
+
+fn build_arm64_busybox_tar() -> Vec<u8> {
     let busybox = arm64_busybox();
     assert!(
         busybox.exists(),
