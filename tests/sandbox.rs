@@ -758,19 +758,7 @@ fn a_memory_hog_is_killed_while_the_host_and_other_jobs_are_unharmed() {
     let b = rt.block_on(e.start(None)).unwrap();
     import_busybox(&a.socket());
     import_busybox(&b.socket());
-    let hog = docker(
-        &a.socket(),
-        &[
-            "run",
-            "--rm",
-            "busybox:test",
-            "dd",
-            "if=/dev/zero",
-            "of=/dev/null",
-            "bs=500M",
-            "count=1",
-        ],
-    );
+    let hog = docker(&a.socket(), RUN_HOG_500M);
     assert_eq!(hog.status.code(), Some(137), "{}", stderr(&hog));
     // The job's own daemon, the other job and the host carry on.
     assert_eq!(a.status(), Status::Running);
@@ -784,19 +772,7 @@ fn a_memory_hog_is_killed_while_the_host_and_other_jobs_are_unharmed() {
         "fine"
     );
     // The same allocation is fine in the job without the small limit.
-    let ok = docker(
-        &b.socket(),
-        &[
-            "run",
-            "--rm",
-            "busybox:test",
-            "dd",
-            "if=/dev/zero",
-            "of=/dev/null",
-            "bs=500M",
-            "count=1",
-        ],
-    );
+    let ok = docker(&b.socket(), RUN_HOG_500M);
     assert!(ok.status.success(), "{}", stderr(&ok));
     // A fork bomb stops at the job's pids limit.
     let _ = docker(
@@ -813,6 +789,90 @@ fn a_memory_hog_is_killed_while_the_host_and_other_jobs_are_unharmed() {
     let cg = a.record().cgroup.clone().unwrap();
     assert_eq!(cg.pids_limit(), Some(500));
     docker_ok(&b.socket(), &["version"]);
+    rt.block_on(e.teardown(a.id())).unwrap();
+    rt.block_on(e.teardown(b.id())).unwrap();
+}
+
+/// `tests/clients/inotify_hold.c`, built static for a busybox image.
+fn inotify_hold() -> std::path::PathBuf {
+    let out = std::path::PathBuf::from("/var/lib/bt/inotify_hold");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/inotify_hold.c");
+    let o = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .expect("gcc is missing: apt-get install gcc libc6-dev");
+    assert!(o.status.success(), "gcc: {}", stderr(&o));
+    out
+}
+
+/// Starts `inotify_hold` in a container of the job at `sock`; returns how
+/// many inotify instances it got and why it got no more.
+fn hold_inotify(sock: &Path, prog: &Path) -> (usize, String) {
+    import_busybox(sock);
+    docker_ok(
+        sock,
+        &["create", "--name", "hold", "busybox:test", "/inotify_hold"],
+    );
+    docker_ok(sock, &["cp", prog.to_str().unwrap(), "hold:/inotify_hold"]);
+    docker_ok(sock, &["start", "hold"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let said = docker_ok(sock, &["logs", "hold"]);
+        if let Some((n, why)) = said.trim().split_once(' ') {
+            return (n.parse().unwrap(), why.to_string());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "inotify_hold said nothing"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_job_that_takes_every_inotify_instance_takes_its_own_alone() {
+    if !prerequisites() {
+        return;
+    }
+    let max: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let prog = inotify_hold();
+    let rt = rt();
+    let e = engine(97, "inotify");
+    let a = rt.block_on(e.start(None)).unwrap();
+    let b = rt.block_on(e.start(None)).unwrap();
+    // Job a takes every instance it can, and holds them.
+    let (got_a, why) = hold_inotify(&a.socket(), &prog);
+    assert_eq!(
+        why, "Too many open files",
+        "job a stopped at {got_a}: {why}"
+    );
+    assert!(got_a > 0, "job a got no inotify instance at all");
+    // The host's root (its services, the agent) and job b have their own.
+    // SAFETY: inotify_init1 takes flags only; the fd it returns is closed.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    assert!(
+        fd >= 0,
+        "with job a holding {got_a} inotify instances, root on the host has none: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fd is this test's own, open and unused.
+    unsafe { libc::close(fd) };
+    let (got_b, why) = hold_inotify(&b.socket(), &prog);
+    assert_eq!(
+        why, "Too many open files",
+        "job b stopped at {got_b}: {why}"
+    );
+    assert!(
+        got_a + got_b > max,
+        "jobs a and b got {got_a} + {got_b} inotify instances: one bound of {max} for both"
+    );
+    docker_ok(&a.socket(), &["version"]);
     rt.block_on(e.teardown(a.id())).unwrap();
     rt.block_on(e.teardown(b.id())).unwrap();
 }
@@ -1320,19 +1380,7 @@ fn a_job_that_fills_its_disk_gets_enospc_alone() {
         assert!(line.contains(size), "{at}: {line}");
     }
     // 200 MB into a 128 MiB disk: the job's write fails with ENOSPC.
-    let fill = docker(
-        &a.socket(),
-        &[
-            "run",
-            "--rm",
-            "busybox:test",
-            "dd",
-            "if=/dev/zero",
-            "of=/big",
-            "bs=1M",
-            "count=200",
-        ],
-    );
+    let fill = docker(&a.socket(), &[&["run", "--rm"], WRITE_200MB].concat());
     assert!(!fill.status.success(), "200 MB fit in a 128 MiB disk");
     assert!(
         stderr(&fill).contains("No space left on device")
@@ -1346,19 +1394,7 @@ fn a_job_that_fills_its_disk_gets_enospc_alone() {
     assert!(used <= 130 << 20, "the job's image takes {used} bytes");
     // The other job, on the same host filesystem, writes as usual, and the
     // full one still answers.
-    docker_ok(
-        &b.socket(),
-        &[
-            "run",
-            "--rm",
-            "busybox:test",
-            "dd",
-            "if=/dev/zero",
-            "of=/big",
-            "bs=1M",
-            "count=200",
-        ],
-    );
+    docker_ok(&b.socket(), &[&["run", "--rm"], WRITE_200MB].concat());
     docker_ok(&a.socket(), &["version"]);
     // Teardown frees the space at once: image and mount are gone.
     let traces = Traces::capture(&e, &a);

@@ -247,6 +247,30 @@ pub fn import_busybox(sock: &Path) {
     );
 }
 
+/// `docker run --rm` of a container that asks for 500 MB at once (more
+/// than a small memory bound allows).
+pub const RUN_HOG_500M: &[&str] = &[
+    "run",
+    "--rm",
+    "busybox:test",
+    "dd",
+    "if=/dev/zero",
+    "of=/dev/null",
+    "bs=500M",
+    "count=1",
+];
+
+/// A container that writes 200 MB to its own layer, as `docker run` args
+/// to follow `run` and its flags.
+pub const WRITE_200MB: &[&str] = &[
+    "busybox:test",
+    "dd",
+    "if=/dev/zero",
+    "of=/big",
+    "bs=1M",
+    "count=200",
+];
+
 /// What a job might leave on the host, captured while it runs.
 pub struct Traces {
     pub id: String,
@@ -1147,14 +1171,7 @@ pub fn serve_activated_with(
 /// Prometheus project's own OpenMetrics parser (prometheus_client, from
 /// PyPI): `{name: [[sample, labels, value], ...]}`.
 pub fn scrape(fd: &FrontDoor) -> serde_json::Value {
-    let raw = rt()
-        .block_on(tls_request(
-            fd.port,
-            &fd.certs.join("admin"),
-            b"GET /berth/v1/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        ))
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
+    let text = metrics_response(fd.port, &fd.certs);
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
@@ -1178,6 +1195,19 @@ print(json.dumps(out))
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `GET /berth/v1/metrics` with the admin bundle in `certs`, from the agent
+/// at 127.0.0.1:`port`: the whole HTTP response.
+pub fn metrics_response(port: u16, certs: &Path) -> String {
+    let raw = rt()
+        .block_on(tls_request(
+            port,
+            &certs.join("admin"),
+            b"GET /berth/v1/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ))
+        .unwrap();
+    String::from_utf8_lossy(&raw).into_owned()
 }
 
 /// Runs `prog args` with `input` on its standard input.
