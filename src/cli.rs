@@ -595,6 +595,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     c.jobs,
                     c.memory_available_bytes >> 20
                 );
+                for b in &c.bounds {
+                    println!("  at most {} jobs by {}: {}", b.jobs, b.name, b.detail);
+                }
             }
             match short {
                 None => Ok(()),
@@ -1061,6 +1064,7 @@ mod tests {
             memory_available_bytes: 4 << 30,
             job_memory_bytes: Some(1 << 30),
             shutting_down: false,
+            bounds: Vec::new(),
         };
         assert_eq!(capacity_short(&c, 1, None), None);
         assert_eq!(capacity_short(&c, 2, Some(4 << 30)), None);

@@ -214,6 +214,7 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
     out.extend(check_workspaces(sb));
     out.extend(check_project_caches(sb));
     out.extend(check_emulation(sb));
+    out.extend(check_capacity(sb, usable as u64, claimed as u64));
 
     let fwd =
         std::fs::read_to_string(sb.proc_root.join("sys/net/ipv4/ip_forward")).unwrap_or_default();
@@ -234,6 +235,68 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
     out.push(check_port(serve.listen));
     out.push(check_certs(&serve.certs_dir));
     out
+}
+
+/// How many jobs this host carries and what bounds it
+/// (`jobs::capacity::bounds`; the agent's descriptors are the running
+/// agent's to tell, in `berth capacity`): a warning when the host bounds it
+/// below the configured slots. Then what the kernel bounds per job: each
+/// job's user namespace is owned by its own ids, so these are each job's,
+/// not shared.
+fn check_capacity(sb: &SandboxConfig, usable: u64, claimed: u64) -> Vec<Check> {
+    use crate::jobs::{Host, bounds};
+    let host = Host {
+        fds: None,
+        fds_max: None,
+        ..Host::read(&sb.proc_root)
+    };
+    let b = bounds(usable, sb.slots_bound(), claimed, &host);
+    let all = b
+        .iter()
+        .map(|b| format!("{} {}", b.name, b.jobs))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let tight = &b[0];
+    let capacity = if tight.name == "slots" || tight.jobs >= usable {
+        pass(
+            "capacity",
+            format!(
+                "at most {} jobs, bound by {} ({all})",
+                tight.jobs, tight.name
+            ),
+        )
+    } else {
+        warn(
+            "capacity",
+            format!(
+                "at most {} jobs, bound by {} ({all}): {}",
+                tight.jobs, tight.name, tight.detail
+            ),
+            match tight.name.as_str() {
+                "tasks" => "sysctl -w kernel.pid_max=4194304 (and kernel.threads-max)",
+                _ => "give the host more memory, or lower uid_ranges to what it carries",
+            },
+        )
+    };
+    let sysctl = |p: &str| {
+        std::fs::read_to_string(sb.proc_root.join("sys").join(p))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    vec![
+        capacity,
+        pass(
+            "per-job kernel bounds",
+            format!(
+                "{} inotify instances, {} inotify watches, {} keys per job (fs.inotify.max_user_instances, \
+                 fs.inotify.max_user_watches, kernel.keys.maxkeys): each job's own, its user namespace \
+                 being owned by its ids",
+                sysctl("fs/inotify/max_user_instances"),
+                sysctl("fs/inotify/max_user_watches"),
+                sysctl("kernel/keys/maxkeys"),
+            ),
+        ),
+    ]
 }
 
 /// Where the project caches' pool is (or will be) and what it needs: a

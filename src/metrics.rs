@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub free_ranges: i64,
     /// Keys with a state, and the bytes they hold (with project caches).
     pub project_caches: Option<(i64, i64)>,
+    /// Tasks alive on the agent's runtime.
+    pub tasks: i64,
 }
 
 pub struct Metrics {
@@ -64,6 +66,7 @@ pub struct Metrics {
     cache_keys: Gauge,
     cache_bytes: Gauge,
     rss: Gauge,
+    tasks: Gauge,
     connections: Gauge,
     registry: Registry,
 }
@@ -93,7 +96,8 @@ impl Metrics {
         let cache_snapshot_time = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let (cache_keys, cache_bytes) = (Gauge::default(), Gauge::default());
         let jobs = Family::<Labels, Gauge>::default();
-        let (pool_size, pool_ready, free_ranges, rss, connections) = (
+        let (pool_size, pool_ready, free_ranges, rss, connections, tasks) = (
+            Gauge::default(),
             Gauge::default(),
             Gauge::default(),
             Gauge::default(),
@@ -208,6 +212,11 @@ impl Metrics {
             "Client connections open now",
             connections.clone(),
         );
+        registry.register(
+            "tasks",
+            "Tasks alive on the agent's runtime (starts, timers, health checks; not connections)",
+            tasks.clone(),
+        );
         let by_class = ["1xx", "2xx", "3xx", "4xx", "5xx"]
             .map(|c| requests.get_or_create(&label("class", c)).clone());
         let to_daemon = bytes
@@ -239,6 +248,7 @@ impl Metrics {
             cache_keys,
             cache_bytes,
             rss,
+            tasks,
             connections,
             registry,
         }
@@ -331,6 +341,7 @@ impl Metrics {
         self.cache_keys.set(keys);
         self.cache_bytes.set(bytes);
         self.rss.set(resident_bytes().unwrap_or(0));
+        self.tasks.set(now.tasks);
         self.connections.set(self.open.load(Ordering::Relaxed));
         let mut out = String::new();
         // Writing to a String cannot fail.
@@ -390,6 +401,7 @@ mod tests {
             pool_ready: 1,
             free_ranges: 5,
             project_caches: Some((3, 4096)),
+            tasks: 7,
         });
         for line in [
             "berth_sandbox_starts_total{kind=\"job\"} 1",
@@ -405,6 +417,7 @@ mod tests {
             "berth_warm_pool_ready 1",
             "berth_free_id_ranges 5",
             "berth_open_connections 1",
+            "berth_tasks 7",
             "berth_project_cache_keys 3",
             "berth_project_cache_bytes 4096",
         ] {

@@ -1248,6 +1248,39 @@ fn a_strict_policy_denies_what_reaches_past_the_container_and_the_cli_says_why()
 }
 
 #[test]
+fn an_ended_job_leaves_no_task_behind_on_the_agent() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start(98, "fd-tasks");
+    let tasks = || sample(&scrape(&fd), "berth_tasks", &[]).expect("berth_tasks") as i64;
+    // One job made and ended first, so that whatever the first job starts
+    // once (and keeps) is in the baseline.
+    let warm = fd.create_job(&["--ttl", "2h"]);
+    assert!(fd.job_cli(&["rm", &warm.id]).status.success());
+    let before = tasks();
+    for _ in 0..6 {
+        // A long ttl: its timer would outlive the job by two hours.
+        let j = fd.create_job(&["--ttl", "2h"]);
+        let rm = fd.job_cli(&["rm", &j.id]);
+        assert!(rm.status.success(), "{}", err(&rm));
+    }
+    // Tasks of a teardown may finish a moment after its answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = tasks();
+        if now <= before + 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "six jobs came and went, and the agent's tasks went from {before} to {now}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
 fn capacity_says_whether_the_agent_takes_another_job() {
     if !prerequisites() {
         return;
@@ -1293,7 +1326,30 @@ fn capacity_says_whether_the_agent_takes_another_job() {
     let v = json(&o);
     assert_eq!((&v["free"], &v["jobs"]), (&0.into(), &2.into()), "{v}");
     assert_eq!(v["accepting"], false, "{v}");
-    assert!(out(&asked(&[])).starts_with("full"));
+    // What bounds the count: the two id ranges, then the host's memory,
+    // tasks and the agent's descriptors, each counting the two jobs.
+    let bounds = v["bounds"].as_array().expect("bounds");
+    let bound = |name: &str| {
+        bounds
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} bound: {v}"))
+    };
+    assert_eq!(bounds[0]["name"], "slots", "the tightest first: {v}");
+    assert_eq!(bound("slots")["jobs"], 2, "{v}");
+    assert!(
+        bound("slots")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("uid_ranges"),
+        "{v}"
+    );
+    for name in ["memory", "tasks", "agent_fds"] {
+        assert!(bound(name)["jobs"].as_u64().unwrap() >= 2, "{v}");
+    }
+    let said = out(&asked(&[]));
+    assert!(said.starts_with("full"), "{said}");
+    assert!(said.contains("at most 2 jobs by slots"), "{said}");
 
     let rm = fd.job_cli(&["rm", &a.id]);
     assert!(rm.status.success(), "{}", err(&rm));

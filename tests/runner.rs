@@ -236,6 +236,9 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
         "iptables",
         "port",
         "certificates",
+        // The test's 8 id ranges bound it, not the host.
+        "capacity",
+        "per-job kernel bounds",
     ] {
         assert!(
             text.lines()
@@ -243,6 +246,12 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
             "{check}: {text}"
         );
     }
+    assert!(text.contains("at most 8 jobs, bound by slots"), "{text}");
+    let instances = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances").unwrap();
+    assert!(
+        text.contains(&format!("{} inotify instances", instances.trim())),
+        "{text}"
+    );
     let bad = write_config(33, "doctor-bad", "dockerd = \"/nonexistent/dockerd\"");
     let out = berth()
         .args(["doctor", "--listen", "127.0.0.1:0", "--config"])

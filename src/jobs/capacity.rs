@@ -28,6 +28,144 @@ pub struct Capacity {
     /// What a job gets unless it asks otherwise (`default_limits`).
     pub job_memory_bytes: Option<u64>,
     pub shutting_down: bool,
+    /// What bounds how many jobs (warm sandboxes included) this host
+    /// carries, the tightest first: see [`bounds`].
+    #[serde(default)]
+    pub bounds: Vec<Bound>,
+}
+
+/// One thing that bounds how many jobs a host carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bound {
+    /// `slots` (id ranges, addresses, port blocks), `memory`, `tasks` or
+    /// `agent_fds`.
+    pub name: String,
+    /// The most jobs it allows, those running included.
+    pub jobs: u64,
+    /// Where the figure comes from, and what raises it.
+    pub detail: String,
+}
+
+/// What an idle job costs, measured (`scripts/bench-suite`, density):
+/// memory as PSS, every process of the job and its helpers, shared pages
+/// counted once, rounded up.
+pub const IDLE_JOB_BYTES: u64 = 40 << 20;
+/// Tasks (threads) of an idle job: its monitor and init, dockerd's and
+/// containerd's threads; 20 measured with dockerd 20.10, rounded up.
+pub const IDLE_JOB_TASKS: u64 = 24;
+/// Descriptors the agent holds per job: the helper's pidfd, the mount
+/// namespaces it enters, its sockets, the audit file (6 measured with 4
+/// jobs), rounded up.
+pub const AGENT_FDS_PER_JOB: u64 = 8;
+
+/// What the host allows and has in use, read from `/proc`; what cannot be
+/// read is None (and bounds nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Host {
+    pub mem_available: Option<u64>,
+    /// The least of `kernel.pid_max` and `kernel.threads-max`.
+    pub tasks_max: Option<u64>,
+    /// Tasks (threads) on the host now.
+    pub tasks: Option<u64>,
+    /// This process's open descriptors and their soft bound.
+    pub fds: Option<u64>,
+    pub fds_max: Option<u64>,
+}
+
+impl Host {
+    pub fn read(proc_root: &Path) -> Host {
+        let read = |p: &str| std::fs::read_to_string(proc_root.join(p)).ok();
+        let number = |p: &str| read(p).and_then(|t| t.trim().parse::<u64>().ok());
+        let tasks_max = match (
+            number("sys/kernel/pid_max"),
+            number("sys/kernel/threads-max"),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Host {
+            mem_available: read("meminfo").and_then(|t| parse_mem_available(&t)),
+            tasks_max,
+            tasks: read("loadavg").and_then(|t| parse_tasks(&t)),
+            fds: std::fs::read_dir(proc_root.join("self/fd"))
+                .ok()
+                .map(|d| d.count() as u64),
+            fds_max: read("self/limits").and_then(|t| parse_nofile(&t)),
+        }
+    }
+}
+
+/// The total of `/proc/loadavg`'s `running/total` field.
+fn parse_tasks(loadavg: &str) -> Option<u64> {
+    loadavg
+        .split_whitespace()
+        .nth(3)?
+        .split_once('/')?
+        .1
+        .parse()
+        .ok()
+}
+
+/// The soft "Max open files" of `/proc/self/limits`.
+fn parse_nofile(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The bounds on how many jobs a host carries, the tightest first.
+/// `slots` and `slots_bound` are the configuration's (usable id ranges,
+/// and the pool that bounds them); `running` the sandboxes holding a slot
+/// now. A host bound counts the running ones plus what the rest of the
+/// resource holds at an idle job's cost:
+///
+/// ```text
+/// memory    = running + MemAvailable / IDLE_JOB_BYTES
+/// tasks     = running + (min(pid_max, threads-max) - tasks now) / IDLE_JOB_TASKS
+/// agent_fds = running + (RLIMIT_NOFILE - fds open) / AGENT_FDS_PER_JOB
+/// ```
+pub fn bounds(slots: u64, slots_bound: &str, running: u64, host: &Host) -> Vec<Bound> {
+    let mut out = vec![Bound {
+        name: "slots".into(),
+        jobs: slots,
+        detail: format!(
+            "{slots} usable id ranges, each with a /30 and a port block: bound by {slots_bound}"
+        ),
+    }];
+    if let Some(avail) = host.mem_available {
+        out.push(Bound {
+            name: "memory".into(),
+            jobs: running + avail / IDLE_JOB_BYTES,
+            detail: format!(
+                "{} MiB available; an idle job takes about {} MiB",
+                avail >> 20,
+                IDLE_JOB_BYTES >> 20
+            ),
+        });
+    }
+    if let (Some(max), Some(now)) = (host.tasks_max, host.tasks) {
+        out.push(Bound {
+            name: "tasks".into(),
+            jobs: running + max.saturating_sub(now) / IDLE_JOB_TASKS,
+            detail: format!(
+                "{now} of {max} tasks (kernel.pid_max, kernel.threads-max) in use; an idle job runs about {IDLE_JOB_TASKS}; raise with sysctl -w kernel.pid_max=4194304"
+            ),
+        });
+    }
+    if let (Some(max), Some(now)) = (host.fds_max, host.fds) {
+        out.push(Bound {
+            name: "agent_fds".into(),
+            jobs: running + max.saturating_sub(now) / AGENT_FDS_PER_JOB,
+            detail: format!(
+                "{now} of {max} descriptors open; the agent holds about {AGENT_FDS_PER_JOB} per job; raise LimitNOFILE= in its unit"
+            ),
+        });
+    }
+    out.sort_by_key(|b| b.jobs);
+    out
 }
 
 impl Jobs {
@@ -37,6 +175,8 @@ impl Jobs {
         let warm_ready = self.pooled();
         let shutting_down = self.closing.load(std::sync::atomic::Ordering::SeqCst);
         let free = free_ranges + warm_ready;
+        let usable = self.engine.usable_slots();
+        let host = Host::read(&cfg.proc_root);
         Capacity {
             accepting: !shutting_down && free > 0,
             free,
@@ -45,16 +185,17 @@ impl Jobs {
             warm_ready,
             warm_pool: self.pool_size,
             jobs: self.list().len(),
-            memory_available_bytes: mem_available(&cfg.proc_root).unwrap_or(0),
+            memory_available_bytes: host.mem_available.unwrap_or(0),
             job_memory_bytes: cfg.default_limits.memory_bytes,
             shutting_down,
+            bounds: bounds(
+                usable as u64,
+                cfg.slots_bound(),
+                usable.saturating_sub(free_ranges) as u64,
+                &host,
+            ),
         }
     }
-}
-
-fn mem_available(proc_root: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(proc_root.join("meminfo")).ok()?;
-    parse_mem_available(&text)
 }
 
 /// `MemAvailable:  123456 kB` → bytes.
@@ -74,5 +215,52 @@ mod tests {
         assert_eq!(parse_mem_available(m), Some(20_000_000 * 1024));
         assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
         assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
+    }
+
+    #[test]
+    fn reads_tasks_and_the_descriptor_bound() {
+        assert_eq!(parse_tasks("10.09 6.28 3.53 12/478 9601\n"), Some(478));
+        assert_eq!(parse_tasks("0.00 0.00\n"), None);
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             95913                95913                processes \n\
+                      Max open files            20000                524288               files     \n";
+        assert_eq!(parse_nofile(limits), Some(20000));
+        assert_eq!(
+            parse_nofile("Max open files  unlimited unlimited files\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_tightest_bound_comes_first_and_counts_running_jobs() {
+        let host = Host {
+            mem_available: Some(10 * IDLE_JOB_BYTES + 5),
+            tasks_max: Some(32768),
+            tasks: Some(32768 - 3 * IDLE_JOB_TASKS),
+            fds: Some(100),
+            fds_max: Some(100 + 1000 * AGENT_FDS_PER_JOB),
+        };
+        let b = bounds(512, "uid_ranges", 4, &host);
+        let got: Vec<(&str, u64)> = b.iter().map(|b| (b.name.as_str(), b.jobs)).collect();
+        assert_eq!(
+            got,
+            [
+                ("tasks", 7),
+                ("memory", 14),
+                ("slots", 512),
+                ("agent_fds", 1004)
+            ]
+        );
+        assert!(b[0].detail.contains("kernel.pid_max"), "{}", b[0].detail);
+        // More in use than the bound: no room, not an underflow.
+        let over = Host {
+            tasks: Some(40000),
+            ..host
+        };
+        assert_eq!(bounds(512, "uid_ranges", 4, &over)[0].jobs, 4);
+        // What cannot be read bounds nothing.
+        let unknown = bounds(8, "net_pool_prefix", 0, &Host::default());
+        assert_eq!(unknown.len(), 1);
+        assert!(unknown[0].detail.contains("net_pool_prefix"));
     }
 }

@@ -8,7 +8,7 @@ mod capacity;
 mod janitor;
 mod pool;
 
-pub use capacity::Capacity;
+pub use capacity::{Bound, Capacity, Host, bounds};
 
 use pool::PoolHealth;
 pub use pool::PoolView;
@@ -188,6 +188,10 @@ struct Meta {
     /// Its teardown has begun: the certificate opens nothing any more, but
     /// the job stays listed until its last trace is gone.
     ending: bool,
+    /// The timer that ends the job at its expiry, stopped when the job
+    /// ends first: left to run out, every ended job would keep a task
+    /// until its ttl (a day at most), thousands of them on a busy agent.
+    expiry: tokio::task::AbortHandle,
 }
 
 pub struct Jobs {
@@ -289,6 +293,7 @@ impl Jobs {
                 .project_caches()
                 .and_then(|p| p.store.list().ok())
                 .map(|keys| (keys.len() as i64, keys.iter().map(|k| k.bytes as i64).sum())),
+            tasks: self.rt.metrics().num_alive_tasks() as i64,
         }
     }
 
@@ -462,20 +467,9 @@ impl Jobs {
                 return Err(e.into());
             }
         };
-        self.meta.locked().insert(
-            id.clone(),
-            Meta {
-                created,
-                expires,
-                labels: req.labels,
-                workspaces: req.workspaces.iter().map(|w| w.path.clone()).collect(),
-                commit: cache.map_or(CacheCommit::Never, |(_, c)| c),
-                ending: false,
-            },
-        );
         let me = self.clone();
         let jid = id.clone();
-        self.rt.spawn(async move {
+        let expiry = self.rt.spawn(async move {
             tokio::time::sleep(ttl).await;
             let live = me.meta.locked().get(&jid).is_some_and(|m| !m.ending);
             if live {
@@ -485,6 +479,18 @@ impl Jobs {
                 }
             }
         });
+        self.meta.locked().insert(
+            id.clone(),
+            Meta {
+                created,
+                expires,
+                labels: req.labels,
+                workspaces: req.workspaces.iter().map(|w| w.path.clone()).collect(),
+                commit: cache.map_or(CacheCommit::Never, |(_, c)| c),
+                ending: false,
+                expiry: expiry.abort_handle(),
+            },
+        );
         let view = self.view(&id).ok_or(JobError::NotFound(id))?;
         Ok((view, bundle))
     }
@@ -611,7 +617,11 @@ impl Jobs {
     /// Job `id` is gone from the host: out of the books; its certificate
     /// now meets "ended".
     fn forget(self: &Arc<Self>, id: &str) {
-        self.meta.locked().remove(id);
+        // At its expiry the timer's own task ends the job and gets here;
+        // its teardown is done by then, and the abort only ends the task.
+        if let Some(m) = self.meta.locked().remove(id) {
+            m.expiry.abort();
+        }
         self.audit
             .record(Record::event(id, "agent", "", "ended", 0));
         self.audit.close(id);

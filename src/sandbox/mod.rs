@@ -379,6 +379,11 @@ impl Engine {
         slots::free(&self.cfg).unwrap_or(0)
     }
 
+    /// Slots jobs may ever hold: id ranges clear of the host's own.
+    pub fn usable_slots(&self) -> usize {
+        slots::usable(&self.cfg).unwrap_or(0)
+    }
+
     /// The shared pull-through cache, when enabled.
     pub fn cache(&self) -> Option<&crate::images::cache::Cache> {
         self.host.cache.as_ref()

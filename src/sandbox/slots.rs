@@ -112,10 +112,21 @@ pub fn slots_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("slots")
 }
 
-/// Claims the first free usable slot for `job_id`.
-pub fn claim(cfg: &SandboxConfig, job_id: &str) -> Result<u32, SlotError> {
+/// The host's own id ranges (`/etc/subuid`, `/etc/subgid`).
+fn reserved(cfg: &SandboxConfig) -> Result<Vec<IdRange>, SlotError> {
     let mut reserved = read_subid(&cfg.subuid_file)?;
     reserved.extend(read_subid(&cfg.subgid_file)?);
+    Ok(reserved)
+}
+
+/// How many slots jobs may ever hold (see [`usable_slots`]).
+pub fn usable(cfg: &SandboxConfig) -> Result<usize, SlotError> {
+    Ok(usable_slots(cfg, &reserved(cfg)?).len())
+}
+
+/// Claims the first free usable slot for `job_id`.
+pub fn claim(cfg: &SandboxConfig, job_id: &str) -> Result<u32, SlotError> {
+    let reserved = reserved(cfg)?;
     let dir = slots_dir(&cfg.state_dir);
     std::fs::create_dir_all(&dir).map_err(|source| SlotError::Claim {
         path: dir.clone(),
@@ -146,10 +157,8 @@ pub fn claim(cfg: &SandboxConfig, job_id: &str) -> Result<u32, SlotError> {
 
 /// Usable slots that nothing claims now.
 pub fn free(cfg: &SandboxConfig) -> Result<usize, SlotError> {
-    let mut reserved = read_subid(&cfg.subuid_file)?;
-    reserved.extend(read_subid(&cfg.subgid_file)?);
     let dir = slots_dir(&cfg.state_dir);
-    Ok(usable_slots(cfg, &reserved)
+    Ok(usable_slots(cfg, &reserved(cfg)?)
         .into_iter()
         .filter(|n| !dir.join(n.to_string()).exists())
         .count())
