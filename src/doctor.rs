@@ -240,9 +240,8 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
 /// How many jobs this host carries and what bounds it
 /// (`jobs::capacity::bounds`; the agent's descriptors are the running
 /// agent's to tell, in `berth capacity`): a warning when the host bounds it
-/// below the configured slots. Then what the kernel bounds per job: each
-/// job's user namespace is owned by its own ids, so these are each job's,
-/// not shared.
+/// below the configured slots. Then the inotify bounds, which every job's
+/// user namespace (made by root) draws on together with the host's root.
 fn check_capacity(sb: &SandboxConfig, usable: u64, claimed: u64) -> Vec<Check> {
     use crate::jobs::{Host, bounds};
     let host = Host {
@@ -286,14 +285,13 @@ fn check_capacity(sb: &SandboxConfig, usable: u64, claimed: u64) -> Vec<Check> {
     vec![
         capacity,
         pass(
-            "per-job kernel bounds",
+            "inotify",
             format!(
-                "{} inotify instances, {} inotify watches, {} keys per job (fs.inotify.max_user_instances, \
-                 fs.inotify.max_user_watches, kernel.keys.maxkeys): each job's own, its user namespace \
-                 being owned by its ids",
+                "{} instances, {} watches (fs.inotify.max_user_instances, fs.inotify.max_user_watches), \
+                 shared by every job and the host's root: the jobs' user namespaces are root's; \
+                 jobs that watch many files need more (sysctl -w fs.inotify.max_user_instances=8192)",
                 sysctl("fs/inotify/max_user_instances"),
                 sysctl("fs/inotify/max_user_watches"),
-                sysctl("kernel/keys/maxkeys"),
             ),
         ),
     ]

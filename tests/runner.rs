@@ -238,7 +238,7 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
         "certificates",
         // The test's 8 id ranges bound it, not the host.
         "capacity",
-        "per-job kernel bounds",
+        "inotify",
     ] {
         assert!(
             text.lines()
@@ -249,7 +249,7 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
     assert!(text.contains("at most 8 jobs, bound by slots"), "{text}");
     let instances = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances").unwrap();
     assert!(
-        text.contains(&format!("{} inotify instances", instances.trim())),
+        text.contains(&format!("{} instances", instances.trim())),
         "{text}"
     );
     let bad = write_config(33, "doctor-bad", "dockerd = \"/nonexistent/dockerd\"");

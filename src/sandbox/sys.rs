@@ -62,17 +62,6 @@ pub fn unshare(flags: CloneFlags) -> Result<(), SysError> {
     })
 }
 
-/// Makes `host_id` the owner of the user namespace this process creates
-/// next: the kernel takes the owner from the effective ids at creation,
-/// and counts its per-user bounds there. Real and saved ids stay root's;
-/// the unshare that follows gives the process every capability in the new
-/// namespace, whoever owns it.
-pub fn own_next_user_namespace(host_id: u32) -> Result<(), SysError> {
-    nix::unistd::setegid(Gid::from_raw(host_id)).map_err(|e| call("setegid", e))?;
-    nix::unistd::seteuid(Uid::from_raw(host_id)).map_err(|e| call("seteuid", e))?;
-    Ok(())
-}
-
 /// Become uid/gid 0 of the (already mapped) user namespace with no
 /// supplementary groups.
 pub fn become_ns_root() -> Result<(), SysError> {
