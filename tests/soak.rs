@@ -22,6 +22,7 @@ mod common;
 use common::*;
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, Read, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
@@ -174,8 +175,7 @@ impl Agent {
 
     /// The jobs with an audit file, once what the agent queued is written
     /// (reading one job's audit through the API writes the queue out).
-    fn audited(&self) -> HashSet<String> {
-        let state = engine_config(N, NAME).state_dir;
+    fn audited(&self, state: &Path) -> HashSet<String> {
         let list = || -> HashSet<String> {
             std::fs::read_dir(state.join("audit"))
                 .unwrap()
@@ -469,9 +469,7 @@ fn pids() -> Vec<u32> {
 /// Processes in the jobs' id ranges that belong to one of `ids` (by their
 /// cgroups) or, once the agent has stopped (`stopped`), any: their pid,
 /// state and name.
-fn processes_of(ids: &HashSet<String>, stopped: bool) -> Vec<String> {
-    let cfg = engine_config(N, NAME);
-    let ranges = cfg.uid_base..cfg.uid_base + cfg.uid_ranges * 65536;
+fn processes_of(ids: &HashSet<String>, ranges: &Range<u32>, stopped: bool) -> Vec<String> {
     let mut found = Vec::new();
     for pid in pids() {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -508,13 +506,13 @@ fn processes_of(ids: &HashSet<String>, stopped: bool) -> Vec<String> {
 /// the agent has stopped, `stopped`: any process in the jobs' id ranges),
 /// mounts any process sees, cgroups, links, rules, loop devices, job state
 /// and slots.
-fn assert_nothing_of(ids: &HashSet<String>, state: &Path, stopped: bool) {
+fn assert_nothing_of(ids: &HashSet<String>, state: &Path, ranges: &Range<u32>, stopped: bool) {
     let jobs_dir = state.join("jobs");
     // A killed process is reaped by whoever inherits it, a moment after
     // its job ended: only what stays is left behind.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let alive = processes_of(ids, stopped);
+        let alive = processes_of(ids, ranges, stopped);
         if alive.is_empty() {
             break;
         }
@@ -634,7 +632,11 @@ fn a_thousand_jobs_in_a_row_leave_nothing_behind() {
         }
         Err(_) => KINDS.to_vec(),
     };
-    let state = engine_config(N, NAME).state_dir;
+    // Read once, before the agent runs: engine_config recovers a state
+    // dir it finds, which is the agent's own once it serves.
+    let engine = engine_config(N, NAME);
+    let ranges = engine.uid_base..engine.uid_base + engine.uid_ranges * 65536;
+    let state = engine.state_dir;
     let _ = std::fs::remove_dir_all(state.join("audit"));
     let cfg = write_config(
         N,
@@ -664,11 +666,11 @@ fn a_thousand_jobs_in_a_row_leave_nothing_behind() {
     let wall = t0.elapsed().as_secs_f64();
 
     // While the agent serves: nothing of the jobs that ended.
-    let ended = agent.audited();
+    let ended = agent.audited(&state);
     assert_eq!(ended.len(), jobs, "one audit file per job: {ended:?}");
-    assert_nothing_of(&ended, &state, false);
+    assert_nothing_of(&ended, &state, &ranges, false);
     agent.stop();
-    assert_nothing_of(&ended, &state, true);
+    assert_nothing_of(&ended, &state, &ranges, true);
     assert_eq!(audits_whole(&state), ended);
     let left = jobs_left(NAME);
     assert!(
