@@ -9,7 +9,7 @@
 # for and what failed without it):
 #   docker run -d --name berth --network host --cgroupns host --stop-timeout 60 \
 #     --cap-drop ALL --cap-add SYS_ADMIN --cap-add NET_ADMIN --cap-add SETUID --cap-add SETGID \
-#     --cap-add CHOWN --cap-add DAC_OVERRIDE --cap-add FOWNER --cap-add NET_BIND_SERVICE \
+#     --cap-add CHOWN --cap-add DAC_OVERRIDE --cap-add FOWNER --cap-add KILL --cap-add NET_BIND_SERVICE \
 #     --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
 #     --security-opt systempaths=unconfined \
 #     --mount type=bind,source=/sys,target=/sys,bind-nonrecursive=true \

@@ -136,6 +136,35 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
         )
     });
 
+    let missing = crate::sandbox::sys::missing_capabilities(&sb.proc_root);
+    out.push(if missing.is_empty() {
+        let all = crate::sandbox::sys::AGENT_CAPABILITIES.map(|(name, _, _)| name);
+        pass(
+            "capabilities",
+            format!("every one the agent uses ({})", all.join(", ")),
+        )
+    } else {
+        fail(
+            "capabilities",
+            format!(
+                "missing: {}",
+                missing
+                    .iter()
+                    .map(|(name, why)| format!("{name} ({why})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            format!(
+                "give them to the agent's container: {}",
+                missing
+                    .iter()
+                    .map(|(name, _)| format!("--cap-add {name}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        )
+    });
+
     let max_userns = std::fs::read_to_string(sb.proc_root.join("sys/user/max_user_namespaces"))
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok());
@@ -240,8 +269,8 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
 /// How many jobs this host carries and what bounds it
 /// (`jobs::capacity::bounds`; the agent's descriptors are the running
 /// agent's to tell, in `berth capacity`): a warning when the host bounds it
-/// below the configured slots. Then the inotify bounds, which every job's
-/// user namespace (made by root) draws on together with the host's root.
+/// below the configured slots. Then the inotify bounds, which each job has
+/// for itself: its user namespace is owned by its own first host id.
 fn check_capacity(sb: &SandboxConfig, usable: u64, claimed: u64) -> Vec<Check> {
     use crate::jobs::{Host, bounds};
     let host = Host {
@@ -287,9 +316,10 @@ fn check_capacity(sb: &SandboxConfig, usable: u64, claimed: u64) -> Vec<Check> {
         pass(
             "inotify",
             format!(
-                "{} instances, {} watches (fs.inotify.max_user_instances, fs.inotify.max_user_watches), \
-                 shared by every job and the host's root: the jobs' user namespaces are root's; \
-                 jobs that watch many files need more (sysctl -w fs.inotify.max_user_instances=8192)",
+                "{} instances, {} watches per job (fs.inotify.max_user_instances, \
+                 fs.inotify.max_user_watches), each job's own: its user namespace is owned by \
+                 its first host id, not root; jobs that watch many files need more \
+                 (sysctl -w fs.inotify.max_user_instances=8192)",
                 sysctl("fs/inotify/max_user_instances"),
                 sysctl("fs/inotify/max_user_watches"),
             ),

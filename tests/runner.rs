@@ -229,6 +229,7 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
     assert!(out.status.success(), "{text}");
     for check in [
         "root",
+        "capabilities",
         "user namespaces",
         "uid pool",
         "dockerd",
@@ -266,6 +267,43 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
         "{text}"
     );
     assert!(text.contains("fix: apt-get install docker.io"), "{text}");
+
+    // An agent without CAP_KILL (a container started with the capability
+    // list of before) could not end a job whose processes run as the job's
+    // own ids: the doctor names it, and a run refuses to start a job.
+    let without_kill = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--bounding-set", "-kill", "--"])
+            .arg(berth_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&ok_cfg)
+            .output()
+            .expect("setpriv (util-linux) runs berth without CAP_KILL")
+    };
+    let out = without_kill(&["doctor", "--listen", "127.0.0.1:0"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("capabilities")
+            && l.contains("FAIL")
+            && l.contains("missing: KILL (signalling a job's processes")),
+        "{text}"
+    );
+    assert!(
+        text.contains("fix: give them to the agent's container: --cap-add KILL"),
+        "{text}"
+    );
+    let hello = repo().join("pipelines/hello.toml");
+    let out = without_kill(&["run", hello.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("the agent lacks capabilities it needs: KILL")
+            && err.contains("--cap-add KILL"),
+        "{err}"
+    );
+    assert!(jobs_left("doctor-ok").is_empty());
 }
 
 /// `berth serve` as systemd starts it: its listening socket on fd 3

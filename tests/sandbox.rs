@@ -793,6 +793,101 @@ fn a_memory_hog_is_killed_while_the_host_and_other_jobs_are_unharmed() {
     rt.block_on(e.teardown(b.id())).unwrap();
 }
 
+/// `tests/clients/inotify_hold.c`, built static for a busybox image; where
+/// the tests run without a compiler (the guest lanes), the one the host
+/// built, named by BERTH_TEST_INOTIFY_HOLD.
+fn inotify_hold() -> std::path::PathBuf {
+    if let Some(built) = std::env::var_os("BERTH_TEST_INOTIFY_HOLD") {
+        let built = std::path::PathBuf::from(built);
+        assert!(
+            built.is_file(),
+            "BERTH_TEST_INOTIFY_HOLD={} is no file",
+            built.display()
+        );
+        return built;
+    }
+    let out = std::path::PathBuf::from("/var/lib/bt/inotify_hold");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/inotify_hold.c");
+    let o = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .expect("gcc is missing: apt-get install gcc libc6-dev");
+    assert!(o.status.success(), "gcc: {}", stderr(&o));
+    out
+}
+
+/// Starts `inotify_hold` in a container of the job at `sock`; returns how
+/// many inotify instances it got and why it got no more.
+fn hold_inotify(sock: &Path, prog: &Path) -> (usize, String) {
+    import_busybox(sock);
+    docker_ok(
+        sock,
+        &["create", "--name", "hold", "busybox:test", "/inotify_hold"],
+    );
+    docker_ok(sock, &["cp", prog.to_str().unwrap(), "hold:/inotify_hold"]);
+    docker_ok(sock, &["start", "hold"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let said = docker_ok(sock, &["logs", "hold"]);
+        if let Some((n, why)) = said.trim().split_once(' ') {
+            return (n.parse().unwrap(), why.to_string());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "inotify_hold said nothing"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_job_that_takes_every_inotify_instance_takes_its_own_alone() {
+    if !prerequisites() {
+        return;
+    }
+    let max: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let prog = inotify_hold();
+    let rt = rt();
+    let e = engine(97, "inotify");
+    let a = rt.block_on(e.start(None)).unwrap();
+    let b = rt.block_on(e.start(None)).unwrap();
+    // Job a takes every instance it can, and holds them.
+    let (got_a, why) = hold_inotify(&a.socket(), &prog);
+    assert_eq!(
+        why, "Too many open files",
+        "job a stopped at {got_a}: {why}"
+    );
+    assert!(got_a > 0, "job a got no inotify instance at all");
+    // The host's root (its services, the agent) and job b have their own.
+    // SAFETY: inotify_init1 takes flags only; the fd it returns is closed.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    assert!(
+        fd >= 0,
+        "with job a holding {got_a} inotify instances, root on the host has none: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fd is this test's own, open and unused.
+    unsafe { libc::close(fd) };
+    let (got_b, why) = hold_inotify(&b.socket(), &prog);
+    assert_eq!(
+        why, "Too many open files",
+        "job b stopped at {got_b}: {why}"
+    );
+    assert!(
+        got_a + got_b > max,
+        "jobs a and b got {got_a} + {got_b} inotify instances: one bound of {max} for both"
+    );
+    docker_ok(&a.socket(), &["version"]);
+    rt.block_on(e.teardown(a.id())).unwrap();
+    rt.block_on(e.teardown(b.id())).unwrap();
+}
+
 #[test]
 fn teardown_leaves_nothing_behind() {
     if !prerequisites() {

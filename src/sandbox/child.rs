@@ -66,6 +66,13 @@ pub struct ChildSpec {
     /// `binfmt`); None where the kernel has none per user namespace.
     #[serde(default)]
     pub binfmt: Option<Vec<Handler>>,
+    /// The host id that owns the job's user namespace: the first of its
+    /// range. What the kernel bounds per user (inotify instances and
+    /// watches, namespaces, message queues) it counts against a user
+    /// namespace's owner too; owned by root, every job would draw on
+    /// root's (128 inotify instances by default, shared with the host's
+    /// own services), and one job could take them all.
+    pub owner: u32,
 }
 
 /// Reports `what` to the agent (and the job's log) and exits.
@@ -155,7 +162,9 @@ pub fn stage1_main(spec_json: &str) -> ! {
         Err(e) => fail(&sync, &format!("open /proc/self/ns/{name}: {e}")),
     };
     let outer_mnt = ns("mnt");
-    if let Err(e) = sys::unshare(sys::job_namespaces(spec.cgroupns)) {
+    if let Err(e) = sys::own_next_user_namespace(spec.owner)
+        .and_then(|()| sys::unshare(sys::job_namespaces(spec.cgroupns)))
+    {
         fail(&sync, &e.to_string());
     }
     // The agent enters the job's namespaces by these descriptors (the
@@ -476,6 +485,7 @@ mod tests {
             workspaces: Vec::new(),
             drop: "/nonexistent/drop".into(),
             binfmt: None,
+            owner: 1_000_000,
         }
     }
 

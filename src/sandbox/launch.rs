@@ -657,6 +657,7 @@ impl Engine {
             workspaces: mounted.into_iter().map(|(from, _)| from).collect(),
             drop: files.dir.join("drop"),
             binfmt: self.host.own_binfmt.then(|| self.binfmt_handlers()),
+            owner: rec.host_id,
         }
     }
 

@@ -62,6 +62,17 @@ pub fn unshare(flags: CloneFlags) -> Result<(), SysError> {
     })
 }
 
+/// Makes `host_id` the owner of the user namespace this process creates
+/// next: the kernel takes the owner from the effective ids at creation,
+/// and counts its per-user bounds there. Real and saved ids stay root's;
+/// the unshare that follows gives the process every capability in the new
+/// namespace, whoever owns it.
+pub fn own_next_user_namespace(host_id: u32) -> Result<(), SysError> {
+    nix::unistd::setegid(Gid::from_raw(host_id)).map_err(|e| call("setegid", e))?;
+    nix::unistd::seteuid(Uid::from_raw(host_id)).map_err(|e| call("seteuid", e))?;
+    Ok(())
+}
+
 /// Become uid/gid 0 of the (already mapped) user namespace with no
 /// supplementary groups.
 pub fn become_ns_root() -> Result<(), SysError> {
@@ -242,6 +253,56 @@ pub fn remount_readonly(path: &Path) -> Result<(), SysError> {
 
 pub fn sethostname(name: &str) -> Result<(), SysError> {
     nix::unistd::sethostname(name).map_err(|e| call(format!("sethostname({name})"), e))
+}
+
+/// Capabilities the agent uses on the host, by name (as `--cap-add` takes
+/// them) and number, and what for. A container that drops the others must
+/// keep these (the Dockerfile's header).
+pub const AGENT_CAPABILITIES: [(&str, u8, &str); 9] = [
+    (
+        "CHOWN",
+        0,
+        "handing each job its directories, cgroups and disk",
+    ),
+    ("DAC_OVERRIDE", 1, "removing what a job's ids wrote"),
+    (
+        "FOWNER",
+        3,
+        "handing each job its directories, cgroups and disk",
+    ),
+    (
+        "KILL",
+        5,
+        "signalling a job's processes, which run as its own host ids in a user namespace that id owns",
+    ),
+    ("SETGID", 6, "writing each job's gid map"),
+    ("SETUID", 7, "writing each job's uid map"),
+    (
+        "NET_BIND_SERVICE",
+        10,
+        "each job's DNS relay, on port 53 of its link",
+    ),
+    ("NET_ADMIN", 12, "each job's link and firewall rules"),
+    ("SYS_ADMIN", 21, "mounts and new namespaces"),
+];
+
+/// The capabilities of `AGENT_CAPABILITIES` this process does not have in
+/// effect (`CapEff` in `<proc_root>/self/status`); empty when it has all,
+/// or when the kernel does not say.
+pub fn missing_capabilities(proc_root: &Path) -> Vec<(&'static str, &'static str)> {
+    let status = std::fs::read_to_string(proc_root.join("self/status")).unwrap_or_default();
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+    else {
+        return Vec::new();
+    };
+    AGENT_CAPABILITIES
+        .iter()
+        .filter(|(_, bit, _)| eff & (1 << bit) == 0)
+        .map(|(name, _, why)| (*name, *why))
+        .collect()
 }
 
 pub fn kill(pid: i32, sig: Signal) -> Result<(), SysError> {
@@ -586,4 +647,33 @@ pub fn close_fds_from(first: u32) -> Result<(), SysError> {
         return Err(call("close_range", Errno::last()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_cap_eff(line: &str) -> Vec<&'static str> {
+        let root = std::env::temp_dir().join(format!("berth-caps-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("self")).unwrap();
+        std::fs::write(root.join("self/status"), format!("Name:\tberth\n{line}\n")).unwrap();
+        let missing = missing_capabilities(&root);
+        std::fs::remove_dir_all(&root).unwrap();
+        missing.into_iter().map(|(name, _)| name).collect()
+    }
+
+    #[test]
+    fn missing_capabilities_reads_the_effective_set() {
+        assert!(with_cap_eff("CapEff:\t000001ffffffffff").is_empty());
+        // Bit 5 is CAP_KILL.
+        assert_eq!(with_cap_eff("CapEff:\t000001ffffffffdf"), ["KILL"]);
+        // The Dockerfile's list without KILL and NET_BIND_SERVICE.
+        let listed = (1u64 << 21) | (1 << 12) | (1 << 7) | (1 << 6) | (1 << 3) | (1 << 1) | 1;
+        assert_eq!(
+            with_cap_eff(&format!("CapEff:\t{listed:016x}")),
+            ["KILL", "NET_BIND_SERVICE"]
+        );
+        // A kernel that does not say: nothing is claimed missing.
+        assert!(with_cap_eff("").is_empty());
+    }
 }
