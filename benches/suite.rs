@@ -8,8 +8,14 @@
 //! 2. Proxy cost on one daemon: `docker save` of a 400 MB image and
 //!    `GET /_ping` p50/p99 on a kept-alive connection, through berth, the
 //!    job's unix socket, and dockerd's own TLS listener.
-//! 3. Density: memory per idle job with 1, 10 and 30 concurrent jobs, each
-//!    still answering.
+//! 3. Density: idle jobs added in steps (1, 10, 30, 100, 300, up to
+//!    BERTH_BENCH_DENSITY, default 30): per job, RSS and PSS of its
+//!    processes (PSS counts each shared page once, divided among its users)
+//!    and what the host's MemAvailable lost, and the PSS by program; then,
+//!    over 30 s with nothing
+//!    asked of them, the CPU the jobs and the engine (this process) used;
+//!    the engine's RSS; how many jobs answer `docker version`. The one-job
+//!    step is the baseline of the ratios.
 //! 4. Throughput: N concurrent jobs each importing, building and running a
 //!    small image, against one job alone.
 //! 5. Preloaded 100 MB base image: new job to a container running from it,
@@ -575,40 +581,7 @@ fn main() {
     }
     // 3. Density.
     if section("density") {
-        let e = common::engine(53, "bs-density");
-        let e = {
-            let mut c = e.config().clone();
-            drop(e);
-            c.uid_ranges = 32;
-            c.net_pool_prefix = 24;
-            berth::sandbox::Engine::new(c).unwrap()
-        };
-        let mut jobs = Vec::new();
-        for target in [1usize, 10, 30] {
-            while jobs.len() < target {
-                jobs.push(rt.block_on(e.start(None)).unwrap());
-            }
-            std::thread::sleep(Duration::from_secs(5));
-            let total: u64 = jobs.iter().map(|j| j.rss_bytes()).sum();
-            let answering = jobs
-                .iter()
-                .filter(|j| {
-                    common::docker(&j.socket(), &["version", "--format", "{{.Server.Version}}"])
-                        .status
-                        .success()
-                })
-                .count();
-            row(
-                &mut table,
-                format!(
-                    "| density, {target} idle jobs: RSS per job (MiB), jobs answering | {:.1} | {answering}/{target} |",
-                    total as f64 / target as f64 / (1 << 20) as f64
-                ),
-            );
-        }
-        for j in jobs {
-            rt.block_on(e.teardown(j.id())).unwrap();
-        }
+        density_figures(&rt, &mut table);
     }
 
     // 4. Throughput: import, two-stage build, run — 1 job alone vs N at once.
@@ -1175,6 +1148,161 @@ fn image_store_figures(rt: &tokio::runtime::Runtime, n: usize) -> Vec<String> {
             "| dockerd 26.1, containerd image store: idle job RSS / PSS / data-root (MiB) | {d_rss:.1} / {d_pss:.1} / {d_disk:.1} | classic: {c_rss:.1} / {c_pss:.1} / {c_disk:.1} |"
         ),
     ]
+}
+
+/// Idle jobs in steps up to `BERTH_BENCH_DENSITY` (section 3). The pool
+/// is sized for it: its own id ranges, a /20 of addresses, no ports.
+fn density_figures(rt: &tokio::runtime::Runtime, table: &mut Vec<String>) {
+    let max: usize = std::env::var("BERTH_BENCH_DENSITY")
+        .ok()
+        .map(|v| v.parse().expect("BERTH_BENCH_DENSITY is a number of jobs"))
+        .unwrap_or(30);
+    let mut cfg = common::engine_config(53, "bs-density");
+    // Above every test's ranges (1.6e9 + n·8·65536, n < 128).
+    cfg.uid_base = 1_700_000_000;
+    cfg.uid_ranges = max as u32;
+    cfg.net_pool = std::net::Ipv4Addr::new(10, 215, 0, 0);
+    cfg.net_pool_prefix = 20;
+    cfg.ports_per_job = 0;
+    let e = berth::sandbox::Engine::new(cfg).unwrap();
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let mem_available = || meminfo_kib("MemAvailable") * 1024;
+    std::thread::sleep(Duration::from_secs(2));
+    let host_before = mem_available();
+    let mut jobs = Vec::new();
+    let mut base: Option<(f64, f64)> = None;
+    let mut steps: Vec<usize> = [1, 10, 30, 100, 300]
+        .into_iter()
+        .filter(|&n| n < max)
+        .collect();
+    steps.push(max);
+    for target in steps {
+        let t = Instant::now();
+        while jobs.len() < target {
+            jobs.push(rt.block_on(e.start(None)).unwrap());
+        }
+        let started = t.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_secs(10));
+        let n = jobs.len() as f64;
+        let pids: Vec<u32> = jobs.iter().flat_map(|j| j.pids()).collect();
+        let rss = mib(jobs.iter().map(|j| j.rss_bytes()).sum()) / n;
+        let pss = mib(pids.iter().copied().map(pss_of).sum()) / n;
+        let host = mib(host_before.saturating_sub(mem_available())) / n;
+        // 30 s of nothing asked: what the jobs' health checks, relays and
+        // timers, and the engine's, cost.
+        let window = Duration::from_secs(30);
+        let by_pid = |pids: &[u32]| -> Vec<(u32, u64)> {
+            pids.iter().map(|&p| (p, cpu_ticks(&[p]))).collect()
+        };
+        let (jobs0, self0) = (by_pid(&pids), cpu_ticks(&[std::process::id()]));
+        std::thread::sleep(window);
+        let self1 = cpu_ticks(&[std::process::id()]);
+        let hz = 100.0; // USER_HZ
+        let cores = |a: u64, b: u64| b.saturating_sub(a) as f64 / hz / window.as_secs_f64();
+        let mut cpu_by_comm: std::collections::BTreeMap<String, u64> = Default::default();
+        for (p, t0) in jobs0 {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            *cpu_by_comm.entry(comm.trim().to_string()).or_default() +=
+                cpu_ticks(&[p]).saturating_sub(t0);
+        }
+        let jobs_cpu = cores(0, cpu_by_comm.values().sum());
+        let engine_cpu = cores(self0, self1);
+        let cpu_parts = cpu_by_comm
+            .iter()
+            .filter(|(_, t)| **t > 0)
+            .map(|(c, t)| format!("{c} {:.3}", cores(0, *t)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let engine_rss = mib(status_kib(std::process::id(), "VmRSS") * 1024);
+        let answering = jobs
+            .iter()
+            .filter(|j| {
+                common::docker(&j.socket(), &["version", "--format", "{{.Server.Version}}"])
+                    .status
+                    .success()
+            })
+            .count();
+        // Where it goes: PSS per job by the program that holds it.
+        let mut by_comm: std::collections::BTreeMap<String, u64> = Default::default();
+        for &p in &pids {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            *by_comm.entry(comm.trim().to_string()).or_default() += pss_of(p);
+        }
+        let mut by_comm: Vec<(String, u64)> = by_comm.into_iter().collect();
+        by_comm.sort_by_key(|(_, b)| std::cmp::Reverse(*b));
+        let parts = by_comm
+            .iter()
+            .map(|(c, b)| format!("{c} {:.1}", mib(*b) / n))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (rss1, pss1) = *base.get_or_insert((rss, pss));
+        row(
+            table,
+            format!(
+                "| density, {target} idle jobs: per job RSS / PSS / host MemAvailable lost (MiB); jobs answering | {rss:.1} / {pss:.1} / {host:.1}; {answering}/{target} | PSS {:.2}× one job's ({pss1:.1}), RSS {:.2}× ({rss1:.1}); started in {started:.0} s |",
+                pss / pss1,
+                rss / rss1
+            ),
+        );
+        row(
+            table,
+            format!("| density, {target} idle jobs: PSS per job by program (MiB) | {parts} | |"),
+        );
+        row(
+            table,
+            format!(
+                "| density, {target} idle jobs, 30 s idle: CPU of all jobs / of the engine (cores); engine RSS (MiB) | {jobs_cpu:.3} / {engine_cpu:.3}; {engine_rss:.1} | per job {:.4} cores; jobs' by program: {cpu_parts} |",
+                jobs_cpu / n
+            ),
+        );
+    }
+    let t = Instant::now();
+    let n = jobs.len();
+    for j in jobs {
+        rt.block_on(e.teardown(j.id())).unwrap();
+    }
+    row(
+        table,
+        format!(
+            "| density: teardown of {n} idle jobs, one by one (s) | {:.1} | |",
+            t.elapsed().as_secs_f64()
+        ),
+    );
+}
+
+/// A `/proc/meminfo` field, in KiB.
+fn meminfo_kib(field: &str) -> u64 {
+    kib_field(&std::fs::read_to_string("/proc/meminfo").unwrap(), field)
+}
+
+/// A `/proc/<pid>/status` field, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    kib_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(),
+        field,
+    )
+}
+
+fn kib_field(text: &str, field: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User and system CPU time of `pids` (all their threads), in clock ticks;
+/// a process gone counts 0.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            // After the command's closing parenthesis: state is field 3,
+            // utime and stime fields 14 and 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
 }
 
 /// Proportional set size of a process (shared pages divided among their
