@@ -16,8 +16,10 @@
 //!    asked of them, the CPU the jobs and the engine (this process) used;
 //!    the engine's RSS; how many jobs answer `docker version`. The one-job
 //!    step is the baseline of the ratios.
-//! 4. Throughput: N concurrent jobs each importing, building and running a
-//!    small image, against one job alone.
+//! 4. Throughput: the small job (a cold start, busybox imported, a
+//!    two-stage build, a run of it, the teardown) back to back, by one
+//!    worker and by four at once (up to 10 jobs each): jobs per minute, the
+//!    ratio to one worker, and the median time of each step.
 //! 5. Preloaded 100 MB base image: new job to a container running from it,
 //!    shared image store against loading the archive into every job, and
 //!    a job without preloads as the floor.
@@ -25,7 +27,8 @@
 //! 6. Teardown: a job removed idle and with 3 running containers (one of
 //!    them paused), against the same with a 3 s `stop_grace` (the opt-in
 //!    graceful stop, the old default); and `berth run` of the hello
-//!    pipeline: its wall time minus the sum of its steps.
+//!    pipeline: its wall time minus the sum of its steps, and that by part
+//!    (agent start, job start, teardown, agent stop, the rest).
 //! 7. The job's own disk (a loop-mounted sparse ext4): cold start → first
 //!    docker CLI answer with and without it, alternating in one run.
 //! 8. The shared pull-through cache: a fresh job's `docker pull` of a
@@ -584,48 +587,42 @@ fn main() {
         density_figures(&rt, &mut table);
     }
 
-    // 4. Throughput: import, two-stage build, run — 1 job alone vs N at once.
+    // 4. Throughput: the small job back to back, one worker against four.
     if section("throughput") {
-        let e = std::sync::Arc::new(common::engine(54, "bs-throughput"));
-        let work = |sock: PathBuf| {
-            common::import_busybox(&sock);
-            let ctx = std::env::temp_dir().join(format!(
-                "bt-tp-{}",
-                sock.display().to_string().len() + rand_n()
-            ));
-            std::fs::create_dir_all(&ctx).unwrap();
-            std::fs::write(ctx.join("Dockerfile"), "FROM busybox:test AS b\nRUN echo ok > /r\nFROM busybox:test\nCOPY --from=b /r /r\nCMD [\"cat\", \"/r\"]\n").unwrap();
-            common::docker_ok(&sock, &["build", "-q", "-t", "tp:1", ctx.to_str().unwrap()]);
-            assert_eq!(
-                common::docker_ok(&sock, &["run", "--rm", "tp:1"]).trim(),
-                "ok"
-            );
-            let _ = std::fs::remove_dir_all(&ctx);
-        };
-        for nj in [1usize, 4] {
+        let e = common::engine(54, "bs-throughput");
+        let per_worker = n.clamp(2, 10);
+        let mut one = None;
+        for workers in [1usize, 4] {
             let t = Instant::now();
-            let jobs: Vec<_> = (0..nj)
-                .map(|_| rt.block_on(e.start(None)).unwrap())
-                .collect();
-            let hs: Vec<_> = jobs
+            let jobs: Vec<[f64; 5]> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..workers)
+                    .map(|_| {
+                        s.spawn(|| {
+                            (0..per_worker)
+                                .map(|_| small_job(&e, &rt))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+            });
+            let rate = jobs.len() as f64 * 60.0 / t.elapsed().as_secs_f64();
+            let one = *one.get_or_insert(rate);
+            let parts = ["start", "import", "build", "run", "teardown"]
                 .iter()
-                .map(|j| {
-                    let s = j.socket();
-                    std::thread::spawn(move || work(s))
+                .enumerate()
+                .map(|(k, step)| {
+                    let v: Vec<f64> = jobs.iter().map(|j| j[k]).collect();
+                    format!("{step} {:.2}", median(&v))
                 })
-                .collect();
-            for h in hs {
-                h.join().unwrap();
-            }
-            for j in &jobs {
-                rt.block_on(e.teardown(j.id())).unwrap();
-            }
-            let secs = t.elapsed().as_secs_f64();
+                .collect::<Vec<_>>()
+                .join(", ");
             row(
                 &mut table,
                 format!(
-                    "| throughput, {nj} concurrent job(s): start, import, build, run, teardown (s) | {secs:.1} | {:.1} jobs/min |",
-                    nj as f64 * 60.0 / secs
+                    "| throughput, {workers} worker(s), {} small jobs back to back (jobs/min) | {rate:.1} | {:.2}× one worker; median s per step: {parts} |",
+                    jobs.len(),
+                    rate / one
                 ),
             );
         }
@@ -721,7 +718,7 @@ fn main() {
         let grace_runs = n.clamp(1, 5);
         let with_grace = teardown_times(&graceful, &rt, 3, grace_runs);
         drop(graceful);
-        let hello: Vec<f64> = (0..n.clamp(1, 5)).map(|_| hello_overhead()).collect();
+        let hello: Vec<Vec<f64>> = (0..n.clamp(1, 5)).map(|_| hello_overhead()).collect();
         row(
             &mut table,
             format!(
@@ -746,13 +743,20 @@ fn main() {
                 median(&with_grace) / median(&busy)
             ),
         );
+        let part = |k: usize| hello.iter().map(|h| h[k]).collect::<Vec<f64>>();
+        let parts = OWN_PARTS
+            .iter()
+            .enumerate()
+            .map(|(k, name)| format!("{name} {:.0}", median(&part(k + 1))))
+            .collect::<Vec<_>>()
+            .join(", ");
         row(
             &mut table,
             format!(
-                "| hello pipeline: wall time minus its steps, {} runs (ms) | {:.0} | {:.0} |",
+                "| hello pipeline: wall time minus its steps, {} runs (ms) | {:.0} | p95 {:.0}; medians: {parts} |",
                 hello.len(),
-                median(&hello),
-                pct(&hello, 0.95)
+                median(&part(0)),
+                pct(&part(0), 0.95)
             ),
         );
     }
@@ -1461,9 +1465,53 @@ fn teardown_times(
     out
 }
 
+/// The throughput section's small job on engine `e`: a cold start, busybox
+/// imported, a two-stage build, a run of what it built, the teardown.
+/// Seconds per step, in that order.
+fn small_job(e: &berth::sandbox::Engine, rt: &tokio::runtime::Runtime) -> [f64; 5] {
+    let lap = |t: &mut Instant| {
+        let s = t.elapsed().as_secs_f64();
+        *t = Instant::now();
+        s
+    };
+    let mut t = Instant::now();
+    let sb = rt.block_on(e.start(None)).unwrap();
+    let start = lap(&mut t);
+    let sock = sb.socket();
+    common::import_busybox(&sock);
+    let import = lap(&mut t);
+    let ctx = std::env::temp_dir().join(format!("bt-tp-{}", sb.id()));
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:test AS b\nRUN echo ok > /r\nFROM busybox:test\nCOPY --from=b /r /r\nCMD [\"cat\", \"/r\"]\n",
+    )
+    .unwrap();
+    common::docker_ok(&sock, &["build", "-q", "-t", "tp:1", ctx.to_str().unwrap()]);
+    let build = lap(&mut t);
+    assert_eq!(
+        common::docker_ok(&sock, &["run", "--rm", "tp:1"]).trim(),
+        "ok"
+    );
+    let run = lap(&mut t);
+    rt.block_on(e.teardown(sb.id())).unwrap();
+    let teardown = lap(&mut t);
+    let _ = std::fs::remove_dir_all(&ctx);
+    [start, import, build, run, teardown]
+}
+
+/// The parts of berth's own time in a run, as the runner reports them.
+const OWN_PARTS: [&str; 5] = [
+    "agent start",
+    "job start",
+    "teardown",
+    "agent stop",
+    "other",
+];
+
 /// `berth run pipelines/hello.toml`: berth's own time (wall minus steps),
-/// as the runner reports it, in ms.
-fn hello_overhead() -> f64 {
+/// then each of `OWN_PARTS`, as the runner reports them, in ms.
+fn hello_overhead() -> Vec<f64> {
     let o = Command::new(common::berth_bin())
         .args(["run", "pipelines/hello.toml"])
         .env("BERTH_STATE_DIR", "/var/lib/bt/bs-hello")
@@ -1473,21 +1521,25 @@ fn hello_overhead() -> f64 {
     assert!(o.status.success(), "hello pipeline failed:\n{text}");
     let line = text
         .lines()
-        .find(|l| l.contains("berth's own time:"))
+        .find_map(|l| l.split("berth's own time:").nth(1))
         .expect("the runner reports its own time");
-    let secs: f64 = line
-        .split("berth's own time:")
-        .nth(1)
-        .and_then(|r| r.trim().split('s').next())
+    // "0.60s of 9.60s (agent start 0.04s, job start 0.35s, …; …)"
+    let secs_after = |label: &str| -> f64 {
+        line.split(label)
+            .nth(1)
+            .and_then(|r| r.trim().split('s').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {label:?} in the runner's own time: {line}"))
+    };
+    let total: f64 = line
+        .trim()
+        .split('s')
+        .next()
         .and_then(|v| v.parse().ok())
-        .expect("seconds");
-    secs * 1000.0
-}
-
-fn rand_n() -> usize {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    N.fetch_add(1, Ordering::SeqCst)
+        .unwrap_or_else(|| panic!("no total in the runner's own time: {line}"));
+    let mut out = vec![total * 1000.0];
+    out.extend(OWN_PARTS.iter().map(|p| secs_after(p) * 1000.0));
+    out
 }
 
 fn drop_caches() {
