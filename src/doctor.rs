@@ -136,9 +136,10 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
         )
     });
 
+    use crate::sandbox::sys::{AGENT_CAPABILITIES, cap_add_flags, describe_capabilities};
     let missing = crate::sandbox::sys::missing_capabilities(&sb.proc_root);
     out.push(if missing.is_empty() {
-        let all = crate::sandbox::sys::AGENT_CAPABILITIES.map(|(name, _, _)| name);
+        let all = AGENT_CAPABILITIES.map(|(name, _, _)| name);
         pass(
             "capabilities",
             format!("every one the agent uses ({})", all.join(", ")),
@@ -146,21 +147,10 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
     } else {
         fail(
             "capabilities",
-            format!(
-                "missing: {}",
-                missing
-                    .iter()
-                    .map(|(name, why)| format!("{name} ({why})"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            format!("missing: {}", describe_capabilities(&missing)),
             format!(
                 "give them to the agent's container: {}",
-                missing
-                    .iter()
-                    .map(|(name, _)| format!("--cap-add {name}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                cap_add_flags(&missing)
             ),
         )
     });

@@ -245,19 +245,11 @@ fn check_prerequisites(cfg: &SandboxConfig, helper: &Path) -> Result<(), Sandbox
     }
     let missing = super::sys::missing_capabilities(&cfg.proc_root);
     if !missing.is_empty() {
-        let named = missing
-            .iter()
-            .map(|(name, why)| format!("{name} ({why})"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let flags = missing
-            .iter()
-            .map(|(name, _)| format!("--cap-add {name}"))
-            .collect::<Vec<_>>()
-            .join(" ");
         return pre(format!(
-            "the agent lacks capabilities it needs: {named}; give them to its container \
-             ({flags}, as the Dockerfile's header shows)"
+            "the agent lacks capabilities it needs: {}; give them to its container \
+             ({}, as the Dockerfile's header shows)",
+            super::sys::describe_capabilities(&missing),
+            super::sys::cap_add_flags(&missing)
         ));
     }
     let max_userns = std::fs::read_to_string(cfg.proc_root.join("sys/user/max_user_namespaces"))

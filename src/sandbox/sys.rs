@@ -305,6 +305,24 @@ pub fn missing_capabilities(proc_root: &Path) -> Vec<(&'static str, &'static str
         .collect()
 }
 
+/// `missing` as a message says it: each name with what it is for.
+pub fn describe_capabilities(missing: &[(&str, &str)]) -> String {
+    missing
+        .iter()
+        .map(|(name, why)| format!("{name} ({why})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The `docker run` flags that give `missing` back.
+pub fn cap_add_flags(missing: &[(&str, &str)]) -> String {
+    missing
+        .iter()
+        .map(|(name, _)| format!("--cap-add {name}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 pub fn kill(pid: i32, sig: Signal) -> Result<(), SysError> {
     match nix::sys::signal::kill(Pid::from_raw(pid), sig) {
         Ok(()) | Err(Errno::ESRCH) => Ok(()),
