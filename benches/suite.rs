@@ -1170,7 +1170,11 @@ fn density_figures(rt: &tokio::runtime::Runtime, table: &mut Vec<String>) {
     cfg.ports_per_job = 0;
     let e = berth::sandbox::Engine::new(cfg).unwrap();
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let mem_available = || meminfo_kib("MemAvailable") * 1024;
+    let mem_available = || {
+        berth::jobs::Host::read(Path::new("/proc"))
+            .mem_available
+            .expect("MemAvailable in /proc/meminfo")
+    };
     std::thread::sleep(Duration::from_secs(2));
     let host_before = mem_available();
     let mut jobs = Vec::new();
@@ -1188,36 +1192,40 @@ fn density_figures(rt: &tokio::runtime::Runtime, table: &mut Vec<String>) {
         let started = t.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_secs(10));
         let n = jobs.len() as f64;
-        let pids: Vec<u32> = jobs.iter().flat_map(|j| j.pids()).collect();
+        // Every process of every job, with the program it runs.
+        let procs: Vec<(u32, String)> = jobs
+            .iter()
+            .flat_map(|j| j.pids())
+            .map(|p| {
+                let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                (p, comm.trim().to_string())
+            })
+            .collect();
         let rss = mib(jobs.iter().map(|j| j.rss_bytes()).sum()) / n;
-        let pss = mib(pids.iter().copied().map(pss_of).sum()) / n;
+        // Where it goes: PSS by the program that holds it.
+        let pss_by_program = by_program(&procs, |_, p| pss_of(p));
+        let pss = mib(pss_by_program.values().sum()) / n;
         let host = mib(host_before.saturating_sub(mem_available())) / n;
         // 30 s of nothing asked: what the jobs' health checks, relays and
         // timers, and the engine's, cost.
         let window = Duration::from_secs(30);
-        let by_pid = |pids: &[u32]| -> Vec<(u32, u64)> {
-            pids.iter().map(|&p| (p, cpu_ticks(&[p]))).collect()
-        };
-        let (jobs0, self0) = (by_pid(&pids), cpu_ticks(&[std::process::id()]));
+        let cpu0: Vec<u64> = procs.iter().map(|(p, _)| cpu_ticks(*p)).collect();
+        let self0 = cpu_ticks(std::process::id());
         std::thread::sleep(window);
-        let self1 = cpu_ticks(&[std::process::id()]);
+        let self1 = cpu_ticks(std::process::id());
+        let cpu_by_program = by_program(&procs, |k, p| cpu_ticks(p).saturating_sub(cpu0[k]));
         let hz = 100.0; // USER_HZ
-        let cores = |a: u64, b: u64| b.saturating_sub(a) as f64 / hz / window.as_secs_f64();
-        let mut cpu_by_comm: std::collections::BTreeMap<String, u64> = Default::default();
-        for (p, t0) in jobs0 {
-            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-            *cpu_by_comm.entry(comm.trim().to_string()).or_default() +=
-                cpu_ticks(&[p]).saturating_sub(t0);
-        }
-        let jobs_cpu = cores(0, cpu_by_comm.values().sum());
-        let engine_cpu = cores(self0, self1);
-        let cpu_parts = cpu_by_comm
+        let cores = |ticks: u64| ticks as f64 / hz / window.as_secs_f64();
+        let jobs_cpu = cores(cpu_by_program.values().sum());
+        let engine_cpu = cores(self1.saturating_sub(self0));
+        let cpu_parts = cpu_by_program
             .iter()
             .filter(|(_, t)| **t > 0)
-            .map(|(c, t)| format!("{c} {:.3}", cores(0, *t)))
+            .map(|(c, t)| format!("{c} {:.3}", cores(*t)))
             .collect::<Vec<_>>()
             .join(", ");
-        let engine_rss = mib(status_kib(std::process::id(), "VmRSS") * 1024);
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let engine_rss = mib(common::kib_field(&status, "VmRSS").expect("VmRSS") * 1024);
         let answering = jobs
             .iter()
             .filter(|j| {
@@ -1226,13 +1234,7 @@ fn density_figures(rt: &tokio::runtime::Runtime, table: &mut Vec<String>) {
                     .success()
             })
             .count();
-        // Where it goes: PSS per job by the program that holds it.
-        let mut by_comm: std::collections::BTreeMap<String, u64> = Default::default();
-        for &p in &pids {
-            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-            *by_comm.entry(comm.trim().to_string()).or_default() += pss_of(p);
-        }
-        let mut by_comm: Vec<(String, u64)> = by_comm.into_iter().collect();
+        let mut by_comm: Vec<(String, u64)> = pss_by_program.into_iter().collect();
         by_comm.sort_by_key(|(_, b)| std::cmp::Reverse(*b));
         let parts = by_comm
             .iter()
@@ -1274,39 +1276,33 @@ fn density_figures(rt: &tokio::runtime::Runtime, table: &mut Vec<String>) {
     );
 }
 
-/// A `/proc/meminfo` field, in KiB.
-fn meminfo_kib(field: &str) -> u64 {
-    kib_field(&std::fs::read_to_string("/proc/meminfo").unwrap(), field)
+/// `value(k, pid)` of each of `procs` (the k-th, a pid and its program),
+/// summed by program.
+fn by_program(
+    procs: &[(u32, String)],
+    value: impl Fn(usize, u32) -> u64,
+) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (k, (p, program)) in procs.iter().enumerate() {
+        *out.entry(program.clone()).or_default() += value(k, *p);
+    }
+    out
 }
 
-/// A `/proc/<pid>/status` field, in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    kib_field(
-        &std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(),
-        field,
-    )
-}
-
-fn kib_field(text: &str, field: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// User and system CPU time of `pids` (all their threads), in clock ticks;
-/// a process gone counts 0.
-fn cpu_ticks(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .filter_map(|s| {
-            // After the command's closing parenthesis: state is field 3,
-            // utime and stime fields 14 and 15.
-            let rest = &s[s.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .sum()
+/// User and system CPU time of a process (all its threads), in clock
+/// ticks; 0 for a process gone.
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // After the command's closing parenthesis: state is field 3, utime and
+    // stime fields 14 and 15.
+    let Some(close) = s.rfind(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = s[close + 2..].split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
 }
 
 /// Proportional set size of a process (shared pages divided among their

@@ -140,16 +140,11 @@ impl Agent {
     fn footprint(&self) -> Footprint {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         let kib = |field: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
+            kib_field(&status, field).unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
         };
         Footprint {
-            rss: kib("VmRSS:") * 1024,
-            anon: kib("RssAnon:") * 1024,
+            rss: kib("VmRSS") * 1024,
+            anon: kib("RssAnon") * 1024,
             fds: std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
                 .unwrap()
                 .count(),
@@ -635,7 +630,8 @@ fn a_thousand_jobs_in_a_row_leave_nothing_behind() {
     // Read once, before the agent runs: engine_config recovers a state
     // dir it finds, which is the agent's own once it serves.
     let engine = engine_config(N, NAME);
-    let ranges = engine.uid_base..engine.uid_base + engine.uid_ranges * 65536;
+    let ranges =
+        engine.uid_base..engine.uid_base + engine.uid_ranges * berth::sandbox::config::RANGE_SIZE;
     let state = engine.state_dir;
     let _ = std::fs::remove_dir_all(state.join("audit"));
     let cfg = write_config(

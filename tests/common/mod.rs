@@ -1234,3 +1234,11 @@ pub fn sample(m: &serde_json::Value, sample: &str, labels: &[(&str, &str)]) -> O
             ok.then(|| s[2].as_f64()).flatten()
         })
 }
+
+/// A `/proc` file's `Field:   123 kB` line (`/proc/PID/status`,
+/// `/proc/meminfo`): its number, in KiB.
+pub fn kib_field(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
