@@ -1053,15 +1053,8 @@ fn an_agent_killed_during_a_commit_leaves_the_key_old_or_new_never_a_mix() {
         "\n[project_caches]\nenabled = true\ntotal_bytes = 8589934592\nbytes_per_key = 4294967296\n[serve]\nwarm_pool = 0\n",
     );
     let certs = std::path::PathBuf::from(format!("/var/lib/bt/{name}-certs"));
-    let cli = |port: u16, args: &[&str]| {
-        std::process::Command::new(berth_bin())
-            .args(args)
-            .args(["--endpoint", &format!("127.0.0.1:{port}")])
-            .arg("--certs-dir")
-            .arg(&certs)
-            .output()
-            .unwrap()
-    };
+    let log = std::path::PathBuf::from(format!("/var/lib/bt/{name}-agent.log"));
+    let start = || Agent::start(&cfg, &certs, &log);
     let text = |o: &std::process::Output| {
         format!(
             "{}{}",
@@ -1069,46 +1062,23 @@ fn an_agent_killed_during_a_commit_leaves_the_key_old_or_new_never_a_mix() {
             String::from_utf8_lossy(&o.stderr)
         )
     };
-    let start = || {
-        let (mut agent, port) = serve_activated_with(&cfg, &certs, &[]);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-        while !cli(port, &["job", "ls"]).status.success() {
-            if agent.try_wait().unwrap().is_some() {
-                let mut e = String::new();
-                std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut e).unwrap();
-                panic!("the agent stopped: {e}");
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the agent did not serve"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        (agent, port)
-    };
-    let create = |port: u16, args: &[&str]| {
-        let o = cli(port, &[&["job", "create", "--json"][..], args].concat());
-        assert!(o.status.success(), "{}", text(&o));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        TlsJob::from_create_json(&v, v["cert_path"].as_str().unwrap().into())
-    };
     // What the key holds: its images and the kept volume's content.
-    let state_of = |port: u16| {
-        let j = create(port, &["--cache-from", "k"]);
+    let state_of = |agent: &Agent| {
+        let j = agent.create(&["--cache-from", "k"]);
         // An empty key has no volume to read.
         let found = if tls_images(&j).is_empty() {
             (Vec::new(), String::new())
         } else {
             state_of_job(&j)
         };
-        let o = cli(port, &["job", "rm", &j.id]);
+        let o = agent.cli(&["job", "rm", &j.id]);
         assert!(o.status.success(), "{}", text(&o));
         found
     };
 
     // The first state: busybox and round 0, committed by a live agent.
-    let (mut agent, mut port) = start();
-    let j = create(port, &["--cache-key", "k"]);
+    let mut agent = start();
+    let j = agent.create(&["--cache-key", "k"]);
     let o = docker_tls_stdin(&j, &["import", "-", "busybox:test"], Some(busybox_tar()));
     assert!(o.status.success());
     let fill = |j: &TlsJob, round: usize| {
@@ -1133,22 +1103,22 @@ fn an_agent_killed_during_a_commit_leaves_the_key_old_or_new_never_a_mix() {
         )
     };
     fill(&j, 0);
-    let o = cli(port, &["job", "rm", &j.id, "--outcome", "success"]);
+    let o = agent.cli(&["job", "rm", &j.id, "--outcome", "success"]);
     assert!(o.status.success(), "{}", text(&o));
-    let mut now = state_of(port);
+    let mut now = state_of(&agent);
     assert_eq!(now.0, ["busybox:test"]);
     assert!(now.1.starts_with("0\n"), "{:?}", now.1);
 
     // Kill moments from the request's arrival to past the commit's end.
     let (mut old, mut new) = (0, 0);
     for (round, delay_ms) in (1..=8).zip((0..).step_by(500)) {
-        let j = create(port, &["--cache-key", "k"]);
+        let j = agent.create(&["--cache-key", "k"]);
         docker_tls_ok(&j, &["tag", "busybox:test", &format!("round-{round}:1")]);
         fill(&j, round);
         let after = state_of_job(&j);
         let rm = std::process::Command::new(berth_bin())
             .args(["job", "rm", &j.id, "--outcome", "success"])
-            .args(["--endpoint", &format!("127.0.0.1:{port}")])
+            .args(["--endpoint", &agent.endpoint()])
             .arg("--certs-dir")
             .arg(&certs)
             .stdout(std::process::Stdio::null())
@@ -1156,14 +1126,12 @@ fn an_agent_killed_during_a_commit_leaves_the_key_old_or_new_never_a_mix() {
             .spawn()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        agent.kill().unwrap();
-        agent.wait().unwrap();
+        agent.kill();
         let mut rm = rm;
         let _ = rm.wait();
 
-        let (a, p) = start();
-        (agent, port) = (a, p);
-        let found = state_of(port);
+        agent = start();
+        let found = state_of(&agent);
         if found == now {
             old += 1;
         } else {
@@ -1185,12 +1153,7 @@ fn an_agent_killed_during_a_commit_leaves_the_key_old_or_new_never_a_mix() {
     eprintln!("kill trials: {old} left the old state, {new} the new");
     // The interrupted jobs are recovered: none is left once the agent is
     // done, and the key holds one generation.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    agent.wait().unwrap();
+    agent.stop();
     assert!(jobs_left(name).is_empty(), "{:?}", jobs_left(name));
     let keys: Vec<_> = std::fs::read_dir(pool.join("keys"))
         .unwrap()

@@ -72,145 +72,56 @@ struct Footprint {
     fds: usize,
 }
 
-/// The agent under soak, its port and admin bundle.
-struct Agent {
-    child: std::process::Child,
-    port: u16,
-    certs: PathBuf,
-}
-
-impl Agent {
-    fn start(cfg: &Path, certs: &Path) -> Agent {
-        let (mut child, port) = serve_activated_with(cfg, certs, &[]);
-        // Its log, drained as it comes (a full pipe would stall it).
-        let mut err = child.stderr.take().unwrap();
-        let log = PathBuf::from(format!("/var/lib/bt/{NAME}-agent.log"));
-        std::thread::spawn(move || {
-            let mut f = std::fs::File::create(log).unwrap();
-            let _ = std::io::copy(&mut err, &mut f);
-        });
-        let agent = Agent {
-            child,
-            port,
-            certs: certs.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while !agent.cli(&["job", "ls"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not serve; its log: /var/lib/bt/{NAME}-agent.log"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        agent
-    }
-
-    fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(berth_bin())
-            .args(args)
-            .args(["--endpoint", &self.endpoint()])
-            .arg("--certs-dir")
-            .arg(&self.certs)
-            .output()
+/// What the agent holds now.
+fn footprint(agent: &Agent) -> Footprint {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let kib = |field: &str| -> u64 {
+        kib_field(&status, field).unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
+    };
+    Footprint {
+        rss: kib("VmRSS") * 1024,
+        anon: kib("RssAnon") * 1024,
+        fds: std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
             .unwrap()
-    }
-
-    fn create(&self, args: &[&str]) -> TlsJob {
-        let o = self.cli(&[&["job", "create", "--json"][..], args].concat());
-        assert!(o.status.success(), "job create: {}", text(&o));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        TlsJob::from_create_json(&v, v["cert_path"].as_str().unwrap().into())
-    }
-
-    fn remove(&self, job: &TlsJob) {
-        let o = self.cli(&["job", "rm", "--outcome", "success", &job.id]);
-        assert!(o.status.success(), "job rm {}: {}", job.id, text(&o));
-        let _ = std::fs::remove_dir_all(&job.dir);
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// What the agent holds now.
-    fn footprint(&self) -> Footprint {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let kib = |field: &str| -> u64 {
-            kib_field(&status, field).unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
-        };
-        Footprint {
-            rss: kib("VmRSS") * 1024,
-            anon: kib("RssAnon") * 1024,
-            fds: std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-                .unwrap()
-                .count(),
-        }
-    }
-
-    /// Waits until the warm pool is full again, so that two footprints are
-    /// read in the same state.
-    fn settle(&self) {
-        let want = format!("berth_warm_pool_ready {WARM_POOL}");
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            if metrics_response(self.port, &self.certs)
-                .lines()
-                .any(|l| l == want)
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the warm pool never refilled");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// The jobs with an audit file, once what the agent queued is written
-    /// (reading one job's audit through the API writes the queue out).
-    fn audited(&self, state: &Path) -> HashSet<String> {
-        let list = || -> HashSet<String> {
-            std::fs::read_dir(state.join("audit"))
-                .unwrap()
-                .flatten()
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    name.strip_suffix(".jsonl").map(String::from)
-                })
-                .filter(|id| id != berth::audit::TOKENS)
-                .collect()
-        };
-        let any = list().into_iter().next().expect("no audit file at all");
-        let o = self.cli(&["job", "audit", "--json", &any]);
-        assert!(o.status.success(), "job audit: {}", text(&o));
-        list()
-    }
-
-    /// SIGTERM, as systemd stops it; the agent tears its jobs down.
-    fn stop(&mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "the agent stopped with {status}");
+            .count(),
     }
 }
 
-impl Drop for Agent {
-    /// A failed soak stops its agent too: the next run needs the state dir.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = self.child.wait();
+/// Waits until the warm pool is full again, so that two footprints are
+/// read in the same state.
+fn settle(agent: &Agent) {
+    let want = format!("berth_warm_pool_ready {WARM_POOL}");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if metrics_response(agent.port, &agent.certs)
+            .lines()
+            .any(|l| l == want)
+        {
+            return;
         }
+        assert!(Instant::now() < deadline, "the warm pool never refilled");
+        std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The jobs with an audit file, once what the agent queued is written
+/// (reading one job's audit through the API writes the queue out).
+fn audited(agent: &Agent, state: &Path) -> HashSet<String> {
+    let list = || -> HashSet<String> {
+        std::fs::read_dir(state.join("audit"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".jsonl").map(String::from)
+            })
+            .filter(|id| id != berth::audit::TOKENS)
+            .collect()
+    };
+    let any = list().into_iter().next().expect("no audit file at all");
+    let o = agent.cli(&["job", "audit", "--json", &any]);
+    assert!(o.status.success(), "job audit: {}", text(&o));
+    list()
 }
 
 fn text(o: &Output) -> String {
@@ -641,7 +552,11 @@ fn a_thousand_jobs_in_a_row_leave_nothing_behind() {
     );
     let certs = PathBuf::from(format!("/var/lib/bt/{NAME}-certs"));
     let _ = std::fs::remove_dir_all(&certs);
-    let mut agent = Agent::start(&cfg, &certs);
+    let mut agent = Agent::start(
+        &cfg,
+        &certs,
+        Path::new(&format!("/var/lib/bt/{NAME}-agent.log")),
+    );
     let took = Mutex::new(Vec::new());
     let t0 = Instant::now();
 
@@ -656,13 +571,13 @@ fn a_thousand_jobs_in_a_row_leave_nothing_behind() {
         let next = (done + round).min(jobs);
         run_jobs(&agent, &kinds, done..next, &took);
         done = next;
-        agent.settle();
-        footprints.push((done, agent.footprint()));
+        settle(&agent);
+        footprints.push((done, footprint(&agent)));
     }
     let wall = t0.elapsed().as_secs_f64();
 
     // While the agent serves: nothing of the jobs that ended.
-    let ended = agent.audited(&state);
+    let ended = audited(&agent, &state);
     assert_eq!(ended.len(), jobs, "one audit file per job: {ended:?}");
     assert_nothing_of(&ended, &state, &ranges, false);
     agent.stop();

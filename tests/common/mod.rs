@@ -1167,6 +1167,117 @@ pub fn serve_activated_with(
     (agent, port)
 }
 
+/// `berth serve` as a process of its own (socket-activated, as systemd
+/// starts it), its port and admin bundle; for what measures the agent apart
+/// from its clients. Dropping it stops it (SIGTERM), so a failed test
+/// leaves its state dir to the next run.
+pub struct Agent {
+    child: std::process::Child,
+    pub port: u16,
+    pub certs: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent and waits until it serves the job API; its log
+    /// goes to `log`, drained as it comes (a full pipe would stall it).
+    pub fn start(cfg: &Path, certs: &Path, log: &Path) -> Agent {
+        let (mut child, port) = serve_activated_with(cfg, certs, &[]);
+        let mut err = child.stderr.take().unwrap();
+        let mut f = std::fs::File::create(log).unwrap();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut err, &mut f);
+        });
+        let agent = Agent {
+            child,
+            port,
+            certs: certs.to_path_buf(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while !agent.cli(&["job", "ls"]).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent did not serve; its log: {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        agent
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `berth ARGS --endpoint … --certs-dir …` against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(berth_bin())
+            .args(args)
+            .args(["--endpoint", &self.endpoint()])
+            .arg("--certs-dir")
+            .arg(&self.certs)
+            .output()
+            .unwrap()
+    }
+
+    /// `berth job create --json ARGS`: the job and its bundle.
+    pub fn create(&self, args: &[&str]) -> TlsJob {
+        let o = self.cli(&[&["job", "create", "--json"][..], args].concat());
+        assert!(
+            o.status.success(),
+            "job create: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        TlsJob::from_create_json(&v, v["cert_path"].as_str().unwrap().into())
+    }
+
+    /// `berth job rm --outcome success`, and its bundle removed.
+    pub fn remove(&self, job: &TlsJob) {
+        let o = self.cli(&["job", "rm", "--outcome", "success", &job.id]);
+        assert!(
+            o.status.success(),
+            "job rm {}: {}",
+            job.id,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let _ = std::fs::remove_dir_all(&job.dir);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: the agent gone at once, its jobs left for the next one to
+    /// recover.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, as systemd stops it; the agent tears its jobs down.
+    pub fn stop(&mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the agent stopped with {status}");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The agent's metrics, scraped as Prometheus does and parsed by the
 /// Prometheus project's own OpenMetrics parser (prometheus_client, from
 /// PyPI): `{name: [[sample, labels, value], ...]}`.
