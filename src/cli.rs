@@ -598,6 +598,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 for b in &c.bounds {
                     println!("  at most {} jobs by {}: {}", b.jobs, b.name, b.detail);
                 }
+                for l in &c.limits {
+                    println!("  {}: {}", l.name, l.detail);
+                }
             }
             match short {
                 None => Ok(()),
@@ -1065,6 +1068,7 @@ mod tests {
             job_memory_bytes: Some(1 << 30),
             shutting_down: false,
             bounds: Vec::new(),
+            limits: Vec::new(),
         };
         assert_eq!(capacity_short(&c, 1, None), None);
         assert_eq!(capacity_short(&c, 2, Some(4 << 30)), None);

@@ -259,10 +259,11 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
 /// How many jobs this host carries and what bounds it
 /// (`jobs::capacity::bounds`; the agent's descriptors are the running
 /// agent's to tell, in `berth capacity`): a warning when the host bounds it
-/// below the configured slots. Then the inotify bounds, which each job has
-/// for itself: its user namespace is owned by its own first host id.
+/// below the configured slots. Then the kernel's bounds on what a job does
+/// (`jobs::capacity::limits`): inotify and keys, each job's own, and
+/// connection tracking, a warning when the host's table is nearly full.
 fn check_capacity(sb: &SandboxConfig, usable: u64, claimed: u64) -> Vec<Check> {
-    use crate::jobs::{Host, bounds};
+    use crate::jobs::{Host, bounds, limits};
     let host = Host {
         fds: None,
         fds_max: None,
@@ -296,25 +297,26 @@ fn check_capacity(sb: &SandboxConfig, usable: u64, claimed: u64) -> Vec<Check> {
             },
         )
     };
-    let sysctl = |p: &str| {
-        std::fs::read_to_string(sb.proc_root.join("sys").join(p))
-            .map(|t| t.trim().to_string())
-            .unwrap_or_else(|_| "?".into())
-    };
-    vec![
-        capacity,
-        pass(
-            "inotify",
-            format!(
-                "{} instances, {} watches per job (fs.inotify.max_user_instances, \
-                 fs.inotify.max_user_watches), each job's own: its user namespace is owned by \
-                 its first host id, not root; jobs that watch many files need more \
-                 (sysctl -w fs.inotify.max_user_instances=8192)",
-                sysctl("fs/inotify/max_user_instances"),
-                sysctl("fs/inotify/max_user_watches"),
+    let mut out = vec![capacity];
+    out.extend(limits(&sb.proc_root).into_iter().map(|l| {
+        let name = match l.name.as_str() {
+            "inotify_instances" => "inotify instances",
+            "inotify_watches" => "inotify watches",
+            "keys" => "kernel keys",
+            "key_bytes" => "kernel key bytes",
+            _ => "conntrack",
+        };
+        // A host table nearly full drops new connections, every job's alike.
+        match l.in_use {
+            Some(used) if used.saturating_mul(5) > l.max.saturating_mul(4) => warn(
+                name,
+                format!("{used} of {} in use: {}", l.max, l.detail),
+                "sysctl -w net.netfilter.nf_conntrack_max=1048576",
             ),
-        ),
-    ]
+            _ => pass(name, l.detail),
+        }
+    }));
+    out
 }
 
 /// Where the project caches' pool is (or will be) and what it needs: a

@@ -1347,9 +1347,43 @@ fn capacity_says_whether_the_agent_takes_another_job() {
     for name in ["memory", "tasks", "agent_fds"] {
         assert!(bound(name)["jobs"].as_u64().unwrap() >= 2, "{v}");
     }
+    // The kernel's bounds on what a job does, as the host's sysctls read:
+    // with jobs running, connection tracking is loaded for their NAT.
+    let limits = v["limits"].as_array().expect("limits");
+    let limit = |name: &str| {
+        limits
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} limit: {v}"))
+    };
+    let sysctl = |p: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/sys/{p}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    for (name, p) in [
+        ("inotify_instances", "fs/inotify/max_user_instances"),
+        ("inotify_watches", "fs/inotify/max_user_watches"),
+        ("keys", "kernel/keys/maxkeys"),
+        ("key_bytes", "kernel/keys/maxbytes"),
+        ("conntrack", "net/netfilter/nf_conntrack_max"),
+    ] {
+        assert_eq!(limit(name)["max"], sysctl(p), "{name}: {v}");
+    }
+    assert!(limit("conntrack")["in_use"].is_u64(), "{v}");
+    assert!(
+        limit("keys")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("containers"),
+        "{v}"
+    );
     let said = out(&asked(&[]));
     assert!(said.starts_with("full"), "{said}");
     assert!(said.contains("at most 2 jobs by slots"), "{said}");
+    assert!(said.contains("\n  keys: "), "{said}");
 
     let rm = fd.job_cli(&["rm", &a.id]);
     assert!(rm.status.success(), "{}", err(&rm));

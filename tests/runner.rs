@@ -239,7 +239,10 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
         "certificates",
         // The test's 8 id ranges bound it, not the host.
         "capacity",
-        "inotify",
+        "inotify instances",
+        "inotify watches",
+        "kernel keys",
+        "kernel key bytes",
     ] {
         assert!(
             text.lines()
@@ -250,7 +253,12 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
     assert!(text.contains("at most 8 jobs, bound by slots"), "{text}");
     let instances = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances").unwrap();
     assert!(
-        text.contains(&format!("{} instances", instances.trim())),
+        text.contains(&format!("{} inotify instances per job", instances.trim())),
+        "{text}"
+    );
+    let keys = std::fs::read_to_string("/proc/sys/kernel/keys/maxkeys").unwrap();
+    assert!(
+        text.contains(&format!("{} keys per job", keys.trim())),
         "{text}"
     );
     let bad = write_config(33, "doctor-bad", "dockerd = \"/nonexistent/dockerd\"");

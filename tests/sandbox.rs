@@ -793,21 +793,22 @@ fn a_memory_hog_is_killed_while_the_host_and_other_jobs_are_unharmed() {
     rt.block_on(e.teardown(b.id())).unwrap();
 }
 
-/// `tests/clients/inotify_hold.c`, built static for a busybox image; where
-/// the tests run without a compiler (the guest lanes), the one the host
-/// built, named by BERTH_TEST_INOTIFY_HOLD.
-fn inotify_hold() -> std::path::PathBuf {
-    if let Some(built) = std::env::var_os("BERTH_TEST_INOTIFY_HOLD") {
+/// `tests/clients/kernel_hold.c`, built static for a busybox image; where
+/// the tests run without a compiler (the cgroup v2 guests), the one their
+/// host built, named by BERTH_TEST_KERNEL_HOLD. `test` names this build,
+/// one per test (two tests writing one file would race).
+fn kernel_hold(test: &str) -> std::path::PathBuf {
+    if let Some(built) = std::env::var_os("BERTH_TEST_KERNEL_HOLD") {
         let built = std::path::PathBuf::from(built);
         assert!(
             built.is_file(),
-            "BERTH_TEST_INOTIFY_HOLD={} is no file",
+            "BERTH_TEST_KERNEL_HOLD={} is no file",
             built.display()
         );
         return built;
     }
-    let out = std::path::PathBuf::from("/var/lib/bt/inotify_hold");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/inotify_hold.c");
+    let out = std::path::PathBuf::from(format!("/var/lib/bt/kernel_hold-{test}"));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/kernel_hold.c");
     let o = Command::new("gcc")
         .args(["-static", "-O2", "-o"])
         .arg(&out)
@@ -818,15 +819,21 @@ fn inotify_hold() -> std::path::PathBuf {
     out
 }
 
-/// Starts `inotify_hold` in a container of the job at `sock`; returns how
-/// many inotify instances it got and why it got no more.
-fn hold_inotify(sock: &Path, prog: &Path) -> (usize, String) {
+/// Starts `kernel_hold WHAT` in a container of the job at `sock` (with
+/// `create`'s further options `opts`); returns how many it got and why it
+/// got no more.
+fn hold(sock: &Path, prog: &Path, what: &str, opts: &[&str]) -> (usize, String) {
     import_busybox(sock);
     docker_ok(
         sock,
-        &["create", "--name", "hold", "busybox:test", "/inotify_hold"],
+        &[
+            &["create", "--name", "hold"][..],
+            opts,
+            &["busybox:test", "/kernel_hold", what],
+        ]
+        .concat(),
     );
-    docker_ok(sock, &["cp", prog.to_str().unwrap(), "hold:/inotify_hold"]);
+    docker_ok(sock, &["cp", prog.to_str().unwrap(), "hold:/kernel_hold"]);
     docker_ok(sock, &["start", "hold"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
@@ -836,7 +843,7 @@ fn hold_inotify(sock: &Path, prog: &Path) -> (usize, String) {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "inotify_hold said nothing"
+            "kernel_hold {what} said nothing"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -852,13 +859,13 @@ fn a_job_that_takes_every_inotify_instance_takes_its_own_alone() {
         .trim()
         .parse()
         .unwrap();
-    let prog = inotify_hold();
+    let prog = kernel_hold("inotify");
     let rt = rt();
     let e = engine(97, "inotify");
     let a = rt.block_on(e.start(None)).unwrap();
     let b = rt.block_on(e.start(None)).unwrap();
     // Job a takes every instance it can, and holds them.
-    let (got_a, why) = hold_inotify(&a.socket(), &prog);
+    let (got_a, why) = hold(&a.socket(), &prog, "inotify", &[]);
     assert_eq!(
         why, "Too many open files",
         "job a stopped at {got_a}: {why}"
@@ -874,7 +881,7 @@ fn a_job_that_takes_every_inotify_instance_takes_its_own_alone() {
     );
     // SAFETY: fd is this test's own, open and unused.
     unsafe { libc::close(fd) };
-    let (got_b, why) = hold_inotify(&b.socket(), &prog);
+    let (got_b, why) = hold(&b.socket(), &prog, "inotify", &[]);
     assert_eq!(
         why, "Too many open files",
         "job b stopped at {got_b}: {why}"
@@ -884,6 +891,48 @@ fn a_job_that_takes_every_inotify_instance_takes_its_own_alone() {
         "jobs a and b got {got_a} + {got_b} inotify instances: one bound of {max} for both"
     );
     docker_ok(&a.socket(), &["version"]);
+    rt.block_on(e.teardown(a.id())).unwrap();
+    rt.block_on(e.teardown(b.id())).unwrap();
+}
+
+/// Every running container holds a session keyring, charged to its user:
+/// a job whose container takes every key its ids may hold starts no
+/// further container, and the other jobs start theirs.
+#[test]
+fn a_job_that_takes_every_key_stops_only_its_own_containers() {
+    if !prerequisites() {
+        return;
+    }
+    let prog = kernel_hold("keys");
+    let rt = rt();
+    let e = engine(99, "keys");
+    let a = rt.block_on(e.start(None)).unwrap();
+    let b = rt.block_on(e.start(None)).unwrap();
+    // Docker's default seccomp profile refuses add_key(2); a job may lift
+    // it (as --privileged does), and must still take only its own keys.
+    let (got, why) = hold(
+        &a.socket(),
+        &prog,
+        "keys",
+        &["--security-opt", "seccomp=unconfined"],
+    );
+    assert_eq!(why, "Disk quota exceeded", "job a stopped at {got}: {why}");
+    assert!(got > 0, "job a got no key at all");
+    let o = docker(&a.socket(), &["run", "--rm", "busybox:test", "true"]);
+    assert!(
+        !o.status.success(),
+        "job a started a container with every key of its ids taken"
+    );
+    assert!(
+        stderr(&o).contains("quota"),
+        "job a's refusal does not say why: {}",
+        stderr(&o)
+    );
+    import_busybox(&b.socket());
+    docker_ok(&b.socket(), &["run", "--rm", "busybox:test", "true"]);
+    // Its keys go with the container that held them.
+    docker_ok(&a.socket(), &["rm", "-f", "hold"]);
+    docker_ok(&a.socket(), &["run", "--rm", "busybox:test", "true"]);
     rt.block_on(e.teardown(a.id())).unwrap();
     rt.block_on(e.teardown(b.id())).unwrap();
 }

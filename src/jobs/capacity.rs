@@ -32,6 +32,10 @@ pub struct Capacity {
     /// carries, the tightest first: see [`bounds`].
     #[serde(default)]
     pub bounds: Vec<Bound>,
+    /// What the kernel bounds per job, or across jobs without capping their
+    /// count: see [`limits`].
+    #[serde(default)]
+    pub limits: Vec<Limit>,
 }
 
 /// One thing that bounds how many jobs a host carries.
@@ -44,6 +48,116 @@ pub struct Bound {
     pub jobs: u64,
     /// Where the figure comes from, and what raises it.
     pub detail: String,
+}
+
+/// A kernel bound on what a job can do rather than on how many jobs run,
+/// named so that a scheduler or an operator sees it before a job meets it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limit {
+    /// `inotify_instances`, `inotify_watches`, `keys`, `key_bytes` or
+    /// `conntrack`.
+    pub name: String,
+    /// The kernel's bound, as its sysctl reads.
+    pub max: u64,
+    /// What the host's own table holds now, for a bound every job's
+    /// traffic shares (`conntrack`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_use: Option<u64>,
+    /// Whose the bound is, what it means for a job, and what raises it.
+    pub detail: String,
+}
+
+/// Of a job's key quota, what one running container's session keyring
+/// takes: runc names it `_ses.` and the container's 64-digit id, and the
+/// kernel charges the name and its NUL (70 bytes a container measured in
+/// `/proc/key-users`).
+pub const SESSION_KEYRING_BYTES: u64 = 70;
+
+/// The kernel bounds a job meets as it works, read from `proc_root`; what
+/// cannot be read is left out. The kernel counts inotify instances and
+/// watches against a user namespace's owner, and keys against the host user
+/// that holds them; a job's namespace is owned by its first host id and its
+/// ids are its own, so those bounds are every job's own. Connection
+/// tracking counts each network namespace against one bound: a job's own
+/// namespace, and the host's, which every job's egress and published ports
+/// pass through.
+pub fn limits(proc_root: &Path) -> Vec<Limit> {
+    let number = |p: &str| {
+        std::fs::read_to_string(proc_root.join("sys").join(p))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    };
+    let mut out = Vec::new();
+    let mut push =
+        |name: &str, max: Option<u64>, in_use: Option<u64>, detail: &dyn Fn(u64) -> String| {
+            if let Some(max) = max {
+                out.push(Limit {
+                    name: name.into(),
+                    max,
+                    in_use,
+                    detail: detail(max),
+                });
+            }
+        };
+    push(
+        "inotify_instances",
+        number("fs/inotify/max_user_instances"),
+        None,
+        &|m| {
+            format!(
+                "{m} inotify instances per job (fs.inotify.max_user_instances), each job's own; \
+                 jobs whose containers watch many trees need more: \
+                 sysctl -w fs.inotify.max_user_instances=8192"
+            )
+        },
+    );
+    push(
+        "inotify_watches",
+        number("fs/inotify/max_user_watches"),
+        None,
+        &|m| {
+            format!(
+                "{m} inotify watches per job (fs.inotify.max_user_watches), each job's own; \
+                 raise with sysctl -w fs.inotify.max_user_watches=1048576"
+            )
+        },
+    );
+    let keys = number("kernel/keys/maxkeys");
+    let key_bytes = number("kernel/keys/maxbytes");
+    if let (Some(k), Some(b)) = (keys, key_bytes) {
+        let containers = k.min(b / SESSION_KEYRING_BYTES);
+        let raise = "raise both: sysctl -w kernel.keys.maxkeys=2000 kernel.keys.maxbytes=200000";
+        push("keys", keys, None, &|m| {
+            format!(
+                "{m} keys per job (kernel.keys.maxkeys), each job's own; every running container \
+                 holds a session keyring ({SESSION_KEYRING_BYTES} bytes), so a job runs about \
+                 {containers} containers as one user at once; {raise}"
+            )
+        });
+        push("key_bytes", key_bytes, None, &|m| {
+            format!(
+                "{m} bytes of keys per job (kernel.keys.maxbytes), each job's own: {} session \
+                 keyrings; {raise}",
+                m / SESSION_KEYRING_BYTES
+            )
+        });
+    }
+    let tracked = number("net/netfilter/nf_conntrack_count");
+    push(
+        "conntrack",
+        number("net/netfilter/nf_conntrack_max"),
+        tracked,
+        &|m| {
+            format!(
+                "{m} tracked connections per network namespace (net.netfilter.nf_conntrack_max): \
+                 each job's own namespace counts its containers' connections against it, and the \
+                 host's table ({} in use) holds every job's egress and published ports; \
+                 raise with sysctl -w net.netfilter.nf_conntrack_max=1048576",
+                tracked.unwrap_or(0)
+            )
+        },
+    );
+    out
 }
 
 /// What an idle job costs, measured (`scripts/bench-suite`, density):
@@ -195,6 +309,7 @@ impl Jobs {
                 usable.saturating_sub(free_ranges) as u64,
                 &host,
             ),
+            limits: limits(&cfg.proc_root),
         }
     }
 }
@@ -263,5 +378,38 @@ mod tests {
         let unknown = bounds(8, "net_pool_prefix", 0, &Host::default());
         assert_eq!(unknown.len(), 1);
         assert!(unknown[0].detail.contains("net_pool_prefix"));
+    }
+
+    #[test]
+    fn limits_are_read_from_proc_and_keys_say_how_many_containers() {
+        let root = std::env::temp_dir().join(format!("berth-limits-{}", std::process::id()));
+        let write = |p: &str, v: &str| {
+            let f = root.join("sys").join(p);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, v).unwrap();
+        };
+        write("fs/inotify/max_user_instances", "128\n");
+        write("kernel/keys/maxkeys", "200\n");
+        write("kernel/keys/maxbytes", "7000\n");
+        write("net/netfilter/nf_conntrack_max", "262144\n");
+        write("net/netfilter/nf_conntrack_count", "17\n");
+        let l = limits(&root);
+        let _ = std::fs::remove_dir_all(&root);
+        let names: Vec<&str> = l.iter().map(|l| l.name.as_str()).collect();
+        // Watches unreadable: left out.
+        assert_eq!(
+            names,
+            ["inotify_instances", "keys", "key_bytes", "conntrack"]
+        );
+        // 7000 bytes / 70 a keyring bounds it before 200 keys do.
+        assert!(
+            l[1].detail.contains("about 100 containers"),
+            "{}",
+            l[1].detail
+        );
+        assert_eq!((l[3].max, l[3].in_use), (262144, Some(17)));
+        assert!(l[3].detail.contains("(17 in use)"), "{}", l[3].detail);
+        // Nothing readable, nothing named.
+        assert!(limits(Path::new("/nonexistent")).is_empty());
     }
 }

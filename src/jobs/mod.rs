@@ -8,7 +8,7 @@ mod capacity;
 mod janitor;
 mod pool;
 
-pub use capacity::{Bound, Capacity, Host, bounds};
+pub use capacity::{Bound, Capacity, Host, Limit, bounds, limits};
 
 use pool::PoolHealth;
 pub use pool::PoolView;
