@@ -71,11 +71,27 @@
 //!     (benches/support/project-cache-setup) downloads once, under
 //!     /var/lib/bt/bs-pc-setup.
 //!
-//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build,workspace,emulation,image-store,project-cache
+//! 13. The front door under load: 200 bollard clients across 20 jobs
+//!     (`_ping`, `logs -f`, `events`, `exec` with stdin) for
+//!     BERTH_BENCH_LOAD_SECS (300 by default): `_ping` p50 and p99
+//!     against one client pinging alone before, clients dropped, the
+//!     agent's memory, descriptors and CPU (benches/support/load.rs).
+//!
+//! 14. The Go runtime's knobs for the engine (dockerd, and the containerd
+//!     and shims it starts, which inherit its environment): the default
+//!     against GOGC=50, GOGC=25 and GOMEMLIMIT=32MiB, each set by a
+//!     wrapper that execs Debian's dockerd. Per setting: PSS per idle job
+//!     by program with 10 idle jobs, their CPU over 30 s; then the small
+//!     job (throughput's) back to back, the settings alternating, the
+//!     median of its start and build steps against the default's.
+//!
+//! BERTH_BENCH_ONLY=ready,proxy,density,throughput,preload,teardown,disk,cache,build,workspace,emulation,image-store,project-cache,load,go-runtime
 //! runs a subset.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/load.rs"]
+mod load;
 #[path = "support/stats.rs"]
 mod stats;
 
@@ -835,6 +851,14 @@ fn main() {
     if section("project-cache") {
         project_cache_figures(&rt, n, &mut table);
     }
+    // 13. The front door under load.
+    if section("load") {
+        load::figures(&mut table);
+    }
+    // 14. The Go runtime's knobs for the engine.
+    if section("go-runtime") {
+        go_runtime_figures(&rt, n, &mut table);
+    }
 
     // 9. BuildKit builds on each engine.
     if section("build") || section("emulation") {
@@ -1274,6 +1298,110 @@ fn density_figures(rt: &tokio::runtime::Runtime, table: &mut Vec<String>) {
             t.elapsed().as_secs_f64()
         ),
     );
+}
+
+/// Section 14: the engine under GOGC and GOMEMLIMIT settings against the
+/// default.
+fn go_runtime_figures(rt: &tokio::runtime::Runtime, n: usize, table: &mut Vec<String>) {
+    const IDLE: usize = 10;
+    let settings: [(&str, &str); 4] = [
+        ("default", ""),
+        ("GOGC=50", "GOGC=50"),
+        ("GOGC=25", "GOGC=25"),
+        ("GOMEMLIMIT=32MiB", "GOMEMLIMIT=32MiB"),
+    ];
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let engines: Vec<berth::sandbox::Engine> = settings
+        .iter()
+        .enumerate()
+        .map(|(k, (_, env))| {
+            // The wrapper's directory is the engine's: the job's root
+            // mounts it, and dockerd finds the host's containerd and runc
+            // on its PATH after it.
+            let dir = PathBuf::from(format!("/var/lib/bt/bs-go/{k}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let wrapper = dir.join("dockerd");
+            std::fs::write(
+                &wrapper,
+                format!("#!/bin/sh\n{env} exec /usr/sbin/dockerd \"$@\"\n"),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+            // Two tests' pools each: 12 id ranges.
+            let mut cfg = common::engine_config(100 + 2 * k as u32, &format!("bs-go-{k}"));
+            cfg.uid_ranges = IDLE as u32 + 2;
+            cfg.ports_per_job = 0;
+            cfg.dockerd = wrapper;
+            berth::sandbox::Engine::new(cfg).unwrap()
+        })
+        .collect();
+    // Idle: memory and CPU of 10 jobs, one setting at a time.
+    let mut base = None;
+    for ((label, _), e) in settings.iter().zip(&engines) {
+        let jobs: Vec<_> = (0..IDLE)
+            .map(|_| rt.block_on(e.start(None)).unwrap())
+            .collect();
+        for j in &jobs {
+            common::docker_ok(&j.socket(), &["version", "-f", "{{.Server.Version}}"]);
+        }
+        std::thread::sleep(Duration::from_secs(10));
+        let procs: Vec<(u32, String)> = jobs
+            .iter()
+            .flat_map(|j| j.pids())
+            .map(|p| {
+                let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                (p, comm.trim().to_string())
+            })
+            .collect();
+        let pss = by_program(&procs, |_, p| pss_of(p));
+        let total = mib(pss.values().sum()) / IDLE as f64;
+        let of = |c: &str| mib(pss.get(c).copied().unwrap_or(0)) / IDLE as f64;
+        let cpu0: Vec<u64> = procs.iter().map(|(p, _)| cpu_ticks(*p)).collect();
+        std::thread::sleep(Duration::from_secs(30));
+        let ticks: u64 = procs
+            .iter()
+            .enumerate()
+            .map(|(k, (p, _))| cpu_ticks(*p).saturating_sub(cpu0[k]))
+            .sum();
+        let cores = ticks as f64 / 100.0 / 30.0;
+        let (pss1, cores1) = *base.get_or_insert((total, cores));
+        row(
+            table,
+            format!(
+                "| engine {label}, {IDLE} idle jobs: PSS per job (MiB): all / dockerd / containerd; CPU of all (cores) | {total:.1} / {:.1} / {:.1}; {cores:.3} | {:.2}× / {:.2}× the default's |",
+                of("dockerd"),
+                of("containerd"),
+                total / pss1,
+                cores / cores1
+            ),
+        );
+        for j in jobs {
+            rt.block_on(e.teardown(j.id())).unwrap();
+        }
+    }
+    // Busy: the small job, the settings alternating.
+    let runs = n.clamp(3, 10);
+    let mut steps: Vec<Vec<[f64; 5]>> = vec![Vec::new(); settings.len()];
+    for i in 0..runs {
+        for k in 0..settings.len() {
+            let k = (k + i) % settings.len();
+            steps[k].push(small_job(&engines[k], rt));
+        }
+    }
+    let step = |k: usize, s: usize| median(&steps[k].iter().map(|j| j[s]).collect::<Vec<_>>());
+    for (k, (label, _)) in settings.iter().enumerate() {
+        row(
+            table,
+            format!(
+                "| engine {label}, small job ({runs} runs, settings alternating): start / build (s) | {:.2} / {:.2} | {:.2}× / {:.2}× the default's |",
+                step(k, 0),
+                step(k, 2),
+                step(k, 0) / step(0, 0),
+                step(k, 2) / step(0, 2)
+            ),
+        );
+    }
 }
 
 /// `value(k, pid)` of each of `procs` (the k-th, a pid and its program),
