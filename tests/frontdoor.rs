@@ -247,6 +247,42 @@ fn the_older_hijack_without_upgrade_header_is_a_raw_pipe_with_half_close() {
     });
 }
 
+/// Forty clients held open on four jobs at once (`_ping`, `logs -f`,
+/// `events`, `exec` with stdin; tests/common/load.rs) for 20 s: none is
+/// dropped, every kind got through, and every echo came back whole. The
+/// bench suite's load section runs 200 for minutes and times the pings.
+#[test]
+fn many_clients_on_many_jobs_at_once_are_all_served_to_the_end() {
+    if !prerequisites() {
+        return;
+    }
+    let fd = FrontDoor::start(108, "fd-load");
+    let jobs: Vec<TlsJob> = (0..4)
+        .map(|_| {
+            let job = fd.create_job(&[]);
+            load::prepare(&job);
+            job
+        })
+        .collect();
+    let mix = load::Mix {
+        pingers: 3,
+        followers: 3,
+        watchers: 2,
+        execs: 2,
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    let out = rt().block_on(load::run(&jobs, &fd.endpoint(), mix, until));
+    assert_eq!(
+        out.dropped, 0,
+        "{} of 40 clients dropped: {out:?}",
+        out.dropped
+    );
+    assert!(
+        !out.pings.is_empty() && out.lines > 0 && out.echoes > 0 && out.events > 0,
+        "a kind of client got nothing through: {out:?}"
+    );
+}
+
 #[test]
 fn bollard_with_client_certificates() {
     if !prerequisites() {

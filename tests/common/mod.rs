@@ -4,6 +4,8 @@
 //! docker CLI as the client, and a scan for anything a job left behind.
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
