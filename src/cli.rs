@@ -384,15 +384,21 @@ pub enum CliError {
 
 impl CliError {
     /// Exit code: 64 (EX_USAGE) for configuration errors, 69 (EX_UNAVAILABLE)
-    /// for missing prerequisites, 1 otherwise.
+    /// for missing prerequisites, 1 otherwise; the same for `berth run`'s
+    /// embedded agent as for `berth serve`.
     pub fn exit_code(&self) -> i32 {
+        use crate::frontdoor::ServeError;
+        use crate::runner::RunError;
         match self {
             CliError::ConfigRead { .. }
             | CliError::ConfigParse { .. }
             | CliError::Usage(_)
-            | CliError::Serve(crate::frontdoor::ServeError::Config { .. })
-            | CliError::Sandbox(SandboxError::Config(_)) => 64,
-            CliError::Sandbox(SandboxError::Prerequisite(_)) => 69,
+            | CliError::Serve(ServeError::Config { .. })
+            | CliError::Sandbox(SandboxError::Config(_))
+            | CliError::Run(RunError::Serve(ServeError::Config { .. }))
+            | CliError::Run(RunError::Sandbox(SandboxError::Config(_))) => 64,
+            CliError::Sandbox(SandboxError::Prerequisite(_))
+            | CliError::Run(RunError::Sandbox(SandboxError::Prerequisite(_))) => 69,
             CliError::Pipeline(_) => 64,
             CliError::Exit(c) => *c,
             _ => 1,
@@ -1243,6 +1249,16 @@ mod tests {
             },
         ));
         assert_eq!(e.exit_code(), 64);
+        // berth run's embedded agent exits as berth serve would.
+        let missing = |e: SandboxError| CliError::Run(crate::runner::RunError::Sandbox(e));
+        assert_eq!(
+            missing(SandboxError::Prerequisite("x".into())).exit_code(),
+            69
+        );
+        assert_eq!(
+            CliError::Sandbox(SandboxError::Prerequisite("x".into())).exit_code(),
+            69
+        );
         let bad: Result<FileConfig, _> = toml::from_str("[sandbox]\nuid_bse = 1\n");
         assert!(bad.err().unwrap().to_string().contains("uid_bse"));
     }

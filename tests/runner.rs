@@ -305,7 +305,8 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
     let hello = repo().join("pipelines/hello.toml");
     let out = without_kill(&["run", hello.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    // EX_UNAVAILABLE, as berth serve exits for a missing prerequisite.
+    assert_eq!(out.status.code(), Some(69), "{err}");
     assert!(
         err.contains("the agent lacks capabilities it needs: KILL")
             && err.contains("--cap-add KILL"),
