@@ -1216,15 +1216,7 @@ fn density_figures(rt: &tokio::runtime::Runtime, table: &mut Vec<String>) {
         let started = t.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_secs(10));
         let n = jobs.len() as f64;
-        // Every process of every job, with the program it runs.
-        let procs: Vec<(u32, String)> = jobs
-            .iter()
-            .flat_map(|j| j.pids())
-            .map(|p| {
-                let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-                (p, comm.trim().to_string())
-            })
-            .collect();
+        let procs = programs(&jobs);
         let rss = mib(jobs.iter().map(|j| j.rss_bytes()).sum()) / n;
         // Where it goes: PSS by the program that holds it.
         let pss_by_program = by_program(&procs, |_, p| pss_of(p));
@@ -1346,14 +1338,7 @@ fn go_runtime_figures(rt: &tokio::runtime::Runtime, n: usize, table: &mut Vec<St
             common::docker_ok(&j.socket(), &["version", "-f", "{{.Server.Version}}"]);
         }
         std::thread::sleep(Duration::from_secs(10));
-        let procs: Vec<(u32, String)> = jobs
-            .iter()
-            .flat_map(|j| j.pids())
-            .map(|p| {
-                let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-                (p, comm.trim().to_string())
-            })
-            .collect();
+        let procs = programs(&jobs);
         let pss = by_program(&procs, |_, p| pss_of(p));
         let total = mib(pss.values().sum()) / IDLE as f64;
         let of = |c: &str| mib(pss.get(c).copied().unwrap_or(0)) / IDLE as f64;
@@ -1402,6 +1387,17 @@ fn go_runtime_figures(rt: &tokio::runtime::Runtime, n: usize, table: &mut Vec<St
             ),
         );
     }
+}
+
+/// Every process of every one of `jobs`, with the program it runs.
+fn programs(jobs: &[berth::sandbox::Sandbox]) -> Vec<(u32, String)> {
+    jobs.iter()
+        .flat_map(|j| j.pids())
+        .map(|p| {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            (p, comm.trim().to_string())
+        })
+        .collect()
 }
 
 /// `value(k, pid)` of each of `procs` (the k-th, a pid and its program),

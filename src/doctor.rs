@@ -299,13 +299,7 @@ fn check_capacity(sb: &SandboxConfig, usable: u64, claimed: u64) -> Vec<Check> {
     };
     let mut out = vec![capacity];
     out.extend(limits(&sb.proc_root).into_iter().map(|l| {
-        let name = match l.name.as_str() {
-            "inotify_instances" => "inotify instances",
-            "inotify_watches" => "inotify watches",
-            "keys" => "kernel keys",
-            "key_bytes" => "kernel key bytes",
-            _ => "conntrack",
-        };
+        let name = l.label();
         // A host table nearly full drops new connections, every job's alike.
         match l.in_use {
             Some(used) if used.saturating_mul(5) > l.max.saturating_mul(4) => warn(

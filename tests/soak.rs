@@ -63,30 +63,6 @@ const KINDS: [Kind; 7] = [
     Kind::Expires,
 ];
 
-/// The agent's resident memory (all of it, and its heap and other
-/// anonymous pages alone) and open descriptors.
-#[derive(Debug, Clone, Copy)]
-struct Footprint {
-    rss: u64,
-    anon: u64,
-    fds: usize,
-}
-
-/// What the agent holds now.
-fn footprint(agent: &Agent) -> Footprint {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
-    let kib = |field: &str| -> u64 {
-        kib_field(&status, field).unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
-    };
-    Footprint {
-        rss: kib("VmRSS") * 1024,
-        anon: kib("RssAnon") * 1024,
-        fds: std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
-            .unwrap()
-            .count(),
-    }
-}
-
 /// Waits until the warm pool is full again, so that two footprints are
 /// read in the same state.
 fn settle(agent: &Agent) {
@@ -572,7 +548,7 @@ fn a_thousand_jobs_in_a_row_leave_nothing_behind() {
         run_jobs(&agent, &kinds, done..next, &took);
         done = next;
         settle(&agent);
-        footprints.push((done, footprint(&agent)));
+        footprints.push((done, footprint(agent.pid())));
     }
     let wall = t0.elapsed().as_secs_f64();
 

@@ -33,16 +33,6 @@ const MIX: Mix = Mix {
 };
 const NAME: &str = "bs-load";
 
-/// The agent's resident memory and open descriptors.
-fn footprint(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss = common::kib_field(&status, "VmRSS").expect("VmRSS") * 1024;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count() as u64;
-    (rss, fds)
-}
-
 pub fn figures(table: &mut Vec<String>) {
     let secs: u64 = std::env::var("BERTH_BENCH_LOAD_SECS")
         .ok()
@@ -82,7 +72,7 @@ pub fn figures(table: &mut Vec<String>) {
     let endpoint = agent.endpoint();
     let rt = common::rt();
     std::thread::sleep(Duration::from_secs(5));
-    let idle = footprint(agent.pid());
+    let idle = common::footprint(agent.pid());
 
     let baseline = rt
         .block_on(pinger(
@@ -106,7 +96,7 @@ pub fn figures(table: &mut Vec<String>) {
         let sampler = tokio::spawn(async move {
             let mut samples = Vec::new();
             while Instant::now() < until {
-                samples.push(footprint(pid));
+                samples.push(common::footprint(pid));
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
             samples
@@ -120,7 +110,7 @@ pub fn figures(table: &mut Vec<String>) {
     let client_cores = cores(crate::cpu_ticks(std::process::id()), cpu_before.1);
     let host_cores = cores(host_ticks(), cpu_before.2);
     std::thread::sleep(Duration::from_secs(10));
-    let after = footprint(agent.pid());
+    let after = common::footprint(agent.pid());
     for job in &jobs {
         agent.remove(job);
     }
@@ -153,23 +143,24 @@ pub fn figures(table: &mut Vec<String>) {
     // most, and at the end: bounded is flat from early on.
     let early = samples[samples.len() / 5];
     let last = *samples.last().unwrap();
-    let most = samples
-        .iter()
-        .fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
+    let most = (
+        samples.iter().map(|s| s.rss).max().unwrap(),
+        samples.iter().map(|s| s.fds).max().unwrap(),
+    );
     crate::row(
         table,
         format!(
             "| same: the agent's RSS (MiB), idle → a fifth of the way → at most → at the end → clients gone | {:.1} → {:.1} → {:.1} → {:.1} → {:.1} | fds {} → {} → {} → {} → {} |",
-            mib(idle.0),
-            mib(early.0),
+            mib(idle.rss),
+            mib(early.rss),
             mib(most.0),
-            mib(last.0),
-            mib(after.0),
-            idle.1,
-            early.1,
+            mib(last.rss),
+            mib(after.rss),
+            idle.fds,
+            early.fds,
             most.1,
-            last.1,
-            after.1
+            last.fds,
+            after.fds
         ),
     );
     crate::row(

@@ -67,6 +67,20 @@ pub struct Limit {
     pub detail: String,
 }
 
+impl Limit {
+    /// How `berth doctor` names it.
+    pub fn label(&self) -> &'static str {
+        match self.name.as_str() {
+            "inotify_instances" => "inotify instances",
+            "inotify_watches" => "inotify watches",
+            "keys" => "kernel keys",
+            "key_bytes" => "kernel key bytes",
+            "conntrack" => "conntrack",
+            _ => "kernel limit",
+        }
+    }
+}
+
 /// Of a job's key quota, what one running container's session keyring
 /// takes: runc names it `_ses.` and the container's 64-digit id, and the
 /// kernel charges the name and its NUL (70 bytes a container measured in
@@ -82,11 +96,7 @@ pub const SESSION_KEYRING_BYTES: u64 = 70;
 /// namespace, and the host's, which every job's egress and published ports
 /// pass through.
 pub fn limits(proc_root: &Path) -> Vec<Limit> {
-    let number = |p: &str| {
-        std::fs::read_to_string(proc_root.join("sys").join(p))
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok())
-    };
+    let number = |p: &str| proc_number(proc_root, &format!("sys/{p}"));
     let mut out = Vec::new();
     let mut push =
         |name: &str, max: Option<u64>, in_use: Option<u64>, detail: &dyn Fn(u64) -> String| {
@@ -190,7 +200,7 @@ pub struct Host {
 impl Host {
     pub fn read(proc_root: &Path) -> Host {
         let read = |p: &str| std::fs::read_to_string(proc_root.join(p)).ok();
-        let number = |p: &str| read(p).and_then(|t| t.trim().parse::<u64>().ok());
+        let number = |p: &str| proc_number(proc_root, p);
         let tasks_max = match (
             number("sys/kernel/pid_max"),
             number("sys/kernel/threads-max"),
@@ -208,6 +218,13 @@ impl Host {
             fds_max: read("self/limits").and_then(|t| parse_nofile(&t)),
         }
     }
+}
+
+/// A file of `proc_root` (`sys/kernel/pid_max`) that holds one number.
+fn proc_number(proc_root: &Path, path: &str) -> Option<u64> {
+    std::fs::read_to_string(proc_root.join(path))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
 }
 
 /// The total of `/proc/loadavg`'s `running/total` field.

@@ -676,14 +676,11 @@ impl FrontDoor {
 
     /// Runs `berth job <args>` against this front door.
     pub fn job_cli(&self, args: &[&str]) -> Output {
-        Command::new(berth_bin())
-            .arg("job")
-            .args(args)
-            .args(["--endpoint", &self.endpoint()])
-            .arg("--certs-dir")
-            .arg(&self.certs)
-            .output()
-            .unwrap()
+        berth_against(
+            &self.endpoint(),
+            &self.certs,
+            &[&["job"][..], args].concat(),
+        )
     }
 }
 
@@ -1169,6 +1166,42 @@ pub fn serve_activated_with(
     (agent, port)
 }
 
+/// A process's resident memory (all of it, and its heap and other
+/// anonymous pages alone) and open descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct Footprint {
+    pub rss: u64,
+    pub anon: u64,
+    pub fds: usize,
+}
+
+/// What process `pid` holds now.
+pub fn footprint(pid: u32) -> Footprint {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = |field: &str| -> u64 {
+        kib_field(&status, field).unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+    };
+    Footprint {
+        rss: kib("VmRSS") * 1024,
+        anon: kib("RssAnon") * 1024,
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count(),
+    }
+}
+
+/// `berth ARGS --endpoint ENDPOINT --certs-dir CERTS`: the CLI against an
+/// agent with its admin bundle.
+pub fn berth_against(endpoint: &str, certs: &Path, args: &[&str]) -> Output {
+    Command::new(berth_bin())
+        .args(args)
+        .args(["--endpoint", endpoint])
+        .arg("--certs-dir")
+        .arg(certs)
+        .output()
+        .unwrap()
+}
+
 /// `berth serve` as a process of its own (socket-activated, as systemd
 /// starts it), its port and admin bundle; for what measures the agent apart
 /// from its clients. Dropping it stops it (SIGTERM), so a failed test
@@ -1212,13 +1245,7 @@ impl Agent {
 
     /// `berth ARGS --endpoint … --certs-dir …` against this agent.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(berth_bin())
-            .args(args)
-            .args(["--endpoint", &self.endpoint()])
-            .arg("--certs-dir")
-            .arg(&self.certs)
-            .output()
-            .unwrap()
+        berth_against(&self.endpoint(), &self.certs, args)
     }
 
     /// `berth job create --json ARGS`: the job and its bundle.
