@@ -260,6 +260,11 @@ pub enum JobCmd {
         workspaces: Vec<crate::sandbox::WorkspaceRequest>,
         #[command(flatten)]
         cache: Box<CacheArgs>,
+        /// Run no foreign binaries (arm64 images) through the host's
+        /// emulators: the engine's builder then no longer starts each of
+        /// them on every build to list its platforms.
+        #[arg(long)]
+        no_emulation: bool,
     },
     /// List the agent's jobs.
     Ls {
@@ -798,8 +803,12 @@ async fn job(cmd: JobCmd) -> Result<(), CliError> {
             ca,
             workspaces,
             cache,
+            no_emulation,
         } => {
             let mut spec = serde_json::Map::new();
+            if no_emulation {
+                spec.insert("emulation".into(), false.into());
+            }
             let cache = *cache;
             for (field, value) in [
                 ("cache_key", cache.cache_key),

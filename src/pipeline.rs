@@ -8,6 +8,8 @@
 //! ttl = "30m"                 # job lifetime (default: sum of step timeouts + 5m)
 //! workspaces = [".", "../cache:root"]   # bound into the job at their own
 //!                             # path (relative to this file; default: its directory)
+//! emulation = false           # no foreign binaries (arm64) through the host's
+//!                             # emulators (default: the agent's host_emulation)
 //! [env]
 //! APP = "hello-app"
 //!
@@ -71,6 +73,8 @@ struct RawPipeline {
     env: BTreeMap<String, String>,
     #[serde(default)]
     workspaces: Option<Vec<String>>,
+    #[serde(default)]
+    emulation: Option<bool>,
     #[serde(default, rename = "step")]
     steps: Vec<RawStep>,
     #[serde(default)]
@@ -145,6 +149,9 @@ pub struct Pipeline {
     /// Host directories bound into the job at their own path: those the
     /// file names, or (None) its own directory.
     pub workspaces: Option<Vec<WorkspaceRequest>>,
+    /// Whether its job runs foreign binaries through the host's emulators
+    /// (None: the agent's choice).
+    pub emulation: Option<bool>,
     pub steps: Vec<Step>,
     /// The project cache of its job.
     pub cache: Option<Cache>,
@@ -261,6 +268,7 @@ impl Pipeline {
             dir,
             ttl,
             workspaces,
+            emulation: raw.emulation,
             steps,
             cache: raw.cache,
         })
@@ -305,6 +313,17 @@ mod tests {
 
     fn parse(t: &str) -> Result<Pipeline, PipelineError> {
         Pipeline::parse(t, Path::new("p.toml"), PathBuf::from("/x"))
+    }
+
+    #[test]
+    fn emulation_is_the_agents_unless_the_file_says() {
+        let step = "[[step]]\nname = \"a\"\nrun = \"true\"\n";
+        let off = parse(&format!("name = \"x\"\nemulation = false\n{step}")).unwrap();
+        assert_eq!(off.emulation, Some(false));
+        let unsaid = parse(&format!("name = \"x\"\n{step}")).unwrap();
+        assert_eq!(unsaid.emulation, None);
+        let e = parse(&format!("name = \"x\"\nemulation = \"no\"\n{step}")).unwrap_err();
+        assert!(e.to_string().contains("emulation"), "{e}");
     }
 
     #[test]

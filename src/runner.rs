@@ -225,6 +225,9 @@ pub async fn run(pipeline: Pipeline, agent: Agent) -> Result<i32, RunError> {
         "labels": { "pipeline": pipeline.name },
         "workspaces": workspaces.unwrap_or_default(),
     });
+    if let (Some(on), Some(to)) = (pipeline.emulation, spec.as_object_mut()) {
+        to.insert("emulation".into(), on.into());
+    }
     if let Some(cache) = &pipeline.cache
         && let (Some(to), serde_json::Value::Object(fields)) =
             (spec.as_object_mut(), cache.request())

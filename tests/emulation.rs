@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use berth::sandbox::binfmt;
-use berth::sandbox::{Engine, SandboxConfig};
+use berth::sandbox::{Engine, SandboxConfig, SandboxError, StartRequest};
 use common::*;
 
 /// The host's handlers, each entry's text by name: what no job may change.
@@ -320,6 +320,16 @@ fn host_emulation_off_leaves_jobs_without_the_hosts_handlers() {
         ["register", "status"]
     );
     rt.block_on(e.teardown(sb.id())).unwrap();
+    // No job takes back what the agent's configuration is without.
+    let asked = rt.block_on(e.start_for(StartRequest {
+        emulation: Some(true),
+        ..Default::default()
+    }));
+    match asked {
+        Err(SandboxError::Config(c)) => assert!(c.to_string().contains("host_emulation"), "{c}"),
+        Err(other) => panic!("a job asking for emulation: {other}"),
+        Ok(sb) => panic!("a job got emulation on an agent without: {}", sb.id()),
+    }
     assert_eq!(host_handlers(), before);
 }
 
@@ -405,4 +415,104 @@ fn arm64_images_build_in_a_job_on_debian13s_engine() {
     }
     let cfg = with_debian13_engine(engine_config(72, "emulation-build13"));
     arm64_builds_in_a_job(Engine::new(cfg).expect("engine"));
+}
+
+/// A job may go without the host's emulators beside one that keeps them
+/// (`berth job create --no-emulation`: the job API's `"emulation": false`).
+/// In it arm64 binaries do not run, its binfmt_misc is empty, and its
+/// engine's builder lists no arm64 platform: it no longer starts every
+/// emulator on each build to find its platforms. Its neighbour runs arm64
+/// and lists it, and the job list says which is which.
+#[test]
+fn a_job_may_go_without_emulation_beside_one_that_keeps_it() {
+    if !prerequisites() {
+        return;
+    }
+    kernel_has_instances();
+    require_host_arm64();
+    let before = host_handlers();
+    let fd = FrontDoor::start(90, "emulation-per-job");
+    let without = fd.create_job(&["--no-emulation"]);
+    let with = fd.create_job(&[]);
+    let platforms = |job: &TlsJob| {
+        let out = docker_tls_ok(job, &["buildx", "inspect"]);
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("Platforms:"))
+            .unwrap_or_else(|| panic!("no platforms in buildx inspect: {out}"))
+            .split(',')
+            .map(|p| p.trim().to_string())
+            .collect::<Vec<_>>()
+    };
+    for (job, on) in [(&without, false), (&with, true)] {
+        let what = if on {
+            "the job with emulation"
+        } else {
+            "the job without"
+        };
+        for (args, input) in [
+            (
+                &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"][..],
+                busybox_tar().to_vec(),
+            ),
+            (&["load"][..], arm64_busybox_tar()),
+        ] {
+            let o = docker_tls_stdin(job, args, Some(&input));
+            assert!(o.status.success(), "{what}: {args:?}: {}", text(&o));
+        }
+        let o = docker_tls(job, &["run", "--rm", ARM64_IMAGE, "uname", "-m"]);
+        let listed = platforms(job);
+        let handlers = docker_tls_ok(
+            job,
+            &[
+                "run",
+                "--rm",
+                "--privileged",
+                "busybox:test",
+                "sh",
+                "-c",
+                &binfmt_sequence("ls $m"),
+            ],
+        );
+        if on {
+            assert!(o.status.success(), "{what}: {}", text(&o));
+            assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "aarch64");
+            assert!(
+                listed.iter().any(|p| p == "linux/arm64"),
+                "{what}: {listed:?}"
+            );
+            assert!(
+                handlers.split_whitespace().count() > 2,
+                "{what}: {handlers}"
+            );
+        } else {
+            assert!(!o.status.success(), "{what}: arm64 ran: {}", text(&o));
+            assert!(
+                text(&o).contains("exec format error"),
+                "{what}: {}",
+                text(&o)
+            );
+            assert!(
+                !listed.iter().any(|p| p == "linux/arm64"),
+                "{what}: {listed:?}"
+            );
+            assert!(
+                listed.iter().any(|p| p == "linux/amd64"),
+                "{what}: {listed:?}"
+            );
+            assert_eq!(
+                handlers.split_whitespace().collect::<Vec<_>>(),
+                ["register", "status"],
+                "{what}"
+            );
+        }
+    }
+    let out = fd.job_cli(&["ls", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let jobs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for (job, on) in [(&without, false), (&with, true)] {
+        let v = jobs.iter().find(|v| v["id"] == job.id.as_str()).unwrap();
+        assert_eq!(v["emulation"], on, "{v}");
+    }
+    drop(fd);
+    assert_eq!(host_handlers(), before);
 }

@@ -40,6 +40,10 @@ struct Exchange {
     /// it write (on-success by default).
     #[serde(default)]
     cache_commit: Option<CacheCommit>,
+    /// Whether the job runs foreign binaries through the host's emulators
+    /// (the agent's choice when absent).
+    #[serde(default)]
+    emulation: Option<bool>,
 }
 
 /// JWTs are a few KiB; nothing else is read.
@@ -259,6 +263,7 @@ impl TokenDoor {
             cache_key,
             cache_commit,
             cache_from,
+            emulation: ask.emulation,
         };
         match self.jobs.create(spec).await {
             Ok((view, bundle)) => {

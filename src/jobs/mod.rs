@@ -26,7 +26,9 @@ use crate::metrics::{Metrics, Snapshot};
 use crate::pki::{Bundle, Ca, Identity, PkiError};
 use crate::sandbox::fs::caches::Key;
 use crate::sandbox::slots::SlotError;
-use crate::sandbox::{Engine, Limits, PortRange, SandboxError, Status, WorkspaceRequest};
+use crate::sandbox::{
+    Engine, Limits, PortRange, SandboxError, StartRequest, Status, WorkspaceRequest,
+};
 
 /// Remembered ended jobs, so a late client gets "ended" rather than "unknown".
 const ENDED_MEMORY: usize = 4096;
@@ -136,6 +138,12 @@ pub struct CreateJob {
     /// A project cache the job starts from and never commits to.
     #[serde(default)]
     pub cache_from: Option<Key>,
+    /// Whether the job runs foreign binaries (arm64 images and builds)
+    /// through the host's emulators; the agent's `host_emulation` when
+    /// absent. A job may go without: the engine's builder then no longer
+    /// starts every emulator on each build to see which platforms it has.
+    #[serde(default)]
+    pub emulation: Option<bool>,
 }
 
 impl CreateJob {
@@ -176,6 +184,10 @@ pub struct JobView {
     /// Host directories bound into the job, at these same paths.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub workspaces: Vec<std::path::PathBuf>,
+    /// Whether the job runs foreign binaries through the host's emulators
+    /// (None once its sandbox is gone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub emulation: Option<bool>,
 }
 
 struct Meta {
@@ -301,12 +313,10 @@ impl Jobs {
     async fn start_sandbox(
         &self,
         kind: &'static str,
-        limits: Option<Limits>,
-        workspaces: &[WorkspaceRequest],
-        key: Option<&Key>,
+        req: StartRequest<'_>,
     ) -> Result<crate::sandbox::Sandbox, SandboxError> {
         let t0 = std::time::Instant::now();
-        let r = self.engine.start_keyed(limits, workspaces, key).await;
+        let r = self.engine.start_for(req).await;
         match &r {
             Ok(_) => self.metrics.started(kind, t0.elapsed()),
             Err(e) => self.metrics.start_failed(e.reason()),
@@ -326,20 +336,22 @@ impl Jobs {
     }
 
     /// A sandbox for a new job: a warm one (its workspaces brought in)
-    /// when its limits are the defaults, else a fresh start. The warm pool never makes a job fail
-    /// while one of its id ranges could serve it: when every range is in
-    /// use, a warm sandbox (one still starting is waited for) is handed out
-    /// or, for other limits, torn down to free its range.
+    /// when it asks for nothing but the defaults, else a fresh start. The
+    /// warm pool never makes a job fail while one of its id ranges could
+    /// serve it: when every range is in use, a warm sandbox (one still
+    /// starting is waited for) is handed out or, for other limits, torn
+    /// down to free its range.
     async fn sandbox_for(
         &self,
         standard: bool,
-        limits: Option<Limits>,
-        workspaces: &[WorkspaceRequest],
-        key: Option<&Key>,
+        req: StartRequest<'_>,
     ) -> Result<crate::sandbox::Sandbox, JobError> {
+        let workspaces = req.workspaces;
         // A warm sandbox's disk is fixed when its dockerd starts: a keyed
-        // job starts from its key.
-        let standard = standard && key.is_none();
+        // job starts from its key. Its emulators are the agent's.
+        let emulation = self.engine.emulation(req.emulation)?;
+        let standard =
+            standard && req.key.is_none() && emulation == self.engine.config().host_emulation;
         if standard && !workspaces.is_empty() {
             // Refused before a warm sandbox is spent on it.
             self.engine.check_workspaces(workspaces).await?;
@@ -351,10 +363,7 @@ impl Jobs {
             return Ok(sb);
         }
         loop {
-            match self
-                .start_sandbox("job", limits.clone(), workspaces, key)
-                .await
-            {
+            match self.start_sandbox("job", req.clone()).await {
                 Err(SandboxError::Slot(SlotError::Exhausted { .. }))
                     if self.pool_holds_ranges() =>
                 {
@@ -445,9 +454,12 @@ impl Jobs {
         let sb = self
             .sandbox_for(
                 standard,
-                req.limits,
-                &req.workspaces,
-                cache.as_ref().map(|(k, _)| k),
+                StartRequest {
+                    limits: req.limits,
+                    workspaces: &req.workspaces,
+                    key: cache.as_ref().map(|(k, _)| k),
+                    emulation: req.emulation,
+                },
             )
             .await?;
         if let (Some(hit), Some(took)) = (sb.cache_hit(), sb.cache_snapshot_time()) {
@@ -504,7 +516,8 @@ impl Jobs {
             .as_ref()
             .map(|r| r.job_ip.to_string())
             .unwrap_or_default();
-        let ports = rec.and_then(|r| r.ports);
+        let ports = rec.as_ref().and_then(|r| r.ports);
+        let emulation = rec.as_ref().map(|r| r.emulation);
         let status = match sb.map(|s| s.status()) {
             Some(Status::Running) => "running".to_string(),
             Some(Status::Unhealthy(why)) => format!("unhealthy: {why}"),
@@ -522,6 +535,7 @@ impl Jobs {
             expires_at: unix(m.expires),
             labels: m.labels.clone(),
             workspaces: m.workspaces.clone(),
+            emulation,
         })
     }
 
@@ -546,6 +560,7 @@ impl Jobs {
                     expires_at: 0,
                     labels: BTreeMap::new(),
                     workspaces: Vec::new(),
+                    emulation: None,
                 });
             }
         }

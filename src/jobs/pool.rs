@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::Jobs;
 use crate::locks::Lock;
 use crate::sandbox::slots::SlotError;
-use crate::sandbox::{SandboxError, Status};
+use crate::sandbox::{SandboxError, StartRequest, Status};
 
 /// Longest wait between two tries to refill the warm pool (2 s after the
 /// first failure, doubling): a host that cannot start jobs is not hammered.
@@ -56,7 +56,7 @@ impl Jobs {
         *slot = Some(self.rt.spawn(async move {
             while !me.closing.load(Ordering::SeqCst) && me.pooled() < me.pool_size {
                 me.warming.store(true, Ordering::SeqCst);
-                let started = me.start_sandbox("warm", None, &[], None).await;
+                let started = me.start_sandbox("warm", StartRequest::default()).await;
                 me.warming.store(false, Ordering::SeqCst);
                 match started {
                     // Every range serves a job: nothing to warm until one ends.

@@ -22,6 +22,15 @@ use serde::{Deserialize, Serialize};
 
 use super::sys;
 
+/// Why a job cannot go without the host's handlers on this kernel.
+pub fn needs_own_instances() -> String {
+    format!(
+        "needs binfmt_misc instances per user namespace (Linux 6.7 or later; this is {}): \
+         here every job runs foreign binaries through the host's handlers",
+        super::fs::workspaces::kernel()
+    )
+}
+
 /// Where binfmt_misc is mounted, on the host and in a job.
 pub const MOUNT: &str = "/proc/sys/fs/binfmt_misc";
 

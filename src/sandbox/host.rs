@@ -163,9 +163,8 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
     let own_binfmt = super::binfmt::own_instances();
     if !own_binfmt && !cfg.host_emulation {
         return Err(SandboxError::Prerequisite(format!(
-            "host_emulation = false needs binfmt_misc instances per user namespace (Linux 6.7 or later; this is {}): \
-             here every job runs foreign binaries through the host's handlers",
-            super::fs::workspaces::kernel()
+            "host_emulation = false {}",
+            super::binfmt::needs_own_instances()
         )));
     }
     if cfg.image_store == config::ImageStore::Containerd

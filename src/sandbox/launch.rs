@@ -30,6 +30,20 @@ use super::{
     start_err, sys,
 };
 
+/// What a job asks of its sandbox beyond the agent's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct StartRequest<'a> {
+    /// Its limits; what it leaves out comes from the defaults.
+    pub limits: Option<Limits>,
+    /// Host directories bound in (see `fs::workspaces`).
+    pub workspaces: &'a [WorkspaceRequest],
+    /// The project cache it starts from.
+    pub key: Option<&'a Key>,
+    /// Whether it runs foreign binaries through the host's emulators; the
+    /// agent's `host_emulation` when None.
+    pub emulation: Option<bool>,
+}
+
 impl Engine {
     /// Starts a job and returns once its dockerd answers `/_ping`.
     pub async fn start(&self, limits: Option<Limits>) -> Result<Sandbox, SandboxError> {
@@ -54,6 +68,24 @@ impl Engine {
         workspaces: &[WorkspaceRequest],
         key: Option<&Key>,
     ) -> Result<Sandbox, SandboxError> {
+        self.start_for(StartRequest {
+            limits,
+            workspaces,
+            key,
+            emulation: None,
+        })
+        .await
+    }
+
+    /// Starts a job as `req` asks.
+    pub async fn start_for(&self, req: StartRequest<'_>) -> Result<Sandbox, SandboxError> {
+        let StartRequest {
+            limits,
+            workspaces,
+            key,
+            emulation,
+        } = req;
+        let emulation = self.emulation(emulation)?;
         if key.is_some() && self.host.project_caches.is_none() {
             return Err(SandboxError::Config(config::ConfigError::Invalid {
                 key: "cache_key",
@@ -73,7 +105,32 @@ impl Engine {
         } else {
             self.ensure_seed().await
         };
-        self.start_with(limits, seed, workspaces, key).await
+        self.start_with(limits, seed, workspaces, key, emulation)
+            .await
+    }
+
+    /// Whether a job that asks `asked` gets the host's emulators. A job may
+    /// go without them where the kernel gives it a binfmt_misc instance of
+    /// its own; it never gets them where the agent's configuration is
+    /// without.
+    pub fn emulation(&self, asked: Option<bool>) -> Result<bool, SandboxError> {
+        let refuse = |why: String| {
+            Err(SandboxError::Config(config::ConfigError::Invalid {
+                key: "emulation",
+                why,
+            }))
+        };
+        match asked {
+            None => Ok(self.cfg.host_emulation),
+            Some(true) if !self.cfg.host_emulation => refuse(
+                "this agent runs jobs without the host's emulators ([sandbox] host_emulation = false)"
+                    .into(),
+            ),
+            Some(false) if !self.host.own_binfmt => {
+                refuse(format!("emulation = false {}", binfmt::needs_own_instances()))
+            }
+            Some(on) => Ok(on),
+        }
     }
 
     /// The shared image store, built on first use from a sandbox that loads
@@ -114,7 +171,8 @@ impl Engine {
             disk_bytes: Some(0),
             ..self.cfg.default_limits.clone()
         };
-        let sb = Box::pin(self.start_with(Some(limits), None, &[], None)).await?;
+        let sb = Box::pin(self.start_with(Some(limits), None, &[], None, self.cfg.host_emulation))
+            .await?;
         let rec = sb.record();
         // Stop dockerd gracefully so that its image store is complete on disk.
         sb.inner.status.send_replace(Status::Stopping);
@@ -150,6 +208,7 @@ impl Engine {
         seed: Option<Arc<seed::Seed>>,
         workspaces: &[WorkspaceRequest],
         key: Option<&Key>,
+        emulation: bool,
     ) -> Result<Sandbox, SandboxError> {
         // What a job leaves out of its limits, it gets from the defaults.
         let limits = limits.map_or_else(
@@ -204,6 +263,7 @@ impl Engine {
             disk_image: key
                 .and(self.host.project_caches.as_ref())
                 .map(|p| p.job_image(&id)),
+            emulation,
         };
         if let Err(e) = mkdir_mode(&dir, 0o711).and_then(|()| {
             rec.save(&cfg.state_dir)
@@ -656,16 +716,19 @@ impl Engine {
                 .unwrap_or_default(),
             workspaces: mounted.into_iter().map(|(from, _)| from).collect(),
             drop: files.dir.join("drop"),
-            binfmt: self.host.own_binfmt.then(|| self.binfmt_handlers()),
+            binfmt: self
+                .host
+                .own_binfmt
+                .then(|| self.binfmt_handlers(rec.emulation)),
             owner: rec.host_id,
         }
     }
 
     /// The host's enabled binfmt_misc handlers as they are now (a package
-    /// installed since the agent started counts), or none when the jobs'
-    /// use of them is off.
-    fn binfmt_handlers(&self) -> Vec<binfmt::Handler> {
-        if !self.cfg.host_emulation {
+    /// installed since the agent started counts), or none for a job without
+    /// emulation.
+    fn binfmt_handlers(&self, emulation: bool) -> Vec<binfmt::Handler> {
+        if !emulation {
             return Vec::new();
         }
         match binfmt::handlers(Path::new(binfmt::MOUNT)) {

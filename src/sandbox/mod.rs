@@ -45,6 +45,7 @@ use tokio::sync::watch;
 pub use cgroup::{JobCgroup, Layout};
 pub use config::{ImageStore, Limits, SandboxConfig};
 pub use fs::workspaces::WorkspaceRequest;
+pub use launch::StartRequest;
 pub use net::ports::PortRange;
 /// Whether a dockerd answers `/_ping` on a socket (the engine's readiness check).
 pub use ping::ping;

@@ -35,6 +35,14 @@ pub struct JobRecord {
     /// lives in the project caches' pool.
     #[serde(default)]
     pub disk_image: Option<std::path::PathBuf>,
+    /// Whether the job's binfmt_misc instance holds the host's emulators.
+    #[serde(default = "emulation_default")]
+    pub emulation: bool,
+}
+
+/// Records written before jobs could go without emulators had them.
+fn emulation_default() -> bool {
+    true
 }
 
 pub fn jobs_dir(state_dir: &Path) -> PathBuf {
@@ -81,6 +89,14 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
+    fn a_record_from_before_per_job_emulation_had_it() {
+        let old = r#"{"id":"abc","slot":1,"host_id":1000,"host_ip":"10.0.0.1","job_ip":"10.0.0.2",
+            "cgroup":null,"monitor_pid":null,"init_pid":null,"created_unix":1}"#;
+        let r: JobRecord = serde_json::from_str(old).unwrap();
+        assert!(r.emulation);
+    }
+
+    #[test]
     fn round_trip_and_mode() {
         let d = std::env::temp_dir().join(format!("berth-rec-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -98,12 +114,14 @@ mod tests {
             created_unix: 1,
             cache_key: Some(super::super::fs::caches::Key::new("org/app").unwrap()),
             disk_image: None,
+            emulation: false,
         };
         r.save(&d).unwrap();
         let back = JobRecord::load(&d, "abc").unwrap();
         assert_eq!(back.slot, 3);
         assert_eq!(back.monitor_pid, Some(42));
         assert_eq!(back.cache_key, r.cache_key);
+        assert!(!back.emulation);
         let mode = std::fs::metadata(record_path(&d, "abc"))
             .unwrap()
             .permissions()
