@@ -24,3 +24,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 pub fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
+
+/// Whether a program named `name` would be found on the agent's PATH (the
+/// system's when it has none), as spawning it by name finds it: without
+/// running it.
+pub fn on_path(name: &str) -> bool {
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| crate::sandbox::engines::SYSTEM_PATH.into());
+    std::env::split_paths(&path).any(|d| is_executable(&d.join(name)))
+}

@@ -305,6 +305,9 @@ fn version_of(key: &'static str, path: &Path) -> Result<(Version, String), Engin
     let out = std::process::Command::new(path)
         .arg("--version")
         .env_clear()
+        // A Go part collects garbage while its packages initialise, before
+        // it prints a line and exits: a third of dockerd's 45 ms here.
+        .env("GOGC", "off")
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|source| EngineError::Run {

@@ -283,20 +283,12 @@ fn check_prerequisites(cfg: &SandboxConfig, helper: &Path) -> Result<(), Sandbox
         ));
     }
     // Links and addresses go through netlink; only the rules need a tool.
-    if std::process::Command::new("iptables")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
+    if !crate::files::on_path("iptables") {
         return pre("`iptables` not found: install it (`apt-get install iptables`)".into());
     }
     if cfg.default_limits.disk().is_some() {
         // Each job's own disk: a loop-mounted ext4 image.
-        if std::process::Command::new("mkfs.ext4")
-            .arg("-V")
-            .output()
-            .is_err()
-        {
+        if !crate::files::on_path("mkfs.ext4") {
             return pre(
                 "`mkfs.ext4` not found: install it (`apt-get install e2fsprogs`), or set \
                  [sandbox.default_limits] disk_bytes = 0 to keep jobs' data on the state dir's \
