@@ -741,7 +741,8 @@ fn main() {
         let grace_runs = n.clamp(1, 5);
         let with_grace = teardown_times(&graceful, &rt, 3, grace_runs);
         drop(graceful);
-        let hello: Vec<Vec<f64>> = (0..n.clamp(1, 5)).map(|_| hello_overhead()).collect();
+        let hello: Vec<Vec<f64>> = (0..n.clamp(1, 5)).map(|_| hello_overhead(None)).collect();
+        let served = hello_served(n.clamp(1, 5));
         row(
             &mut table,
             format!(
@@ -778,6 +779,22 @@ fn main() {
             format!(
                 "| hello pipeline: wall time minus its steps, {} runs (ms) | {:.0} | p95 {:.0}; medians: {parts} |",
                 hello.len(),
+                median(&part(0)),
+                pct(&part(0), 0.95)
+            ),
+        );
+        let part = |k: usize| served.iter().map(|h| h[k]).collect::<Vec<f64>>();
+        let parts = OWN_PARTS
+            .iter()
+            .enumerate()
+            .map(|(k, name)| format!("{name} {:.0}", median(&part(k + 1))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        row(
+            &mut table,
+            format!(
+                "| same, `--endpoint` to a served agent with a warm pool of one, {} runs (ms) | {:.0} | p95 {:.0}; medians: {parts} |",
+                served.len(),
                 median(&part(0)),
                 pct(&part(0), 0.95)
             ),
@@ -1645,14 +1662,71 @@ const OWN_PARTS: [&str; 5] = [
     "other",
 ];
 
-/// `berth run pipelines/hello.toml`: berth's own time (wall minus steps),
-/// then each of `OWN_PARTS`, as the runner reports them, in ms.
-fn hello_overhead() -> Vec<f64> {
-    let o = Command::new(common::berth_bin())
-        .args(["run", "pipelines/hello.toml"])
-        .env("BERTH_STATE_DIR", "/var/lib/bt/bs-hello")
-        .output()
-        .unwrap();
+/// `runs` hello pipelines against a served agent (`berth serve`, a process
+/// of its own) that keeps one sandbox warm: each run's job is a warm one.
+fn hello_served(runs: usize) -> Vec<Vec<f64>> {
+    const NAME: &str = "bs-hello-served";
+    // Above the load section's ids (1.75e9 + 24 ranges).
+    let cfg = PathBuf::from(format!("/var/lib/bt/{NAME}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[sandbox]\nstate_dir = \"/var/lib/bt/{NAME}\"\nuid_base = 1760000000\nuid_ranges = 4\n\
+             net_pool = \"10.217.0.0\"\nnet_pool_prefix = 24\n\
+             dns_upstreams = [\"127.0.0.1:9\"]\n[serve]\nwarm_pool = 1\n"
+        ),
+    )
+    .unwrap();
+    let certs = PathBuf::from(format!("/var/lib/bt/{NAME}-certs"));
+    let _ = std::fs::remove_dir_all(&certs);
+    let agent = common::Agent::start(
+        &cfg,
+        &certs,
+        Path::new(&format!("/var/lib/bt/{NAME}-agent.log")),
+    );
+    (0..runs)
+        .map(|_| {
+            wait_for_warm(&agent);
+            hello_overhead(Some(&agent))
+        })
+        .collect()
+}
+
+/// Until `agent`'s warm pool holds a ready sandbox.
+fn wait_for_warm(agent: &common::Agent) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let o = agent.cli(&["capacity", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if v["warm_ready"].as_u64().unwrap_or(0) >= 1 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no warm sandbox: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `berth run pipelines/hello.toml`, with its embedded agent or against
+/// `served`: berth's own time (wall minus steps), then each of
+/// `OWN_PARTS`, as the runner reports them, in ms.
+fn hello_overhead(served: Option<&common::Agent>) -> Vec<f64> {
+    let mut c = Command::new(common::berth_bin());
+    c.args(["run", "pipelines/hello.toml"]);
+    match served {
+        Some(agent) => {
+            c.args(["--endpoint", &agent.endpoint()])
+                .arg("--certs-dir")
+                .arg(&agent.certs);
+        }
+        None => {
+            c.env("BERTH_STATE_DIR", "/var/lib/bt/bs-hello");
+        }
+    }
+    let o = c.output().unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "hello pipeline failed:\n{text}");
     let line = text

@@ -29,7 +29,7 @@ pub fn is_executable(p: &Path) -> bool {
 /// system's when it has none), as spawning it by name finds it: without
 /// running it.
 pub fn on_path(name: &str) -> bool {
-    let path = std::env::var_os("PATH")
-        .unwrap_or_else(|| crate::sandbox::engines::SYSTEM_PATH.into());
+    let path =
+        std::env::var_os("PATH").unwrap_or_else(|| crate::sandbox::engines::SYSTEM_PATH.into());
     std::env::split_paths(&path).any(|d| is_executable(&d.join(name)))
 }
