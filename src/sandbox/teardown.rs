@@ -221,8 +221,14 @@ impl Engine {
             if let Some(cg) = &rec.cgroup {
                 cg.remove()?;
             }
-            net::delete_rules(&rec.id)?;
-            net::delete_link(&rec.id)?;
+            // Independent, and each mostly waiting: on iptables' processes,
+            // on the kernel's RCU grace periods as the link goes.
+            let (rules, link) = std::thread::scope(|s| {
+                let link = s.spawn(|| net::delete_link(&rec.id));
+                (net::delete_rules(&rec.id), link.join())
+            });
+            rules?;
+            link.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
             let dir = record::job_dir(&cfg.state_dir, &rec.id);
             disk::remove(&dir, &dir.join("root"))?;
             if let Some(image) = &rec.disk_image {
