@@ -767,37 +767,15 @@ fn main() {
                 median(&with_grace) / median(&busy)
             ),
         );
-        let part = |k: usize| hello.iter().map(|h| h[k]).collect::<Vec<f64>>();
-        let parts = OWN_PARTS
-            .iter()
-            .enumerate()
-            .map(|(k, name)| format!("{name} {:.0}", median(&part(k + 1))))
-            .collect::<Vec<_>>()
-            .join(", ");
-        row(
+        hello_row(
             &mut table,
-            format!(
-                "| hello pipeline: wall time minus its steps, {} runs (ms) | {:.0} | p95 {:.0}; medians: {parts} |",
-                hello.len(),
-                median(&part(0)),
-                pct(&part(0), 0.95)
-            ),
+            "hello pipeline: wall time minus its steps",
+            &hello,
         );
-        let part = |k: usize| served.iter().map(|h| h[k]).collect::<Vec<f64>>();
-        let parts = OWN_PARTS
-            .iter()
-            .enumerate()
-            .map(|(k, name)| format!("{name} {:.0}", median(&part(k + 1))))
-            .collect::<Vec<_>>()
-            .join(", ");
-        row(
+        hello_row(
             &mut table,
-            format!(
-                "| same, `--endpoint` to a served agent with a warm pool of one, {} runs (ms) | {:.0} | p95 {:.0}; medians: {parts} |",
-                served.len(),
-                median(&part(0)),
-                pct(&part(0), 0.95)
-            ),
+            "same, `--endpoint` to a served agent with a warm pool of one",
+            &served,
         );
     }
 
@@ -1661,6 +1639,27 @@ const OWN_PARTS: [&str; 5] = [
     "agent stop",
     "other",
 ];
+
+/// The row of hello runs (each as `hello_overhead` gives it): their own
+/// time, its p95 and the median of each part.
+fn hello_row(table: &mut Vec<String>, what: &str, runs: &[Vec<f64>]) {
+    let part = |k: usize| runs.iter().map(|h| h[k]).collect::<Vec<f64>>();
+    let parts = OWN_PARTS
+        .iter()
+        .enumerate()
+        .map(|(k, name)| format!("{name} {:.0}", median(&part(k + 1))))
+        .collect::<Vec<_>>()
+        .join(", ");
+    row(
+        table,
+        format!(
+            "| {what}, {} runs (ms) | {:.0} | p95 {:.0}; medians: {parts} |",
+            runs.len(),
+            median(&part(0)),
+            pct(&part(0), 0.95)
+        ),
+    );
+}
 
 /// `runs` hello pipelines against a served agent (`berth serve`, a process
 /// of its own) that keeps one sandbox warm: each run's job is a warm one.

@@ -630,17 +630,7 @@ fn the_cli_the_job_api_and_a_pipeline_give_jobs_their_workspaces() {
     assert_eq!(listed[0]["workspaces"], serde_json::json!([w]), "{listed}");
     let user = format!("{}:{}", OWNER.0, OWNER.1);
     let vol = format!("{w}:{w}");
-    let bb = busybox_tar();
-    let out = docker_tls_stdin(
-        &job,
-        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
-        Some(bb),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    import_busybox_tls(&job);
     docker_tls_ok(
         &job,
         &[

@@ -18,15 +18,6 @@ fn err(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn import(job: &TlsJob) {
-    let o = docker_tls_stdin(
-        job,
-        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
-        Some(busybox_tar()),
-    );
-    assert!(o.status.success(), "import: {}", err(&o));
-}
-
 #[test]
 fn the_docker_cli_works_unchanged_over_mutual_tls() {
     if !prerequisites() {
@@ -42,7 +33,7 @@ fn the_docker_cli_works_unchanged_over_mutual_tls() {
     let v = docker_tls_ok(&job, &["version", "--format", "{{.Server.APIVersion}}"]);
     assert_eq!(v.trim(), "1.41");
     assert!(docker_tls_ok(&job, &["info", "--format", "{{.CgroupDriver}}"]).contains("cgroupfs"));
-    import(&job);
+    import_busybox_tls(&job);
     assert_eq!(
         docker_tls_ok(&job, &["run", "--rm", "busybox:test", "echo", "ran"]).trim(),
         "ran"
@@ -187,7 +178,7 @@ fn the_older_hijack_without_upgrade_header_is_a_raw_pipe_with_half_close() {
     }
     let fd = FrontDoor::start(21, "fd-hijack");
     let job = fd.create_job(&[]);
-    import(&job);
+    import_busybox_tls(&job);
     let cid = docker_tls_ok(&job, &["run", "-d", "busybox:test", "sleep", "600"])
         .trim()
         .to_string();
@@ -290,7 +281,7 @@ fn bollard_with_client_certificates() {
     }
     let fd = FrontDoor::start(22, "fd-bollard");
     let job = fd.create_job(&[]);
-    import(&job);
+    import_busybox_tls(&job);
     let rt = rt();
     rt.block_on(async {
         let docker = bollard::Docker::connect_with_ssl(
@@ -377,7 +368,7 @@ fn every_wrong_key_is_refused() {
     let fd = FrontDoor::start(23, "fd-refuse");
     let a = fd.create_job(&[]);
     let b = fd.create_job(&[]);
-    import(&a);
+    import_busybox_tls(&a);
     docker_tls_ok(
         &a,
         &[
@@ -594,7 +585,7 @@ fn a_client_that_disconnects_cancels_the_work_upstream() {
     }
     let fd = FrontDoor::start(26, "fd-cancel");
     let job = fd.create_job(&[]);
-    import(&job);
+    import_busybox_tls(&job);
     let ctx = fd.certs.join("slow");
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(
@@ -743,7 +734,7 @@ fn a_warm_pool_hands_out_fresh_sandboxes_at_once_and_refills() {
         "two jobs share a uid range"
     );
     // Each certificate opens its own job only.
-    import(&a);
+    import_busybox_tls(&a);
     assert!(docker_tls_ok(&a, &["images"]).contains("busybox"));
     assert!(!docker_tls_ok(&b, &["images"]).contains("busybox"));
     // A job asking for its own limits gets a fresh sandbox with them.
@@ -985,7 +976,7 @@ fn testcontainers_with_its_defaults_reaches_what_a_job_publishes() {
         .expect("job create --json names the job's ports")
         .parse()
         .unwrap();
-    import(&job);
+    import_busybox_tls(&job);
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/testcontainers_ports.py");
     // On the agent's host, then on the remote runner: only the three
@@ -1037,7 +1028,7 @@ fn metrics_and_the_audit_tell_what_every_job_did() {
     }
     let fd = FrontDoor::start(29, "fd-metrics");
     let job = fd.create_job(&[]);
-    import(&job);
+    import_busybox_tls(&job);
     docker_tls_ok(&job, &["version"]);
     // A hijacked stream (attach) and a response body both ways.
     assert_eq!(
@@ -1183,7 +1174,7 @@ fn a_strict_policy_denies_what_reaches_past_the_container_and_the_cli_says_why()
         }
     });
     let job = fd.create_job(&[]);
-    import(&job);
+    import_busybox_tls(&job);
     let denied = |args: &[&str], rule: &str| {
         let o = docker_tls(&job, args);
         let e = err(&o);

@@ -373,11 +373,7 @@ fn a_killed_test_runs_containers_are_reaped(n: u32, name: &str, client: Client) 
     });
     let job = fd.create_job(&[]);
     let docker = |args: &[&str], input: Option<&[u8]>| docker_tls_stdin(&job, args, input);
-    let o = docker(
-        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
-        Some(busybox_tar()),
-    );
-    assert!(o.status.success(), "import: {}", err(&o));
+    import_busybox_tls(&job);
     let reaper_image = client.reaper_image();
     // A stand-in, under the name the client asks for (tests/clients/ryuk).
     import_cli_images(&docker, &[&reaper_image]);

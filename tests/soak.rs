@@ -108,15 +108,6 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn import(job: &TlsJob) {
-    let o = docker_tls_stdin(
-        job,
-        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
-        Some(busybox_tar()),
-    );
-    assert!(o.status.success(), "import in {}: {}", job.id, text(&o));
-}
-
 /// `docker ARGS` with the job's certificate, spawned with piped stdio.
 fn spawn_docker(job: &TlsJob, args: &[&str]) -> std::process::Child {
     Command::new("docker")
@@ -133,7 +124,7 @@ fn spawn_docker(job: &TlsJob, args: &[&str]) -> std::process::Child {
 
 fn build(agent: &Agent, i: usize) {
     let job = agent.create(&[]);
-    import(&job);
+    import_busybox_tls(&job);
     let ctx = PathBuf::from(format!("/var/lib/bt/{NAME}-ctx/{i}"));
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(
@@ -151,7 +142,7 @@ fn build(agent: &Agent, i: usize) {
 
 fn compose(agent: &Agent, i: usize) {
     let job = agent.create(&[]);
-    import(&job);
+    import_busybox_tls(&job);
     let dir = PathBuf::from(format!("/var/lib/bt/{NAME}-compose/{i}"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -186,7 +177,7 @@ fn compose(agent: &Agent, i: usize) {
 
 fn killed(agent: &Agent, _i: usize) {
     let job = agent.create(&[]);
-    import(&job);
+    import_busybox_tls(&job);
     // A container killed by its owner.
     docker_tls_ok(
         &job,
@@ -241,7 +232,7 @@ fn killed(agent: &Agent, _i: usize) {
 
 fn memory(agent: &Agent, _i: usize) {
     let job = agent.create(&["--memory-bytes", &(300u64 << 20).to_string()]);
-    import(&job);
+    import_busybox_tls(&job);
     let hog = docker_tls(&job, RUN_HOG_500M);
     assert_eq!(hog.status.code(), Some(137), "{}", text(&hog));
     let fine = docker_tls_ok(&job, &["run", "--rm", "busybox:test", "echo", "fine"]);
@@ -251,7 +242,7 @@ fn memory(agent: &Agent, _i: usize) {
 
 fn disk(agent: &Agent, _i: usize) {
     let job = agent.create(&["--disk-bytes", &(128u64 << 20).to_string()]);
-    import(&job);
+    import_busybox_tls(&job);
     let fill = docker_tls(&job, &[&["run", "--name", "fill"], WRITE_200MB].concat());
     assert!(!fill.status.success(), "200 MB fit in a 128 MiB disk");
     assert!(

@@ -125,18 +125,6 @@ fn create_job() -> TlsJob {
     }
 }
 
-fn import_busybox(job: &TlsJob) {
-    docker_tls_ok_stdin(
-        job,
-        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
-    );
-}
-
-fn docker_tls_ok_stdin(job: &TlsJob, args: &[&str]) {
-    let o = docker_tls_stdin(job, args, Some(busybox_tar()));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
 fn service_cgroup() -> PathBuf {
     PathBuf::from("/sys/fs/cgroup/system.slice/berth.service")
 }
@@ -194,7 +182,7 @@ fn the_shipped_units_run_jobs_in_berth_services_delegated_subtree() {
     );
 
     // Full Docker in the job: a container, its cgroup inside the job's.
-    import_busybox(&job);
+    import_busybox_tls(&job);
     docker_tls_ok(
         &job,
         &[
@@ -243,7 +231,7 @@ fn the_shipped_units_run_jobs_in_berth_services_delegated_subtree() {
 
     // kill -9 of the agent: systemd restarts it, it tears the rest down.
     let job = create_job();
-    import_busybox(&job);
+    import_busybox_tls(&job);
     docker_tls_ok(&job, &["run", "-d", "busybox:test", "sleep", "600"]);
     let old = main_pid();
     ok(&format!("kill -9 {old}"));

@@ -67,12 +67,7 @@ struct Tally {
 /// Makes a job ready for the clients: busybox imported and `talker`
 /// running, a line every 100 ms.
 pub fn prepare(job: &TlsJob) {
-    let o = super::docker_tls_stdin(
-        job,
-        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
-        Some(super::busybox_tar()),
-    );
-    assert!(o.status.success(), "import in {}", job.id);
+    super::import_busybox_tls(job);
     super::docker_tls_ok(
         job,
         &[

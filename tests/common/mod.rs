@@ -236,16 +236,26 @@ pub fn busybox_tar() -> &'static [u8] {
 }
 
 /// Imports the busybox rootfs as `busybox:test` into the job behind `sock`.
+/// `docker import` of the busybox root as `busybox:test`.
+const IMPORT_BUSYBOX: &[&str] = &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"];
+
 pub fn import_busybox(sock: &Path) {
-    let out = docker_stdin(
-        sock,
-        &["import", "--change", "ENV PATH=/bin", "-", "busybox:test"],
-        Some(busybox_tar()),
-    );
+    let out = docker_stdin(sock, IMPORT_BUSYBOX, Some(busybox_tar()));
     assert!(
         out.status.success(),
         "docker import: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The same over mutual TLS, with a job's certificate.
+pub fn import_busybox_tls(job: &TlsJob) {
+    let o = docker_tls_stdin(job, IMPORT_BUSYBOX, Some(busybox_tar()));
+    assert!(
+        o.status.success(),
+        "docker import in {}: {}",
+        job.id,
+        String::from_utf8_lossy(&o.stderr)
     );
 }
 
