@@ -380,7 +380,7 @@ fn setup_link(spec: &ChildSpec) -> Result<(), String> {
 }
 
 /// In the job's network namespace (this process's, so its netlink socket's):
-/// loopback up, the peer the agent moved in becomes `eth0` with the job's
+/// loopback up, the peer the agent made there becomes `eth0` with the job's
 /// address and MTU, and the default route leaves through the host end. A
 /// failure names its step.
 fn configure_link(spec: &ChildSpec) -> Result<(), (String, RtnlError)> {
@@ -490,7 +490,7 @@ mod tests {
     }
 
     /// The agent's side and the job's, each in a network namespace of its
-    /// own (one thread each): the peer moved in becomes eth0, addressed,
+    /// own (one thread each): the peer made there becomes eth0, addressed,
     /// up with the link's MTU, and the default route goes through the host
     /// end.
     #[test]
@@ -498,7 +498,7 @@ mod tests {
         net::tests::in_private_netns(|| {
             let id = "fedcba9876543210";
             let spec = spec(id, 1300);
-            net::create_link(id, spec.host_ip, spec.mtu, false).unwrap();
+            let (host_ip, mtu) = (spec.host_ip, spec.mtu);
             let (tid_tx, tid_rx) = mpsc::channel();
             let (moved_tx, moved_rx) = mpsc::channel();
             let job = std::thread::spawn(move || {
@@ -527,9 +527,19 @@ mod tests {
                     nl.link_index(&net::peer_ifname(id)).unwrap_err().errno(),
                 )
             });
-            // The job's namespace is its thread's: the link moves there by
-            // the thread's id.
-            net::move_peer(id, tid_rx.recv().unwrap()).unwrap();
+            // The job's namespace is its thread's: the job's end is made
+            // there by the thread's id.
+            let tid = tid_rx.recv().unwrap();
+            net::create_link(id, host_ip, mtu, false, Some(tid)).unwrap();
+            assert_eq!(
+                Rtnl::open()
+                    .unwrap()
+                    .link_index(&net::peer_ifname(id))
+                    .unwrap_err()
+                    .errno(),
+                Some(nix::errno::Errno::ENODEV),
+                "the job's end is not in the agent's namespace"
+            );
             moved_tx.send(()).unwrap();
             let (mtu, addrs, up, route_mtu, old_name) = job.join().unwrap();
             assert_eq!(mtu, 1300);

@@ -1,8 +1,9 @@
 //! Starting a job, as named steps: claim a slot and write the record, make
-//! the job's directories and files, its cgroups, its link and rules, its DNS
-//! relay; spawn the stage-1 helper and walk it through the handshake (cgroup
-//! placement, uid maps, the link moved in); wait for dockerd to answer; load
-//! preloaded images. Any failure tears down what was made.
+//! the job's directories and files, its cgroups, its rules; spawn the
+//! stage-1 helper and walk it through the handshake (cgroup placement, uid
+//! maps, the link made with its job's end in the job's namespace); start
+//! its DNS relay; wait for dockerd to answer; load preloaded images. Any
+//! failure tears down what was made.
 
 use crate::locks::Lock;
 use std::net::SocketAddr;
@@ -337,18 +338,17 @@ impl Engine {
         // Independent, and each mostly waiting on the kernel or a tool. All
         // three finish before a failure counts: each runs as a blocking task
         // that goes on when its future is dropped (as try_join! drops the
-        // others at the first error), and would make its link, rules or
+        // others at the first error), and would make its disk, rules or
         // cgroups after the teardown that follows the failure.
-        let (disk, cgroups, link) = tokio::join!(
+        let (disk, cgroups, rules) = tokio::join!(
             self.make_disk(sb, rec, limits),
             self.make_cgroups(rec, limits),
-            self.make_link(rec),
+            self.make_rules(rec),
         );
-        disk.and(cgroups).and(link)?;
+        disk.and(cgroups).and(rules)?;
         let files = self
             .make_files(sb, rec, seed.as_deref(), workspaces.len())
             .await?;
-        self.start_dns(sb, rec).await?;
         let spec = self.child_spec(rec, &files, seed.as_deref(), workspaces);
         let (pid, chan) = self.spawn_helper(sb, rec, &spec, &files, exited_tx)?;
         let ns = self
@@ -359,6 +359,9 @@ impl Engine {
             outer: ns.outer_mnt,
             attached: 0,
         });
+        // The link's host end exists from the handshake on; nothing in the
+        // job asks for a name before its dockerd answers.
+        self.start_dns(sb, rec).await?;
         self.wait_ready(sb).await?;
         self.widen_ephemeral_ports(rec, ns.net).await?;
         self.preload(sb, seed.is_some()).await
@@ -628,21 +631,19 @@ impl Engine {
         Ok(())
     }
 
-    /// The veth pair (host end addressed and up) and the job's rules.
-    async fn make_link(&self, rec: &JobRecord) -> Result<(), SandboxError> {
-        let (id, mtu) = (rec.id.clone(), self.host.mtu);
+    /// The job's rules. They name its link, which the handshake makes once
+    /// the job's network namespace exists.
+    async fn make_rules(&self, rec: &JobRecord) -> Result<(), SandboxError> {
+        let id = rec.id.clone();
         let addrs = net::JobAddrs {
             host_ip: rec.host_ip,
             job_ip: rec.job_ip,
             ports: rec.ports,
             cache: self.host.cache.as_ref().map(|c| c.addr()),
         };
-        tokio::task::spawn_blocking(move || -> Result<(), net::NetError> {
-            net::create_link(&id, addrs.host_ip, mtu, addrs.ports.is_some())?;
-            net::add_rules(&id, &addrs)
-        })
-        .await
-        .map_err(|e| start_err(&rec.id, e))??;
+        tokio::task::spawn_blocking(move || net::add_rules(&id, &addrs))
+            .await
+            .map_err(|e| start_err(&rec.id, e))??;
         Ok(())
     }
 
@@ -800,7 +801,7 @@ impl Engine {
     }
 
     /// Walks the helper through the protocol, off the runtime: cgroup
-    /// placement, the shared layers, uid maps, the link moved in, its init.
+    /// placement, the shared layers, uid maps, the link, its init.
     async fn handshake(
         &self,
         sb: &Sandbox,
@@ -830,6 +831,9 @@ impl Engine {
             trees,
             cgroup: rec.cgroup.clone(),
             host_id: rec.host_id,
+            host_ip: rec.host_ip,
+            mtu: self.host.mtu,
+            publish: rec.ports.is_some(),
             proc_root: self.cfg.proc_root.clone(),
             job_id: rec.id.clone(),
             step: self.cfg.ready_timeout,
@@ -963,6 +967,11 @@ struct Handshake {
     trees: Vec<std::os::fd::OwnedFd>,
     cgroup: Option<JobCgroup>,
     host_id: u32,
+    /// The link's host end, its MTU, and whether ports are published
+    /// over it.
+    host_ip: std::net::Ipv4Addr,
+    mtu: u32,
+    publish: bool,
     proc_root: PathBuf,
     job_id: String,
     /// Bound on each step.
@@ -1003,7 +1012,13 @@ impl Handshake {
             let p = self.proc_root.join(self.pid.to_string()).join(f);
             std::fs::write(&p, &map).map_err(io("cannot write", &p))?;
         }
-        net::move_peer(&self.job_id, self.pid)?;
+        net::create_link(
+            &self.job_id,
+            self.host_ip,
+            self.mtu,
+            self.publish,
+            Some(self.pid),
+        )?;
         self.chan.mapped().map_err(proto)?;
         // The helper names the init it forked; the init says when dockerd
         // runs. Either may come first.

@@ -144,18 +144,24 @@ pub fn enable_forwarding(proc_root: &Path) -> Result<(), NetError> {
     })
 }
 
-/// Creates the pair with the host end addressed and up. With `publish`,
-/// connections from the host's loopback may be forwarded over it
-/// (`route_localnet`; their source is rewritten to the host end).
+/// Creates the pair with the host end addressed and up, and the job's end
+/// in the network namespace of `job_pid` (here without one). With
+/// `publish`, connections from the host's loopback may be forwarded over
+/// it (`route_localnet`; their source is rewritten to the host end).
+///
+/// The job's end is made where it belongs rather than moved there: a move
+/// waits for the kernel's pending RCU callbacks (`rcu_barrier`), tens of
+/// milliseconds of a job's start.
 pub fn create_link(
     job_id: &str,
     host_ip: Ipv4Addr,
     mtu: u32,
     publish: bool,
+    job_pid: Option<u32>,
 ) -> Result<(), NetError> {
     let (h, p) = (host_ifname(job_id), peer_ifname(job_id));
     let mut nl = Rtnl::open().map_err(link_err("open a netlink socket for", &h))?;
-    nl.add_veth(&h, &p, mtu)
+    nl.add_veth(&h, &p, mtu, job_pid)
         .map_err(link_err("create the veth pair", &format!("{h}/{p}")))?;
     // The filter rules are IPv4: the host end must not speak IPv6 at all, or
     // a job could reach host services listening on `::` over link-local.
@@ -186,21 +192,6 @@ pub fn create_link(
         },
     )
     .map_err(link_err("bring up", &h))
-}
-
-/// Moves the job's end of the pair into the network namespace of `pid`.
-pub fn move_peer(job_id: &str, pid: u32) -> Result<(), NetError> {
-    let p = peer_ifname(job_id);
-    let mut nl = Rtnl::open().map_err(link_err("open a netlink socket for", &p))?;
-    let index = nl.link_index(&p).map_err(link_err("look up", &p))?;
-    nl.set_link(
-        index,
-        LinkChange {
-            netns_pid: Some(pid),
-            ..Default::default()
-        },
-    )
-    .map_err(link_err("move into the job's network namespace", &p))
 }
 
 /// Deletes the pair (both ends go). Idempotent: the kernel also removes the
@@ -673,7 +664,7 @@ pub(in crate::sandbox) mod tests {
             let id = "0123456789abcdef";
             let (h, p) = (host_ifname(id), peer_ifname(id));
             let host_ip = Ipv4Addr::new(10, 9, 9, 1);
-            create_link(id, host_ip, 1400, true).unwrap();
+            create_link(id, host_ip, 1400, true, None).unwrap();
             let mut nl = Rtnl::open().unwrap();
             let hi = nl.link_index(&h).unwrap();
             let pi = nl.link_index(&p).unwrap();
@@ -703,7 +694,7 @@ pub(in crate::sandbox) mod tests {
             );
 
             // A second pair of the same names is refused, by its errno.
-            let again = create_link(id, host_ip, 1400, false).unwrap_err();
+            let again = create_link(id, host_ip, 1400, false, None).unwrap_err();
             assert_eq!(again.errno(), Some(Errno::EEXIST), "{again}");
             assert!(again.to_string().contains(&h), "names the link: {again}");
 
@@ -716,14 +707,12 @@ pub(in crate::sandbox) mod tests {
             delete_link(id).unwrap();
             // A peer never handed to a job goes with the pair too. (A link
             // below IPv6's minimum MTU has no IPv6 to turn off.)
-            create_link(id, host_ip, 1200, false).unwrap();
+            create_link(id, host_ip, 1200, false, None).unwrap();
             delete_link(id).unwrap();
             assert_eq!(nl.link_index(&p).unwrap_err().errno(), Some(Errno::ENODEV));
 
             // Without a default route, the MTU jobs get is 1500.
             assert_eq!(default_route_mtu(), 1500);
-            let e = move_peer(id, std::process::id()).unwrap_err();
-            assert_eq!(e.errno(), Some(Errno::ENODEV), "{e}");
         });
     }
 

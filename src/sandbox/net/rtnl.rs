@@ -110,10 +110,17 @@ impl Rtnl {
     }
 
     /// Creates a veth pair, both ends down (EEXIST when a link of either
-    /// name is there).
-    pub fn add_veth(&mut self, name: &str, peer: &str, mtu: u32) -> Result<(), RtnlError> {
+    /// name is there). With `peer_netns_pid`, the peer is made in the
+    /// network namespace of that process.
+    pub fn add_veth(
+        &mut self,
+        name: &str,
+        peer: &str,
+        mtu: u32,
+        peer_netns_pid: Option<u32>,
+    ) -> Result<(), RtnlError> {
         self.exchange(
-            RouteNetlinkMessage::NewLink(veth_request(name, peer, mtu)),
+            RouteNetlinkMessage::NewLink(veth_request(name, peer, mtu, peer_netns_pid)),
             NLM_F_CREATE | NLM_F_EXCL,
         )
         .map(drop)
@@ -286,9 +293,11 @@ fn read_reply(
     Ok(false)
 }
 
-fn veth_request(name: &str, peer: &str, mtu: u32) -> LinkMessage {
+fn veth_request(name: &str, peer: &str, mtu: u32, peer_netns_pid: Option<u32>) -> LinkMessage {
     let mut p = LinkMessage::default();
     p.attributes = vec![LinkAttribute::IfName(peer.into()), LinkAttribute::Mtu(mtu)];
+    p.attributes
+        .extend(peer_netns_pid.map(LinkAttribute::NetNsPid));
     let mut m = LinkMessage::default();
     m.attributes = vec![
         LinkAttribute::IfName(name.into()),
@@ -459,9 +468,9 @@ mod tests {
     }
 
     #[test]
-    fn a_veth_request_names_both_ends_with_the_mtu() {
+    fn a_veth_request_names_both_ends_with_the_mtu_and_the_peers_namespace() {
         let bytes = encode(
-            RouteNetlinkMessage::NewLink(veth_request("bhabc", "bjabc", 1400)),
+            RouteNetlinkMessage::NewLink(veth_request("bhabc", "bjabc", 1400, Some(77))),
             NLM_F_CREATE | NLM_F_EXCL,
             5,
         );
@@ -499,8 +508,14 @@ mod tests {
             peer.attributes,
             [
                 LinkAttribute::IfName("bjabc".into()),
-                LinkAttribute::Mtu(1400)
+                LinkAttribute::Mtu(1400),
+                LinkAttribute::NetNsPid(77)
             ]
+        );
+        let here = veth_request("bhabc", "bjabc", 1400, None);
+        assert!(
+            !format!("{here:?}").contains("NetNs"),
+            "without a pid the peer stays: {here:?}"
         );
     }
 
