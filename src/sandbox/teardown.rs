@@ -44,9 +44,6 @@ impl Engine {
                 self.stuck.locked().remove(id);
                 self.release_workspaces(id);
                 if let Some(sb) = self.jobs.locked().remove(id) {
-                    // The namespaces held for it: the helper's, with the
-                    // mounts of its drop point, goes with this.
-                    sb.inner.mounts.locked().take();
                     sb.inner.status.send_replace(Status::Stopped);
                 }
                 let took = t0.elapsed();
@@ -159,13 +156,17 @@ impl Engine {
             self.grace(sb, rec).await;
         }
         let killed = self.kill(live, rec).await?;
+        let mut held = None;
         if let Some(sb) = live {
             // The helper (the agent's child) is reaped by its watcher.
             let mut exited = sb.inner.exited.clone();
             let _ = tokio::time::timeout(KILL_PATIENCE, exited.wait_for(|e| e.is_some())).await;
             sb.inner.relay.locked().take();
+            // The namespaces held for it (the helper's, with the mounts of
+            // its drop point): nothing of the job is left to enter.
+            held = sb.inner.mounts.locked().take();
         }
-        self.remove_traces(rec).await?;
+        self.remove_traces(rec, held).await?;
         Ok(killed)
     }
 
@@ -211,8 +212,13 @@ impl Engine {
     }
 
     /// Everything of the job on the host, the record and the slot claim last:
-    /// until then a crash leaves enough for recovery.
-    async fn remove_traces(&self, rec: &JobRecord) -> Result<(), SandboxError> {
+    /// until then a crash leaves enough for recovery. `held` are the job's
+    /// namespaces the agent kept, released on the way.
+    async fn remove_traces(
+        &self,
+        rec: &JobRecord,
+        held: Option<super::JobMounts>,
+    ) -> Result<(), SandboxError> {
         let cfg = self.cfg.clone();
         let rec = rec.clone();
         let id = rec.id.clone();
@@ -221,32 +227,23 @@ impl Engine {
             if let Some(cg) = &rec.cgroup {
                 cg.remove()?;
             }
+            let dir = record::job_dir(&cfg.state_dir, &rec.id);
             // Independent, and each mostly waiting: on iptables' processes,
-            // on the kernel's RCU grace periods as the link goes.
-            let (rules, link) = std::thread::scope(|s| {
+            // on the kernel's RCU grace periods as the link and the held
+            // namespaces go, on the filesystem as the job's files go.
+            let (rules, link, files) = std::thread::scope(|s| {
                 let link = s.spawn(|| net::delete_link(&rec.id));
-                (net::delete_rules(&rec.id), link.join())
+                let rules = s.spawn(|| net::delete_rules(&rec.id));
+                s.spawn(move || drop(held));
+                let files = remove_files(&dir, &rec, pool.as_deref());
+                let join = |r: std::thread::Result<Result<(), net::NetError>>| {
+                    r.unwrap_or_else(|p| std::panic::resume_unwind(p))
+                };
+                (join(rules.join()), join(link.join()), files)
             });
             rules?;
-            link.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-            let dir = record::job_dir(&cfg.state_dir, &rec.id);
-            disk::remove(&dir, &dir.join("root"))?;
-            if let Some(image) = &rec.disk_image {
-                match std::fs::remove_file(image) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io("cannot remove", image)(e)),
-                }
-                if let Some(pool) = &pool {
-                    pool.release(&rec.id);
-                }
-            }
-            for entry in ["root", "api"] {
-                let p = dir.join(entry);
-                if p.exists() {
-                    std::fs::remove_dir_all(&p).map_err(io("cannot remove", &p))?;
-                }
-            }
+            link?;
+            files?;
             if dir.exists() {
                 std::fs::remove_dir_all(&dir).map_err(io("cannot remove", &dir))?;
             }
@@ -301,6 +298,33 @@ impl Engine {
         }
         out
     }
+}
+
+/// The job's files in its directory (its disk, dockerd's tree, the API
+/// socket's directory) and its project cache image: all but the record.
+fn remove_files(
+    dir: &std::path::Path,
+    rec: &JobRecord,
+    pool: Option<&super::fs::caches::Pool>,
+) -> Result<(), SandboxError> {
+    disk::remove(dir, &dir.join("root"))?;
+    if let Some(image) = &rec.disk_image {
+        match std::fs::remove_file(image) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("cannot remove", image)(e)),
+        }
+        if let Some(pool) = pool {
+            pool.release(&rec.id);
+        }
+    }
+    for entry in ["root", "api"] {
+        let p = dir.join(entry);
+        if p.exists() {
+            std::fs::remove_dir_all(&p).map_err(io("cannot remove", &p))?;
+        }
+    }
+    Ok(())
 }
 
 /// True when `pid` is still this job's stage-1/init process (not a reused pid).
