@@ -198,9 +198,33 @@ impl Wanted<'_> {
     /// Finds every part, checks that dockerd will use the configured ones,
     /// and reads their versions (the three `--version` calls run at once).
     pub fn probe(&self) -> Result<Engine, EngineError> {
+        self.probe_with(&Remembered::default())
+    }
+
+    /// As [`Wanted::probe`], but a part whose file is the one `file`
+    /// remembers (same device, inode, size, modification and change time)
+    /// is not run again: `dockerd --version` alone is 30 ms of every
+    /// `berth run`. What was read is remembered there for the next agent.
+    pub fn probe_remembering(&self, file: &Path) -> Result<Engine, EngineError> {
+        let before = Remembered::load(file);
+        let engine = self.probe_with(&before)?;
+        let now = Remembered::of(&engine);
+        if now != before
+            && let Err(e) = now.save(file)
+        {
+            tracing::debug!(file = %file.display(), error = %e, "engine versions not remembered");
+        }
+        Ok(engine)
+    }
+
+    fn probe_with(&self, known: &Remembered) -> Result<Engine, EngineError> {
         let path = self.search_path();
         let containerd = resolve("containerd", "containerd", self.containerd, &path)?;
         let runc = resolve("runc", "runc", self.runc, &path)?;
+        let version_of = |key, path: &Path| match known.release_of(path) {
+            Some(found) => Ok(found),
+            None => version_of(key, path),
+        };
         let (d, c, r) = std::thread::scope(|s| {
             let c = s.spawn(|| version_of("containerd", &containerd));
             let r = s.spawn(|| version_of("runc", &runc));
@@ -254,6 +278,83 @@ impl Engine {
             self.runc.release,
             self.runc.path.display()
         )
+    }
+}
+
+/// Which file a path names now: a package upgrade or a copy over it
+/// changes at least one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileId {
+    fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// The versions read from the engine's files, by file.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Remembered {
+    parts: Vec<Known>,
+}
+
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Known {
+    path: PathBuf,
+    file: FileId,
+    /// As the part printed it (`20.10.24+dfsg1`).
+    release: String,
+}
+
+impl Remembered {
+    /// What `file` holds; nothing when it is missing or unreadable.
+    fn load(file: &Path) -> Remembered {
+        std::fs::read(file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn of(engine: &Engine) -> Remembered {
+        let parts = [&engine.dockerd, &engine.containerd, &engine.runc]
+            .into_iter()
+            .filter_map(|p| {
+                Some(Known {
+                    path: p.path.clone(),
+                    file: FileId::of(&p.path)?,
+                    release: p.release.clone(),
+                })
+            })
+            .collect();
+        Remembered { parts }
+    }
+
+    fn save(&self, file: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        crate::files::write_atomic(file, &json, 0o600)
+    }
+
+    /// The version of the file at `path`, if it is still the file it was.
+    fn release_of(&self, path: &Path) -> Option<(Version, String)> {
+        let now = FileId::of(path)?;
+        self.parts
+            .iter()
+            .find(|k| k.path == path && k.file == now)
+            .and_then(|k| Some((Version::parse_token(&k.release)?, k.release.clone())))
     }
 }
 
@@ -455,6 +556,65 @@ mod tests {
             matches!(err, EngineError::NoVersion { key: "dockerd", .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn versions_are_read_again_only_from_files_that_changed() {
+        let d = &scratch("remember");
+        let runs = d.join("runs");
+        let part = |name: &str, line: &str| {
+            exe(
+                &d.join("bin").join(name),
+                &format!("echo {name} >> {}; echo '{line}'", runs.display()),
+            );
+        };
+        part("dockerd", "Docker version 20.10.24+dfsg1, build x");
+        part("containerd", "containerd x 1.6.20~ds1 y");
+        part("runc", "runc version 1.1.5+ds1");
+        let (dockerd, containerd, runc) = (
+            d.join("bin/dockerd"),
+            d.join("bin/containerd"),
+            d.join("bin/runc"),
+        );
+        let w = Wanted {
+            dockerd: &dockerd,
+            containerd: &containerd,
+            runc: &runc,
+        };
+        let file = d.join("engine.json");
+        let ran = || {
+            let mut v: Vec<String> = std::fs::read_to_string(&runs)
+                .unwrap_or_default()
+                .lines()
+                .map(String::from)
+                .collect();
+            v.sort();
+            let _ = std::fs::remove_file(&runs);
+            v
+        };
+        let first = w.probe_remembering(&file).unwrap();
+        assert_eq!(ran(), ["containerd", "dockerd", "runc"]);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let again = w.probe_remembering(&file).unwrap();
+        assert_eq!(again, first, "the same engine, as remembered");
+        assert!(ran().is_empty(), "no part ran again");
+
+        // An upgrade replaces the file: that part alone is run.
+        part("dockerd", "Docker version 26.1.5+dfsg1, build y");
+        let upgraded = w.probe_remembering(&file).unwrap();
+        assert_eq!(ran(), ["dockerd"]);
+        assert_eq!(upgraded.dockerd.version, v(26, 1, 5));
+        assert_eq!(upgraded.containerd, first.containerd);
+
+        // A file that cannot be read is no memory at all; plain probes never
+        // use one.
+        std::fs::write(&file, "not json").unwrap();
+        w.probe_remembering(&file).unwrap();
+        assert_eq!(ran(), ["containerd", "dockerd", "runc"]);
+        w.probe().unwrap();
+        assert_eq!(ran(), ["containerd", "dockerd", "runc"]);
     }
 
     #[test]

@@ -66,6 +66,10 @@ fn workspace_rules(cfg: &SandboxConfig) -> Result<super::fs::workspaces::Rules, 
     })
 }
 
+/// In the state dir: the engine's versions as last read, by file, so
+/// that an agent runs `--version` only for parts that changed.
+const ENGINE_FILE: &str = "engine.json";
+
 pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
     cfg.validate()?;
     let helper = if cfg.helper.as_os_str().is_empty() {
@@ -74,7 +78,9 @@ pub(super) fn prepare(cfg: &SandboxConfig) -> Result<Prepared, SandboxError> {
         cfg.helper.clone()
     };
     check_prerequisites(cfg, &helper)?;
-    let engine = cfg.engine().probe()?;
+    let engine = cfg
+        .engine()
+        .probe_remembering(&cfg.state_dir.join(ENGINE_FILE))?;
     tracing::info!(engine = %engine.describe(), "jobs run this engine");
     // Socket paths below the state dir must fit sun_path (108 bytes).
     if cfg.state_dir.as_os_str().len() > 48 {
