@@ -18,8 +18,10 @@
 //!    step is the baseline of the ratios.
 //! 4. Throughput: the small job (a cold start, busybox imported, a
 //!    two-stage build, a run of it, the teardown) back to back, by one
-//!    worker and by four at once (up to 10 jobs each): jobs per minute, the
-//!    ratio to one worker, and the median time of each step.
+//!    worker and by four at once (up to 10 jobs each), then by four at once
+//!    whose jobs go without the host's emulators, then by four at once on
+//!    Debian 13's engine: jobs per minute, the ratio to one worker, and the
+//!    median time of each step.
 //! 5. Preloaded 100 MB base image: new job to a container running from it,
 //!    shared image store against loading the archive into every job, and
 //!    a job without preloads as the floor.
@@ -605,19 +607,31 @@ fn main() {
 
     // 4. Throughput: the small job back to back, one worker against four.
     if section("throughput") {
-        let e = common::engine(54, "bs-throughput");
+        let d12 = common::engine(54, "bs-throughput");
+        // Debian 13's engine, whose builder searches for platforms a third
+        // as often per build.
+        let d13 = berth::sandbox::Engine::new(common::with_debian13_engine(common::engine_config(
+            59,
+            "bs-throughput-d13",
+        )))
+        .expect("engine");
         let per_worker = n.clamp(2, 10);
         let mut one = None;
-        // The last round's jobs go without the host's emulators: the
+        // The third round's jobs go without the host's emulators: the
         // engine's builder then starts none of them to list its platforms.
-        for (workers, emulation) in [(1usize, None), (4, None), (4, Some(false))] {
+        for (workers, emulation, e, engine) in [
+            (1usize, None, &d12, ""),
+            (4, None, &d12, ""),
+            (4, Some(false), &d12, ""),
+            (4, None, &d13, ", dockerd 26.1"),
+        ] {
             let t = Instant::now();
             let jobs: Vec<[f64; 5]> = std::thread::scope(|s| {
                 let hs: Vec<_> = (0..workers)
                     .map(|_| {
                         s.spawn(|| {
                             (0..per_worker)
-                                .map(|_| small_job(&e, &rt, emulation))
+                                .map(|_| small_job(e, &rt, emulation))
                                 .collect::<Vec<_>>()
                         })
                     })
@@ -638,7 +652,7 @@ fn main() {
             row(
                 &mut table,
                 format!(
-                    "| throughput, {workers} worker(s), {} small jobs back to back{} (jobs/min) | {rate:.1} | {:.2}× one worker; median s per step: {parts} |",
+                    "| throughput, {workers} worker(s), {} small jobs back to back{}{engine} (jobs/min) | {rate:.1} | {:.2}× one worker; median s per step: {parts} |",
                     jobs.len(),
                     if emulation == Some(false) {
                         ", without emulation"
