@@ -1281,3 +1281,94 @@ fn multi_platform_images_on_the_system_engine_push_or_are_refused_before_24() {
         "{err}"
     );
 }
+
+/// Which process starts the job's containerd, and what its end does to the
+/// job. dockerd 26.1 would wait a second for the containerd it starts
+/// (its gRPC client dials before that containerd listens, then backs off),
+/// so the job's init starts containerd first and hands it to dockerd; a
+/// containerd that ends then ends the job, reported as failed. 20.10 starts
+/// its own (and restarts it).
+fn containerd_test(kind: EngineKind, n: u32, name: &str) {
+    if !prerequisites() {
+        return;
+    }
+    let rt = rt();
+    let e = berth::sandbox::Engine::new(config(kind, n, name)).unwrap();
+    let sb = rt.block_on(e.start(None)).unwrap();
+    let comm = |p: &u32| {
+        std::fs::read_to_string(format!("/proc/{p}/comm"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default()
+    };
+    let parent = |p: u32| -> u32 {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap();
+        // After the command's closing parenthesis: state, then the ppid.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split(' ').nth(1).unwrap().parse().unwrap()
+    };
+    let one = |name: &str| -> u32 {
+        let found: Vec<u32> = sb.pids().into_iter().filter(|p| comm(p) == name).collect();
+        assert_eq!(found.len(), 1, "one {name} in the job: {found:?}");
+        found[0]
+    };
+    let (dockerd, containerd) = (one("dockerd"), one("containerd"));
+    let version = docker_ok(
+        &sb.socket(),
+        &["version", "--format", "{{.Server.Version}}"],
+    );
+    let major: u32 = version.trim().split('.').next().unwrap().parse().unwrap();
+    let first = major >= 24;
+    if first {
+        assert_eq!(
+            parent(containerd),
+            parent(dockerd),
+            "dockerd {version}: the job's init starts containerd beside dockerd"
+        );
+    } else {
+        assert_eq!(
+            parent(containerd),
+            dockerd,
+            "dockerd {version} starts its own containerd"
+        );
+    }
+    import_busybox(&sb.socket());
+    let out = docker_ok(
+        &sb.socket(),
+        &["run", "--rm", "busybox:test", "echo", "ran"],
+    );
+    assert_eq!(out.trim(), "ran");
+    let traces = Traces::capture(&e, &sb);
+    if first {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(containerd as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let status = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(120), sb.ended()).await })
+            .expect("the end of containerd is noticed");
+        match status {
+            berth::sandbox::Status::Failed(why) => {
+                assert!(why.contains("containerd"), "{why}")
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        let log = std::fs::read_to_string(sb.dockerd_log()).unwrap();
+        assert!(
+            log.contains("containerd exited") && log.contains("SIGKILL"),
+            "the job's log says how: {log}"
+        );
+    }
+    rt.block_on(e.teardown(sb.id())).unwrap();
+    traces.assert_gone();
+}
+
+#[test]
+fn the_jobs_containerd_is_started_as_the_system_engine_needs() {
+    containerd_test(EngineKind::System, 109, "bk-ctrd-sys");
+}
+
+#[test]
+fn the_jobs_containerd_is_started_first_on_the_debian13_engine_and_its_end_fails_the_job() {
+    containerd_test(EngineKind::Debian13, 110, "bk-ctrd-d13");
+}

@@ -66,6 +66,11 @@ pub struct ChildSpec {
     /// `binfmt`); None where the kernel has none per user namespace.
     #[serde(default)]
     pub binfmt: Option<Vec<Handler>>,
+    /// containerd's configuration, as the job sees it, when the init starts
+    /// containerd before dockerd (see `Engine::starts_containerd_first`);
+    /// None lets dockerd start its own.
+    #[serde(default)]
+    pub containerd_config: Option<PathBuf>,
     /// The host id that owns the job's user namespace: the first of its
     /// range. What the kernel bounds per user (inotify instances and
     /// watches, namespaces, message queues) it counts against a user
@@ -223,6 +228,13 @@ fn init_main(spec: &ChildSpec, sync: HelperEnd) -> ! {
         Ok(s) => s,
         Err(e) => fail(&sync, &e.to_string()),
     };
+    let containerd = match &spec.containerd_config {
+        Some(config) => match start_containerd(spec, config) {
+            Ok(pid) => Some(pid),
+            Err(e) => fail(&sync, &e),
+        },
+        None => None,
+    };
     let dockerd = match dockerd_command(spec).spawn() {
         Ok(c) => c.id() as i32,
         Err(e) => fail(
@@ -246,7 +258,17 @@ fn init_main(spec: &ChildSpec, sync: HelperEnd) -> ! {
                         if ws.pid() == Some(Pid::from_raw(dockerd)) {
                             let code = exit_code(ws).unwrap_or(1);
                             eprintln!("berth sandbox: dockerd exited ({ws:?})");
+                            if let Some(c) = containerd {
+                                stop_containerd(c);
+                            }
                             std::process::exit(code);
+                        }
+                        // Without its containerd, dockerd runs no container:
+                        // the job ends.
+                        if containerd.is_some_and(|c| ws.pid() == Some(Pid::from_raw(c))) {
+                            eprintln!("berth sandbox: containerd exited ({ws:?})");
+                            let _ = sys::kill(dockerd, Signal::SIGKILL);
+                            std::process::exit(super::CONTAINERD_ENDED);
                         }
                     }
                 }
@@ -257,15 +279,71 @@ fn init_main(spec: &ChildSpec, sync: HelperEnd) -> ! {
     }
 }
 
-fn dockerd_command(spec: &ChildSpec) -> Command {
+/// The environment dockerd and the containerd the init starts run with.
+fn engine_command(program: &Path, spec: &ChildSpec) -> Command {
     let r = Path::new(inside::STATE);
-    let mut c = Command::new(&spec.dockerd);
+    let mut c = Command::new(program);
     c.env_clear()
         .env("PATH", &spec.path)
         .env("HOME", r.join("home"))
         .env("XDG_RUNTIME_DIR", r.join("xdg"))
         .env("TMPDIR", r.join("tmp"))
-        .arg("--data-root")
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// Starts containerd (the one on dockerd's PATH) with `config` and waits
+/// until its socket takes connections. Its pid.
+fn start_containerd(spec: &ChildSpec, config: &Path) -> Result<i32, String> {
+    let mut cmd = engine_command(Path::new("containerd"), spec);
+    cmd.arg("--config").arg(config);
+    let pid = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start containerd: {e}"))?
+        .id() as i32;
+    let socket = Path::new(inside::CONTAINERD_SOCKET);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Ok(pid);
+        }
+        // SIGCHLD is blocked: an exit shows here, not as a signal.
+        if let Ok(ws @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) =
+            waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG))
+        {
+            return Err(format!("containerd exited before it listened ({ws:?})"));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = sys::kill(pid, Signal::SIGKILL);
+            return Err(format!(
+                "containerd did not listen on {} within 60 s",
+                socket.display()
+            ));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Stops the containerd the init started once dockerd has ended, as
+/// dockerd stops its own: SIGTERM, then up to 10 s for it to close its
+/// stores (a project cache commits them), then the job's end kills it.
+fn stop_containerd(pid: i32) {
+    let _ = sys::kill(pid, Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            _ => return,
+        }
+    }
+}
+
+fn dockerd_command(spec: &ChildSpec) -> Command {
+    let r = Path::new(inside::STATE);
+    let mut c = engine_command(&spec.dockerd, spec);
+    c.arg("--data-root")
         .arg(inside::DATA_ROOT)
         .arg("--exec-root")
         .arg(r.join("exec"))
@@ -284,8 +362,10 @@ fn dockerd_command(spec: &ChildSpec) -> Command {
     } else {
         c.arg("--rootless");
     }
+    if spec.containerd_config.is_some() {
+        c.arg("--containerd").arg(inside::CONTAINERD_SOCKET);
+    }
     c.args(&spec.extra_args);
-    c.stdin(std::process::Stdio::null());
     c
 }
 
@@ -484,6 +564,7 @@ mod tests {
             shared_layers: Vec::new(),
             workspaces: Vec::new(),
             drop: "/nonexistent/drop".into(),
+            containerd_config: None,
             binfmt: None,
             owner: 1_000_000,
         }

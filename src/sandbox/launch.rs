@@ -574,6 +574,11 @@ impl Engine {
         )
         .map_err(io("cannot write", &daemon_json))?;
         chown(&daemon_json, owner)?;
+        if self.containerd_first() {
+            let config = root.join("containerd.toml");
+            std::fs::write(&config, CONTAINERD_TOML).map_err(io("cannot write", &config))?;
+            chown(&config, owner)?;
+        }
         // Private CAs where dockerd looks for them: /etc/docker/certs.d.
         let certs_d = root.join("etc-docker").join("certs.d");
         if !self.host.registries.cas.is_empty() {
@@ -722,7 +727,16 @@ impl Engine {
                 .own_binfmt
                 .then(|| self.binfmt_handlers(rec.emulation)),
             owner: rec.host_id,
+            containerd_config: self
+                .containerd_first()
+                .then(|| root::inside::CONTAINERD_CONFIG.into()),
         }
+    }
+
+    /// Whether the job's init starts containerd itself (an ordinary dockerd
+    /// only: a rootless one keeps its own).
+    fn containerd_first(&self) -> bool {
+        self.host.layout.is_some() && self.host.engine.starts_containerd_first()
     }
 
     /// The host's enabled binfmt_misc handlers as they are now (a package
@@ -949,6 +963,21 @@ fn forget_the_last_run(root: &Path) -> Result<(), SandboxError> {
         Err(e) => Err(io("cannot remove", &store)(e)),
     }
 }
+
+/// containerd's configuration where the job's init starts it: what dockerd
+/// writes for the containerd it starts, with the same paths (its socket,
+/// its state below the exec-root, its store below the data-root).
+const CONTAINERD_TOML: &str = r#"version = 2
+root = "/var/lib/docker/containerd/daemon"
+state = "/var/lib/berth/exec/containerd/daemon"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "/var/lib/berth/exec/containerd/containerd.sock"
+
+[debug]
+  address = "/var/lib/berth/exec/containerd/containerd-debug.sock"
+"#;
 
 /// Where a starting job's files are.
 struct JobFiles {

@@ -468,9 +468,14 @@ fn code_of(raw: i32) -> i32 {
     }
 }
 
+/// How a job's init ends when the containerd it started ends: dockerd
+/// runs no container without it (its own codes are 0 to 2, or a signal's).
+pub const CONTAINERD_ENDED: i32 = 124;
+
 pub fn describe_exit(code: i32) -> String {
     match code {
         0 => "dockerd exited".into(),
+        CONTAINERD_ENDED => "the job's containerd ended (its log says how)".into(),
         c if c > 128 && c < 160 => {
             let sig = nix::sys::signal::Signal::try_from(c - 128)
                 .map(|s| s.to_string())

@@ -27,6 +27,10 @@ pub mod inside {
     /// the host side.
     pub const API_DIR: &str = "/run/berth";
     pub const API_SOCKET: &str = "/run/berth/docker.sock";
+    /// containerd's configuration and socket where the init starts it
+    /// (the socket where dockerd would put its own).
+    pub const CONTAINERD_CONFIG: &str = "/var/lib/berth/containerd.toml";
+    pub const CONTAINERD_SOCKET: &str = "/var/lib/berth/exec/containerd/containerd.sock";
     /// Where docker:dind's daemon listens, and where tools run in
     /// containers (Testcontainers' reaper, docker:cli, scanners) look for
     /// it: a link to the API socket. `/var/run` is a link to `/run`.
