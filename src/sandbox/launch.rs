@@ -576,7 +576,7 @@ impl Engine {
         chown(&daemon_json, owner)?;
         if self.containerd_first() {
             let config = root.join("containerd.toml");
-            std::fs::write(&config, CONTAINERD_TOML).map_err(io("cannot write", &config))?;
+            std::fs::write(&config, containerd_toml()).map_err(io("cannot write", &config))?;
             chown(&config, owner)?;
         }
         // Private CAs where dockerd looks for them: /etc/docker/certs.d.
@@ -967,17 +967,22 @@ fn forget_the_last_run(root: &Path) -> Result<(), SandboxError> {
 /// containerd's configuration where the job's init starts it: what dockerd
 /// writes for the containerd it starts, with the same paths (its socket,
 /// its state below the exec-root, its store below the data-root).
-const CONTAINERD_TOML: &str = r#"version = 2
-root = "/var/lib/docker/containerd/daemon"
-state = "/var/lib/berth/exec/containerd/daemon"
+fn containerd_toml() -> String {
+    use root::inside::{CONTAINERD_SOCKET, DATA_ROOT, STATE};
+    format!(
+        r#"version = 2
+root = "{DATA_ROOT}/containerd/daemon"
+state = "{STATE}/exec/containerd/daemon"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 [grpc]
-  address = "/var/lib/berth/exec/containerd/containerd.sock"
+  address = "{CONTAINERD_SOCKET}"
 
 [debug]
-  address = "/var/lib/berth/exec/containerd/containerd-debug.sock"
-"#;
+  address = "{STATE}/exec/containerd/containerd-debug.sock"
+"#
+    )
+}
 
 /// Where a starting job's files are.
 struct JobFiles {
