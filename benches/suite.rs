@@ -616,6 +616,7 @@ fn main() {
         )))
         .expect("engine");
         let per_worker = n.clamp(2, 10);
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
         let mut one = None;
         // The third round's jobs go without the host's emulators: the
         // engine's builder then starts none of them to list its platforms.
@@ -626,7 +627,7 @@ fn main() {
             (4, None, &d13, ", dockerd 26.1"),
         ] {
             let t = Instant::now();
-            let jobs: Vec<[f64; 5]> = std::thread::scope(|s| {
+            let jobs: Vec<[f64; 6]> = std::thread::scope(|s| {
                 let hs: Vec<_> = (0..workers)
                     .map(|_| {
                         s.spawn(|| {
@@ -649,17 +650,22 @@ fn main() {
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
+            // The rate the cores would carry if the jobs' own processes
+            // (not the clients, not the kernel's threads) were all they ran.
+            let cpu = median(&jobs.iter().map(|j| j[5]).collect::<Vec<_>>());
+            let ceiling = cores as f64 * 60.0 / cpu;
             row(
                 &mut table,
                 format!(
-                    "| throughput, {workers} worker(s), {} small jobs back to back{}{engine} (jobs/min) | {rate:.1} | {:.2}× one worker; median s per step: {parts} |",
+                    "| throughput, {workers} worker(s), {} small jobs back to back{}{engine} (jobs/min) | {rate:.1} | {:.2}× one worker; median s per step: {parts}; CPU per job {cpu:.2} s (its cgroups), {ceiling:.0} jobs/min on {cores} cores at that CPU alone ({:.0} % of it reached) |",
                     jobs.len(),
                     if emulation == Some(false) {
                         ", without emulation"
                     } else {
                         ""
                     },
-                    rate / one
+                    rate / one,
+                    100.0 * rate / ceiling
                 ),
             );
         }
@@ -1383,7 +1389,7 @@ fn go_runtime_figures(rt: &tokio::runtime::Runtime, n: usize, table: &mut Vec<St
     }
     // Busy: the small job, the settings alternating.
     let runs = n.clamp(3, 10);
-    let mut steps: Vec<Vec<[f64; 5]>> = vec![Vec::new(); settings.len()];
+    let mut steps: Vec<Vec<[f64; 6]>> = vec![Vec::new(); settings.len()];
     for i in 0..runs {
         for k in 0..settings.len() {
             let k = (k + i) % settings.len();
@@ -1603,12 +1609,13 @@ fn teardown_times(
 
 /// The throughput section's small job on engine `e`: a cold start, busybox
 /// imported, a two-stage build, a run of what it built, the teardown.
-/// `emulation` as the job API's. Seconds per step, in that order.
+/// `emulation` as the job API's. Seconds per step, in that order, then the
+/// CPU seconds the job's processes used (its cgroups' count).
 fn small_job(
     e: &berth::sandbox::Engine,
     rt: &tokio::runtime::Runtime,
     emulation: Option<bool>,
-) -> [f64; 5] {
+) -> [f64; 6] {
     let lap = |t: &mut Instant| {
         let s = t.elapsed().as_secs_f64();
         *t = Instant::now();
@@ -1639,10 +1646,11 @@ fn small_job(
         "ok"
     );
     let run = lap(&mut t);
-    rt.block_on(e.teardown(sb.id())).unwrap();
+    let used = rt.block_on(e.teardown(sb.id())).unwrap().usage;
     let teardown = lap(&mut t);
     let _ = std::fs::remove_dir_all(&ctx);
-    [start, import, build, run, teardown]
+    let cpu = used.expect("the job's cgroups count its CPU").cpu;
+    [start, import, build, run, teardown, cpu.as_secs_f64()]
 }
 
 /// The parts of berth's own time in a run, as the runner reports them.

@@ -46,6 +46,12 @@ pub struct Record {
     pub decision: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// `ended`: the CPU time of all the job's processes (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<u64>,
+    /// `ended`: the most memory the job held at once (bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_peak_bytes: Option<u64>,
 }
 
 impl Record {
@@ -65,6 +71,8 @@ impl Record {
             duration_ms: 0,
             decision: String::new(),
             rule: None,
+            cpu_ms: None,
+            memory_peak_bytes: None,
         }
     }
 }
@@ -351,6 +359,8 @@ mod tests {
             duration_ms: 1,
             decision: "allow".into(),
             rule: None,
+            cpu_ms: None,
+            memory_peak_bytes: None,
         }
     }
 

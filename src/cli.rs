@@ -717,7 +717,18 @@ async fn up(engine: &Engine, limits: Limits) -> Result<(), CliError> {
         s = sb.ended() => Some(s),
     };
     let t = engine.teardown(sb.id()).await?;
-    println!("job {} torn down in {:.0?}", t.id, t.took);
+    match t.usage {
+        Some(u) => println!(
+            "job {} torn down in {:.0?}; it used {:.2} s of CPU{}",
+            t.id,
+            t.took,
+            u.cpu.as_secs_f64(),
+            u.memory_peak
+                .map(|b| format!(" and {:.0} MiB of memory at most", b as f64 / 1048576.0))
+                .unwrap_or_default()
+        ),
+        None => println!("job {} torn down in {:.0?}", t.id, t.took),
+    }
     match outcome {
         Some(Status::Failed(why)) => Err(CliError::Job(format!("job {} failed: {why}", sb.id()))),
         _ => Ok(()),

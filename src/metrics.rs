@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::sandbox::cgroup::Usage;
+
 /// One label: its name and value.
 type Labels = Vec<(&'static str, String)>;
 
@@ -51,6 +53,8 @@ pub struct Metrics {
     ready: Histogram,
     teardown: Histogram,
     teardown_failures: Counter,
+    job_cpu: Histogram,
+    job_memory_peak: Histogram,
     denials: Family<Labels, Counter>,
     refused: Family<Labels, Counter>,
     cache_starts: Family<Labels, Counter>,
@@ -85,6 +89,10 @@ impl Metrics {
         let ready = seconds();
         let teardown = seconds();
         let teardown_failures = Counter::default();
+        // From a hello job's tenth of a second to hours of builds.
+        let job_cpu = Histogram::new(exponential_buckets(0.1, 4.0, 10));
+        // 16 MiB to 64 GiB.
+        let job_memory_peak = Histogram::new(exponential_buckets(16.0 * 1048576.0, 4.0, 7));
         let requests = Family::<Labels, Counter>::default();
         let bytes = Family::<Labels, Counter>::default();
         let denials = Family::<Labels, Counter>::default();
@@ -130,6 +138,18 @@ impl Metrics {
             "teardown_failures",
             "Teardowns that failed (the job stays listed and is retried)",
             teardown_failures.clone(),
+        );
+        registry.register_with_unit(
+            "job_cpu",
+            "CPU time of each ended job, all its processes (user and system)",
+            Unit::Seconds,
+            job_cpu.clone(),
+        );
+        registry.register_with_unit(
+            "job_memory_peak",
+            "The most memory each ended job held at once, page cache included",
+            Unit::Bytes,
+            job_memory_peak.clone(),
         );
         registry.register(
             "proxy_requests",
@@ -234,6 +254,8 @@ impl Metrics {
             ready,
             teardown,
             teardown_failures,
+            job_cpu,
+            job_memory_peak,
             denials,
             refused,
             cache_starts,
@@ -266,8 +288,15 @@ impl Metrics {
             .inc();
     }
 
-    pub fn torn_down(&self, took: Duration) {
+    /// A teardown finished after `took`; the job had used `usage`.
+    pub fn torn_down(&self, took: Duration, usage: Option<Usage>) {
         self.teardown.observe(took.as_secs_f64());
+        if let Some(u) = usage {
+            self.job_cpu.observe(u.cpu.as_secs_f64());
+            if let Some(peak) = u.memory_peak {
+                self.job_memory_peak.observe(peak as f64);
+            }
+        }
     }
 
     /// A job with a cache key started from its key's state (`hit`) or
@@ -388,6 +417,14 @@ mod tests {
         m.started("job", Duration::from_millis(300));
         m.started("warm", Duration::from_millis(250));
         m.start_failed("not_ready");
+        m.torn_down(
+            Duration::from_millis(60),
+            Some(Usage {
+                cpu: Duration::from_millis(1500),
+                memory_peak: Some(200 << 20),
+            }),
+        );
+        m.torn_down(Duration::from_millis(60), None);
         m.request(200);
         m.request(204);
         m.request(403);
@@ -407,6 +444,12 @@ mod tests {
             "berth_sandbox_starts_total{kind=\"job\"} 1",
             "berth_sandbox_start_failures_total{reason=\"not_ready\"} 1",
             "berth_sandbox_ready_seconds_count 2",
+            "berth_teardown_seconds_count 2",
+            "berth_job_cpu_seconds_count 1",
+            "berth_job_cpu_seconds_sum 1.5",
+            "berth_job_cpu_seconds_bucket{le=\"1.6\"} 1",
+            "berth_job_cpu_seconds_bucket{le=\"0.4\"} 0",
+            "berth_job_memory_peak_bytes_sum 209715200.0",
             "berth_proxy_requests_total{class=\"2xx\"} 2",
             "berth_proxy_requests_total{class=\"4xx\"} 1",
             "berth_proxy_bytes_total{direction=\"to_client\"} 2000",

@@ -1133,7 +1133,11 @@ fn metrics_and_the_audit_tell_what_every_job_did() {
     let rm = fd.job_cli(&["rm", &job.id]);
     assert!(rm.status.success(), "{}", err(&rm));
     let recs = audit(&job.id);
-    assert_eq!(recs.last().unwrap()["event"], "ended");
+    let ended = recs.last().unwrap();
+    assert_eq!(ended["event"], "ended");
+    // With what the job used: at least its dockerd's start.
+    assert!(ended["cpu_ms"].as_u64().unwrap() > 0, "{ended}");
+    assert!(ended["memory_peak_bytes"].as_u64().unwrap() > 0, "{ended}");
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(format!("/var/lib/bt/fd-metrics/audit/{}.jsonl", job.id))
             .unwrap()
@@ -1143,6 +1147,9 @@ fn metrics_and_the_audit_tell_what_every_job_did() {
     let m = scrape(&fd);
     assert!(sample(&m, "berth_jobs", &[("state", "running")]).is_none());
     assert!(sample(&m, "berth_teardown_seconds_count", &[]).unwrap() >= 1.0);
+    assert!(sample(&m, "berth_job_cpu_seconds_count", &[]).unwrap() >= 1.0);
+    assert!(sample(&m, "berth_job_cpu_seconds_sum", &[]).unwrap() > 0.0);
+    assert!(sample(&m, "berth_job_memory_peak_bytes_count", &[]).unwrap() >= 1.0);
     // Another job's certificate reads no audit (the job API is the admin's).
     let other = fd.create_job(&[]);
     let r = rt()

@@ -789,8 +789,41 @@ fn a_memory_hog_is_killed_while_the_host_and_other_jobs_are_unharmed() {
     let cg = a.record().cgroup.clone().unwrap();
     assert_eq!(cg.pids_limit(), Some(500));
     docker_ok(&b.socket(), &["version"]);
-    rt.block_on(e.teardown(a.id())).unwrap();
-    rt.block_on(e.teardown(b.id())).unwrap();
+    // A container's own CPU time (its /proc stat, in clock ticks) is part
+    // of what its job used.
+    let stat = docker_ok(
+        &b.socket(),
+        &[
+            "run",
+            "--rm",
+            "busybox:test",
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; cat /proc/$$/stat",
+        ],
+    );
+    // After the command's name: the state (field 3), then utime and stime
+    // (fields 14 and 15), in USER_HZ ticks (100 a second on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    assert!(ticks > 0, "{stat}");
+    let used_a = rt.block_on(e.teardown(a.id())).unwrap().usage.unwrap();
+    let used_b = rt.block_on(e.teardown(b.id())).unwrap().usage.unwrap();
+    assert!(
+        used_b.cpu >= Duration::from_millis(ticks * 10),
+        "{used_b:?} against the container's {ticks} ticks"
+    );
+    assert!(used_a.cpu > Duration::ZERO, "{used_a:?}");
+    // The 500 MB buffer counts in b. a's hog took it to its limit and no
+    // further (the kernel may force a few pages past it while it kills).
+    assert!(used_b.memory_peak.unwrap() >= 500_000_000, "{used_b:?}");
+    let peak_a = used_a.memory_peak.unwrap();
+    assert!((250 << 20..=301 << 20).contains(&peak_a), "{used_a:?}");
 }
 
 /// `tests/clients/kernel_hold.c`, built static for a busybox image; where

@@ -121,6 +121,8 @@ impl Drop for Account {
             duration_ms,
             decision: decision.into(),
             rule,
+            cpu_ms: None,
+            memory_peak_bytes: None,
         });
     }
 }

@@ -33,9 +33,9 @@ impl Jobs {
                 }
                 ticks += 1;
                 for id in jobs.engine.retries_due() {
-                    if jobs.end(&id).await.is_ok() {
+                    if let Ok(t) = jobs.end(&id).await {
                         tracing::info!(job = %id, "teardown retried and done");
-                        jobs.forget(&id);
+                        jobs.forget(&id, t.usage);
                     }
                 }
             }

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{Audit, Record};
 use crate::metrics::{Metrics, Snapshot};
 use crate::pki::{Bundle, Ca, Identity, PkiError};
+use crate::sandbox::cgroup::Usage;
 use crate::sandbox::fs::caches::Key;
 use crate::sandbox::slots::SlotError;
 use crate::sandbox::{
@@ -328,7 +329,7 @@ impl Jobs {
     async fn end(&self, id: &str) -> Result<crate::sandbox::Teardown, SandboxError> {
         let r = self.engine.teardown(id).await;
         match &r {
-            Ok(t) => self.metrics.torn_down(t.took),
+            Ok(t) => self.metrics.torn_down(t.took, t.usage),
             Err(SandboxError::NoSuchJob(_)) => {}
             Err(_) => self.metrics.teardown_failed(),
         }
@@ -607,9 +608,9 @@ impl Jobs {
                 .cache_commit(committed.as_ref().ok().map(|_| t0.elapsed()));
             match committed {
                 Ok((t, info)) => {
-                    self.metrics.torn_down(t.took);
+                    self.metrics.torn_down(t.took, t.usage);
                     tracing::info!(job = %id, key = %info.key, "job's disk committed to its key");
-                    self.forget(id);
+                    self.forget(id, t.usage);
                     return Ok(());
                 }
                 // The job is torn down (or tearing down) whatever the
@@ -620,25 +621,31 @@ impl Jobs {
             }
         }
         match self.end(id).await {
-            // NoSuchJob: another teardown of it finished first.
-            Ok(_) | Err(SandboxError::NoSuchJob(_)) => {
-                self.forget(id);
+            Ok(t) => {
+                self.forget(id, t.usage);
+                Ok(())
+            }
+            // Another teardown of it finished first.
+            Err(SandboxError::NoSuchJob(_)) => {
+                self.forget(id, None);
                 Ok(())
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Job `id` is gone from the host: out of the books; its certificate
-    /// now meets "ended".
-    fn forget(self: &Arc<Self>, id: &str) {
+    /// Job `id` is gone from the host, having used `usage`: out of the
+    /// books; its certificate now meets "ended".
+    fn forget(self: &Arc<Self>, id: &str, usage: Option<Usage>) {
         // At its expiry the timer's own task ends the job and gets here;
         // its teardown is done by then, and the abort only ends the task.
         if let Some(m) = self.meta.locked().remove(id) {
             m.expiry.abort();
         }
-        self.audit
-            .record(Record::event(id, "agent", "", "ended", 0));
+        let mut ended = Record::event(id, "agent", "", "ended", 0);
+        ended.cpu_ms = usage.map(|u| u.cpu.as_millis() as u64);
+        ended.memory_peak_bytes = usage.and_then(|u| u.memory_peak);
+        self.audit.record(ended);
         self.audit.close(id);
         {
             let mut ended = self.ended.locked();

@@ -288,6 +288,9 @@ pub struct Teardown {
     pub id: String,
     pub took: Duration,
     pub killed: bool,
+    /// What the job used over its life (None where its cgroups could not
+    /// tell).
+    pub usage: Option<cgroup::Usage>,
 }
 
 enum SeedState {

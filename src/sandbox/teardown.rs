@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use super::cgroup::Usage;
 use super::child::HIDDEN_SUBCOMMAND;
 use super::fs::disk;
 use super::{
@@ -40,18 +41,26 @@ impl Engine {
                 .map_err(|_| SandboxError::NoSuchJob(id.into()))?,
         };
         match self.end(live.as_ref(), &rec).await {
-            Ok(killed) => {
+            Ok((killed, usage)) => {
                 self.stuck.locked().remove(id);
                 self.release_workspaces(id);
                 if let Some(sb) = self.jobs.locked().remove(id) {
                     sb.inner.status.send_replace(Status::Stopped);
                 }
                 let took = t0.elapsed();
-                tracing::info!(job = %id, took_ms = took.as_millis() as u64, killed, "job torn down");
+                tracing::info!(
+                    job = %id,
+                    took_ms = took.as_millis() as u64,
+                    killed,
+                    cpu_ms = usage.map(|u| u.cpu.as_millis() as u64),
+                    memory_peak = usage.and_then(|u| u.memory_peak),
+                    "job torn down"
+                );
                 Ok(Teardown {
                     id: id.into(),
                     took,
                     killed,
+                    usage,
                 })
             }
             Err(e) => {
@@ -145,8 +154,13 @@ impl Engine {
         Ok((torn, info))
     }
 
-    /// The steps of a teardown, in order. True when something was killed.
-    async fn end(&self, live: Option<&Sandbox>, rec: &JobRecord) -> Result<bool, SandboxError> {
+    /// The steps of a teardown, in order. True when something was killed;
+    /// what the job used, read once its last process is gone.
+    async fn end(
+        &self,
+        live: Option<&Sandbox>,
+        rec: &JobRecord,
+    ) -> Result<(bool, Option<Usage>), SandboxError> {
         if let Some(sb) = live {
             sb.inner.status.send_modify(|s| {
                 if !matches!(s, Status::Stopped) {
@@ -166,8 +180,9 @@ impl Engine {
             // its drop point): nothing of the job is left to enter.
             held = sb.inner.mounts.locked().take();
         }
+        let usage = rec.cgroup.as_ref().and_then(|cg| cg.usage());
         self.remove_traces(rec, held).await?;
-        Ok(killed)
+        Ok((killed, usage))
     }
 
     /// With `stop_grace` set and containers running, asks dockerd to stop

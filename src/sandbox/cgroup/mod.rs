@@ -519,6 +519,38 @@ impl JobCgroup {
         Ok(())
     }
 
+    /// What the job's processes used, all of its subtree counted: CPU time
+    /// and the memory high-water mark. Read after the job's last process
+    /// has died, it is the job's whole use. None for CPU where the
+    /// accounting file cannot be read; the peak is None on v2 kernels
+    /// before 5.19 (no `memory.peak`).
+    pub fn usage(&self) -> Option<Usage> {
+        match &self.layout {
+            Layout::V1 { hierarchies } => {
+                let dir = |c: &str| {
+                    hierarchies
+                        .iter()
+                        .find(|h| h.has(c))
+                        .map(|h| h.mount.join(&self.rel))
+                };
+                let cpu_ns: u64 = read_number(&dir("cpuacct")?.join("cpuacct.usage"))?;
+                Some(Usage {
+                    cpu: Duration::from_nanos(cpu_ns),
+                    memory_peak: dir("memory")
+                        .and_then(|d| read_number(&d.join("memory.max_usage_in_bytes"))),
+                })
+            }
+            Layout::V2 { mount, .. } => {
+                let dir = mount.join(&self.rel);
+                let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+                Some(Usage {
+                    cpu: Duration::from_micros(v2::usage_usec(&stat)?),
+                    memory_peak: read_number(&dir.join("memory.peak")),
+                })
+            }
+        }
+    }
+
     /// Current process limit of the job (for tests and reports).
     pub fn pids_limit(&self) -> Option<u64> {
         let dir = match &self.layout {
@@ -542,6 +574,20 @@ impl JobCgroup {
         };
         std::fs::read_to_string(file).ok()?.trim().parse().ok()
     }
+}
+
+/// What a job used, from its cgroups ([`JobCgroup::usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// CPU time of all its processes, user and system.
+    pub cpu: Duration,
+    /// The most memory it held at once (bytes), page cache included.
+    pub memory_peak: Option<u64>,
+}
+
+/// A cgroup file that holds one number.
+fn read_number(file: &Path) -> Option<u64> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
 }
 
 /// "3 tasks: 1234 D (uninterruptible sleep), 1240 Z (zombie), 1251 S".

@@ -170,6 +170,14 @@ fn adopt(dir: &Path) -> Result<(), CgroupError> {
     })
 }
 
+/// `usage_usec` of a `cpu.stat` (present with or without the cpu
+/// controller).
+pub fn usage_usec(cpu_stat: &str) -> Option<u64> {
+    cpu_stat
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+}
+
 /// Hands the controllers jobs need down from `dir` to its children.
 pub fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
     let available = read(&dir.join("cgroup.controllers"))?;
@@ -247,6 +255,17 @@ pub fn create(dir: &Path, limits: &Limits, uid: u32, gid: u32) -> Result<(), Cgr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_usage_is_read_from_cpu_stat_with_or_without_the_cpu_controller() {
+        let with = "usage_usec 1523411\nuser_usec 1000000\nsystem_usec 523411\n\
+                    nr_periods 0\nnr_throttled 0\nthrottled_usec 0\n";
+        assert_eq!(usage_usec(with), Some(1_523_411));
+        let without = "usage_usec 42\nuser_usec 40\nsystem_usec 2\n";
+        assert_eq!(usage_usec(without), Some(42));
+        assert_eq!(usage_usec("user_usec 40\n"), None);
+        assert_eq!(usage_usec("usage_usec x\n"), None);
+    }
 
     /// A plain directory standing in for a cgroup: the logic is the same.
     fn fake_cgroup(dir: &Path, controllers: &str) {
