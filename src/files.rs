@@ -31,5 +31,13 @@ pub fn is_executable(p: &Path) -> bool {
 pub fn on_path(name: &str) -> bool {
     let path =
         std::env::var_os("PATH").unwrap_or_else(|| crate::sandbox::engines::SYSTEM_PATH.into());
-    std::env::split_paths(&path).any(|d| is_executable(&d.join(name)))
+    find_on(name, &path).is_some()
+}
+
+/// The first executable named `name` in the directories of `path` (a
+/// PATH-style list).
+pub fn find_on(name: &str, path: &std::ffi::OsStr) -> Option<std::path::PathBuf> {
+    std::env::split_paths(path)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
 }

@@ -425,7 +425,6 @@ claims = {{ repository = "*" }}
     .unwrap();
     let e = std::sync::Arc::new(engine_with_caches(engine_config(88, "caches-token")));
     let fd = FrontDoor::start_engine(e, "caches-token", |c| c.token = token_cfg);
-    let at = fd.token.expect("the token listener is up").to_string();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -445,20 +444,7 @@ claims = {{ repository = "*" }}
         std::fs::write(&f, jwt).unwrap();
         f
     };
-    let exchange = |token: &Path, extra: &[&str]| {
-        std::process::Command::new(berth_bin())
-            .args(["job", "create", "--json", "--endpoint", &fd.endpoint()])
-            .args(["--token-endpoint", &at])
-            .arg("--token")
-            .arg(token)
-            .arg("--ca")
-            .arg(fd.certs.join("ca/cert.pem"))
-            .arg("--out")
-            .arg(token.with_extension("job"))
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let exchange = |token: &Path, extra: &[&str]| fd.create_with_token(token, extra);
     let job_of = |o: std::process::Output| {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

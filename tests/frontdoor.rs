@@ -1483,7 +1483,6 @@ workspaces = ["/var/lib/bt-ws/token/acme/*"]
     let fd = FrontDoor::start_engine(std::sync::Arc::new(engine), "fd-token", |c| {
         c.token = token_cfg
     });
-    let at = fd.token.expect("the token listener is up").to_string();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -1506,18 +1505,7 @@ workspaces = ["/var/lib/bt-ws/token/acme/*"]
             n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::write(&f, jwt).unwrap();
-        Command::new(berth_bin())
-            .args(["job", "create", "--json", "--endpoint", &fd.endpoint()])
-            .args(["--token-endpoint", &at])
-            .arg("--token")
-            .arg(&f)
-            .arg("--ca")
-            .arg(fd.certs.join("ca/cert.pem"))
-            .arg("--out")
-            .arg(f.with_extension("job"))
-            .args(extra)
-            .output()
-            .unwrap()
+        fd.create_with_token(&f, extra)
     };
     let refused = |jwt: &str, status: &str, says: &str| {
         let o = exchange(jwt, &[]);

@@ -383,7 +383,7 @@ fn resolve(
             name,
         });
     }
-    let found = lookup(name, path).ok_or_else(|| EngineError::Missing {
+    let found = crate::files::find_on(name, path.as_ref()).ok_or_else(|| EngineError::Missing {
         key,
         name,
         path: path.into(),
@@ -406,12 +406,6 @@ fn resolve(
 }
 
 /// The first executable regular file `name` in the directories of `path`.
-fn lookup(name: &str, path: &str) -> Option<PathBuf> {
-    path.split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| crate::files::is_executable(p))
-}
-
 fn version_of(key: &'static str, path: &Path) -> Result<(Version, String), EngineError> {
     let out = std::process::Command::new(path)
         .arg("--version")

@@ -692,6 +692,25 @@ impl FrontDoor {
             &[&["job"][..], args].concat(),
         )
     }
+
+    /// `berth job create` with the CI platform's token in file `token`,
+    /// exchanged at this front door's token listener (trusting its CA),
+    /// the job's bundle written beside the token (`<token>.job`).
+    pub fn create_with_token(&self, token: &Path, extra: &[&str]) -> Output {
+        let at = self.token.expect("the token listener is up").to_string();
+        Command::new(berth_bin())
+            .args(["job", "create", "--json", "--endpoint", &self.endpoint()])
+            .args(["--token-endpoint", &at])
+            .arg("--token")
+            .arg(token)
+            .arg("--ca")
+            .arg(self.certs.join("ca/cert.pem"))
+            .arg("--out")
+            .arg(token.with_extension("job"))
+            .args(extra)
+            .output()
+            .unwrap()
+    }
 }
 
 impl Drop for FrontDoor {
