@@ -186,37 +186,19 @@ pub fn run(sb: &SandboxConfig, serve: &ServeConfig) -> Vec<Check> {
         Ok(()) => pass("configuration", "valid"),
     });
 
-    let mut reserved = slots::read_subid(&sb.subuid_file).unwrap_or_default();
-    reserved.extend(slots::read_subid(&sb.subgid_file).unwrap_or_default());
-    let usable = slots::usable_slots(sb, &reserved).len();
     let claimed = std::fs::read_dir(slots::slots_dir(&sb.state_dir))
         .map(|r| r.count())
         .unwrap_or(0);
-    out.push(if usable == 0 {
-        fail(
+    let usable = slots::usable(sb);
+    out.push(match &usable {
+        Err(e) => fail(
             "uid pool",
-            format!(
-                "no usable range in {} ranges from {}",
-                sb.uid_ranges, sb.uid_base
-            ),
-            "move uid_base away from /etc/subuid and /etc/subgid entries, or raise uid_ranges",
-        )
-    } else if usable <= claimed {
-        fail(
-            "uid pool",
-            format!("all {usable} ranges in use"),
-            "raise uid_ranges or end jobs",
-        )
-    } else {
-        pass(
-            "uid pool",
-            format!(
-                "{} of {usable} ranges free (65536 ids each, from {})",
-                usable - claimed,
-                sb.uid_base
-            ),
-        )
+            e.to_string(),
+            "make /etc/subuid and /etc/subgid readable lines of name:start:count",
+        ),
+        Ok(usable) => uid_pool(sb, *usable, claimed),
     });
+    let usable = usable.unwrap_or(0);
 
     out.extend(check_engine(sb));
     // Links and addresses go through netlink; only the rules need a tool.
@@ -732,6 +714,35 @@ pub fn render(checks: &[Check]) -> String {
         }
     }
     s
+}
+
+/// The uid pool's check: `usable` ranges, `claimed` of them held.
+fn uid_pool(sb: &SandboxConfig, usable: usize, claimed: usize) -> Check {
+    if usable == 0 {
+        fail(
+            "uid pool",
+            format!(
+                "no usable range in {} ranges from {}",
+                sb.uid_ranges, sb.uid_base
+            ),
+            "move uid_base away from /etc/subuid and /etc/subgid entries, or raise uid_ranges",
+        )
+    } else if usable <= claimed {
+        fail(
+            "uid pool",
+            format!("all {usable} ranges in use"),
+            "raise uid_ranges or end jobs",
+        )
+    } else {
+        pass(
+            "uid pool",
+            format!(
+                "{} of {usable} ranges free (65536 ids each, from {})",
+                usable - claimed,
+                sb.uid_base
+            ),
+        )
+    }
 }
 
 #[cfg(test)]

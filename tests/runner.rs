@@ -261,7 +261,16 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
         text.contains(&format!("{} keys per job", keys.trim())),
         "{text}"
     );
-    let bad = write_config(33, "doctor-bad", "dockerd = \"/nonexistent/dockerd\"");
+    let subuid = std::path::Path::new("/var/lib/bt/doctor-bad-subuid");
+    std::fs::write(subuid, "alice:100000:65536\nbob:lots:65536\n").unwrap();
+    let bad = write_config(
+        33,
+        "doctor-bad",
+        &format!(
+            "dockerd = \"/nonexistent/dockerd\"\nsubuid_file = \"{}\"",
+            subuid.display()
+        ),
+    );
     let out = berth()
         .args(["doctor", "--listen", "127.0.0.1:0", "--config"])
         .arg(&bad)
@@ -275,6 +284,13 @@ fn doctor_reports_a_missing_prerequisite_with_its_fix() {
         "{text}"
     );
     assert!(text.contains("fix: apt-get install docker.io"), "{text}");
+    // A subuid file the pool cannot read is named, with its bad line.
+    assert!(
+        text.lines().any(|l| l.starts_with("uid pool")
+            && l.contains("FAIL")
+            && l.contains("doctor-bad-subuid")),
+        "{text}"
+    );
 
     // An agent without CAP_KILL (a container started with the capability
     // list of before) could not end a job whose processes run as the job's
