@@ -1283,11 +1283,9 @@ fn multi_platform_images_on_the_system_engine_push_or_are_refused_before_24() {
 }
 
 /// Which process starts the job's containerd, and what its end does to the
-/// job. dockerd 26.1 would wait a second for the containerd it starts
-/// (its gRPC client dials before that containerd listens, then backs off),
-/// so the job's init starts containerd first and hands it to dockerd; a
-/// containerd that ends then ends the job, reported as failed. 20.10 starts
-/// its own (and restarts it).
+/// job. The job's init starts containerd with berth's configuration and
+/// hands it to dockerd (dockerd 26.1 would wait a second for one it starts
+/// itself); a containerd that ends then ends the job, reported as failed.
 fn containerd_test(kind: EngineKind, n: u32, name: &str) {
     if !prerequisites() {
         return;
@@ -1316,21 +1314,11 @@ fn containerd_test(kind: EngineKind, n: u32, name: &str) {
         &sb.socket(),
         &["version", "--format", "{{.Server.Version}}"],
     );
-    let major: u32 = version.trim().split('.').next().unwrap().parse().unwrap();
-    let first = major >= 24;
-    if first {
-        assert_eq!(
-            parent(containerd),
-            parent(dockerd),
-            "dockerd {version}: the job's init starts containerd beside dockerd"
-        );
-    } else {
-        assert_eq!(
-            parent(containerd),
-            dockerd,
-            "dockerd {version} starts its own containerd"
-        );
-    }
+    assert_eq!(
+        parent(containerd),
+        parent(dockerd),
+        "dockerd {version}: the job's init starts containerd beside dockerd"
+    );
     import_busybox(&sb.socket());
     let out = docker_ok(
         &sb.socket(),
@@ -1338,33 +1326,31 @@ fn containerd_test(kind: EngineKind, n: u32, name: &str) {
     );
     assert_eq!(out.trim(), "ran");
     let traces = Traces::capture(&e, &sb);
-    if first {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(containerd as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        let status = rt
-            .block_on(async { tokio::time::timeout(Duration::from_secs(120), sb.ended()).await })
-            .expect("the end of containerd is noticed");
-        match status {
-            berth::sandbox::Status::Failed(why) => {
-                assert!(why.contains("containerd"), "{why}")
-            }
-            other => panic!("expected Failed, got {other:?}"),
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(containerd as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(120), sb.ended()).await })
+        .expect("the end of containerd is noticed");
+    match status {
+        berth::sandbox::Status::Failed(why) => {
+            assert!(why.contains("containerd"), "{why}")
         }
-        let log = std::fs::read_to_string(sb.dockerd_log()).unwrap();
-        assert!(
-            log.contains("containerd exited") && log.contains("SIGKILL"),
-            "the job's log says how: {log}"
-        );
+        other => panic!("expected Failed, got {other:?}"),
     }
+    let log = std::fs::read_to_string(sb.dockerd_log()).unwrap();
+    assert!(
+        log.contains("containerd exited") && log.contains("SIGKILL"),
+        "the job's log says how: {log}"
+    );
     rt.block_on(e.teardown(sb.id())).unwrap();
     traces.assert_gone();
 }
 
 #[test]
-fn the_jobs_containerd_is_started_as_the_system_engine_needs() {
+fn the_jobs_containerd_is_started_first_on_the_system_engine_and_its_end_fails_the_job() {
     containerd_test(EngineKind::System, 109, "bk-ctrd-sys");
 }
 

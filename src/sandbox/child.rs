@@ -67,8 +67,8 @@ pub struct ChildSpec {
     #[serde(default)]
     pub binfmt: Option<Vec<Handler>>,
     /// containerd's configuration, as the job sees it, when the init starts
-    /// containerd before dockerd (see `Engine::starts_containerd_first`);
-    /// None lets dockerd start its own.
+    /// containerd before dockerd (every ordinary dockerd; see
+    /// `Engine::containerd_first`); None lets dockerd start its own.
     #[serde(default)]
     pub containerd_config: Option<PathBuf>,
     /// The host id that owns the job's user namespace: the first of its

@@ -267,16 +267,6 @@ impl Engine {
         self.dockerd.version.major >= 24
     }
 
-    /// Whether a job's init starts containerd before dockerd and hands it
-    /// over (`--containerd`) rather than letting dockerd start its own.
-    /// dockerd 26.1 dials the containerd it has just started before that
-    /// containerd listens, and its gRPC client then waits a second before
-    /// dialling again: a second of every cold start. 20.10 dials again at
-    /// once and keeps its own.
-    pub fn starts_containerd_first(&self) -> bool {
-        self.dockerd.version.major >= 24
-    }
-
     /// One line for logs and `berth doctor`.
     pub fn describe(&self) -> String {
         format!(
