@@ -557,8 +557,7 @@ impl JobCgroup {
             Layout::V1 { hierarchies } => hierarchies.iter().find(|h| h.has("pids"))?.mount.clone(),
             Layout::V2 { mount, .. } => mount.clone(),
         };
-        let text = std::fs::read_to_string(dir.join(&self.rel).join("pids.max")).ok()?;
-        text.trim().parse().ok()
+        read_number(&dir.join(&self.rel).join("pids.max"))
     }
 
     /// Current memory limit of the job (for tests and reports).
@@ -572,12 +571,12 @@ impl JobCgroup {
                 .join("memory.limit_in_bytes"),
             Layout::V2 { mount, .. } => mount.join(&self.rel).join("memory.max"),
         };
-        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+        read_number(&file)
     }
 }
 
 /// What a job used, from its cgroups ([`JobCgroup::usage`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     /// CPU time of all its processes, user and system.
     pub cpu: Duration,
