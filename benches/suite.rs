@@ -627,7 +627,7 @@ fn main() {
             (4, None, &d13, ", dockerd 26.1"),
         ] {
             let t = Instant::now();
-            let busy0 = machine_busy();
+            let busy0 = load::host_ticks();
             let jobs: Vec<[f64; 6]> = std::thread::scope(|s| {
                 let hs: Vec<_> = (0..workers)
                     .map(|_| {
@@ -641,9 +641,9 @@ fn main() {
                 hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
             });
             let wall = t.elapsed().as_secs_f64();
-            // Everything the machine ran meanwhile: the jobs, the clients,
-            // the agent, the kernel's threads.
-            let busy = (machine_busy() - busy0) / jobs.len() as f64;
+            // Everything the machine ran meanwhile (the jobs, the clients,
+            // the agent, the kernel's threads), in clock ticks of 100 a second.
+            let busy = (load::host_ticks() - busy0) as f64 / 100.0 / jobs.len() as f64;
             let used = 100.0 * busy * jobs.len() as f64 / (wall * cores as f64);
             let rate = jobs.len() as f64 * 60.0 / wall;
             let one = *one.get_or_insert(rate);
@@ -1439,28 +1439,6 @@ fn by_program(
         *out.entry(program.clone()).or_default() += value(k, *p);
     }
     out
-}
-
-/// CPU seconds the whole machine has been busy since boot (`/proc/stat`:
-/// all but idle and iowait).
-fn machine_busy() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let ticks: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is in user).
-    let busy: u64 = ticks[..8]
-        .iter()
-        .enumerate()
-        .filter(|(k, _)| *k != 3 && *k != 4)
-        .map(|(_, v)| v)
-        .sum();
-    busy as f64 / 100.0
 }
 
 /// User and system CPU time of a process (all its threads), in clock

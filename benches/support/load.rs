@@ -176,7 +176,7 @@ pub fn figures(table: &mut Vec<String>) {
 
 /// The host's busy time in ticks: every CPU's time but idle and iowait
 /// (`/proc/stat`).
-fn host_ticks() -> u64 {
+pub fn host_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap();
     let f: Vec<u64> = stat
         .lines()
